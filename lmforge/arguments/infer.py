@@ -1,0 +1,64 @@
+"""Arguments of the generation commands (``infer``, ``deploy``) and ``export``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from lmforge.arguments.base import field
+from lmforge.arguments.model import DataArguments, ModelArguments, TemplateArguments
+
+
+@dataclass
+class GenerationArguments:
+    """Default sampling settings (a request may override them)."""
+
+    max_new_tokens: Optional[int] = field(512, "most tokens generated per reply")
+    temperature: float = field(0.0, "0 = greedy")
+    top_p: float = field(1.0, "nucleus sampling mass")
+    top_k: int = field(-1, "sample from the k most likely tokens (-1: all)")
+    repetition_penalty: float = field(1.0, "penalty on repeated tokens (1: none)")
+    stream: bool = field(True, "stream tokens as they are generated (interactive chat)")
+
+
+@dataclass
+class InferArguments(ModelArguments, DataArguments, TemplateArguments, GenerationArguments):
+    """Chat with a model, or answer a dataset: lmforge infer --model M [--val_dataset D]."""
+
+    ckpt_dir: Optional[str] = field(None, "a training checkpoint; its args.json names the model, template and system")
+    adapters: list[str] = field(default_factory=list, help="LoRA adapter folders (name=dir to name them)")
+    infer_backend: Literal["hf", "native", "vllm"] = field("hf", "generation engine")
+    max_batch_size: int = field(16, "requests generated together")
+    result_path: Optional[str] = field(None, "batch mode output JSONL (default: <ckpt_dir or output>/infer_result/<time>.jsonl)")
+    max_model_len: Optional[int] = field(None, "longest prompt + reply (default: the model's)")
+    gpu_memory_utilization: float = field(0.9, "fraction of GPU memory the native engine may use")
+    seed: int = field(42, "random seed")
+
+
+@dataclass
+class DeployArguments(InferArguments):
+    """OpenAI-compatible server: lmforge deploy --model M."""
+
+    host: str = field("127.0.0.1", "address to listen on")
+    port: int = field(8000, "port to listen on")
+    api_key: Optional[str] = field(None, "require 'Authorization: Bearer KEY'")
+    api_key_file: Optional[str] = field(None, "file with one accepted key per line")
+    served_model_name: Optional[str] = field(None, "model name in /v1/models (default: the model's folder name)")
+    max_concurrency: int = field(8, "requests generated at once")
+    max_queue: int = field(64, "requests waiting beyond max_concurrency before 429")
+    log_file: Optional[str] = field(None, "also write the request log here")
+    stream: bool = field(False, "unused by the server (clients ask for streaming per request)")
+
+
+@dataclass
+class ExportArguments(ModelArguments, TemplateArguments):
+    """Merge LoRA adapters into the base model and save it: lmforge export --ckpt_dir C --merge_lora true."""
+
+    ckpt_dir: Optional[str] = field(None, "a training checkpoint (adapter or full)")
+    adapters: list[str] = field(default_factory=list, help="LoRA adapter folders to merge")
+    merge_lora: bool = field(False, "merge the adapters into the base weights")
+    output_dir: Optional[str] = field(None, "where the exported model goes (default: <ckpt_dir>-merged)")
+    safe_serialization: bool = field(True, "write safetensors")
+    max_shard_size: str = field("5GB", "largest weight file")
+    push_to_hub: bool = field(False, "upload the result to the hub")
+    hub_model_id: Optional[str] = field(None, "repository id for --push_to_hub")
+    hub_token: Optional[str] = field(None, "hub token for --push_to_hub")

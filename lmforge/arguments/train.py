@@ -1,0 +1,78 @@
+"""Arguments of the training commands (``sft``, ``pt``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from lmforge.arguments.base import field
+from lmforge.arguments.model import DataArguments, ModelArguments, TemplateArguments
+
+
+@dataclass
+class TunerArguments:
+    """Which parameters train."""
+
+    train_type: Literal["lora", "dora", "qlora", "full", "freeze"] = field("lora", "how to train")
+    lora_rank: int = field(8, "LoRA rank r")
+    lora_alpha: int = field(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = field(0.05, "dropout on the LoRA path")
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
+                                      help="all-linear, module names, or one regex")
+    modules_to_save: list[str] = field(default_factory=list, help="modules trained in full beside LoRA (e.g. lm_head)")
+    freeze_parameters: list[str] = field(default_factory=list,
+                                         help="train_type freeze: name prefixes or regexes to freeze (the rest trains)")
+    trainable_parameters: list[str] = field(default_factory=list,
+                                            help="name prefixes or regexes that train even if frozen above")
+    quant_bits: int = field(4, "bits for qlora (bitsandbytes)")
+
+
+@dataclass
+class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArguments):
+    """Supervised fine-tuning: lmforge sft --model M --dataset D."""
+
+    output_dir: Optional[str] = field(None, "where checkpoints go; default output/<model>/v<N>-<timestamp>")
+    add_version: bool = field(True, "append v<N>-<timestamp> to output_dir")
+    num_train_epochs: float = field(1.0, "epochs over the training data")
+    max_steps: int = field(-1, "stop after this many optimizer steps (-1: use epochs)")
+    per_device_train_batch_size: Optional[int] = field(None, "rows per device per step; default 1 on GPU, 4 on CPU")
+    per_device_eval_batch_size: Optional[int] = field(None, "rows per device per eval step; default = train batch")
+    gradient_accumulation_steps: Optional[int] = field(None, "default: enough for about 16 rows per optimizer step")
+    learning_rate: Optional[float] = field(None, "default 1e-4 for lora/dora/qlora, 1e-5 for full/freeze")
+    weight_decay: float = field(0.1, "AdamW weight decay")
+    lr_scheduler_type: str = field("cosine", "transformers scheduler name")
+    warmup_ratio: float = field(0.05, "fraction of steps spent warming up")
+    max_grad_norm: float = field(1.0, "gradient clipping")
+    optimizer: Optional[str] = field(None, "registered optimizer plugin (e.g. multi_lr); default AdamW")
+    optim: Optional[str] = field(None, "transformers optimizer name; default adamw_torch_fused on CUDA, adamw_torch elsewhere")
+    loss_type: Optional[str] = field(None, "registered loss plugin; default token cross-entropy")
+    eval_metric: Optional[str] = field(None, "registered metric plugin; default token accuracy")
+    callbacks: list[str] = field(default_factory=list, help="registered callback plugins")
+    logging_steps: int = field(5, "log every N steps")
+    eval_steps: Optional[int] = field(None, "evaluate every N steps (default: save_steps)")
+    save_steps: int = field(500, "checkpoint every N steps")
+    save_total_limit: Optional[int] = field(2, "keep the last N checkpoints")
+    save_only_model: bool = field(False, "skip optimizer state in checkpoints (no exact resume)")
+    seed: int = field(42, "random seed")
+    gradient_checkpointing: bool = field(False, "recompute activations in the backward pass to save memory")
+    packing: bool = field(False, "pack several rows into one sequence (no cross-row attention)")
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
+                                 help="tensorboard, wandb, swanlab, none")
+    resume_from_checkpoint: Optional[str] = field(None, "checkpoint folder, or 'last' for the newest one in output_dir")
+    dataloader_num_workers: int = field(0, "data loader worker processes")
+    use_liger_kernel: bool = field(False, "use Liger kernels when installed")
+    create_checkpoint_symlink: bool = field(False, "also link output_dir/last to the last checkpoint")
+    plot: bool = field(True, "write PNG plots of loss and learning rate at the end")
+    use_cpu: bool = field(False, "train on the CPU even if a GPU is there")
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.train_type in ("lora", "dora", "qlora")
+
+
+@dataclass
+class PtArguments(TrainArguments):
+    """Continued pre-training on raw text: lmforge pt --model M --dataset D (text column)."""
+
+    loss_scale: str = field("all", "which tokens carry loss (pt trains on every token)")
+    truncation_strategy: Literal["left", "right", "delete", "raise"] = field(
+        "right", "what to do with a text longer than max_length")

@@ -1,0 +1,81 @@
+"""``lmforge <command> [flags]``: the route table.
+
+Each route names the argument dataclass and the pipeline function by import path, so that
+``lmforge --help`` imports nothing heavy and a command imports only what it runs.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+# command -> (arguments class, pipeline function, one-line description)
+ROUTES: dict[str, tuple[str, str, str]] = {
+    "pt": ("lmforge.arguments:PtArguments", "lmforge.pipelines.sft:pt_main", "continued pre-training on raw text"),
+    "sft": ("lmforge.arguments:TrainArguments", "lmforge.pipelines.sft:sft_main",
+            "supervised fine-tuning (lora, dora, qlora, full, freeze)"),
+    "infer": ("lmforge.arguments:InferArguments", "lmforge.pipelines.infer:infer_main",
+              "chat in the terminal, or answer a dataset into a JSONL"),
+    "deploy": ("lmforge.arguments:DeployArguments", "lmforge.pipelines.deploy:deploy_main",
+               "OpenAI-compatible HTTP server"),
+    "export": ("lmforge.arguments:ExportArguments", "lmforge.pipelines.export:export_main",
+               "merge LoRA adapters, save, push to a hub"),
+    "merge-lora": ("lmforge.arguments:ExportArguments", "lmforge.pipelines.export:merge_lora_main",
+                   "shorthand for export --merge_lora true"),
+}
+
+
+def _load(path: str):
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def available_routes() -> dict[str, tuple[str, str, str]]:
+    """Routes whose pipeline module exists in this installation."""
+    out = {}
+    for name, route in ROUTES.items():
+        if importlib.util.find_spec(route[1].partition(":")[0]) is not None:
+            out[name] = route
+    return out
+
+
+def _usage() -> str:
+    from lmforge import __version__
+
+    lines = [f"lmforge {__version__}: fine-tune, align, serve, evaluate and export LLMs", "",
+             "usage: lmforge <command> [flags]    lmforge <command> --help", "", "commands:"]
+    for name, (_, _, desc) in available_routes().items():
+        lines.append(f"  {name:<11} {desc}")
+    lines += ["", "Every command also reads --config file.yaml (flags override it)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lmforge import __version__
+
+        print(__version__)
+        return 0
+    routes = available_routes()
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in routes:
+        import difflib
+
+        close = difflib.get_close_matches(cmd, list(routes), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(f"lmforge: unknown command {cmd!r}.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    args_path, main_path, _ = routes[cmd]
+    from lmforge.arguments import parse_args
+
+    args = parse_args(_load(args_path), rest, prog=f"lmforge {cmd}")
+    _load(main_path)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

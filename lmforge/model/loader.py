@@ -1,0 +1,101 @@
+"""Load a model and its tokenizer with the dtype, attention kernel and device the user asked for."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lmforge.model.hub import resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(torch_dtype: str | None, device: str, config: Any = None):
+    """``auto`` means the checkpoint's dtype on GPU and float32 on CPU.
+
+    CPUs without bf16 matrix units train bf16 weights tens of times slower than float32, so on
+    CPU ``auto`` picks float32 and says so; an explicit choice is respected.
+    """
+    import torch
+
+    if torch_dtype and torch_dtype != "auto":
+        if torch_dtype not in _DTYPES:
+            raise ValueError(f"--torch_dtype {torch_dtype!r}: expected auto, float32, bfloat16 or float16")
+        dtype = getattr(torch, _DTYPES[torch_dtype])
+        if device == "cpu" and dtype != torch.float32:
+            logger.warning("--torch_dtype %s on CPU: most CPUs run this much slower than float32", torch_dtype)
+        return dtype
+    if device == "cpu":
+        logger.info("Using float32 on CPU (bf16/fp16 are slow without CPU matrix units); pass --torch_dtype to override")
+        return torch.float32
+    cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(cfg_dtype, str):
+        cfg_dtype = getattr(torch, cfg_dtype, None)
+    if cfg_dtype in (torch.float16, torch.bfloat16):
+        return cfg_dtype
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Padding is masked out everywhere; any real token id serves.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def get_model_tokenizer(
+    model: str,
+    *,
+    hub: str = "hf",
+    revision: str | None = None,
+    torch_dtype: str | None = "auto",
+    attn_impl: str | None = None,
+    device_map: str | dict | None = None,
+    model_kwargs: dict | None = None,
+    trust_remote_code: bool = False,
+    quantization_config: Any = None,
+    load_model: bool = True,
+    device: str | None = None,
+):
+    """Return ``(model, tokenizer)`` for a hub id, local folder or ``builtin:NAME``.
+
+    ``device`` picks where the model goes when ``device_map`` is not given (default: CUDA if there
+    is one). With ``load_model=False`` the model is ``None`` (tokenizer-only commands).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = resolve_model_dir(model, hub=hub, revision=revision)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    if not load_model:
+        return None, tokenizer
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    device = device or default_device()
+    dtype = resolve_dtype(torch_dtype, device, config)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_impl:
+        kwargs["attn_implementation"] = attn_impl
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        device_map = device_map or {"": 0}
+    if device_map:
+        kwargs["device_map"] = device_map
+    kwargs.update(model_kwargs or {})
+    logger.info("Loading %s (%s) from %s", model, dtype, model_dir)
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if not device_map:
+        m.to(device)
+    # Remember the user-facing name (builtin:tiny, a hub id) beside the folder it came from.
+    m.config.lmforge_model = model
+    return m, tokenizer
