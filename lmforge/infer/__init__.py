@@ -1,0 +1,23 @@
+"""Generation: protocol types, the engine interface, and engines (hf; native on CUDA; vllm optional)."""
+from lmforge.infer.protocol import (ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage, Choice,
+                                    InferRequest, RequestConfig, StreamChoice, Usage)
+
+__all__ = ["ChatCompletionResponse", "ChatCompletionStreamResponse", "ChatMessage", "Choice", "InferRequest",
+           "RequestConfig", "StreamChoice", "Usage", "get_engine"]
+
+
+def get_engine(backend: str = "hf", **kwargs):
+    """Build an engine by name (``hf``, ``native``, ``vllm``); kwargs go to its constructor."""
+    if backend == "hf":
+        from lmforge.infer.hf import HfEngine
+
+        return HfEngine(**kwargs)
+    if backend == "native":
+        from lmforge.infer.native import NativeEngine
+
+        return NativeEngine(**kwargs)
+    if backend == "vllm":
+        from lmforge.infer.vllm import VllmEngine
+
+        return VllmEngine(**kwargs)
+    raise ValueError(f"unknown --infer_backend {backend!r}; expected hf, native or vllm")
