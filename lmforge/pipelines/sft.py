@@ -1,0 +1,235 @@
+"""``sft_main`` / ``pt_main``: arguments -> model, template, data -> trained checkpoints.
+
+    from lmforge import sft_main, TrainArguments
+    result = sft_main(TrainArguments(model="builtin:tiny", dataset=["builtin:arith#2000"]))
+    print(result["last_checkpoint"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from lmforge.arguments import PtArguments, TrainArguments, save_args
+from lmforge.utils.log import setup_logging
+
+logger = logging.getLogger("lmforge")
+
+
+def model_slug(model: str) -> str:
+    """A folder-safe name for a model id, path or builtin name."""
+    p = Path(model)
+    name = p.name if p.exists() else model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def resolve_output_dir(args: TrainArguments) -> str:
+    """``output/<model>/v<N>-<timestamp>`` unless the user fixed it; resume continues in the checkpoint's run."""
+    from lmforge.trainers.trainer import find_last_checkpoint
+
+    root = Path(args.output_dir or Path("output") / model_slug(args.model))
+    if args.resume_from_checkpoint:
+        ckpt = find_last_checkpoint(root) if args.resume_from_checkpoint == "last" else Path(args.resume_from_checkpoint)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no complete checkpoint under {root}")
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {ckpt}: no such folder")
+        args.resume_from_checkpoint = str(ckpt)
+        return str(ckpt.parent)
+    if not args.add_version:
+        return str(root)
+    versions = [int(m.group(1)) for d in root.glob("v*-*") if (m := re.match(r"v(\d+)-", d.name))]
+    return str(root / f"v{max(versions, default=-1) + 1}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _apply_defaults(args: TrainArguments, on_gpu: bool) -> None:
+    """Fill what the user left unset with values that train well for the chosen tuner."""
+    if args.learning_rate is None:
+        args.learning_rate = 1e-4 if args.is_adapter else 1e-5
+    if args.per_device_train_batch_size is None:
+        args.per_device_train_batch_size = 1 if on_gpu and (args.max_length or 0) > 4096 else 4
+    if args.per_device_eval_batch_size is None:
+        args.per_device_eval_batch_size = args.per_device_train_batch_size
+    if args.gradient_accumulation_steps is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        args.gradient_accumulation_steps = max(1, 16 // (args.per_device_train_batch_size * world))
+    if args.eval_steps is None:
+        args.eval_steps = args.save_steps
+
+
+def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool, dtype: Any) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    on_gpu = torch.cuda.is_available() and not args.use_cpu
+    report_to = [r for r in args.report_to if r != "none"]
+    kw: dict[str, Any] = dict(
+        output_dir=output_dir,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        logging_steps=args.logging_steps,
+        logging_dir=str(Path(output_dir) / "runs"),
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        save_only_model=args.save_only_model,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=args.eval_steps if has_eval else None,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        report_to=report_to or "none",
+        dataloader_num_workers=args.dataloader_num_workers,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not on_gpu,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        optim=args.optim or ("adamw_torch_fused" if on_gpu else "adamw_torch"),
+        disable_tqdm=True,  # our progress callback draws the bar
+        use_liger_kernel=args.use_liger_kernel,
+    )
+    ckpt_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    kw[ckpt_key] = args.gradient_checkpointing
+    if args.gradient_checkpointing:
+        kw[f"{ckpt_key}_kwargs"] = {"use_reentrant": False}
+    return TrainingArguments(**{k: v for k, v in kw.items() if k in fields})
+
+
+def _load_data(args: TrainArguments, template: Any) -> tuple[Any, Any]:
+    from lmforge.dataset import encode_dataset, load_dataset
+
+    if not args.dataset:
+        raise ValueError("no training data: pass --dataset (a file, a hub id, or builtin:arith)")
+    train, val = load_dataset(
+        args.dataset, val_dataset=args.val_dataset or None, split_dataset_ratio=args.split_dataset_ratio,
+        seed=args.data_seed, columns=args.columns or None, strict=args.strict, streaming=args.streaming,
+        num_proc=args.dataset_num_proc, model_name=args.model_name or None, model_author=args.model_author or None,
+        hub=args.hub)
+    train = encode_dataset(train, template, num_proc=args.dataset_num_proc, strict=args.strict, desc="Encoding train")
+    if val is not None:
+        val = encode_dataset(val, template, num_proc=args.dataset_num_proc, strict=args.strict, desc="Encoding val")
+    if args.packing:
+        if args.streaming:
+            raise ValueError("--packing needs a map-style dataset; drop --streaming or --packing")
+        from lmforge.dataset.packing import pack_dataset
+
+        train = pack_dataset(train, args.max_length)
+        if val is not None:
+            val = pack_dataset(val, args.max_length)
+    return train, val
+
+
+def _callbacks(args: TrainArguments) -> list[Any]:
+    from lmforge.registry import CALLBACKS
+
+    names = ["progress", "jsonl_logger"] + (["plot"] if args.plot else []) + list(args.callbacks)
+    out = []
+    for name in names:
+        if name not in CALLBACKS:
+            raise ValueError(f"--callbacks: {CALLBACKS.unknown_message(name)}")
+        cb = CALLBACKS.get(name)
+        out.append(cb() if isinstance(cb, type) else cb)
+    return out
+
+
+def sft_main(args: TrainArguments) -> dict[str, Any]:
+    """Train, checkpoint, and return ``{"output_dir", "last_checkpoint", "log_history", "metrics"}``."""
+    setup_logging()
+    import torch
+    from transformers import set_seed
+
+    from lmforge.model import get_model_tokenizer
+    from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, load_plugins
+    from lmforge.template import get_template
+    from lmforge.trainers.collator import Collator
+    from lmforge.trainers.trainer import LmforgeTrainer
+    from lmforge.tuners import prepare_model
+    from lmforge.tuners.prepare import qlora_quantization_config
+
+    load_plugins(args.external_plugins)
+    if not args.model:
+        raise ValueError("no model: pass --model (a hub id, a local folder, or builtin:tiny)")
+    on_gpu = torch.cuda.is_available() and not args.use_cpu
+    if args.train_type == "qlora" and not on_gpu:
+        raise RuntimeError("--train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
+    for name, reg, value in (("--loss_type", LOSSES, args.loss_type), ("--eval_metric", METRICS, args.eval_metric),
+                             ("--optimizer", OPTIMIZERS, args.optimizer)):
+        if value and value not in reg:
+            raise ValueError(f"{name}: {reg.unknown_message(value)}")
+    _apply_defaults(args, on_gpu)
+    output_dir = resolve_output_dir(args)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    save_args(args, output_dir)
+    logger.info("Output folder: %s", output_dir)
+    set_seed(args.seed)
+
+    quant = qlora_quantization_config(args) if args.train_type == "qlora" else None
+    model, tokenizer = get_model_tokenizer(
+        args.model, hub=args.hub, revision=args.revision, torch_dtype=args.torch_dtype, attn_impl=args.attn_impl,
+        device_map=args.device_map, model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
+        quantization_config=quant, device="cuda" if on_gpu else "cpu")
+    template = get_template(tokenizer, args.template, system=args.system, max_length=args.max_length,
+                            truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale,
+                            enable_thinking=args.enable_thinking)
+    template.set_mode("pt" if isinstance(args, PtArguments) else "train")
+    train_ds, val_ds = _load_data(args, template)
+    _log_sample(train_ds, template)
+
+    dtype = model.dtype
+    model = prepare_model(model, args)
+    hf_args = _hf_training_arguments(args, output_dir, val_ds is not None, dtype)
+    metric = METRICS.get(args.eval_metric or "token_accuracy")
+    metric = metric() if isinstance(metric, type) else metric
+    optimizers = (OPTIMIZERS.get(args.optimizer)(model, args), None) if args.optimizer else (None, None)
+    trainer = LmforgeTrainer(
+        model=model, args=hf_args, train_dataset=train_ds, eval_dataset=val_ds,
+        data_collator=Collator(tokenizer.pad_token_id, padding_free=args.packing),
+        processing_class=tokenizer, callbacks=_callbacks(args), optimizers=optimizers,
+        loss_fn=LOSSES.get(args.loss_type) if args.loss_type else None,
+        compute_metrics=metric.compute if val_ds is not None else None,
+        preprocess_logits_for_metrics=metric.preprocess if val_ds is not None else None,
+        lmforge_args=args,
+    )
+    from transformers.trainer_callback import ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+
+    last = Path(output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if not last.is_dir():
+        trainer._save_checkpoint(trainer.model, None)
+    metrics = {}
+    if val_ds is not None:
+        metrics = trainer.evaluate()
+    logger.info("Last checkpoint: %s", last)
+    return {"output_dir": output_dir, "last_checkpoint": str(last), "log_history": trainer.state.log_history,
+            "metrics": metrics, "trainer": trainer, "template": template}
+
+
+def pt_main(args: PtArguments) -> dict[str, Any]:
+    """Continued pre-training: every token of the ``text`` column carries loss."""
+    return sft_main(args)
+
+
+def _log_sample(ds: Any, template: Any) -> None:
+    try:
+        row = next(iter(ds))
+    except StopIteration:
+        raise ValueError("the training set is empty after encoding (every row too long or skipped?)") from None
+    logger.info("Sample input: %r", template.safe_decode(row["input_ids"])[:500])
+    labels = [t for t in row["labels"] if t != -100]
+    logger.info("Sample labels: %r", template.safe_decode(labels)[:300])

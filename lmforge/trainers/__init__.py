@@ -1,0 +1,1 @@
+"""Trainers, collators, callbacks, losses, metrics and optimizers."""

@@ -1,0 +1,141 @@
+"""Tuners: turn a loaded model into one whose chosen parameters train.
+
+Each tuner is a function ``(model, args) -> model`` registered in ``TUNERS`` under its
+``--train_type``; a plugin may register more (``--external_plugins``). LoRA, DoRA and QLoRA are
+peft's; ``full`` and ``freeze`` only set ``requires_grad``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from lmforge.registry import TUNERS
+
+logger = logging.getLogger(__name__)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """A pattern matches a parameter name as a prefix, or (if it has regex characters) as a regex search."""
+    for p in patterns:
+        if name.startswith(p) or (any(c in p for c in "^$*+?[]()|\\") and re.search(p, name)):
+            return True
+    return False
+
+
+def _apply_trainable_patterns(model: Any, args: Any) -> None:
+    patterns = list(getattr(args, "trainable_parameters", []) or [])
+    if patterns:
+        for name, p in model.named_parameters():
+            if _matches(name, patterns):
+                p.requires_grad_(True)
+
+
+def _target_modules(args: Any) -> Any:
+    targets = list(args.target_modules or ["all-linear"])
+    if targets == ["all-linear"]:
+        return "all-linear"
+    if len(targets) == 1 and any(c in targets[0] for c in "^$*+?[]()|\\"):
+        return targets[0]  # peft treats a string as a full-match regex
+    return targets
+
+
+def _lora(model: Any, args: Any, *, use_dora: bool = False) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=_target_modules(args),
+        modules_to_save=list(args.modules_to_save) or None,
+        use_dora=use_dora,
+    )
+    if getattr(args, "gradient_checkpointing", False):
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+    model = get_peft_model(model, config)
+    _apply_trainable_patterns(model, args)
+    return model
+
+
+@TUNERS.register("lora")
+def lora(model: Any, args: Any) -> Any:
+    return _lora(model, args)
+
+
+@TUNERS.register("dora")
+def dora(model: Any, args: Any) -> Any:
+    return _lora(model, args, use_dora=True)
+
+
+@TUNERS.register("qlora")
+def qlora(model: Any, args: Any) -> Any:
+    """LoRA on a 4-bit base; the model must have been loaded with ``qlora_quantization_config``."""
+    from peft import prepare_model_for_kbit_training
+
+    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+        raise ValueError("train_type qlora: the base model is not quantized (load it with qlora_quantization_config)")
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)))
+    return _lora(model, args)
+
+
+@TUNERS.register("full")
+def full(model: Any, args: Any) -> Any:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+@TUNERS.register("freeze")
+def freeze(model: Any, args: Any) -> Any:
+    """Freeze parameters matching ``--freeze_parameters``; ``--trainable_parameters`` wins over it."""
+    if not args.freeze_parameters and not args.trainable_parameters:
+        raise ValueError("train_type freeze needs --freeze_parameters (and/or --trainable_parameters) patterns, "
+                         "e.g. --freeze_parameters model.embed_tokens model.layers.0.")
+    frozen = 0
+    for name, p in model.named_parameters():
+        freeze_it = _matches(name, args.freeze_parameters) if args.freeze_parameters else True
+        p.requires_grad_(not freeze_it)
+        frozen += int(freeze_it)
+    _apply_trainable_patterns(model, args)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("train_type freeze: the patterns froze every parameter; nothing would train")
+    return model
+
+
+def qlora_quantization_config(args: Any) -> Any:
+    """bitsandbytes 4-bit config for QLoRA; a clear error where it cannot run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RuntimeError("train_type qlora needs bitsandbytes: pip install 'lmforge[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=args.quant_bits == 4,
+        load_in_8bit=args.quant_bits == 8,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def prepare_model(model: Any, args: Any) -> Any:
+    """Apply the tuner named by ``args.train_type``."""
+    if args.train_type not in TUNERS:
+        raise ValueError(TUNERS.unknown_message(args.train_type))
+    model = TUNERS.get(args.train_type)(model, args)
+    logger.info(trainable_summary(model))
+    return model
+
+
+def trainable_summary(model: Any) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable parameters: {train:,} of {total:,} ({100 * train / max(total, 1):.3f}%)"
