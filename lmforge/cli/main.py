@@ -14,6 +14,8 @@ ROUTES: dict[str, tuple[str, str, str]] = {
     "pt": ("lmforge.arguments:PtArguments", "lmforge.pipelines.sft:pt_main", "continued pre-training on raw text"),
     "sft": ("lmforge.arguments:TrainArguments", "lmforge.pipelines.sft:sft_main",
             "supervised fine-tuning (lora, dora, qlora, full, freeze)"),
+    "rlhf": ("lmforge.arguments:RlhfArguments", "lmforge.pipelines.rlhf:rlhf_main",
+             "preference and RL training: dpo, kto, orpo, simpo, cpo, rm"),
     "infer": ("lmforge.arguments:InferArguments", "lmforge.pipelines.infer:infer_main",
               "chat in the terminal, or answer a dataset into a JSONL"),
     "deploy": ("lmforge.arguments:DeployArguments", "lmforge.pipelines.deploy:deploy_main",

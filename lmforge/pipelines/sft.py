@@ -101,6 +101,8 @@ def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool
         optim=args.optim or ("adamw_torch_fused" if on_gpu else "adamw_torch"),
         disable_tqdm=True,  # our progress callback draws the bar
         use_liger_kernel=args.use_liger_kernel,
+        # nan_guard must see NaN losses; the default filter would replace them with a running mean.
+        logging_nan_inf_filter="nan_guard" not in args.callbacks,
     )
     ckpt_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     kw[ckpt_key] = args.gradient_checkpointing
@@ -146,8 +148,21 @@ def _callbacks(args: TrainArguments) -> list[Any]:
     return out
 
 
-def sft_main(args: TrainArguments) -> dict[str, Any]:
-    """Train, checkpoint, and return ``{"output_dir", "last_checkpoint", "log_history", "metrics"}``."""
+@dataclasses.dataclass
+class TrainingSetup:
+    """What every training command builds before its trainer: shared by sft, pt and rlhf."""
+
+    args: Any
+    output_dir: str
+    model: Any
+    tokenizer: Any
+    template: Any
+    on_gpu: bool
+    dtype: Any
+
+
+def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup:
+    """Validate arguments, pick the output folder, load the model, tokenizer and template."""
     setup_logging()
     import torch
     from transformers import set_seed
@@ -155,9 +170,6 @@ def sft_main(args: TrainArguments) -> dict[str, Any]:
     from lmforge.model import get_model_tokenizer
     from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, load_plugins
     from lmforge.template import get_template
-    from lmforge.trainers.collator import Collator
-    from lmforge.trainers.trainer import LmforgeTrainer
-    from lmforge.tuners import prepare_model
     from lmforge.tuners.prepare import qlora_quantization_config
 
     load_plugins(args.external_plugins)
@@ -185,39 +197,56 @@ def sft_main(args: TrainArguments) -> dict[str, Any]:
     template = get_template(tokenizer, args.template, system=args.system, max_length=args.max_length,
                             truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale,
                             enable_thinking=args.enable_thinking)
-    template.set_mode("pt" if isinstance(args, PtArguments) else "train")
-    train_ds, val_ds = _load_data(args, template)
-    _log_sample(train_ds, template)
+    template.set_mode(mode)
+    return TrainingSetup(args, output_dir, model, tokenizer, template, on_gpu, model.dtype)
 
-    dtype = model.dtype
-    model = prepare_model(model, args)
-    hf_args = _hf_training_arguments(args, output_dir, val_ds is not None, dtype)
-    metric = METRICS.get(args.eval_metric or "token_accuracy")
-    metric = metric() if isinstance(metric, type) else metric
+
+def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cls: Any = None,
+                 data_collator: Any = None, **trainer_kwargs: Any) -> dict[str, Any]:
+    """Apply the tuner, build the trainer (``LmforgeTrainer`` or a subclass), train, save the last step."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from lmforge.registry import LOSSES, METRICS, OPTIMIZERS
+    from lmforge.trainers.collator import Collator
+    from lmforge.trainers.trainer import LmforgeTrainer
+    from lmforge.tuners import prepare_model
+
+    args, output_dir = setup.args, setup.output_dir
+    _log_sample(train_ds, setup.template)
+    model = prepare_model(setup.model, args)
+    hf_args = _hf_training_arguments(args, output_dir, val_ds is not None, setup.dtype)
     optimizers = (OPTIMIZERS.get(args.optimizer)(model, args), None) if args.optimizer else (None, None)
-    trainer = LmforgeTrainer(
+    if val_ds is not None and "compute_metrics" not in trainer_kwargs:
+        metric = METRICS.get(args.eval_metric or "token_accuracy")
+        metric = metric() if isinstance(metric, type) else metric
+        trainer_kwargs.update(compute_metrics=metric.compute, preprocess_logits_for_metrics=metric.preprocess)
+    trainer = (trainer_cls or LmforgeTrainer)(
         model=model, args=hf_args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=Collator(tokenizer.pad_token_id, padding_free=args.packing),
-        processing_class=tokenizer, callbacks=_callbacks(args), optimizers=optimizers,
-        loss_fn=LOSSES.get(args.loss_type) if args.loss_type else None,
-        compute_metrics=metric.compute if val_ds is not None else None,
-        preprocess_logits_for_metrics=metric.preprocess if val_ds is not None else None,
-        lmforge_args=args,
+        data_collator=data_collator or Collator(setup.tokenizer.pad_token_id, padding_free=args.packing),
+        processing_class=setup.tokenizer, callbacks=_callbacks(args), optimizers=optimizers,
+        loss_fn=LOSSES.get(args.loss_type) if args.loss_type else None, lmforge_args=args, **trainer_kwargs,
     )
-    from transformers.trainer_callback import ProgressCallback
-
-    trainer.remove_callback(ProgressCallback)
+    for cb in (ProgressCallback, PrinterCallback):  # our progress callback replaces both
+        trainer.remove_callback(cb)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     last = Path(output_dir) / f"checkpoint-{trainer.state.global_step}"
     if not last.is_dir():
         trainer._save_checkpoint(trainer.model, None)
     metrics = {}
-    if val_ds is not None:
-        metrics = trainer.evaluate()
+    if val_ds is not None:  # reuse an evaluation made at the last step instead of running it again
+        done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        metrics = done[-1] if done else trainer.evaluate()
     logger.info("Last checkpoint: %s", last)
     return {"output_dir": output_dir, "last_checkpoint": str(last), "log_history": trainer.state.log_history,
-            "metrics": metrics, "trainer": trainer, "template": template}
+            "metrics": metrics, "trainer": trainer, "template": setup.template}
+
+
+def sft_main(args: TrainArguments) -> dict[str, Any]:
+    """Train, checkpoint, and return ``{"output_dir", "last_checkpoint", "log_history", "metrics", ...}``."""
+    setup = prepare_training(args, "pt" if isinstance(args, PtArguments) else "train")
+    train_ds, val_ds = _load_data(args, setup.template)
+    return run_training(setup, train_ds, val_ds)
 
 
 def pt_main(args: PtArguments) -> dict[str, Any]:
