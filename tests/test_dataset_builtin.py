@@ -1,0 +1,85 @@
+"""Built-in datasets: self-cognition names, arithmetic determinism and a held-out split."""
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+
+import pytest
+
+from lmforge.dataset import DatasetError, arith_answer_correct, generate_arith, load_dataset
+from lmforge.dataset.builtin import arith_in_test_split, self_cognition_rows
+from lmforge.registry import DATASETS
+
+
+def answers(rows):
+    return [r["messages"][-1]["content"] for r in rows]
+
+
+def test_self_cognition_fills_names_per_language():
+    rows = self_cognition_rows(["小铁", "Iron"], ["铁匠铺", "Forge Inc"])
+    assert 80 <= len(rows) <= 120
+    zh = [a for a in answers(rows) if re.search(r"[\u4e00-\u9fff]", a)]
+    en = [a for a in answers(rows) if a not in zh]
+    assert len(zh) > 30 and len(en) > 30
+    assert all("Iron" not in a and "Forge" not in a for a in zh) and any("小铁" in a for a in zh)
+    assert all("小铁" not in a for a in en) and any("Iron" in a for a in en) and any("Forge Inc" in a for a in en)
+    assert not any("{{" in a for a in answers(rows))
+    assert len({r["messages"][0]["content"] for r in rows}) == len(rows)  # varied questions
+
+
+def test_self_cognition_single_name_and_defaults(caplog):
+    train, _ = load_dataset(["builtin:self-cognition"], model_name="Iron", model_author="Forge")
+    assert sum("Iron" in a for a in answers(train)) > 60
+    with caplog.at_level(logging.WARNING, logger="lmforge.dataset"):
+        train, _ = load_dataset(["builtin:self-cognition"])
+    assert "--model_name/--model_author not set" in caplog.text
+    assert any("lmforge-bot" in a for a in answers(train)) and any("lmforge" in a for a in answers(train))
+
+
+def test_arith_rows_are_correct_and_deterministic():
+    rows = generate_arith()
+    assert rows == generate_arith()
+    assert rows != generate_arith(seed=1) and sorted(map(str, rows)) == sorted(map(str, generate_arith(seed=1)))
+    for r in rows[:500]:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", r["messages"][0]["content"]).groups()
+        a, b = int(a), int(b)
+        assert 0 <= a <= 99 and 0 <= b <= 99 and (op == "+" or a >= b)
+        assert r["solution"] == r["messages"][1]["content"] == str(a + b if op == "+" else a - b)
+    ops = Counter(r["messages"][0]["content"].split()[3] for r in rows)
+    assert set(ops) == {"+", "-"}
+
+
+def test_arith_test_split_is_held_out():
+    train, test = generate_arith(split="train"), generate_arith(split="test")
+    questions = lambda rows: {r["messages"][0]["content"] for r in rows}  # noqa: E731
+    assert not questions(train) & questions(test)
+    assert len(train) + len(test) == 100 * 100 + 100 * 101 // 2  # every problem, once
+    assert 0.03 < len(test) / (len(train) + len(test)) < 0.07
+    assert arith_in_test_split(3, "+", 4) == arith_in_test_split(3, "+", 4)
+    # through the loader, sampled with repeats; still disjoint from the held-out split
+    big, _ = load_dataset(["builtin:arith#20000"])
+    held, _ = load_dataset(["builtin:arith:test"])
+    assert len(big) == 20000 and len(held) == len(test)
+    assert not questions(big) & questions(held)
+    assert set(big["solution"][:100]) <= {str(i) for i in range(199)}
+
+
+def test_arith_answer_correct():
+    assert arith_answer_correct(" 82\n", "82") and arith_answer_correct("82", 82)
+    assert not arith_answer_correct("82.0", "82") and not arith_answer_correct(None, "82")
+
+
+def test_arith_pref_is_a_preference_set():
+    train, _ = load_dataset(["builtin:arith-pref#50"])
+    for r in train:
+        assert r["rejected_response"] != r["messages"][-1]["content"] == r["solution"]
+        assert int(r["rejected_response"]) >= 0
+
+
+def test_unknown_builtin_suggests():
+    with pytest.raises(DatasetError, match="Did you mean 'arith'"):
+        load_dataset(["builtin:arth"])
+    with pytest.raises(DatasetError, match="no split 'test'"):
+        load_dataset(["builtin:self-cognition:test"])
+    assert {"self-cognition", "arith", "arith-pref"} <= set(DATASETS.names())
