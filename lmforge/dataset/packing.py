@@ -36,14 +36,14 @@ def plan_bins(lengths: Iterable[int], max_length: int) -> list[list[int]]:
     return bins
 
 
-def concat_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def concat_rows(rows: list[dict[str, Any]], with_scale: bool | None = None) -> dict[str, Any]:
     """One packed row: ids and labels concatenated, position ids restarting at each row.
 
     The first label of every row is -100: in a flattened sequence, the token before it belongs to
     another row and must not learn to predict it (unpacked, nothing predicts a first token either).
     """
     out: dict[str, Any] = {"input_ids": [], "labels": [], "position_ids": []}
-    has_scale = any(r.get("loss_scale") is not None for r in rows)
+    has_scale = any(r.get("loss_scale") is not None for r in rows) if with_scale is None else with_scale
     if has_scale:
         out["loss_scale"] = []
     for r in rows:
@@ -68,7 +68,9 @@ def pack_dataset(ds: Any, max_length: int) -> Any:
     bins = plan_bins(lengths, max_length)
     cols = [c for c in ("input_ids", "labels", "loss_scale") if c in ds.column_names]
     slim = ds.select_columns(cols)
-    packed = [concat_rows([slim[i] for i in b]) for b in bins]
+    # Every packed row gets the same columns (from_list takes its schema from the first row).
+    with_scale = "loss_scale" in cols and any(s is not None for s in slim["loss_scale"])
+    packed = [concat_rows([slim[i] for i in b], with_scale) for b in bins]
     total = sum(lengths)
     logger.info("Packed %d rows into %d sequences of up to %d tokens (%.1f%% filled)",
                 len(lengths), len(bins), max_length, 100 * total / max(1, len(bins) * max_length))
