@@ -17,6 +17,7 @@ class GenerationArguments:
     top_p: float = field(1.0, "nucleus sampling mass")
     top_k: int = field(-1, "sample from the k most likely tokens (-1: all)")
     repetition_penalty: float = field(1.0, "penalty on repeated tokens (1: none)")
+    stop: list[str] = field(default_factory=list, help="stop strings: a reply ends before the first one")
     stream: bool = field(True, "stream tokens as they are generated (interactive chat)")
 
 
@@ -46,6 +47,10 @@ class DeployArguments(InferArguments):
     max_concurrency: int = field(8, "requests generated at once")
     max_queue: int = field(64, "requests waiting beyond max_concurrency before 429")
     log_file: Optional[str] = field(None, "also write the request log here")
+    queue_timeout: float = field(600.0, "seconds a request may wait for a slot before 503 (0: no limit)")
+    max_request_bytes: int = field(16 * 1024 * 1024, "largest request body accepted (413 beyond)")
+    shutdown_timeout: float = field(30.0, "on SIGTERM/Ctrl-C, seconds running requests get to finish before "
+                                          "they are cancelled")
     stream: bool = field(False, "unused by the server (clients ask for streaming per request)")
 
 
@@ -57,7 +62,7 @@ class ExportArguments(ModelArguments, TemplateArguments):
     adapters: list[str] = field(default_factory=list, help="LoRA adapter folders to merge")
     merge_lora: bool = field(False, "merge the adapters into the base weights")
     output_dir: Optional[str] = field(None, "where the exported model goes (default: <ckpt_dir>-merged)")
-    safe_serialization: bool = field(True, "write safetensors")
+    safe_serialization: bool = field(True, "kept for compatibility: transformers 5 always writes safetensors")
     max_shard_size: str = field("5GB", "largest weight file")
     push_to_hub: bool = field(False, "upload the result to the hub")
     hub_model_id: Optional[str] = field(None, "repository id for --push_to_hub")

@@ -1,9 +1,12 @@
 """Generation: protocol types, the engine interface, and engines (hf; native on CUDA; vllm optional)."""
+from lmforge.infer.convert import to_canonical_row
+from lmforge.infer.errors import InferRequestError, PromptTooLongError
 from lmforge.infer.protocol import (ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage, Choice,
                                     InferRequest, RequestConfig, StreamChoice, Usage)
 
 __all__ = ["ChatCompletionResponse", "ChatCompletionStreamResponse", "ChatMessage", "Choice", "InferRequest",
-           "RequestConfig", "StreamChoice", "Usage", "get_engine"]
+           "InferRequestError", "PromptTooLongError", "RequestConfig", "StreamChoice", "Usage", "get_engine",
+           "to_canonical_row"]
 
 
 def get_engine(backend: str = "hf", **kwargs):

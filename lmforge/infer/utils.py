@@ -1,0 +1,130 @@
+"""Text utilities shared by engines: stop-string matching and a streaming detokenizer.
+
+Streaming must send exactly the text the non-streaming path returns, in pieces, and never a piece
+that later turns out wrong: half of a multi-byte character (it decodes to U+FFFD until its last
+byte arrives) or the start of a stop string (which will be cut away if it completes).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+logger = logging.getLogger(__name__)
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class StopStrings:
+    """A set of stop strings: where the first one starts, and how much of a text's end might begin one."""
+
+    def __init__(self, stops: Iterable[str] = ()):
+        self.stops: list[str] = [s for s in dict.fromkeys(stops) if s]
+        self.max_len = max((len(s) for s in self.stops), default=0)
+
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
+    def find(self, text: str) -> int:
+        """Index where the earliest stop string starts in ``text``, or -1."""
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(hits, default=-1)
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """``text`` up to the first stop string (which is dropped, as OpenAI does), and whether one was found."""
+        i = self.find(text)
+        return (text, False) if i < 0 else (text[:i], True)
+
+    def partial_len(self, text: str) -> int:
+        """Length of the longest end of ``text`` that is the start (not the whole) of some stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+class IncrementalDecoder:
+    """Token ids in, text deltas out, for one streamed reply.
+
+    Each ``push`` decodes the whole reply so far with ``decode`` (the same function the final text
+    comes from, so the pieces add up to it) and emits only the part that is settled: no trailing
+    U+FFFD (an incomplete UTF-8 sequence), and nothing that may be the start of a stop string.
+    Decoding the whole reply each step costs O(n^2) in the reply length, which is small next to a
+    forward pass per token.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: StopStrings | None = None):
+        self._decode = decode
+        self._stop = stop or StopStrings()
+        self.ids: list[int] = []
+        self.sent = ""  # text emitted so far
+        self.stopped = False  # a stop string has appeared; later tokens are ignored
+
+    def push(self, ids: Iterable[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids.extend(int(i) for i in ids)
+        text = self._decode(self.ids)
+        cut, self.stopped = self._stop.cut(text)
+        if self.stopped:
+            return self._emit(cut, len(cut))
+        end = len(text.rstrip(REPLACEMENT_CHAR))
+        end -= self._stop.partial_len(text[:end])
+        return self._emit(text, end)
+
+    def _emit(self, text: str, end: int) -> str:
+        if end <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta = text[len(self.sent):end]
+        self.sent = text[:end]
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        """The rest of ``final_text``, the reply exactly as the non-streaming path returns it."""
+        if final_text.startswith(self.sent):
+            delta, self.sent = final_text[len(self.sent):], final_text
+            return delta
+        # Sent text cannot be taken back; this only happens if decoding is not prefix-stable.
+        logger.warning("streamed text %r is not a prefix of the final reply %r", self.sent[-40:], final_text[-40:])
+        return ""
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2, Qwen, Llama 3) writes each byte as one printable character; this maps them back."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_of = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in char_of:
+            char_of[b] = chr(256 + shift)
+            shift += 1
+    return {c: b for b, c in char_of.items()}
+
+
+class TokenPieces:
+    """Each token's text and its exact bytes, for logprobs.
+
+    A token that holds part of a multi-byte character decodes to U+FFFD on its own; OpenAI's
+    ``bytes`` field exists so clients can rebuild such characters, so for byte-level tokenizers
+    the bytes come from the token's own spelling rather than from its decoded text.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.alphabet = _byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else None
+        self.added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        if token_id not in self._cache:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            raw = None
+            if self.alphabet is not None and token_id not in self.added:
+                spelling = self.tokenizer.convert_ids_to_tokens(token_id)
+                if isinstance(spelling, str) and all(c in self.alphabet for c in spelling):
+                    raw = [self.alphabet[c] for c in spelling]
+            self._cache[token_id] = (text, raw if raw is not None else list(text.encode("utf-8")))
+        return self._cache[token_id]

@@ -1,0 +1,662 @@
+"""The OpenAI-compatible HTTP app over an :class:`~lmforge.infer.base.InferEngine`.
+
+``create_app(engine, args)`` returns a FastAPI app with POST /v1/chat/completions, POST
+/v1/completions, GET /v1/models[/{id}], GET /health and GET /metrics. Each request passes, in
+order: auth, body checks (size, UTF-8, JSON), schema validation, model lookup, a prompt-length
+check, and the admission queue; whatever fails answers in OpenAI's error shape and the server
+carries on. One log line and one set of metrics is written per request by an ASGI middleware, so
+that errors raised anywhere (401, 404 on an unknown path, a client gone mid-stream) are counted too.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
+
+from lmforge.infer.base import InferEngine
+from lmforge.infer.errors import InferRequestError, PromptTooLongError
+from lmforge.infer.protocol import ChatCompletionStreamResponse, ChoiceLogprobs, InferRequest, RequestConfig, Usage
+from lmforge.serve.auth import BearerAuth, load_api_keys
+from lmforge.serve.errors import APIError, from_validation_error, install_error_handlers, unexpected
+from lmforge.serve.limiter import ConcurrencyLimiter, Slot
+from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
+from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest, PromptRequest, SamplingFields
+from lmforge.serve.streaming import EventStreamResponse, StreamAborted, merge_streams, sse
+
+logger = logging.getLogger("lmforge.serve")
+
+_ENDPOINTS = {"/v1/chat/completions": ("chat", "chatcmpl"), "/v1/completions": ("completions", "cmpl"),
+              "/v1/models": ("models", "req"), "/health": ("health", "req"), "/metrics": ("metrics", "req")}
+_QUIET = ("health", "metrics")  # scraped often: logged at DEBUG, not counted
+
+
+@dataclass
+class ServeConfig:
+    """What the app needs from :class:`~lmforge.arguments.DeployArguments` (any object with these names works)."""
+
+    served_model_name: Optional[str] = None
+    api_key: Optional[str] = None
+    api_key_file: Optional[str] = None
+    max_concurrency: int = 8
+    max_queue: int = 64
+    queue_timeout: Optional[float] = 600.0
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_new_tokens: Optional[int] = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_args(cls, args: Any) -> "ServeConfig":
+        if args is None:
+            return cls()
+        if isinstance(args, cls):
+            return args
+        names = cls.__dataclass_fields__
+        return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+
+
+@dataclass
+class RequestInfo:
+    """What the request log line and metrics need; handlers fill it in as they learn it."""
+
+    id: str
+    method: str
+    path: str
+    endpoint: str
+    start: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft: Optional[float] = None
+    queue_wait: Optional[float] = None
+    status: Optional[int] = None  # overrides the HTTP status: 499 (client gone) or 500 (failed mid-stream)
+    error: Optional[str] = None
+
+
+class ServeState:
+    """Everything the handlers share: the engine, served names, limits, defaults, auth and metrics."""
+
+    def __init__(self, engine: InferEngine, cfg: ServeConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.base_name = cfg.served_model_name or _default_name(getattr(engine, "model_name", None))
+        self.adapters: dict[str, str] = dict(getattr(engine, "adapters", None) or {})
+        if self.base_name in self.adapters:
+            raise ValueError(f"adapter name {self.base_name!r} is also the served model name; rename one")
+        self.created = int(time.time())
+        self.limiter = ConcurrencyLimiter(cfg.max_concurrency, cfg.max_queue, cfg.queue_timeout)
+        self.auth = BearerAuth(load_api_keys(cfg.api_key, cfg.api_key_file))
+        self.metrics = ServerMetrics(lambda: self.limiter.running, lambda: self.limiter.waiting,
+                                     cfg.max_concurrency, cfg.max_queue)
+        self.executor: Optional[ThreadPoolExecutor] = None
+        self.aborting: Optional[asyncio.Event] = None  # set at shutdown once running requests had their time
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop admitting (queued requests get 503), give running ones ``timeout`` s, then end them with 503."""
+        self.limiter.drain()
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while self.limiter.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.limiter.running and self.aborting is not None:
+            logger.warning("ending %d request(s) still running after the %.3g s shutdown grace period",
+                           self.limiter.running, timeout)
+            self.aborting.set()
+
+    async def run_or_abort(self, awaitable: Any) -> Any:
+        """Await a non-streaming generation, unless shutdown ends it first (then 503)."""
+        task = asyncio.ensure_future(awaitable)
+        if self.aborting is None:
+            return await task
+        abort = asyncio.ensure_future(self.aborting.wait())
+        try:
+            await asyncio.wait({task, abort}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abort.cancel()
+            if not task.done():
+                task.cancel()  # an engine thread cannot be interrupted: it finishes and its result is dropped
+        if task.cancelled():
+            raise _aborted()
+        return task.result()
+
+    # ---- models -------------------------------------------------------------------------------
+    def served_models(self) -> dict[str, Optional[str]]:
+        """Served name -> adapter name (None: the base model)."""
+        return {self.base_name: None, **{name: name for name in self.adapters}}
+
+    def resolve(self, model: str) -> Optional[str]:
+        served = self.served_models()
+        if model not in served:
+            raise APIError(404, f"The model {model!r} does not exist on this server; served models: "
+                                f"{', '.join(served)}", param="model", code="model_not_found")
+        return served[model]
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        adapter = self.served_models()[name]
+        card = {"id": name, "object": "model", "created": self.created, "owned_by": "lmforge",
+                "root": name if adapter is None else self.adapters[adapter],
+                "parent": None if adapter is None else self.base_name}
+        max_len = getattr(self.engine, "max_model_len", None)
+        if max_len:
+            card["max_model_len"] = max_len
+        return card
+
+    # ---- limits and sampling ------------------------------------------------------------------
+    async def count_prompt(self, request: InferRequest, param: str = "messages") -> Optional[int]:
+        """Prompt tokens, or None when the engine cannot count; input the engine rejects becomes a 400."""
+        try:
+            return await asyncio.to_thread(self.engine.count_prompt_tokens, request)
+        except NotImplementedError:
+            return None
+        except ValueError as e:  # InferRequestError and the template's own errors
+            raise _bad_input(e, param) from None
+        except Exception as e:  # noqa: BLE001 - a chat template's raise_exception is the client's mistake
+            if type(e).__module__.startswith("jinja2"):
+                raise APIError(400, f"The model's chat template rejected the messages: {e}", param=param,
+                               code="invalid_messages") from None
+            raise
+
+    def request_config(self, req: SamplingFields, prompt_tokens: Optional[int], new_tokens: Optional[int], *,
+                       param_prompt: str, logprobs: bool = False, top_logprobs: Optional[int] = None
+                       ) -> RequestConfig:
+        """Sampling settings: the request's, else the server's defaults; max_tokens checked against the context."""
+        limit = getattr(self.engine, "max_model_len", None)
+        what = "the prompt" if param_prompt == "prompt" else f"the prompt ({param_prompt})"
+        if limit and prompt_tokens is not None:
+            if prompt_tokens >= limit:
+                raise APIError(400, f"This model's maximum context length is {limit} tokens, but {what} is "
+                                    f"{prompt_tokens} tokens, leaving no room for a reply; shorten it",
+                               param=param_prompt, code="context_length_exceeded")
+            room = limit - prompt_tokens
+            if new_tokens is not None and new_tokens > room:
+                raise APIError(400, f"max_tokens is {new_tokens}, but {what} is {prompt_tokens} tokens and the "
+                                    f"context length is {limit}: at most {room} new tokens fit",
+                               param="max_tokens", code="context_length_exceeded")
+            if new_tokens is None:
+                new_tokens = min(self.cfg.max_new_tokens or room, room)
+        elif new_tokens is None:
+            new_tokens = self.cfg.max_new_tokens
+        c = self.cfg
+        top_k = req.top_k if req.top_k is not None else c.top_k
+        return RequestConfig(
+            max_tokens=new_tokens,
+            temperature=req.temperature if req.temperature is not None else c.temperature,
+            top_p=req.top_p if req.top_p is not None else c.top_p,
+            top_k=-1 if top_k == 0 else top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None
+            else c.repetition_penalty,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            stop=req.stop if req.stop is not None else list(c.stop), seed=req.seed, n=req.n, logprobs=logprobs,
+            top_logprobs=top_logprobs, stream=req.stream)
+
+    async def acquire(self, request: Request, info: RequestInfo) -> Slot:
+        """Wait for a slot, giving up if the client goes away while queued."""
+        acquire = asyncio.ensure_future(self.limiter.acquire())
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({acquire, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not acquire.done():
+                acquire.cancel()  # the limiter passes a slot granted meanwhile to the next waiter
+            gone.cancel()
+            await asyncio.wait({acquire, gone})
+        client_gone = not gone.cancelled() and gone.exception() is None
+        if acquire.cancelled() or client_gone:
+            if not acquire.cancelled() and acquire.exception() is None:
+                self.limiter.release()
+            info.status, info.error = 499, "client disconnected while queued"
+            raise APIError(499, info.error)
+        if isinstance(acquire.exception(), APIError):
+            self.metrics.rejected.inc(reason=acquire.exception().code or "rejected")
+        info.queue_wait = acquire.result()
+        self.metrics.queue_wait.observe(info.queue_wait)
+        return Slot(self.limiter)
+
+    def stream_response(self, body: AsyncIterator[str], slot: Slot, info: RequestInfo) -> "EventStreamResponse":
+        def on_close() -> None:
+            if slot.held:  # the body never ran: the client left before the first byte
+                info.status = info.status or 499
+                info.error = info.error or "client disconnected before the stream started"
+            slot.release()
+
+        return EventStreamResponse(body, on_close=on_close)
+
+    # ---- one log line per request -------------------------------------------------------------
+    def finish(self, info: RequestInfo, http_status: int) -> None:
+        status = info.status or http_status
+        latency = time.perf_counter() - info.start
+        if info.endpoint in _QUIET:
+            logger.debug("%s %s %s status=%d latency=%.3fs", info.id, info.method, info.path, status, latency)
+            return
+        generated = info.queue_wait is not None  # token counters only count what reached the engine
+        self.metrics.record(endpoint=info.endpoint, model=info.model, status=status, latency=latency,
+                            stream=info.stream, prompt_tokens=info.prompt_tokens if generated else 0,
+                            completion_tokens=info.completion_tokens if generated else 0, ttft=info.ttft)
+        line = (f"id={info.id} {info.method} {info.path} model={info.model or '-'} status={status} "
+                f"stream={str(info.stream).lower()} prompt_tokens={info.prompt_tokens} "
+                f"completion_tokens={info.completion_tokens} latency={latency:.3f}s")
+        if info.ttft is not None:
+            line += f" ttft={info.ttft:.3f}s"
+        if info.queue_wait:
+            line += f" queued={info.queue_wait:.3f}s"
+        if info.error:
+            line += f" error={json.dumps(info.error[:300], ensure_ascii=False)}"
+        logger.log(logging.WARNING if status >= 500 else logging.INFO, line)
+
+
+def _default_name(model_name: Optional[str]) -> str:
+    if not model_name:
+        return "model"
+    name = str(model_name).rstrip("/\\")
+    return name if name.startswith("builtin:") else name.replace("\\", "/").split("/")[-1] or name
+
+
+def _aborted() -> APIError:
+    return APIError(503, "The server shut down before this request finished", code="shutting_down")
+
+
+def _bad_input(e: Exception, param: str = "messages") -> APIError:
+    """An engine's InferRequestError (a ValueError) as a 400; PromptTooLongError keeps its own code."""
+    too_long = isinstance(e, PromptTooLongError)
+    return APIError(400, str(e), param=param, code="context_length_exceeded" if too_long else "invalid_input")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns once the client has gone (the body has been read, so only a disconnect can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class RequestLogMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware, which buffers streams): times each request, adds X-Request-Id,
+    and writes its log line and metrics when the last byte has gone (or the client has)."""
+
+    def __init__(self, app: Any, state: ServeState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint, prefix = _ENDPOINTS.get(path, ("models", "req") if path.startswith("/v1/models/") else
+                                          ("other", "req"))
+        # The path is the client's text (a model id in /v1/models/ID, any unknown path): shortened, and
+        # escaped so that a "%0A" in it cannot forge log lines.
+        info = RequestInfo(id=f"{prefix}-{uuid.uuid4().hex[:24]}", method=scope.get("method", "")[:10],
+                           path=repr(path[:200])[1:-1], endpoint=endpoint)
+        scope.setdefault("state", {})["lmforge"] = info
+        status = 500
+        started = False
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", info.id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            info.status = info.status or 499
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered here so the connection stays usable
+            logger.exception("unexpected error in %s %s", info.method, info.path)
+            err = unexpected(exc)
+            info.status, info.error = 500, err.message
+            if not started:
+                await err.response()(scope, receive, send_with_id)
+        finally:
+            self.state.finish(info, status)
+
+
+# ---- body parsing ------------------------------------------------------------------------------
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_text(obj: Any, path: str = "body") -> None:
+    """Strings must be encodable: JSON escapes can smuggle in lone surrogates (``"\\ud800"``)."""
+    stack = [(obj, path)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{where}: the string holds an unpaired surrogate escape, which is not text",
+                               param=where, code="invalid_text") from None
+        elif isinstance(value, dict):
+            stack.extend((v, f"{k}" if where == "body" else f"{where}.{k}") for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, or a 400/413 that says what is wrong with it."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"Request body is {int(declared)} bytes; the limit is {limit} (--max_request_bytes)",
+                       code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"Request body is over {limit} bytes (--max_request_bytes)", code="request_too_large")
+    if not body.strip():
+        raise APIError(400, "Empty request body; send a JSON object", code="invalid_json")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"Request body is not valid UTF-8 (bad byte 0x{body[e.start]:02x} at offset {e.start})",
+                       code="invalid_encoding") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"Malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}",
+                       code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # NaN/Infinity, a 5000-digit number, nesting too deep
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise APIError(400, f"Malformed JSON in the request body: {reason}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, f"The request body must be a JSON object, got a JSON {type(obj).__name__}",
+                       code="invalid_json")
+    _check_text(obj)
+    return obj
+
+
+def _validate(model: type, body: dict[str, Any]):
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    except RecursionError:
+        raise APIError(400, "Invalid request: nested too deeply", code="invalid_value") from None
+
+
+# ---- the app -------------------------------------------------------------------------------------
+
+def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
+    """The OpenAI-compatible app serving ``engine``; ``args`` is a DeployArguments (or ServeConfig)."""
+    cfg = ServeConfig.from_args(args)
+    state = ServeState(engine, cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # The engine's async twins run generation in the loop's default executor; asyncio sizes that
+        # for CPU-bound work (cores + 4), which would silently cap concurrency below --max_concurrency.
+        state.executor = ThreadPoolExecutor(max_workers=max(32, 4 * cfg.max_concurrency),
+                                            thread_name_prefix="lmforge-serve")
+        asyncio.get_running_loop().set_default_executor(state.executor)
+        state.aborting = asyncio.Event()
+        logger.info("serving %s on /v1 (adapters: %s; max_concurrency %d, max_queue %d, auth %s)",
+                    state.base_name, ", ".join(state.adapters) or "none", cfg.max_concurrency, cfg.max_queue,
+                    "on" if state.auth.enabled else "off")
+        yield
+        state.limiter.drain()
+        state.aborting.set()
+
+    app = FastAPI(title="lmforge", summary="OpenAI-compatible server", lifespan=lifespan)
+    app.state.lmforge = state
+    install_error_handlers(app)
+    app.add_middleware(RequestLogMiddleware, state=state)
+
+    async def check_auth(request: Request) -> None:
+        state.auth.check(request.headers.get("authorization"))
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_auth)])
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [state.model_card(name) for name in state.served_models()]}
+
+    @v1.get("/models/{model:path}")
+    async def retrieve_model(model: str) -> dict[str, Any]:
+        state.resolve(model)
+        return state.model_card(model)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        info: RequestInfo = request.state.lmforge
+        req: ChatCompletionRequest = _validate(ChatCompletionRequest, await read_json(request, cfg.max_request_bytes))
+        adapter = state.resolve(req.model)
+        info.model, info.stream = req.model, req.stream
+        try:
+            infer_req = InferRequest(messages=[m.to_engine() for m in req.messages], tools=req.engine_tools(),
+                                     adapter=adapter)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        prompt_tokens = await state.count_prompt(infer_req)
+        info.prompt_tokens = prompt_tokens or 0
+        rc = state.request_config(req, prompt_tokens, req.new_tokens(), param_prompt="messages",
+                                  logprobs=req.logprobs, top_logprobs=req.top_logprobs)
+        slot = await state.acquire(request, info)
+        if req.stream:
+            return state.stream_response(_chat_stream(state, info, slot, req, infer_req, rc, prompt_tokens), slot, info)
+        try:
+            resp = await state.run_or_abort(engine.infer_async(infer_req, rc))
+        except InferRequestError as e:
+            raise _bad_input(e) from None
+        finally:
+            slot.release()
+        _count_usage(info, resp.usage)
+        body = resp.model_dump(mode="json", exclude={"choices": {"__all__": {"token_ids"}}})
+        body.update(id=info.id, model=req.model)
+        return JSONResponse(body)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        info: RequestInfo = request.state.lmforge
+        req: CompletionRequest = _validate(CompletionRequest, await read_json(request, cfg.max_request_bytes))
+        adapter = state.resolve(req.model)
+        if not getattr(engine, "supports_raw_prompt", True):
+            raise APIError(501, f"The {type(engine).__name__} engine cannot continue raw text; use "
+                                "/v1/chat/completions", code="not_implemented")
+        info.model, info.stream = req.model, req.stream
+        prompts = req.prompts()
+        if req.echo and any(not isinstance(p, str) for p in prompts):
+            raise APIError(400, "echo needs a text prompt (not token ids)", param="echo", code="invalid_value")
+        infer_reqs = [PromptRequest(prompt=p, adapter=adapter) for p in prompts]
+        counts = [await state.count_prompt(r, "prompt") for r in infer_reqs]
+        info.prompt_tokens = sum(c or 0 for c in counts)
+        known = [c for c in counts if c is not None]
+        rc = state.request_config(req, max(known) if known else None, req.max_tokens, param_prompt="prompt",
+                                  logprobs=req.logprobs is not None, top_logprobs=req.logprobs)
+        slot = await state.acquire(request, info)
+        if req.stream:
+            return state.stream_response(_completion_stream(state, info, slot, req, infer_reqs, rc, counts), slot,
+                                         info)
+        try:
+            results = await state.run_or_abort(asyncio.to_thread(engine.infer, infer_reqs, rc, use_tqdm=False))
+        except InferRequestError as e:
+            raise _bad_input(e, "prompt") from None
+        finally:
+            slot.release()
+        choices = []
+        usage = Usage()
+        for p_i, (prompt, resp) in enumerate(zip(prompts, results)):
+            usage.prompt_tokens += resp.usage.prompt_tokens
+            usage.completion_tokens += resp.usage.completion_tokens
+            for c in resp.choices:
+                text = (prompt if req.echo else "") + (c.message.content or "")
+                choices.append({"index": p_i * req.n + c.index, "text": text, "finish_reason": c.finish_reason,
+                                "logprobs": _legacy_logprobs(c.logprobs)})
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        _count_usage(info, usage)
+        return JSONResponse({"id": info.id, "object": "text_completion", "created": int(time.time()),
+                             "model": req.model, "choices": choices, "usage": usage.model_dump()})
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.limiter.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return JSONResponse({"status": "ok", "running": state.limiter.running, "waiting": state.limiter.waiting})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _count_usage(info: RequestInfo, usage: Optional[Usage]) -> None:
+    if usage is not None:
+        info.prompt_tokens, info.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+
+
+def _legacy_logprobs(lp: Optional[ChoiceLogprobs], offset: int = 0) -> Optional[dict[str, Any]]:
+    """Chat-style logprobs -> the completions API's parallel lists."""
+    if lp is None:
+        return None
+    tokens, offsets, pos = [], [], offset
+    for t in lp.content:
+        tokens.append(t.token)
+        offsets.append(pos)
+        pos += len(t.token)
+    return {"tokens": tokens, "token_logprobs": [t.logprob for t in lp.content],
+            "top_logprobs": [{x.token: x.logprob for x in t.top_logprobs} for t in lp.content],
+            "text_offset": offsets}
+
+
+# ---- streaming ---------------------------------------------------------------------------------
+
+def _chat_stream(state: ServeState, info: RequestInfo, slot: Slot, req: ChatCompletionRequest,
+                 infer_req: InferRequest, rc: RequestConfig, prompt_tokens: Optional[int]) -> AsyncIterator[str]:
+    """Chat chunks rewritten to one id and the requested model name; the role is sent once per choice."""
+    usage = Usage(prompt_tokens=prompt_tokens or 0)
+    started: set[int] = set()
+    created = int(time.time())
+
+    def to_sse(_: int, chunk: ChatCompletionStreamResponse) -> Optional[str]:
+        if chunk.usage is not None:
+            usage.prompt_tokens, usage.completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+        if not chunk.choices:
+            return None
+        for c in chunk.choices:
+            c.delta.role = None if c.index in started else "assistant"
+            started.add(c.index)
+            for k, call in enumerate(c.delta.tool_calls or []):
+                call.setdefault("index", k)  # streamed tool calls carry their position (OpenAI's shape)
+            if info.ttft is None and (c.delta.content or c.delta.tool_calls):
+                info.ttft = time.perf_counter() - info.start
+        data = chunk.model_dump(mode="json", exclude={"usage"})
+        data.update(id=info.id, model=req.model, created=created)
+        if req.include_usage:
+            data["usage"] = None  # OpenAI's shape: null on every chunk, the totals on a last one
+        return sse(data)
+
+    def usage_chunk() -> Optional[str]:
+        if not req.include_usage:
+            return None
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return sse({"id": info.id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "choices": [], "usage": usage.model_dump()})
+
+    streams = [state.engine.infer_stream_async(infer_req, rc)]
+    return _run_stream(state, info, slot, streams, to_sse, usage_chunk, usage)
+
+
+def _completion_stream(state: ServeState, info: RequestInfo, slot: Slot, req: CompletionRequest,
+                       infer_reqs: list[PromptRequest], rc: RequestConfig, counts: list[Optional[int]]
+                       ) -> AsyncIterator[str]:
+    """Text-completion chunks; with several prompts, choice ``k`` of prompt ``p`` is index ``p * n + k``."""
+    usage = Usage(prompt_tokens=sum(c or 0 for c in counts))
+    echoed: set[int] = set()
+    created = int(time.time())
+
+    def to_sse(p: int, chunk: ChatCompletionStreamResponse) -> Optional[str]:
+        if chunk.usage is not None:
+            usage.prompt_tokens += chunk.usage.prompt_tokens - (counts[p] or 0)
+            usage.completion_tokens += chunk.usage.completion_tokens
+        choices = []
+        for c in chunk.choices:
+            index = p * req.n + c.index
+            text = c.delta.content or ""
+            if req.echo and index not in echoed:
+                echoed.add(index)
+                text = str(infer_reqs[p].prompt) + text
+            if not text and c.finish_reason is None:
+                continue
+            if info.ttft is None and c.delta.content:
+                info.ttft = time.perf_counter() - info.start
+            choices.append({"index": index, "text": text, "finish_reason": c.finish_reason,
+                            "logprobs": _legacy_logprobs(c.logprobs)})
+        if not choices:
+            return None
+        data = {"id": info.id, "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices}
+        if req.include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    def usage_chunk() -> Optional[str]:
+        if not req.include_usage:
+            return None
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return sse({"id": info.id, "object": "text_completion", "created": created, "model": req.model,
+                    "choices": [], "usage": usage.model_dump()})
+
+    streams = [state.engine.infer_stream_async(r, rc) for r in infer_reqs]
+    return _run_stream(state, info, slot, streams, to_sse, usage_chunk, usage)
+
+
+async def _run_stream(state: ServeState, info: RequestInfo, slot: Slot, streams: list, to_sse, usage_chunk,
+                      usage: Usage) -> AsyncIterator[str]:
+    """Shared stream body: chunks as SSE events, then usage and [DONE]; the slot is freed however it ends.
+
+    The caller already holds a slot. If the client goes away, Starlette stops iterating and
+    :class:`EventStreamResponse` closes this generator: the ``finally`` below then closes the engine
+    streams (which stops generation after the token in flight) and frees the slot.
+    """
+    merged = merge_streams(streams, state.aborting)
+    try:
+        async for i, chunk in merged:
+            piece = to_sse(i, chunk)
+            if piece is not None:
+                yield piece
+        tail = usage_chunk()
+        if tail is not None:
+            yield tail
+        yield "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        info.status, info.error = 499, "client disconnected mid-stream"
+        raise
+    except Exception as e:  # noqa: BLE001 - reported to the client as an error event, then logged
+        if isinstance(e, InferRequestError):
+            err = _bad_input(e, "prompt" if info.endpoint == "completions" else "messages")
+        elif isinstance(e, StreamAborted):
+            err = _aborted()
+        else:
+            logger.exception("generation failed for %s", info.id)
+            err = APIError(500, f"Generation failed ({type(e).__name__}: {e})")
+        info.status, info.error = err.status, err.message
+        yield sse(err.body())
+    finally:
+        try:
+            await merged.aclose()  # stops the engine streams now, not when garbage-collected
+        finally:
+            slot.release()
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        _count_usage(info, usage)
