@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Engine and server tests generate from worker threads; busy-waiting OpenMP workers make that crawl.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("LMFORGE_CACHE", tempfile.mkdtemp(prefix="lmforge-test-cache-"))
 
 import pytest  # noqa: E402
