@@ -98,6 +98,13 @@ def resolve_model_source(model: str | None = None, *, ckpt_dir: str | None = Non
         ckpt = Path(ckpt_dir)
         if not ckpt.is_dir():
             raise FileNotFoundError(f"--ckpt_dir {ckpt_dir!r}: no such folder")
+        if not is_adapter_dir(ckpt) and not (ckpt / "config.json").is_file():
+            from lmforge.utils.checkpoint import find_last_checkpoint
+
+            last = find_last_checkpoint(ckpt)  # a run folder: use its newest complete checkpoint
+            if last is not None:
+                logger.info("--ckpt_dir %s is a run folder; using its last checkpoint %s", ckpt, last)
+                ckpt = last
         train_args = read_args_json(ckpt)
         if is_adapter_dir(ckpt):
             model = model or train_args.get("model") or _adapter_base(ckpt)

@@ -29,7 +29,7 @@ def model_slug(model: str) -> str:
 
 def resolve_output_dir(args: TrainArguments) -> str:
     """``output/<model>/v<N>-<timestamp>`` unless the user fixed it; resume continues in the checkpoint's run."""
-    from lmforge.trainers.trainer import find_last_checkpoint
+    from lmforge.utils.checkpoint import find_last_checkpoint
 
     root = Path(args.output_dir or Path("output") / model_slug(args.model))
     if args.resume_from_checkpoint:
