@@ -44,7 +44,8 @@ def _lora(model: Any, args: Any, *, use_dora: bool = False) -> Any:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        # a reward model (rlhf --rlhf_type rm) is a sequence classifier; peft also keeps its head trainable then
+        task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,

@@ -1,0 +1,141 @@
+"""``rlhf_main``: preference training with the sft pipeline's pieces and the PreferenceTrainer.
+
+    from lmforge import rlhf_main, RlhfArguments
+    result = rlhf_main(RlhfArguments(rlhf_type="dpo", model="builtin:tiny",
+                                     dataset=["builtin:arith-preference#2000"]))
+
+The model, template, tuner, output folder and checkpointing are the ones ``sft`` uses
+(``prepare_training`` / ``run_training``); this module only picks the template mode, turns the
+data into the shape each objective wants, chooses the reference model, and swaps in the
+:class:`lmforge.rlhf.trainer.PreferenceTrainer` with its collator.
+
+``--packing`` means padding-free batches here (all ``2B`` chosen and rejected sequences of a batch
+flattened into one row); pairs are never bin-packed across batches, since a pair must stay in one
+batch. ``rm`` always uses padded rows (its head pools each row's last token).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from typing import Any
+
+from lmforge.arguments import RlhfArguments, save_args
+from lmforge.pipelines.sft import TrainingSetup, _load_data, prepare_training, run_training
+
+logger = logging.getLogger("lmforge")
+
+
+def kto_unpaired(ds: Any) -> Any:
+    """KTO wants unpaired rows with ``label``: a preference pair becomes a desirable and an undesirable row.
+
+    Rows that already have a ``label`` pass through; a row with neither fails, naming it.
+    """
+    from lmforge.dataset import DatasetError
+
+    def expand(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in batch}
+        for i in range(len(batch["messages"])):
+            row = {k: v[i] for k, v in batch.items()}
+            if row.get("label") is not None:
+                rows = [row]
+            elif row.get("rejected_messages") is not None or row.get("rejected_response") is not None:
+                messages = row["messages"]
+                rejected = row.get("rejected_messages") or [*messages[:-1],
+                                                           {**messages[-1], "content": row["rejected_response"]}]
+                base = {**row, "rejected_response": None, "rejected_messages": None}
+                rows = [{**base, "label": True}, {**base, "messages": rejected, "label": False}]
+            else:
+                raise DatasetError(f"rlhf_type kto: row {i} of a batch has no 'label' (true/false) and no rejected "
+                                   "reply to pair it with")
+            for r in rows:
+                for k in out:
+                    out[k].append(r.get(k))
+        return out
+
+    return ds.map(expand, batched=True, desc="KTO: pairs to unpaired rows")
+
+
+def _check_kto_weights(train: Any, args: RlhfArguments) -> None:
+    """The KTO paper advises ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3]; say so when it is outside."""
+    if not hasattr(train, "column_names") or "label" not in train.column_names:
+        return
+    labels = train["label"]
+    n_d = sum(1 for x in labels if x)
+    n_u = len(labels) - n_d
+    if n_d and n_u:
+        ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
+        logger.info("KTO: %d desirable, %d undesirable rows; lambda_D n_D / (lambda_U n_U) = %.2f", n_d, n_u, ratio)
+        if not 1.0 <= ratio <= 4 / 3:
+            logger.warning("KTO: that ratio is outside the [1, 4/3] the KTO paper recommends; adjust "
+                           "--desirable_weight/--undesirable_weight")
+    elif not n_d or not n_u:
+        logger.warning("KTO: the data has only %s rows", "undesirable" if not n_d else "desirable")
+
+
+def _reference_model(args: RlhfArguments, setup: TrainingSetup) -> Any:
+    """The frozen reference: ``--ref_model``; None for adapters (switched off instead); else a copy of the start.
+
+    With ``--precompute_ref_log_probs`` no copy is made (the untrained policy scores the data) and
+    ``--ref_model`` is passed as a loader, so the trainer holds the only reference and frees it.
+    """
+    if not args.needs_reference:
+        return None
+    if args.precompute_ref_log_probs:
+        if args.ref_model:
+            return functools.partial(_load_reference, args, setup)
+        logger.info("Reference: log-probs of the starting model, computed once before training")
+        return None
+    if args.ref_model:
+        return _load_reference(args, setup)
+    if args.is_adapter:
+        logger.info("Reference: the base model with the %s adapters disabled (no second copy)", args.train_type)
+        return None
+    logger.info("Reference: a frozen copy of the starting model (train_type %s)", args.train_type)
+    return copy.deepcopy(setup.model)
+
+
+def _load_reference(args: RlhfArguments, setup: TrainingSetup) -> Any:
+    from lmforge.model import get_model_tokenizer
+
+    ref, tok = get_model_tokenizer(
+        args.ref_model, hub=args.hub, torch_dtype=args.torch_dtype, attn_impl=args.attn_impl,
+        model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
+        device="cuda" if setup.on_gpu else "cpu")
+    if len(tok) != len(setup.tokenizer):
+        raise ValueError(f"--ref_model {args.ref_model}: its vocabulary ({len(tok)}) differs from the model's "
+                         f"({len(setup.tokenizer)}); log-probs would not be comparable")
+    logger.info("Reference: %s, loaded separately", args.ref_model)
+    return ref
+
+
+def rlhf_main(args: RlhfArguments) -> dict[str, Any]:
+    """Train a preference objective; returns what ``sft_main`` returns (``output_dir``, ``last_checkpoint``, ...)."""
+    from lmforge.rlhf.collator import PreferenceCollator
+    from lmforge.rlhf.trainer import PreferenceTrainer
+
+    if args.beta is None and args.rlhf_type != "rm":
+        args.beta = args.resolved_beta  # recorded in args.json
+    kto, rm = args.rlhf_type == "kto", args.rlhf_type == "rm"
+    setup = prepare_training(args, "train" if kto else "rlhf")
+    if kto and args.per_device_train_batch_size < 2:
+        raise ValueError("rlhf_type kto estimates its reference point from mismatched rows of a batch: "
+                         "--per_device_train_batch_size must be at least 2")
+    if rm:
+        from lmforge.rlhf.reward_model import reward_head_names, reward_model_from_causal_lm
+
+        setup.model = reward_model_from_causal_lm(setup.model, setup.tokenizer)
+        if args.is_adapter:  # the new head must train in full beside the adapters
+            args.modules_to_save = list(dict.fromkeys([*args.modules_to_save, *reward_head_names(setup.model)]))
+            save_args(args, setup.output_dir)
+    padding_free = args.packing
+    if rm and padding_free:
+        logger.warning("rlhf_type rm: --packing ignored (the reward head pools each padded row's last token)")
+        padding_free = False
+    train, val = _load_data(args, setup.template, pack=False, transform=kto_unpaired if kto else None)
+    if kto:
+        _check_kto_weights(train, args)
+    collator = PreferenceCollator(setup.tokenizer.pad_token_id, kind="kto" if kto else "pair",
+                                  padding_free=padding_free)
+    return run_training(setup, train, val, trainer_cls=PreferenceTrainer, data_collator=collator,
+                        compute_metrics=None, ref_model=_reference_model(args, setup), rlhf_args=args)
