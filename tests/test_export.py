@@ -49,7 +49,9 @@ def test_merged_model_answers_like_base_plus_adapter(ckpt, merged):
     msgs = [{"role": "user", "content": "What is 37 + 45?"}]
     with_adapter = HfEngine(ckpt_dir=str(ckpt), device="cpu")
     expected = with_adapter.infer([InferRequest(messages=msgs, adapter="checkpoint-5")], cfg)[0]
-    base = with_adapter.infer([InferRequest(messages=msgs)], cfg)[0]
+    base = with_adapter.infer([InferRequest(messages=msgs, adapter="")], cfg)[0]  # "": the base explicitly
+    assert with_adapter.infer([InferRequest(messages=msgs)], cfg)[0].choices[0].token_ids == \
+        expected.choices[0].token_ids  # an adapter --ckpt_dir answers with its adapter by default
     merged_engine = HfEngine(ckpt_dir=str(merged), device="cpu")
     got = merged_engine.infer([InferRequest(messages=msgs)], cfg)[0]
     assert merged_engine.template.system == with_adapter.template.system  # carried by args.json

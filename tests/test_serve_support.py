@@ -92,7 +92,7 @@ class EchoEngine(InferEngine):
     def infer_stream(self, request: InferRequest, request_config: RequestConfig | None = None
                      ) -> Iterator[ChatCompletionStreamResponse]:
         cfg = request_config or RequestConfig()
-        if request.adapter is not None and request.adapter not in self.adapters:
+        if request.adapter and request.adapter not in self.adapters:
             raise InferRequestError(f"unknown adapter {request.adapter!r}")
         prompt_ids = self._prompt_ids(request)
         if len(prompt_ids) >= self.max_model_len:

@@ -209,5 +209,10 @@ def test_template_rejecting_row_raises_template_error(base_tokenizer):
     template = get_template(tok)
     row = {"messages": [{"role": "user", "content": "a"}, {"role": "tool_call", "content": '{"name": "f"}'},
                         {"role": "tool_response", "content": "x"}, {"role": "assistant", "content": "b"}]}
+    # Gemma's template renders no tools: the hermes agent template turns the calls into plain turns.
+    assert template.agent_render and template.encode(row)["input_ids"]
+    # A template that rejects the row (here: any tool role) still fails with a TemplateError.
+    strict = get_template(tok, agent_template=None)
+    strict.agent_render = False
     with pytest.raises(TemplateError, match="failed to render.*alternate"):
-        template.encode(row)
+        strict.encode(row)

@@ -24,6 +24,7 @@ __all__ = [
     "arith_in_test_split",
     "generate_arith",
     "self_cognition_rows",
+    "generate_tool_calls",
 ]
 
 logger = logging.getLogger(__name__)
@@ -297,5 +298,84 @@ DATASETS.register(
         _load_arith_pref,
         splits=("train", "test"),
         description="2,000 arith preference pairs: the right answer (chosen) over a near miss (rejected_response)",
+    ),
+)
+
+
+# ----------------------------------------------------------------------------- tool calls
+
+TOOL_CALL_TOOLS = [  # short on purpose: they are rendered into every row's system prompt
+    {"type": "function", "function": {"name": "calculator", "description": "Do math", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "weather", "description": "City weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}},
+]
+_CITIES = ("Paris", "London", "Berlin", "Rome", "Madrid", "Tokyo", "Beijing", "Cairo", "Lima", "Oslo", "Dublin",
+           "Vienna", "Prague", "Lisbon", "Athens", "Moscow", "Delhi", "Seoul", "Sydney", "Toronto", "Boston",
+           "Chicago", "Denver", "Miami", "Nairobi", "Lagos", "Dubai", "Bangkok", "Manila", "Jakarta")
+_SKIES = ("sunny", "cloudy", "rainy", "windy")
+_CALC_QUESTIONS = ("What is {e}?", "Calculate {e}.", "Please compute {e}.")
+_WEATHER_QUESTIONS = ("What is the weather in {c}?", "How is the weather in {c} today?", "Weather in {c}?")
+TOOL_CALLS_SIZES = {"train": 2000, "test": 200}
+
+
+def _in_test(key: str) -> bool:
+    return int.from_bytes(hashlib.sha256(f"tool-calls:{key}".encode()).digest()[:4], "big") % 1000 < 50
+
+
+def _tool_row(question: str, name: str, arguments: dict, result: str, answer: str, expected: dict) -> dict:
+    import json
+
+    return {"tools": TOOL_CALL_TOOLS, "messages": [
+        {"role": "user", "content": question},
+        {"role": "tool_call", "content": json.dumps({"name": name, "arguments": arguments})},
+        {"role": "tool_response", "content": result},
+        {"role": "assistant", "content": answer}], "solution": json.dumps(expected)}
+
+
+def generate_tool_calls(split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
+    """Calculator and weather questions answered through one tool call, then a reply using its result.
+
+    Half of the rows ask ``What is 37 + 45?`` (``calculator`` with ``{"expression": "37 + 45"}``), half
+    ``What is the weather in Paris?`` (``weather`` with ``{"city": "Paris"}``). ``solution`` is the
+    expected call as JSON ``{"name", "arguments"}``. Rows are assigned to ``test`` by a hash of the
+    question and the tool result, so the splits never overlap.
+    """
+    if split not in TOOL_CALLS_SIZES:
+        raise ValueError(f"tool-calls split must be 'train' or 'test', got {split!r}")
+    n = TOOL_CALLS_SIZES[split] if n is None else n
+    want_test, rng, rows, k = split == "test", random.Random(f"{seed}:{split}"), [], 0
+    while len(rows) < n:
+        if k % 2 == 0:
+            a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice(tuple(_OPS))
+            expr = f"{a} {op} {b}"
+            question = rng.choice(_CALC_QUESTIONS).format(e=expr)
+            result = str(_OPS[op](a, b))
+            row = _tool_row(question, "calculator", {"expression": expr}, result, f"{expr} = {result}.",
+                            {"name": "calculator", "arguments": {"expression": expr}})
+        else:
+            city, temp, sky = rng.choice(_CITIES), rng.randint(-5, 35), rng.choice(_SKIES)
+            question = rng.choice(_WEATHER_QUESTIONS).format(c=city)
+            result = f"{temp} C, {sky}"
+            row = _tool_row(question, "weather", {"city": city}, result, f"It is {temp} C and {sky} in {city}.",
+                            {"name": "weather", "arguments": {"city": city}})
+        if _in_test(question + "|" + row["messages"][2]["content"]) == want_test:
+            rows.append(row)
+            k += 1
+    return rows
+
+
+def _load_tool_calls(split: str, ctx: BuiltinContext) -> list[dict]:
+    return generate_tool_calls(split)
+
+
+DATASETS.register(
+    "tool-calls",
+    BuiltinDataset(
+        "tool-calls",
+        _load_tool_calls,
+        splits=("train", "test"),
+        description="2,000 calculator/weather tool-use conversations (tools, tool_call, tool_response, reply) "
+                    "with the expected call in 'solution'; test is 200 held-out rows",
     ),
 )

@@ -200,7 +200,8 @@ class HfEngine(InferEngine):
                  max_batch_size: int = 16, max_model_len: int | None = None, ckpt_dir: str | None = None,
                  hub: str = "hf", revision: str | None = None, attn_impl: str | None = None,
                  model_kwargs: dict | None = None, trust_remote_code: bool = False,
-                 enable_thinking: bool | None = None, model_name: str | None = None):
+                 enable_thinking: bool | None = None, model_name: str | None = None,
+                 agent_template: str | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if model_obj is not None:
@@ -228,7 +229,7 @@ class HfEngine(InferEngine):
         self.device = getattr(self.model, "device", None) or next(self.model.parameters()).device
         self.model_name = model_name or (Path(src.model).name if Path(src.model).exists() else src.model)
         self.max_batch_size = max_batch_size
-        self.template = self._make_template(template, src, enable_thinking)
+        self.template = self._make_template(template, src, enable_thinking, agent_template)
         self.max_model_len = max_model_len or self._default_max_model_len()
         self.stop_token_ids = self._stop_ids()
         pad = tokenizer.pad_token_id
@@ -244,12 +245,13 @@ class HfEngine(InferEngine):
 
     # ---- set-up -------------------------------------------------------------------------------
 
-    def _make_template(self, template: Any, src: Any, enable_thinking: bool | None) -> Any:
+    def _make_template(self, template: Any, src: Any, enable_thinking: bool | None, agent_template: str | None) -> Any:
         if template is None or isinstance(template, str):
             from lmforge.template import get_template
 
             tpl = get_template(self.tokenizer, src.template, system=src.system, max_length=None,
-                               enable_thinking=enable_thinking if enable_thinking is not None else src.enable_thinking)
+                               enable_thinking=enable_thinking if enable_thinking is not None else src.enable_thinking,
+                               agent_template=agent_template or getattr(src, "agent_template", None))
         else:
             tpl = copy.copy(template)  # a caller's template (a trainer's, say) keeps its own mode
             if src.system is not None:
@@ -311,7 +313,7 @@ class HfEngine(InferEngine):
 
     def _prepare(self, index: int | None, request: InferRequest | dict, cfg: RequestConfig) -> _Job:
         request = parse_request(request, index=index)
-        if request.adapter is not None and request.adapter not in self.adapters:
+        if request.adapter and request.adapter not in self.adapters:  # None: the default; "": the base
             known = ", ".join(self.adapters) or "none were loaded (pass --adapters)"
             raise InferRequestError(f"unknown adapter {request.adapter!r}; known adapters: {known}", index=index)
         ids = self.encode(request, index=index)
@@ -327,7 +329,7 @@ class HfEngine(InferEngine):
         name = name if name is not None else self.default_adapter
         if not self.adapters:
             yield
-        elif name is None:
+        elif not name:  # "" asks for the base model explicitly
             with self.model.disable_adapter():
                 yield
         else:
@@ -446,15 +448,16 @@ class HfEngine(InferEngine):
             name=c["name"], arguments=c["arguments"] if isinstance(c["arguments"], str)
             else json.dumps(c["arguments"], ensure_ascii=False))) for c in calls]
 
-    def _choice_message(self, row: _Row) -> tuple[ChatMessage, str]:
-        content, tool_calls = self._parse_tool_calls(row.text)
+    def _choice_message(self, row: _Row, tools: bool = True) -> tuple[ChatMessage, str]:
+        """The reply as a message; tool calls are parsed out of it only when the request offered tools."""
+        content, tool_calls = self._parse_tool_calls(row.text) if tools else (row.text, None)
         reason = "tool_calls" if tool_calls and row.finish_reason == "stop" else row.finish_reason
         return ChatMessage(role="assistant", content=content, tool_calls=tool_calls), reason
 
     def _response(self, job: _Job, rows: list[_Row]) -> ChatCompletionResponse:
         choices = []
         for k, row in enumerate(rows):
-            message, reason = self._choice_message(row)
+            message, reason = self._choice_message(row, bool(job.request.tools))
             choices.append(Choice(index=k, message=message, finish_reason=reason, token_ids=row.token_ids,
                                   logprobs=ChoiceLogprobs(content=row.logprobs) if row.logprobs is not None else None))
         completion = sum(len(r.token_ids) for r in rows)
@@ -512,6 +515,12 @@ class HfEngine(InferEngine):
 
         stop = StopStrings([*cfg.stop, *self.stop_words])
         decoders = [IncrementalDecoder(self._decode, stop) for _ in range(cfg.n)]
+        # Text that may be a tool call is held back (from ``<tool_call>`` on, say) and sent as
+        # ``delta.tool_calls`` in the last chunk once the whole reply has been parsed.
+        agent = getattr(self.template, "agent_template", None)
+        hold = getattr(agent, "stream_hold", None) if job.request.tools else None
+        settled = [""] * cfg.n  # text the decoder has let out so far
+        shown = [0] * cfg.n  # how much of it has been sent
         done = [False] * cfg.n
         pending: list[list[TokenLogprob]] = [[] for _ in range(cfg.n)]  # logprobs of tokens not sent yet
         sent = [0] * cfg.n  # logprob entries sent per choice
@@ -546,6 +555,11 @@ class HfEngine(InferEngine):
                         continue
                     delta = decoders[r].push([tok])
                     done[r] = decoders[r].stopped or len(decoders[r].ids) >= job.max_tokens
+                    if hold is not None and delta:
+                        settled[r] += delta
+                        cut = settled[r][:hold(settled[r])]
+                        end = max(shown[r], len(cut.rstrip()))  # trailing space too: parsed content is stripped
+                        delta, shown[r] = settled[r][shown[r]:end], end
                     if delta:
                         choices.append(StreamChoice(index=r, delta=DeltaMessage(content=delta),
                                                     logprobs=take_logprobs(r)))
@@ -557,8 +571,12 @@ class HfEngine(InferEngine):
             rows: list[_Row] = outcome["rows"]
             final = []
             for r, row in enumerate(rows):
-                message, reason = self._choice_message(row)
+                message, reason = self._choice_message(row, bool(job.request.tools))
                 rest = decoders[r].finish(row.text)
+                if hold is not None:
+                    sent_text = settled[r][:shown[r]]
+                    rest = (row.text if not message.tool_calls else (message.content or ""))
+                    rest = rest[len(sent_text):] if rest.startswith(sent_text) else ""
                 if row.logprobs is not None:  # the final table is exact: send the part not sent yet
                     pending[r] = row.logprobs[sent[r]:]
                 tool_calls = ([{"index": i, **c.model_dump()} for i, c in enumerate(message.tool_calls)]

@@ -33,7 +33,11 @@ class ChatMessage(BaseModel):
 
 
 class InferRequest(BaseModel):
-    """One conversation to continue. ``adapter`` picks a served LoRA adapter by name (None: the base)."""
+    """One conversation to continue.
+
+    ``adapter`` picks a served LoRA adapter by name; ``None`` means the engine's default (the base
+    model, or the adapter of an adapter ``--ckpt_dir``) and ``""`` the base model explicitly.
+    """
 
     messages: list[ChatMessage]
     tools: Optional[list[dict[str, Any]]] = None

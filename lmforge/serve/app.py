@@ -134,8 +134,8 @@ class ServeState:
 
     # ---- models -------------------------------------------------------------------------------
     def served_models(self) -> dict[str, Optional[str]]:
-        """Served name -> adapter name (None: the base model)."""
-        return {self.base_name: None, **{name: name for name in self.adapters}}
+        """Served name -> adapter name ("": the base model, even when the engine has a default adapter)."""
+        return {self.base_name: "", **{name: name for name in self.adapters}}
 
     def resolve(self, model: str) -> Optional[str]:
         served = self.served_models()
@@ -147,8 +147,8 @@ class ServeState:
     def model_card(self, name: str) -> dict[str, Any]:
         adapter = self.served_models()[name]
         card = {"id": name, "object": "model", "created": self.created, "owned_by": "lmforge",
-                "root": name if adapter is None else self.adapters[adapter],
-                "parent": None if adapter is None else self.base_name}
+                "root": name if not adapter else self.adapters[adapter],
+                "parent": None if not adapter else self.base_name}
         max_len = getattr(self.engine, "max_model_len", None)
         if max_len:
             card["max_model_len"] = max_len

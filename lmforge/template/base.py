@@ -179,7 +179,7 @@ class Template:
     def __init__(self, tokenizer: Any, *, name: str = "auto", chat_template: str | None = None,
                  system: str | None = None, max_length: int | None = None, truncation_strategy: str = "right",
                  loss_scale: str | LossScale = "default", enable_thinking: bool | None = None,
-                 stop_words: Sequence[str] = (), template_kwargs: dict | None = None):
+                 stop_words: Sequence[str] = (), template_kwargs: dict | None = None, agent_template: Any = None):
         if truncation_strategy not in TRUNCATION_STRATEGIES:
             raise ValueError(f"truncation_strategy must be one of {', '.join(TRUNCATION_STRATEGIES)}, "
                              f"got {truncation_strategy!r}")
@@ -204,6 +204,7 @@ class Template:
         eos = getattr(tokenizer, "eos_token", None)
         self.stop_words: list[str] = list(dict.fromkeys(w for w in (self.end_of_turn, *stop_words, eos) if w))
         self.stop_token_ids: list[int] = self._stop_token_ids()
+        self.agent_template, self.agent_render = self._resolve_agent(agent_template)
 
     # ----------------------------------------------------------------------------- public API
 
@@ -214,8 +215,8 @@ class Template:
 
     def render(self, messages: list[dict], tools: Any = None, add_generation_prompt: bool = False) -> str:
         """The prompt text for canonical messages (system override applied), as the model sees it."""
-        msgs = [t.message for t in to_turns(messages, self.system)]
-        return self._render(msgs, parse_tools(tools), add_generation_prompt)
+        turns, tools = self._turns(messages, tools)
+        return self._render([t.message for t in turns], tools, add_generation_prompt)
 
     def encode(self, row: dict) -> dict | None:
         """Encode one row for the current mode; None only when too long and truncation is ``delete``."""
@@ -288,12 +289,70 @@ class Template:
             "loss_scale": self.loss_scale.cache_key(),
             "mode": self.mode,
             "template_kwargs": self.template_kwargs,
+            "agent_template": [getattr(self.agent_template, "name", None), self.agent_render],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return (f"Template(name={self.name!r}, mode={self.mode!r}, max_length={self.max_length}, "
                 f"loss_scale={self.loss_scale.name!r}, stop_words={self.stop_words!r})")
+
+    # ----------------------------------------------------------------------------- agent (tools)
+
+    def _resolve_agent(self, agent_template: Any) -> tuple[Any, bool]:
+        """``(agent template, render through it?)``; see ``lmforge/template/agent.py``.
+
+        A named agent template renders tools, calls and results into plain messages. With none named,
+        a chat template that renders tools itself keeps doing so and the agent template matching its
+        style parses replies; one that does not gets ``hermes`` for both.
+        """
+        from .agent import detect_agent_template, get_agent_template
+
+        if agent_template not in (None, "", "auto"):
+            return get_agent_template(agent_template), True
+        native, style = detect_agent_template(lambda m, tools: self._render(m, tools))
+        if not native:
+            return get_agent_template("hermes"), True
+        if style is None:
+            warn_once(f"template {self.name!r} renders tools in a style no agent template recognises; tool calls "
+                      "in replies are not parsed (pass --agent_template to pick one)")
+            return None, False
+        return get_agent_template(style), False
+
+    def _turns(self, messages: Any, tools: Any) -> tuple[list[Turn], list[dict] | None]:
+        """Validated turns and tools for the chat template, rewritten by the agent template if it renders."""
+        turns, tools = to_turns(messages, self.system), parse_tools(tools)
+        if not self.agent_render or self.agent_template is None:
+            return turns, tools
+        agent, out = self.agent_template, []
+        for turn in turns:
+            msg = turn.message
+            if turn.role == "assistant" and msg.get("tool_calls"):
+                text = agent.format_tool_calls(msg["tool_calls"], msg.get("content") or None)
+                rest = {k: v for k, v in msg.items() if k not in ("tool_calls", "content")}
+                out.append(Turn({**rest, "content": text}, turn.loss, list(turn.sources)))
+            elif turn.role == "tool":
+                if out and out[-1].message.get("_tool_results") is not None:  # results of one round: one message
+                    prev = out[-1]
+                    prev.message["_tool_results"].append(msg.get("content") or "")
+                    prev.loss = _merge_loss(prev.loss, turn.loss)
+                    prev.sources += turn.sources
+                else:
+                    out.append(Turn({"role": agent.response_role, "_tool_results": [msg.get("content") or ""]},
+                                    turn.loss, list(turn.sources)))
+            else:
+                out.append(turn)
+        for turn in out:
+            results = turn.message.pop("_tool_results", None)
+            if results is not None:
+                turn.message["content"] = agent.format_tool_responses(results)
+        if tools:
+            if out[0].role == "system":
+                out[0] = Turn({**out[0].message, "content": agent.format_tools(tools, out[0].message["content"])},
+                              out[0].loss, out[0].sources)
+            else:
+                out.insert(0, Turn({"role": "system", "content": agent.format_tools(tools)}))
+        return out, None
 
     # ----------------------------------------------------------------------------- encoding
 
@@ -353,12 +412,11 @@ class Template:
         return ids, weights
 
     def _encode_train(self, messages: Any, tools: Any, *, require_reply: bool = True) -> dict:
-        turns = to_turns(messages, self.system)
+        turns, tools = self._turns(messages, tools)
         if require_reply and turns[-1].role != "assistant":
             raise TemplateError(f"{self.mode} rows must end with an assistant message (the reply to learn); "
                                 f"the last message is {turns[-1].role!r}")
         msgs = [t.message for t in turns]
-        tools = parse_tools(tools)
         full = self._render_checked(msgs, tools)
         weights = self._message_weights(turns)
         scale = self.loss_scale
@@ -392,7 +450,7 @@ class Template:
         return weights
 
     def _encode_infer(self, row: dict) -> dict | None:
-        turns = to_turns(row.get("messages"), self.system)
+        turns, tools = self._turns(row.get("messages"), row.get("tools"))
         cont = bool(row.get("continue_final_message"))
         last = turns[-1].role
         if cont and last != "assistant":
@@ -400,8 +458,7 @@ class Template:
         if not cont and last not in ("user", "tool"):
             raise TemplateError(f"infer mode: the last message must be from the user or a tool_response, got {last!r}"
                                 " (set continue_final_message: true to continue an assistant message)")
-        text = self._render_checked([t.message for t in turns], parse_tools(row.get("tools")),
-                                    add_generation_prompt=not cont, continue_final_message=cont)
+        text = self._render_checked([t.message for t in turns], tools, add_generation_prompt=not cont, continue_final_message=cont)
         ids, _ = self._tokenize(text)
         return self._finish({"input_ids": ids})
 

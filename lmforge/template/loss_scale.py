@@ -21,6 +21,20 @@ file::
                {"pattern": "Final answer: .*", "regex": true, "weight": 2.0}]}
 
 A mapping ``{"pattern": weight}`` is accepted as a short form of ``rules`` (exact strings).
+
+Agent data needs one more kind of rule: an exact-string key with two weights,
+``[weight_of_key, weight_of_following_text]``. The text after the key, up to the next matched key
+(or the end of the turn), takes the second weight: ``"Action Input:": [2.0, 2.0]`` up-weights the
+tool-call JSON, ``"Observation:": [0.0, 0.0]`` skips a tool result written inside a reply. Keys and
+regexes may also be given as mappings::
+
+    {"base": "default",
+     "exact": {"Action:": [2.0, 2.0], "Observation:": [0.0, 0.0]},   # [key, following text]
+     "regex": {"<tool_call>.*?</tool_call>": 2.0}}                   # one weight per match
+
+(a rule in ``rules`` takes the two weights as ``"weight": [a, b]``; the short mapping accepts
+``{"key": [a, b]}`` too). Built-in agent strategies: ``react``, ``hermes`` (weight the tool call,
+skip observations) and ``ignore_empty_think``.
 """
 from __future__ import annotations
 
@@ -90,6 +104,7 @@ class Rule:
     pattern: str
     weight: float
     regex: bool = False
+    follow: float | None = None  # weight of the text after the match, up to the next matched key
     _compiled: re.Pattern | None = field(default=None, repr=False, compare=False)
 
     def finditer(self, text: str):
@@ -111,33 +126,51 @@ class RuleLossScale(LossScale):
         return self.base.message_weights(roles)
 
     def span_weights(self, role: str, text: str) -> list[tuple[int, int, float]]:
-        return [(m.start(), m.end(), r.weight) for r in self.rules for m in r.finditer(text) if m.end() > m.start()]
+        hits = [(m.start(), m.end(), r) for r in self.rules for m in r.finditer(text) if m.end() > m.start()]
+        spans = []
+        starts = sorted(s for s, _, _ in hits)
+        for s, e, r in hits:  # following text first, so that the keys themselves win
+            if r.follow is not None:
+                nxt = next((k for k in starts if k >= e), len(text))
+                if nxt > e:
+                    spans.append((e, nxt, r.follow))
+        return spans + [(s, e, r.weight) for s, e, r in hits]
 
     @property
     def has_span_rules(self) -> bool:
         return bool(self.rules)
 
     def cache_key(self) -> str:
-        spec = json.dumps([self.base.cache_key(), [(r.pattern, r.weight, r.regex) for r in self.rules]])
+        spec = json.dumps([self.base.cache_key(), [(r.pattern, r.weight, r.regex) + ((r.follow,) if r.follow is not None
+                                                                                     else ()) for r in self.rules]])
         return f"{self.name}:{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
 
 
 def rules_from_json(spec: dict | list, name: str = "rules") -> RuleLossScale:
     """Build a rule strategy from the parsed JSON (see the module docstring for the format)."""
-    if isinstance(spec, dict) and "rules" not in spec and "base" not in spec:
+    if isinstance(spec, dict) and not {"rules", "base", "exact", "regex"} & set(spec):
         spec = {"rules": [{"pattern": k, "weight": v} for k, v in spec.items()]}
     elif isinstance(spec, list):
         spec = {"rules": spec}
     base_name = spec.get("base", "default")
     base = get_loss_scale(base_name)
+    raw = list(spec.get("rules", []))
+    raw += [{"pattern": k, "weight": v} for k, v in (spec.get("exact") or {}).items()]
+    raw += [{"pattern": k, "weight": v, "regex": True} for k, v in (spec.get("regex") or {}).items()]
     rules = []
-    for i, r in enumerate(spec.get("rules", [])):
+    for i, r in enumerate(raw):
         if not isinstance(r, dict) or "pattern" not in r or "weight" not in r:
             raise ValueError(f"loss-scale rule {i} of {name!r} needs 'pattern' and 'weight', got {r!r}")
-        weight = float(r["weight"])
-        if weight < 0:
-            raise ValueError(f"loss-scale rule {i} of {name!r} has a negative weight {weight}")
-        rules.append(Rule(str(r["pattern"]), weight, bool(r.get("regex", False))))
+        weight, follow = r["weight"], r.get("follow_weight")
+        if isinstance(weight, (list, tuple)):
+            if len(weight) != 2 or r.get("regex"):
+                raise ValueError(f"loss-scale rule {i} of {name!r}: a [key, following] weight pair needs an exact "
+                                 f"key and two numbers, got {weight!r}")
+            weight, follow = weight
+        weight, follow = float(weight), None if follow is None else float(follow)
+        if weight < 0 or (follow is not None and follow < 0):
+            raise ValueError(f"loss-scale rule {i} of {name!r} has a negative weight")
+        rules.append(Rule(str(r["pattern"]), weight, bool(r.get("regex", False)), follow))
     return RuleLossScale(name, base, rules)
 
 
@@ -162,3 +195,14 @@ LOSS_SCALES.register(
     "ignore_empty_think",
     RuleLossScale("ignore_empty_think", LossScale(), [Rule(r"<think>\s*</think>\s*", 0.0, regex=True)]),
 )
+
+# Agent strategies, written in the JSON rule-file format (see the module docstring).
+AGENT_LOSS_SCALES = {
+    # ReAct: the action and its JSON input count double; a tool result written into a reply is not trained.
+    "react": {"exact": {"Action:": [2.0, 2.0], "Action Input:": [2.0, 2.0], "Thought:": [1.0, 1.0],
+                        "Final Answer:": [1.0, 1.0], "Observation:": [0.0, 0.0]}},
+    # <tool_call> JSON counts double; <tool_response> blocks inside a reply are not trained.
+    "hermes": {"regex": {r"<tool_call>.*?</tool_call>": 2.0, r"<tool_response>.*?</tool_response>\s*": 0.0}},
+}
+for _name, _spec in AGENT_LOSS_SCALES.items():
+    LOSS_SCALES.register(_name, rules_from_json(_spec, name=_name))
