@@ -24,6 +24,7 @@ ROUTES: dict[str, tuple[str, str, str]] = {
                "merge LoRA adapters, save, push to a hub"),
     "merge-lora": ("lmforge.arguments:ExportArguments", "lmforge.pipelines.export:merge_lora_main",
                    "shorthand for export --merge_lora true"),
+    "eval": ("lmforge.arguments:EvalArguments", "lmforge.pipelines.eval:eval_main", "score a model or a server on datasets; write a report"),
 }
 
 

@@ -7,7 +7,7 @@ only inside these functions, so importing this package stays cheap.
 from lmforge.dataset.builtin import BuiltinContext, BuiltinDataset, arith_answer_correct, generate_arith
 from lmforge.dataset.encode import encode_dataset
 from lmforge.dataset.loader import DatasetSpec, load_dataset, parse_dataset_spec
-from lmforge.dataset.preprocess import CANONICAL_COLUMNS, ROLES, DatasetError, preprocess_row
+from lmforge.dataset.preprocess import CANONICAL_COLUMNS, ROLES, DatasetError, iter_jsonl_rows, preprocess_row
 
 __all__ = [
     "CANONICAL_COLUMNS",
@@ -18,6 +18,7 @@ __all__ = [
     "DatasetSpec",
     "arith_answer_correct",
     "encode_dataset",
+    "iter_jsonl_rows",
     "generate_arith",
     "load_dataset",
     "parse_dataset_spec",

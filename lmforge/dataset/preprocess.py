@@ -28,6 +28,7 @@ __all__ = [
     "ROLES",
     "DatasetError",
     "detect_format",
+    "iter_jsonl_rows",
     "preprocess_row",
 ]
 
@@ -429,3 +430,30 @@ def preprocess_row(raw: dict, *, source: str = "<row>", columns: dict | None = N
         if k not in _NOT_EXTRA and k not in consumed:
             out[k] = v
     return out
+
+
+def iter_jsonl_rows(path: str, *, source: str | None = None, columns: dict | None = None,
+                    fallback: Callable[[dict], dict | None] | None = None):
+    """Each line of a local JSONL file as ``(where, canonical row, None)`` or ``(where, None, error)``.
+
+    For work that answers rows one by one (batch inference, evaluation): a malformed line becomes an
+    error naming ``file:line`` and the rest go on. ``fallback(raw)`` may rewrite a row whose format is
+    not detected (e.g. an eval row with only a question) before it is mapped.
+    """
+    source = source or str(path)
+    with open(path, encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{source}:{lineno}"
+            try:
+                raw = json.loads(line)
+                if isinstance(raw, dict):
+                    raw = {columns.get(k, k) if columns else k: v for k, v in raw.items()}
+                    if fallback is not None and detect_format(raw) is None:
+                        raw = fallback(raw) or raw
+                yield where, preprocess_row(raw, source=where), None
+            except json.JSONDecodeError as e:
+                yield where, None, f"{where}: invalid JSON: {e.msg}"
+            except DatasetError as e:
+                yield where, None, str(e)

@@ -40,6 +40,8 @@ def build_engine(args: InferArguments) -> Any:
         max_model_len=args.max_model_len, hub=args.hub, revision=args.revision, attn_impl=args.attn_impl,
         device_map=args.device_map, model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
         enable_thinking=args.enable_thinking)
+    if args.agent_template:
+        kwargs["agent_template"] = args.agent_template
     if args.infer_backend == "native":
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     return get_engine(args.infer_backend, **kwargs)
@@ -185,24 +187,13 @@ def iter_rows(args: InferArguments) -> Iterator[tuple[str, dict | None, str | No
     Local ``.jsonl`` files are read row by row so that a malformed row becomes an error line in the
     output rather than failing the run; other sources go through ``load_dataset`` (``--strict``).
     """
-    from lmforge.dataset import DatasetError, load_dataset, preprocess_row
+    from lmforge.dataset import iter_jsonl_rows, load_dataset
 
     specs = args.val_dataset or args.dataset
     use_split = not args.val_dataset and args.split_dataset_ratio > 0
     if not use_split and all(_local_jsonl(s) for s in specs):
         for spec in specs:
-            with open(_local_jsonl(spec), encoding="utf-8-sig") as f:  # type: ignore[arg-type]
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{spec}:{lineno}"
-                    try:
-                        raw = json.loads(line)
-                        yield where, preprocess_row(raw, source=where, columns=args.columns or None), None
-                    except json.JSONDecodeError as e:
-                        yield where, None, f"{where}: invalid JSON: {e.msg}"
-                    except DatasetError as e:
-                        yield where, None, str(e)
+            yield from iter_jsonl_rows(_local_jsonl(spec), source=spec, columns=args.columns or None)
         return
     common = dict(seed=args.data_seed, columns=args.columns or None, strict=args.strict, hub=args.hub,
                   model_name=args.model_name or None, model_author=args.model_author or None, shuffle=False)

@@ -111,7 +111,13 @@ def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool
     return TrainingArguments(**{k: v for k, v in kw.items() if k in fields})
 
 
-def _load_data(args: TrainArguments, template: Any) -> tuple[Any, Any]:
+def _load_data(args: TrainArguments, template: Any, *, pack: bool | None = None,
+               transform: Any = None) -> tuple[Any, Any]:
+    """Load, (``transform``,) encode and (if ``pack``, default ``--packing``) pack the train and val data.
+
+    ``transform(ds) -> ds`` edits the canonical rows before encoding (rlhf turns KTO pairs into
+    unpaired rows there); ``pack=False`` lets a trainer flatten batches itself.
+    """
     from lmforge.dataset import encode_dataset, load_dataset
 
     if not args.dataset:
@@ -121,10 +127,12 @@ def _load_data(args: TrainArguments, template: Any) -> tuple[Any, Any]:
         seed=args.data_seed, columns=args.columns or None, strict=args.strict, streaming=args.streaming,
         num_proc=args.dataset_num_proc, model_name=args.model_name or None, model_author=args.model_author or None,
         hub=args.hub)
+    if transform is not None:
+        train, val = transform(train), (transform(val) if val is not None else None)
     train = encode_dataset(train, template, num_proc=args.dataset_num_proc, strict=args.strict, desc="Encoding train")
     if val is not None:
         val = encode_dataset(val, template, num_proc=args.dataset_num_proc, strict=args.strict, desc="Encoding val")
-    if args.packing:
+    if args.packing if pack is None else pack:
         if args.streaming:
             raise ValueError("--packing needs a map-style dataset; drop --streaming or --packing")
         from lmforge.dataset.packing import pack_dataset
@@ -196,7 +204,7 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
         quantization_config=quant, device="cuda" if on_gpu else "cpu")
     template = get_template(tokenizer, args.template, system=args.system, max_length=args.max_length,
                             truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale,
-                            enable_thinking=args.enable_thinking)
+                            enable_thinking=args.enable_thinking, agent_template=args.agent_template)
     template.set_mode(mode)
     return TrainingSetup(args, output_dir, model, tokenizer, template, on_gpu, model.dtype)
 
@@ -259,6 +267,7 @@ def _log_sample(ds: Any, template: Any) -> None:
         row = next(iter(ds))
     except StopIteration:
         raise ValueError("the training set is empty after encoding (every row too long or skipped?)") from None
-    logger.info("Sample input: %r", template.safe_decode(row["input_ids"])[:500])
-    labels = [t for t in row["labels"] if t != -100]
-    logger.info("Sample labels: %r", template.safe_decode(labels)[:300])
+    for prefix in [p for p in ("", "chosen_", "rejected_") if f"{p}input_ids" in row]:  # rlhf rows: both sides
+        logger.info("Sample %sinput: %r", prefix, template.safe_decode(row[f"{prefix}input_ids"])[:500])
+        labels = [t for t in row[f"{prefix}labels"] if t != -100]
+        logger.info("Sample %slabels: %r", prefix, template.safe_decode(labels)[:300])
