@@ -70,8 +70,8 @@ def test_arith_answer_correct():
     assert not arith_answer_correct("82.0", "82") and not arith_answer_correct(None, "82")
 
 
-def test_arith_pref_is_a_preference_set():
-    train, _ = load_dataset(["builtin:arith-pref#50"])
+def test_arith_preference_is_a_preference_set():
+    train, _ = load_dataset(["builtin:arith-preference#50"])
     for r in train:
         assert r["rejected_response"] != r["messages"][-1]["content"] == r["solution"]
         assert int(r["rejected_response"]) >= 0
@@ -82,4 +82,4 @@ def test_unknown_builtin_suggests():
         load_dataset(["builtin:arth"])
     with pytest.raises(DatasetError, match="no split 'test'"):
         load_dataset(["builtin:self-cognition:test"])
-    assert {"self-cognition", "arith", "arith-pref"} <= set(DATASETS.names())
+    assert {"self-cognition", "arith", "arith-preference"} <= set(DATASETS.names())

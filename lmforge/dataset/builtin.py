@@ -2,7 +2,7 @@
 
 They let every command run on a laptop with nothing downloaded, and let tests show real
 learning: ``self-cognition`` teaches a model its name, ``arith`` is a task with checkable
-answers (SFT and GRPO rewards), ``arith-pref`` is a small preference set (DPO and friends).
+answers (SFT and GRPO rewards), ``arith-preference`` (in ``lmforge.rlhf.data``) is its preference set.
 
 Use them as ``builtin:NAME[:split][#N]``. Register more with
 ``DATASETS.register("name", BuiltinDataset(...))`` from a plugin file.
@@ -263,17 +263,6 @@ def _load_arith(split: str, ctx: BuiltinContext) -> list[dict]:
     return generate_arith(split=split)
 
 
-def _load_arith_pref(split: str, ctx: BuiltinContext) -> list[dict]:
-    """The arith problems as preference pairs: the right answer over a near miss."""
-    rows = []
-    for row in generate_arith(split=split, seed=1):
-        right = int(row["solution"])
-        digest = hashlib.sha256(row["messages"][0]["content"].encode()).digest()
-        delta = (1, 2, 10, 9, 11)[digest[0] % 5] * (1 if digest[1] % 2 or right < 11 else -1)
-        rows.append({**row, "rejected_response": str(right + delta)})
-    return rows[:2000]
-
-
 DATASETS.register(
     "self-cognition",
     BuiltinDataset(
@@ -291,16 +280,6 @@ DATASETS.register(
         description="'What is 37 + 45?' -> '82' with a 'solution' column; test is a held-out ~5% of problems",
     ),
 )
-DATASETS.register(
-    "arith-pref",
-    BuiltinDataset(
-        "arith-pref",
-        _load_arith_pref,
-        splits=("train", "test"),
-        description="2,000 arith preference pairs: the right answer (chosen) over a near miss (rejected_response)",
-    ),
-)
-
 
 # ----------------------------------------------------------------------------- tool calls
 
