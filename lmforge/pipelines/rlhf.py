@@ -21,7 +21,7 @@ import logging
 from typing import Any
 
 from lmforge.arguments import RlhfArguments, save_args
-from lmforge.pipelines.sft import TrainingSetup, _load_data, prepare_training, run_training
+from lmforge.pipelines.sft import TrainingSetup, load_training_data, prepare_training, run_training
 
 logger = logging.getLogger("lmforge")
 
@@ -132,7 +132,7 @@ def rlhf_main(args: RlhfArguments) -> dict[str, Any]:
     if rm and padding_free:
         logger.warning("rlhf_type rm: --packing ignored (the reward head pools each padded row's last token)")
         padding_free = False
-    train, val = _load_data(args, setup.template, pack=False, transform=kto_unpaired if kto else None)
+    train, val = load_training_data(args, setup.template, pack=False, transform=kto_unpaired if kto else None)
     if kto:
         _check_kto_weights(train, args)
     collator = PreferenceCollator(setup.tokenizer.pad_token_id, kind="kto" if kto else "pair",

@@ -111,7 +111,7 @@ def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool
     return TrainingArguments(**{k: v for k, v in kw.items() if k in fields})
 
 
-def _load_data(args: TrainArguments, template: Any, *, pack: bool | None = None,
+def load_training_data(args: TrainArguments, template: Any, *, pack: bool | None = None,
                transform: Any = None) -> tuple[Any, Any]:
     """Load, (``transform``,) encode and (if ``pack``, default ``--packing``) pack the train and val data.
 
@@ -253,7 +253,7 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
 def sft_main(args: TrainArguments) -> dict[str, Any]:
     """Train, checkpoint, and return ``{"output_dir", "last_checkpoint", "log_history", "metrics", ...}``."""
     setup = prepare_training(args, "pt" if isinstance(args, PtArguments) else "train")
-    train_ds, val_ds = _load_data(args, setup.template)
+    train_ds, val_ds = load_training_data(args, setup.template)
     return run_training(setup, train_ds, val_ds)
 
 

@@ -5,7 +5,8 @@ become one batch of ``2B`` sequences, the ``B`` chosen first and the ``B`` rejec
 both go through the model in a single forward pass. KTO rows (``input_ids``, ``labels``,
 ``label``) become ``B`` sequences plus ``B`` mismatched ones under ``kl_*`` keys: prompt ``i``
 followed by the completion of row ``i + 1`` (mod ``B``), the pairs KTO uses to estimate its
-reference point.
+reference point (a batch of one row can only pair a row with itself: the pipeline asks for
+``per_device_train_batch_size >= 2``).
 
 Padding and padding-free flattening are :class:`lmforge.trainers.collator.Collator`'s; per-row
 scalars (``ref_chosen_logps``, ``ref_rejected_logps``, ``margin``, ``label``) ride along as

@@ -5,7 +5,9 @@ What it adds to the SFT trainer:
 - **Sequence log-probs.** One forward pass over the ``2B`` chosen+rejected sequences of a batch
   (padded rows or one padding-free row); the log-probs of labelled tokens are summed per
   sequence, or averaged where the objective is defined on the average (SimPO, ORPO, IPO).
-  Only labelled positions are upcast to float32, never the full ``[2B, T, V]`` logits.
+  Only labelled positions are upcast to float32, never the full ``[2B, T, V]`` logits. Which
+  tokens count is the template's labels (``--loss_scale last_round`` keeps only the final
+  reply); ``loss_scale`` weights other than 0/1 are not applied to sequence log-probs.
 - **The reference model**, for DPO and KTO, in one of three forms: the policy itself with its
   LoRA adapters switched off (``model.disable_adapter()`` under ``no_grad``: no second copy of the
   weights), a separate frozen model, or log-probs precomputed once into the dataset
