@@ -1,7 +1,7 @@
 """LoRA DPO keeps one copy of the base weights: peak RSS with the adapters-off reference vs. a second model.
 
-Each path runs in a fresh process (so peak RSS is its own) on a ~26M-parameter random Qwen2
-(~100 MB of float32 weights, large enough to stand out from the interpreter's ~0.5 GB):
+Each path runs in a fresh process (so peak RSS is its own) on a ~51M-parameter random Qwen2
+(~200 MB of float32 weights, large enough to stand out from the interpreter's ~0.5 GB):
 
 - ``adapters``: LoRA DPO, reference = the same model with its adapters disabled;
 - ``two_model``: the same run with ``--ref_model`` pointing at the same checkpoint, loaded separately.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-SPEC = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+# 16 layers (~200 MB of float32 weights): a second copy stands well clear of peak-RSS noise (~25 MB seen).
+SPEC = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=16, num_attention_heads=8,
             num_key_value_heads=4, tie_word_embeddings=True)
 
 
