@@ -568,11 +568,7 @@ def _chat_stream(state: ServeState, info: RequestInfo, slot: Slot, req: ChatComp
         return sse(data)
 
     def usage_chunk() -> Optional[str]:
-        if not req.include_usage:
-            return None
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return sse({"id": info.id, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [], "usage": usage.model_dump()})
+        return _usage_sse(req, info, "chat.completion.chunk", created, usage)
 
     streams = [state.engine.infer_stream_async(infer_req, rc)]
     return _run_stream(state, info, slot, streams, to_sse, usage_chunk, usage)
@@ -612,14 +608,19 @@ def _completion_stream(state: ServeState, info: RequestInfo, slot: Slot, req: Co
         return sse(data)
 
     def usage_chunk() -> Optional[str]:
-        if not req.include_usage:
-            return None
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return sse({"id": info.id, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [], "usage": usage.model_dump()})
+        return _usage_sse(req, info, "text_completion", created, usage)
 
     streams = [state.engine.infer_stream_async(r, rc) for r in infer_reqs]
     return _run_stream(state, info, slot, streams, to_sse, usage_chunk, usage)
+
+
+def _usage_sse(req: Any, info: RequestInfo, obj: str, created: int, usage: Usage) -> Optional[str]:
+    """The last chunk of a stream with the totals, when the client asked for them (stream_options)."""
+    if not req.include_usage:
+        return None
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return sse({"id": info.id, "object": obj, "created": created, "model": req.model,
+                "choices": [], "usage": usage.model_dump()})
 
 
 async def _run_stream(state: ServeState, info: RequestInfo, slot: Slot, streams: list, to_sse, usage_chunk,
