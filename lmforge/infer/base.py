@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 from lmforge.infer.protocol import ChatCompletionResponse, ChatCompletionStreamResponse, InferRequest, RequestConfig
 
@@ -73,3 +73,10 @@ class InferEngine(ABC):
     def count_prompt_tokens(self, request: InferRequest) -> int:
         """Tokens of the encoded prompt (the server checks it against ``max_model_len``)."""
         raise NotImplementedError
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        """Load new weights (``(name, tensor)`` pairs under the plain transformers names) into the model
+        that generates: an online-RL trainer calls this after its optimizer steps when the engine does
+        not share the policy's parameters. Names not given keep their values."""
+        raise NotImplementedError(f"the {type(self).__name__} engine cannot take weight updates "
+                                  "(update_weights), so it cannot serve RL rollouts from a changing policy")

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -339,13 +339,14 @@ class HfEngine(InferEngine):
                 self.model.set_adapter(name)
             yield
 
-    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+    def _generation_config(self, max_new_tokens: int, eos_ids: list[int] | None = None) -> GenerationConfig:
         # Neutral values are set explicitly: unset ones would be filled from the model's
         # generation_config.json (a checkpoint's repetition_penalty, say) behind the request's back.
         return GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, num_return_sequences=1,
             temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
-            eos_token_id=self.stop_token_ids, pad_token_id=self.pad_token_id, use_cache=True)
+            eos_token_id=self.stop_token_ids if eos_ids is None else eos_ids, pad_token_id=self.pad_token_id,
+            use_cache=True)
 
     def _decode(self, ids: list[int]) -> str:
         return self.template.decode(ids)
@@ -363,27 +364,28 @@ class HfEngine(InferEngine):
         row_max = [j.max_tokens for j in jobs for _ in range(n)]
         stop = StopStrings([*cfg.stop, *self.stop_words])
         sampler = _Sampler(cfg, len(jobs), prompt_len, pad_lens, self.device)
-        criteria = _StopCriteria(prompt_len, row_max, self.device, stop, set(self.stop_token_ids), self._decode,
-                                 cancel)
+        eos_ids = [] if cfg.ignore_eos else self.stop_token_ids
+        criteria = _StopCriteria(prompt_len, row_max, self.device, stop, set(eos_ids), self._decode, cancel)
         if streamer is not None:
             streamer.sampler = sampler
         with self._lock, self._adapter(jobs[0].request.adapter), torch.inference_mode():
             sequences = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask,
-                generation_config=self._generation_config(max(row_max)),
+                generation_config=self._generation_config(max(row_max), eos_ids),
                 logits_processor=LogitsProcessorList([sampler]), stopping_criteria=StoppingCriteriaList([criteria]),
                 streamer=streamer)
         generated = sequences[:, prompt_len:].tolist()
         logprobs = self._logprob_table(sampler)
-        rows = [self._finish_row(r, generated[r], row_max[r], criteria, stop, logprobs) for r in range(len(prompts))]
+        rows = [self._finish_row(r, generated[r], row_max[r], criteria, stop, logprobs, eos_ids)
+                for r in range(len(prompts))]
         return [rows[j * n:(j + 1) * n] for j in range(len(jobs))]
 
     def _finish_row(self, r: int, gen: list[int], row_max: int, criteria: _StopCriteria, stop: StopStrings,
-                    logprobs: Callable[[int, int], list[TokenLogprob]] | None) -> _Row:
+                    logprobs: Callable[[int, int], list[TokenLogprob]] | None, eos_ids: list[int]) -> _Row:
         """Where sequence ``r`` really ended, and why (generate pads sequences that finished early)."""
         stop_at = criteria.stop_at[r]
         limit = min(len(gen), row_max, stop_at if stop_at is not None else row_max)
-        eos = next((k for k, t in enumerate(gen[:limit]) if t in self.stop_token_ids), None)
+        eos = next((k for k, t in enumerate(gen[:limit]) if t in eos_ids), None)
         text_end = None
         if eos is not None:
             ids, reason, text_end = gen[:eos + 1], "stop", eos  # the stop token is counted, not shown
@@ -464,6 +466,37 @@ class HfEngine(InferEngine):
         usage = Usage(prompt_tokens=len(job.input_ids), completion_tokens=completion,
                       total_tokens=len(job.input_ids) + completion)
         return ChatCompletionResponse(model=job.request.adapter or self.model_name, choices=choices, usage=usage)
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        """Copy tensors into the model's parameters by name (between generations, under the engine's lock).
+
+        A name of the plain model finds its LoRA-wrapped parameter too (``q_proj.weight`` ->
+        ``q_proj.base_layer.weight``). A tensor that already is the parameter (an engine built on
+        the training model itself, ``model_obj=``) is skipped, so then this is a no-op.
+        """
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        params = dict(base.named_parameters(remove_duplicate=False))
+        unknown: list[str] = []
+        with self._lock, torch.no_grad():
+            for name, tensor in named_tensors:
+                p = params.get(name)
+                if p is None:
+                    owner, _, leaf = name.rpartition(".")
+                    p = params.get(f"{owner}.base_layer.{leaf}")
+                if p is None:
+                    unknown.append(name)
+                    continue
+                if p.data_ptr() == tensor.data_ptr() and p.device == tensor.device:
+                    continue
+                if p.shape != tensor.shape:
+                    raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, the model's is "
+                                     f"{tuple(p.shape)}")
+                p.copy_(tensor.to(device=p.device, dtype=p.dtype))
+        if unknown:
+            raise KeyError(f"update_weights: {len(unknown)} names are not parameters of {self.model_name}, "
+                           f"e.g. {unknown[:3]}")
 
     # ---- the engine interface -----------------------------------------------------------------
 
@@ -550,7 +583,7 @@ class HfEngine(InferEngine):
                         continue
                     if entries is not None:
                         pending[r].append(entries[r])
-                    if tok in self.stop_token_ids:
+                    if tok in self.stop_token_ids and not cfg.ignore_eos:
                         done[r] = True
                         continue
                     delta = decoders[r].push([tok])

@@ -69,6 +69,7 @@ class RequestConfig(BaseModel):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     stream: bool = False
+    ignore_eos: bool = False  # keep generating past end-of-turn tokens (benchmarks); as vLLM's extension
 
     @field_validator("stop", mode="before")
     @classmethod

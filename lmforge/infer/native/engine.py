@@ -1,0 +1,336 @@
+"""The ``native`` engine: continuous batching over a paged KV cache on CUDA, in PyTorch + Triton.
+
+Requests are encoded, validated and answered exactly as the ``hf`` engine does (it is a subclass:
+templates, tool calls, stop strings, logprob entries and streaming chunks are shared); what differs
+is how tokens are produced. One background thread owns the GPU and loops: schedule a step
+(decodes first, then prompt chunks; :mod:`.scheduler`), run it (a CUDA graph for pure decode steps;
+:mod:`.runner`), sample every row on the device (:mod:`.sampler`), append the tokens and hand them to
+whoever waits for them. Requests from any number of threads (the server's, say) join the running
+batch at the next step instead of waiting for a lock.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+
+from lmforge.infer.hf import HfEngine, _Job, _Row
+from lmforge.infer.native.cache import BlockManager
+from lmforge.infer.native.model import NativeModel, _decoder
+from lmforge.infer.native.runner import ModelRunner
+from lmforge.infer.native.sampler import sample
+from lmforge.infer.native.scheduler import SamplingParams, Scheduler, Sequence, Status
+from lmforge.infer.protocol import RequestConfig
+from lmforge.infer.utils import StopStrings
+
+logger = logging.getLogger(__name__)
+
+NO_CUDA = ("the native engine runs on NVIDIA GPUs (CUDA) and none is visible here; "
+           "use --infer_backend hf, which runs on any device")
+
+
+class NativeEngine(HfEngine):
+    """Fast generation on CUDA; same constructor as :class:`HfEngine` plus the cache and batching knobs.
+
+    ``gpu_memory_utilization``: fraction of the GPU's memory the engine may use (weights, activations and
+    KV cache); ``max_num_seqs``: sequences decoded together; ``max_num_batched_tokens``: tokens per step
+    (prompt chunks beyond it wait for the next step); ``block_size``: tokens per KV block;
+    ``enforce_eager``: no CUDA graphs (debugging).
+    """
+
+    def __init__(self, model: str | None = None, *, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
+                 enforce_eager: bool = False, num_blocks: int | None = None, device: str | None = None,
+                 allow_cpu: bool = False, **kwargs: Any):
+        if not allow_cpu and not torch.cuda.is_available():
+            raise RuntimeError(NO_CUDA)
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        owns_model = kwargs.get("model_obj") is None
+        super().__init__(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **kwargs)
+        from lmforge.infer.native import attention
+
+        on_cuda = self.device.type == "cuda"
+        attn = attention.paged_attention if on_cuda else attention.paged_attention_reference
+        self.native = NativeModel(self.model, max_model_len=self.max_model_len, attention=attn,
+                                  write_kv=attention.write_kv)
+        from lmforge.infer.native import kernels
+
+        self.native.fused = kernels.available(self.native.embed)
+        if self.adapters:
+            self.native.set_lora(self.model, list(self.adapters))
+        if owns_model:
+            _release_fused_sources(self.model)
+        max_num_batched_tokens = max(max_num_batched_tokens or 8192, max_num_seqs)
+        self.runner = ModelRunner(self.native, block_size=block_size, max_model_len=self.max_model_len,
+                                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                  gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
+                                  enforce_eager=enforce_eager)
+        self.blocks = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens)
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_size = max_num_seqs  # what the server may send at once
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._step_lock = threading.Lock()  # held for a whole step; update_weights takes it too
+        self._closed = False
+        self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "graph_steps": 0}
+        self._thread = threading.Thread(target=self._loop, name="lmforge-native", daemon=True)
+        self._thread.start()
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._closed:
+            self._wake.clear()  # before draining: a submit after the drain sets it again (no lost wake-up)
+            while True:
+                try:
+                    self.scheduler.add(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if not self.scheduler.has_work():
+                self._wake.wait(0.5)
+                continue
+            with self._step_lock:
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                    logger.exception("native engine step failed")
+                    for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                        seq.error = e  # type: ignore[attr-defined]
+                        self._finish(seq, "abort")
+                    self.scheduler.waiting.clear()
+
+    def _step(self) -> None:
+        sched = self.scheduler
+        batch = sched.schedule()
+        for seq in [s for s in list(sched.waiting) if s.status is Status.FINISHED]:
+            self._notify(seq)
+        if not batch:
+            head = sched.waiting[0] if sched.waiting and not sched.running else None
+            if head is not None and -(-(len(head.token_ids) + 1) // self.blocks.block_size) >= self.blocks.num_blocks:
+                seq = sched.waiting.popleft()  # it cannot fit even alone
+                seq.error = RuntimeError(  # type: ignore[attr-defined]
+                    f"the KV cache ({self.blocks.num_blocks * self.blocks.block_size} tokens) cannot hold this "
+                    f"request's {len(seq.token_ids)} tokens")
+                self._finish(seq, "abort")
+            return
+        sample_rows = [i for i, (s, n) in enumerate(batch) if s.num_computed + n == len(s.token_ids)]
+        logits = self.runner.execute(batch, sample_rows)
+        self.stats["graph_steps"] = self.runner.graph_steps
+        for seq, n in batch:
+            sched.advance(seq, n)
+        self.stats["steps"] += 1
+        self.stats["prefill_tokens"] += sum(n for s, n in batch if n > 1)
+        if not sample_rows:
+            return
+        seqs = [batch[i][0] for i in sample_rows]
+        tokens, chosen, top_ids, top_lps = sample(logits, seqs)
+        tokens = tokens.tolist()
+        chosen = chosen.tolist() if chosen is not None else None
+        top_ids = top_ids.tolist() if top_ids is not None else None
+        top_lps = top_lps.tolist() if top_lps is not None else None
+        self.stats["tokens"] += len(tokens)
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            if seq.status is not Status.RUNNING:
+                continue
+            seq.token_ids.append(tok)
+            if seq.params.logprobs >= 0:
+                k = seq.params.logprobs
+                seq.logprobs.append((tok, chosen[i], top_ids[i][:k] if k else None, top_lps[i][:k] if k else None))
+            reason = None
+            if tok in seq.stop_ids and not seq.params.ignore_eos:
+                reason = "stop"
+            elif seq.stop_check is not None and seq.stop_check(seq):
+                reason = "stop"
+            elif seq.num_output >= seq.max_tokens:
+                reason = "length"
+            if reason is not None:
+                self._finish(seq, reason)
+            else:
+                self._notify(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, reason) if seq.status is Status.RUNNING else \
+                setattr(seq, "status", Status.FINISHED) or setattr(seq, "finish_reason", reason)
+        self._notify(seq)
+
+    @staticmethod
+    def _notify(seq: Sequence) -> None:
+        if seq.on_token is not None:
+            seq.on_token(seq)
+
+    def submit(self, seq: Sequence) -> None:
+        if self._closed:
+            raise RuntimeError("the native engine is closed")
+        self._inbox.put(seq)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ---- weights -----------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new weights in (transformers names), between steps; the prefix cache is dropped since
+        the cached keys and values belong to the old weights."""
+        with self._step_lock:
+            n = self.native.load_weights((name, t.to(self.native.device)) for name, t in named_tensors)
+            self.blocks.reset_prefix_cache()
+        logger.debug("native engine: %d tensors updated", n)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def _adapter_slot(self, name: str | None) -> int:
+        name = name if name is not None else self.default_adapter
+        return self.native.lora_slots[name] if name else -1
+
+    def _sequences(self, job: _Job, cfg: RequestConfig, on_token: Callable[[Sequence], None]) -> list[Sequence]:
+        stop = StopStrings([*cfg.stop, *self.stop_words])
+        window = 4 * stop.max_len + 4 if stop else 0
+
+        def check(seq: Sequence) -> bool:
+            return stop.find(self._decode(seq.output_ids[-window:])) >= 0
+
+        stop_check = check if stop else None
+        seqs = []
+        for k in range(cfg.n):
+            gen = None
+            if cfg.seed is not None and cfg.temperature > 0:
+                gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + k)
+            params = SamplingParams(
+                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                repetition_penalty=cfg.repetition_penalty, presence_penalty=cfg.presence_penalty,
+                frequency_penalty=cfg.frequency_penalty,
+                logprobs=(cfg.top_logprobs or 0) if cfg.logprobs else -1,
+                ignore_eos=bool(getattr(cfg, "ignore_eos", False)), generator=gen)
+            seq = Sequence(token_ids=list(job.input_ids), max_tokens=job.max_tokens, params=params,
+                           adapter=self._adapter_slot(job.request.adapter),
+                           stop_ids=frozenset(self.stop_token_ids), stop_check=stop_check, on_token=on_token)
+            seq.stop_strings = stop  # type: ignore[attr-defined]
+            seqs.append(seq)
+        return seqs
+
+    def _generate(self, jobs: list[_Job], cfg: RequestConfig, *, streamer: Any = None,
+                  cancel: threading.Event | None = None, progress: Any = None) -> list[list[_Row]]:
+        """Submit every sequence of every job at once; wait for them (or for ``cancel``)."""
+        done = threading.Event()
+        remaining = [len(jobs) * cfg.n]
+        per_job_left = [cfg.n] * len(jobs)
+        lock = threading.Lock()
+        job_of: dict[int, int] = {}
+        all_seqs: list[list[Sequence]] = []
+        lockstep = _Lockstep(streamer.queue, cfg) if streamer is not None else None
+
+        def on_token(seq: Sequence) -> None:
+            if lockstep is not None:
+                lockstep.update(all_seqs[0])
+            if seq.status is Status.FINISHED and not getattr(seq, "_counted", False):
+                seq._counted = True  # type: ignore[attr-defined]
+                with lock:
+                    remaining[0] -= 1
+                    j = job_of[seq.seq_id]
+                    per_job_left[j] -= 1
+                    if progress is not None and per_job_left[j] == 0:
+                        progress.update(1)
+                    if remaining[0] == 0:
+                        done.set()
+
+        for j, job in enumerate(jobs):
+            seqs = self._sequences(job, cfg, on_token)
+            for s in seqs:
+                job_of[s.seq_id] = j
+            all_seqs.append(seqs)
+        for seqs in all_seqs:
+            for s in seqs:
+                self.submit(s)
+        while not done.wait(0.05):
+            if cancel is not None and cancel.is_set():
+                for seqs in all_seqs:
+                    for s in seqs:
+                        s.aborted = True
+                self._wake.set()
+                done.wait(2.0)
+                break
+            if not self._thread.is_alive():
+                raise RuntimeError("the native engine's loop has stopped")
+        for seqs in all_seqs:
+            for s in seqs:
+                if getattr(s, "error", None) is not None:
+                    raise s.error  # type: ignore[attr-defined]
+        return [[self._row(s) for s in seqs] for seqs in all_seqs]
+
+    def _row(self, seq: Sequence) -> _Row:
+        """The finished sequence as the hf engine reports it: a stop token is counted, not shown."""
+        gen = list(seq.output_ids)
+        reason = seq.finish_reason or "abort"
+        eos = reason == "stop" and gen and gen[-1] in seq.stop_ids and not seq.params.ignore_eos
+        text, hit = seq.stop_strings.cut(self._decode(gen[:-1] if eos else gen))  # type: ignore[attr-defined]
+        if hit:
+            reason = "stop"
+        logprobs = None
+        if seq.params.logprobs >= 0:
+            k = seq.params.logprobs
+            toks, chosen, top_ids, top_lps = (list(x) for x in zip(*seq.logprobs)) if seq.logprobs else ([], [], [], [])
+            logprobs = self._logprob_entries(toks, chosen, top_ids if k else None, top_lps if k else None)
+        return _Row(gen, text, reason, logprobs)
+
+    def infer(self, requests: list, request_config: RequestConfig | None = None, *,
+              use_tqdm: bool | None = None) -> list:
+        """All requests are validated first, then generated together (continuous batching)."""
+        cfg = request_config or RequestConfig()
+        jobs = [self._prepare(i, r, cfg) for i, r in enumerate(requests)]
+        from tqdm.auto import tqdm
+
+        show = use_tqdm if use_tqdm is not None else len(jobs) > 1
+        t0 = time.perf_counter()
+        with tqdm(total=len(jobs), desc="Generating", unit="req", disable=not show, dynamic_ncols=True) as bar:
+            rows = self._generate(jobs, cfg, progress=bar)
+        out = [self._response(job, r) for job, r in zip(jobs, rows)]
+        if show:
+            toks = sum(r.usage.completion_tokens for r in out)
+            logger.info("native engine: %d tokens in %.2f s (%.0f tok/s)", toks, time.perf_counter() - t0,
+                        toks / max(time.perf_counter() - t0, 1e-9))
+        return out
+
+
+class _Lockstep:
+    """Feeds the hf engine's stream consumer: one item per step k holding token k of each choice."""
+
+    def __init__(self, q: queue.Queue, cfg: RequestConfig):
+        self.q, self.cfg, self.sent = q, cfg, 0
+
+    def update(self, seqs: list[Sequence]) -> None:
+        live = [s.num_output for s in seqs if s.status is not Status.FINISHED]
+        ready = min(live) if live else max(s.num_output for s in seqs)
+        while self.sent < ready:
+            k = self.sent
+            toks = [s.output_ids[k] if k < s.num_output else -1 for s in seqs]
+            record = None
+            if self.cfg.logprobs:
+                width = self.cfg.top_logprobs or 0
+                ent = [s.logprobs[k] if k < len(s.logprobs) else (-1, 0.0, [0] * width, [0.0] * width) for s in seqs]
+                record = (torch.tensor([e[0] for e in ent]), torch.tensor([e[1] for e in ent]),
+                          torch.tensor([e[2] for e in ent]) if width else None,
+                          torch.tensor([e[3] for e in ent]) if width else None)
+            self.q.put((toks, record))
+            self.sent += 1
+
+
+def _release_fused_sources(model: Any) -> None:
+    """Free the q/k/v and gate/up weights the native model copied into fused matrices."""
+    _, dec = _decoder(model)
+    for layer in dec.layers:
+        for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                    layer.mlp.up_proj):
+            base = getattr(mod, "base_layer", mod)
+            base.weight.data = torch.empty(0, device=base.weight.device, dtype=base.weight.dtype)
+            if base.bias is not None:
+                base.bias.data = torch.empty(0, device=base.bias.device, dtype=base.bias.dtype)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

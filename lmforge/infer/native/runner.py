@@ -1,0 +1,230 @@
+"""Runs scheduled steps on the device: builds the flat batch, plans the KV cache, replays CUDA graphs.
+
+Memory plan: after the weights are loaded, one forward at the largest step size
+(``max_num_batched_tokens`` tokens, ``max_num_seqs`` logit rows) measures the activation peak; the
+KV cache gets what is left of ``gpu_memory_utilization`` x total memory.
+
+CUDA graphs: a decode step of a 0.5B model launches several hundred small kernels, and at batch 1
+launching them costs more than running them. Each decode batch size in ``graph_batch_sizes`` is
+captured once (model forward and the LM head; sampling stays eager) and replayed with the step's
+inputs copied into static buffers; a batch is padded up to the next captured size with rows that
+read and write only the scratch block 0.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import numpy as np
+import torch
+
+from lmforge.infer.native.model import AttentionMeta, NativeModel
+from lmforge.infer.native.scheduler import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class OutOfMemoryForModel(RuntimeError):
+    """The weights and the activations leave no room for a KV cache."""
+
+
+def default_graph_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(320, 1025, 64))
+    return [s for s in sizes if s <= max_num_seqs] or [1]
+
+
+class ModelRunner:
+    def __init__(self, model: NativeModel, *, block_size: int, max_model_len: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9, num_blocks: int | None = None,
+                 enforce_eager: bool = False):
+        self.model = model
+        self.device, self.dtype = model.device, model.dtype
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.on_cuda = self.device.type == "cuda"
+        kv_shape = (block_size, model.num_kv_heads, model.head_dim)
+        self.block_bytes = 2 * model.num_layers * math.prod(kv_shape) * torch.finfo(self.dtype).bits // 8
+        if num_blocks is None:
+            num_blocks = self._plan_blocks(gpu_memory_utilization)
+        self.num_blocks = num_blocks
+        self.k_cache = [torch.zeros(num_blocks, *kv_shape, device=self.device, dtype=self.dtype)
+                        for _ in range(model.num_layers)]
+        self.v_cache = [torch.zeros_like(self.k_cache[0]) for _ in range(model.num_layers)]
+        logger.info("native engine: KV cache %d blocks x %d tokens = %d tokens (%.2f GiB)", num_blocks, block_size,
+                    num_blocks * block_size, num_blocks * self.block_bytes / 2**30)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.graph_sizes: list[int] = []
+        self.graph_steps = 0
+        if self.on_cuda and not enforce_eager:
+            self._capture(default_graph_sizes(max_num_seqs))
+
+    # ---- memory ------------------------------------------------------------------------------
+    def _plan_blocks(self, utilization: float) -> int:
+        if not self.on_cuda:
+            return max(2, 4 * self.max_blocks_per_seq)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        free, total = torch.cuda.mem_get_info()
+        used_before = total - free
+        self._profile_run()
+        torch.cuda.synchronize()
+        peak_extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        budget = total * utilization - used_before - peak_extra - 256 * 2**20  # CUDA graphs, sampler scratch
+        blocks = int(budget // self.block_bytes)
+        weights = sum(t.numel() * t.element_size() for t in self._weight_tensors()) / 2**30
+        if blocks < self.max_blocks_per_seq + 1:
+            need = (self.max_blocks_per_seq + 1) * self.block_bytes / 2**30
+            raise OutOfMemoryForModel(
+                f"the model does not fit: weights {weights:.1f} GiB + activations {peak_extra / 2**30:.1f} GiB leave "
+                f"{max(budget, 0) / 2**30:.2f} GiB of {total / 2**30:.0f} GiB x gpu_memory_utilization {utilization} for "
+                f"the KV cache, and one {self.max_model_len}-token sequence needs {need:.2f} GiB. Lower --max_model_len "
+                "or --max_num_batched_tokens, raise --gpu_memory_utilization, or use a bigger GPU.")
+        return blocks
+
+    def _weight_tensors(self) -> list[torch.Tensor]:
+        m = self.model
+        out = [m.embed, m.norm] + ([m.lm_head] if m.lm_head is not m.embed else [])
+        for layer in m.layers:
+            out += [t for t in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w) if t is not None]
+        return out
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """One forward with the largest step: a scratch cache of one block per sequence is enough."""
+        T = self.max_num_batched_tokens
+        B = min(self.max_num_seqs, T)
+        per = T // B
+        kv_shape = (B * math.ceil(per / self.block_size) + 1, self.block_size, self.model.num_kv_heads,
+                    self.model.head_dim)
+        kc = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype)]
+        vc = [torch.zeros_like(kc[0])]
+        lens = [per] * B
+        lens[-1] += T - per * B
+        seqs_blocks = []
+        next_block = 1
+        for n in lens:
+            k = math.ceil(n / self.block_size)
+            seqs_blocks.append(list(range(next_block, next_block + k)))
+            next_block += k
+        if next_block > kv_shape[0]:
+            kc = [torch.zeros((next_block, *kv_shape[1:]), device=self.device, dtype=self.dtype)]
+            vc = [torch.zeros_like(kc[0])]
+        meta, ids, pos, _ = self._prepare_raw([(0, n, b, [1] * n, -1) for n, b in zip(lens, seqs_blocks)])
+        h = self.model.forward(ids, pos, meta, kc * self.model.num_layers, vc * self.model.num_layers)
+        logits = self.model.logits(h[-B:])
+        probs = logits.softmax(-1)
+        probs.sort(dim=-1, descending=True)  # top-p's scratch
+        del kc, vc, h, logits, probs
+
+    # ---- inputs ------------------------------------------------------------------------------
+    def _prepare_raw(self, rows: list[tuple[int, int, list[int], list[int], int]]
+                     ) -> tuple[AttentionMeta, torch.Tensor, torch.Tensor, list[int]]:
+        """rows: (start position, new tokens, block ids, token ids of the new tokens, lora slot)."""
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        lora: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        last: list[int] = []
+        width = max(len(r[2]) for r in rows)
+        tables = []
+        for start, n, blocks, toks, slot in rows:
+            ids += toks
+            pos += range(start, start + n)
+            slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+            lora += [slot] * n
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(start + n)
+            last.append(qsl[-1] - 1)
+            tables.append(blocks + [0] * (width - len(blocks)))
+        dev = self.device
+        meta = AttentionMeta(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            max_query_len=max(r[1] for r in rows),
+            lora_idx=torch.tensor(lora, dtype=torch.int64, device=dev) if self.model.lora_slots else None)
+        return meta, torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64,
+                                                                                      device=dev), last
+
+    @staticmethod
+    def rows_for(batch: list[tuple[Sequence, int]]) -> list[tuple[int, int, list[int], list[int], int]]:
+        return [(s.num_computed, n, s.blocks, s.token_ids[s.num_computed:s.num_computed + n], s.adapter)
+                for s, n in batch]
+
+    # ---- execution ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
+        """Logits [len(sample_rows), vocab] (float32) for the last token of the listed batch rows."""
+        rows = self.rows_for(batch)
+        if self.graphs and all(n == 1 for _, n in batch) and len(batch) <= self.graph_sizes[-1]:
+            logits = self._replay(rows)
+            self.graph_steps += 1
+            return logits[sample_rows] if len(sample_rows) != logits.shape[0] else logits
+        meta, ids, pos, last = self._prepare_raw(rows)
+        hidden = self.model.forward(ids, pos, meta, self.k_cache, self.v_cache)
+        return self.model.logits(hidden[[last[i] for i in sample_rows]])
+
+    # ---- CUDA graphs -------------------------------------------------------------------------
+    def _static_inputs(self, B: int) -> dict[str, torch.Tensor]:
+        dev = self.device
+        return {"ids": torch.zeros(B, dtype=torch.int64, device=dev),
+                "pos": torch.zeros(B, dtype=torch.int64, device=dev),
+                "slots": torch.full((B,), -1, dtype=torch.int64, device=dev),
+                "tables": torch.zeros(B, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+                "lens": torch.ones(B, dtype=torch.int32, device=dev),
+                "qsl": torch.arange(B + 1, dtype=torch.int32, device=dev),
+                "lora": torch.full((B,), -1, dtype=torch.int64, device=dev)}
+
+    def _graph_forward(self, buf: dict[str, torch.Tensor]) -> torch.Tensor:
+        meta = AttentionMeta(slot_mapping=buf["slots"], block_tables=buf["tables"], seq_lens=buf["lens"],
+                             query_start_loc=buf["qsl"], max_query_len=1,
+                             lora_idx=buf["lora"] if self.model.lora_slots else None)
+        return self.model.logits(self.model.forward(buf["ids"], buf["pos"], meta, self.k_cache, self.v_cache))
+
+    @torch.inference_mode()
+    def _capture(self, sizes: list[int]) -> None:
+        t0 = time.perf_counter()
+        pool = None
+        for B in sorted(sizes, reverse=True):  # largest first: smaller graphs reuse its memory pool
+            buf = self._static_inputs(B)
+            for _ in range(2):  # warm up kernels (Triton autotune/compile) outside the capture
+                self._graph_forward(buf)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._graph_forward(buf)
+            pool = graph.pool()
+            self.graphs[B] = (graph, buf, out)
+        self.graph_sizes = sorted(self.graphs)
+        torch.cuda.synchronize()
+        logger.info("native engine: captured %d CUDA graphs (batch 1..%d) in %.1f s", len(sizes), max(sizes),
+                    time.perf_counter() - t0)
+
+    def _replay(self, rows: list[tuple[int, int, list[int], list[int], int]]) -> torch.Tensor:
+        n = len(rows)
+        B = next(s for s in self.graph_sizes if s >= n)
+        graph, buf, out = self.graphs[B]
+        bs = self.block_size
+        width = max(len(r[2]) for r in rows)
+        table = np.zeros((B, width), dtype=np.int32)  # columns past a row's length are never read
+        ids, pos, slots, lens, lora = [0] * B, [0] * B, [-1] * B, [1] * B, [-1] * B
+        for i, (start, _, blocks, toks, slot) in enumerate(rows):
+            ids[i], pos[i], lens[i], lora[i] = toks[0], start, start + 1, slot
+            slots[i] = blocks[start // bs] * bs + start % bs
+            table[i, :len(blocks)] = blocks
+        buf["ids"].copy_(torch.tensor(ids))
+        buf["pos"].copy_(torch.tensor(pos))
+        buf["slots"].copy_(torch.tensor(slots))
+        buf["lens"].copy_(torch.tensor(lens, dtype=torch.int32))
+        buf["lora"].copy_(torch.tensor(lora))
+        buf["tables"][:, :width].copy_(torch.from_numpy(table))
+        graph.replay()
+        return out[:n]

@@ -1,0 +1,207 @@
+"""Continuous batching: which sequences run in the next forward pass, and with how many tokens.
+
+Every step is one forward pass over a flat list of tokens. Running sequences that are decoding
+contribute one token each; the rest of the step's token budget (``max_num_batched_tokens``) goes to
+prompts, oldest first, cut into chunks when a prompt is longer than what is left (chunked prefill),
+so a long prompt never stalls the decoding of others for more than one step's worth of tokens.
+
+When a decoding sequence needs a new KV block and none is left, the most recently admitted running
+sequence is preempted: its blocks are released (its full blocks stay in the prefix cache) and it
+goes back to the front of the queue, to be recomputed from its prompt plus what it has generated so
+far. Nothing crashes and no output is lost; the cost is recomputation.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lmforge.infer.native.cache import BlockManager, NoFreeBlocks
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass
+class SamplingParams:
+    """Per-sequence sampling settings, on the host; the sampler turns a batch of them into tensors."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int = -1  # -1: none; 0: the chosen token's; k: and the k most likely
+    ignore_eos: bool = False
+    generator: Any = None  # torch.Generator for seeded sampling (batch-independent)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    """One generated sequence: its tokens, its KV blocks, and how it ends."""
+
+    token_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    adapter: int = -1  # LoRA slot; -1 = base model
+    stop_ids: frozenset[int] = frozenset()
+    stop_check: Callable[["Sequence"], bool] | None = None  # stop strings, checked on the host
+    on_token: Callable[["Sequence"], None] | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    prompt_len: int = 0
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks registered
+    finish_reason: str | None = None
+    aborted: bool = False
+    logprobs: list[tuple[int, float, list[int] | None, list[float] | None]] = field(default_factory=list)
+    arrival: int = 0
+
+    def __post_init__(self) -> None:
+        self.prompt_len = self.prompt_len or len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+class Scheduler:
+    """Decides each step's work; the engine runs it and reports back through :meth:`advance`."""
+
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.bs = blocks.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preempted = 0
+        self.watermark = max(1, blocks.num_blocks // 100)  # room kept for running sequences' next blocks
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, number of its next tokens to compute) for the next forward pass.
+
+        Decoding sequences come first (one token each), then prompt chunks.
+        """
+        self._drop_aborted()
+        budget = self.max_num_batched_tokens
+        out: list[tuple[Sequence, int]] = []
+        preempted = self.num_preempted
+        i = 0
+        while i < len(self.running):  # decodes and unfinished prompt chunks of running sequences
+            seq = self.running[i]
+            todo = len(seq.token_ids) - seq.num_computed
+            n = min(todo, budget) if todo > 1 else 1
+            if n <= 0 or budget <= 0:
+                i += 1
+                continue
+            if not self._grow(seq, n):
+                # Out of blocks: preempt from the back until this sequence fits (or it was the back).
+                while not self._grow(seq, n):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not Status.RUNNING:
+                    continue  # it preempted itself; running[i] is now the next sequence
+            out.append((seq, n))
+            budget -= n
+            i += 1
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and self.num_preempted == preempted):  # no admissions in a step that had to preempt
+            seq = self.waiting[0]
+            if not seq.blocks:  # fresh (or preempted): reuse cached blocks of its prefix
+                seq.blocks, seq.block_hashes = self.blocks.match_prefix(
+                    seq.token_ids, seq.adapter, max_tokens=len(seq.token_ids) - 1)
+                seq.num_computed = len(seq.blocks) * self.bs
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            need = -(-(seq.num_computed + n) // self.bs) - len(seq.blocks)
+            if need > self.blocks.num_available - (self.watermark if self.running else 0):
+                # Wait for running sequences to finish; hold no blocks meanwhile (a waiting sequence that
+                # kept its matched prefix could starve the others when preemption put it back in line).
+                self.blocks.release(seq.blocks)
+                seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
+                break
+            seq.blocks += self.blocks.allocate(need)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append((seq, n))
+            budget -= n
+        return out
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        need = -(-(seq.num_computed + n) // self.bs) - len(seq.blocks)
+        if need <= 0:
+            return True
+        try:
+            seq.blocks += self.blocks.allocate(need)
+        except NoFreeBlocks:
+            return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preempted += 1
+
+    def _drop_aborted(self) -> None:
+        for seq in [s for s in self.running if s.aborted]:
+            self.finish(seq, "abort")
+        if any(s.aborted for s in self.waiting):
+            for seq in [s for s in self.waiting if s.aborted]:
+                self.waiting.remove(seq)
+                self.blocks.release(seq.blocks)
+                seq.blocks = []
+                seq.status, seq.finish_reason = Status.FINISHED, "abort"
+
+    # ---- after the forward pass --------------------------------------------------------------
+    def advance(self, seq: Sequence, n: int) -> None:
+        """``n`` more tokens of ``seq`` are in the cache; register the blocks that became full."""
+        seq.num_computed += n
+        full = min(seq.num_computed, len(seq.token_ids)) // self.bs
+        while len(seq.block_hashes) < full:
+            k = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes.append(self.blocks.register(
+                seq.blocks[k], parent, seq.token_ids[k * self.bs:(k + 1) * self.bs], seq.adapter))
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
+        seq.status, seq.finish_reason = Status.FINISHED, reason

@@ -1,0 +1,312 @@
+"""The native engine's bookkeeping and, on the CPU, its whole generation path against the hf engine.
+
+The engine refuses to start without CUDA; ``allow_cpu=True`` (tests only) runs the same scheduler,
+paged cache, model and sampler with the attention reference, in float32, so greedy outputs can be
+compared with transformers' token for token. The Triton kernel and CUDA graphs are checked on a GPU
+(tests/test_native_gpu.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.infer.native.cache import BlockManager, NoFreeBlocks
+from lmforge.infer.native.scheduler import SamplingParams, Scheduler, Sequence, Status
+from lmforge.infer.protocol import InferRequest, RequestConfig
+
+from tests.test_infer_hf import make_lora_checkpoint
+
+
+# ---- block manager ---------------------------------------------------------------------------
+def test_blocks_allocate_release_and_scratch_block():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    got = bm.allocate(4)
+    assert sorted(got) == [1, 2, 3, 4]  # block 0 is never handed out
+    with pytest.raises(NoFreeBlocks):
+        bm.allocate(1)
+    bm.release(got)
+    assert bm.num_available == 4
+
+
+def test_prefix_cache_shares_full_blocks_and_evicts_lru():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    toks = [1, 2, 3, 4, 5]
+    a = bm.allocate(3)
+    h0 = bm.register(a[0], None, toks[0:2], -1)
+    bm.register(a[1], h0, toks[2:4], -1)
+    blocks, hashes = bm.match_prefix(toks, -1, max_tokens=4)
+    assert blocks == a[:2] and bm.ref[a[0]] == 2
+    assert bm.match_prefix(toks, adapter=0, max_tokens=4)[0] == []  # another adapter: other keys
+    bm.release(blocks)
+    bm.release(a)
+    assert bm.num_available == 3 and len(bm.evictable) == 2
+    again, _ = bm.match_prefix(toks, -1, max_tokens=4)
+    assert again == a[:2]  # picked up from the evictable pool
+    bm.release(again)
+    bm.allocate(3)  # takes the free block, then evicts the cached ones
+    assert bm.cached == {}
+
+
+def _seq(prompt, max_tokens=4):
+    return Sequence(token_ids=list(prompt), max_tokens=max_tokens, params=SamplingParams())
+
+
+def test_scheduler_chunks_long_prompts_and_puts_decodes_first():
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=10)
+    a, b = _seq(range(3)), _seq(range(100, 125))
+    sch.add(a)
+    sch.add(b)
+    step = sch.schedule()
+    assert [(s.seq_id, n) for s, n in step] == [(a.seq_id, 3), (b.seq_id, 7)]  # b is cut to the budget
+    for s, n in step:
+        sch.advance(s, n)
+    a.token_ids.append(7)  # a was fully prefilled: it sampled a token
+    step = sch.schedule()
+    assert [(s.seq_id, n) for s, n in step] == [(a.seq_id, 1), (b.seq_id, 9)]
+
+
+def test_scheduler_preempts_newest_when_blocks_run_out():
+    bm = BlockManager(num_blocks=5, block_size=2)  # 4 usable blocks = 8 tokens
+    sch = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    sch.watermark = 0
+    a, b = _seq([1, 2, 3]), _seq([4, 5, 6])
+    sch.add(a)
+    sch.add(b)
+    for s, n in sch.schedule():
+        sch.advance(s, n)
+        s.token_ids.append(9)
+    for s, n in sch.schedule():  # both decode into their second block
+        sch.advance(s, n)
+        s.token_ids.append(9)
+    assert bm.num_available == 0
+    step = sch.schedule()  # a needs a third block: b (newest) is preempted
+    assert [s.seq_id for s, _ in step] == [a.seq_id]
+    assert b.status is Status.WAITING and b.num_computed == 0 and sch.num_preempted == 1
+    assert b.token_ids == [4, 5, 6, 9, 9]  # its output is kept, to be recomputed
+
+
+# ---- the engine on the CPU -------------------------------------------------------------------
+PROMPTS = ["What is 12+7?", "Tell me a story about a robot who learns to paint.", "hi",
+           "List three colours and explain why each one is nice to look at."]
+
+
+def _reqs(prompts=PROMPTS, **kw):
+    return [InferRequest(messages=[{"role": "user", "content": p}], **kw) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    return str(make_lora_checkpoint(tmp_path_factory.mktemp("run"), seed=3))
+
+
+@pytest.fixture(scope="module")
+def hf(lora_dir):
+    from lmforge.infer.hf import HfEngine
+
+    return HfEngine("builtin:tiny", adapters={"calc": lora_dir}, device="cpu", max_batch_size=8,
+                    torch_dtype="float32")
+
+
+def _native(lora_dir=None, **kw):
+    from lmforge.infer.native import NativeEngine
+
+    kw.setdefault("num_blocks", 256)
+    return NativeEngine("builtin:tiny", adapters={"calc": lora_dir} if lora_dir else {}, allow_cpu=True,
+                        torch_dtype="float32", block_size=16, max_num_seqs=8, **kw)
+
+
+@pytest.fixture(scope="module")
+def native(lora_dir):
+    eng = _native(lora_dir)
+    yield eng
+    eng.close()
+
+
+def _ids(responses):
+    return [c.token_ids for r in responses for c in r.choices]
+
+
+def test_refuses_without_cuda_and_points_to_hf():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    from lmforge.infer.native import NativeEngine
+
+    with pytest.raises(RuntimeError, match="infer_backend hf"):
+        NativeEngine("builtin:tiny")
+
+
+def test_greedy_equals_hf_token_for_token(hf, native):
+    cfg = RequestConfig(max_tokens=40, ignore_eos=True)
+    want = _ids(hf.infer(_reqs(), cfg))
+    got = _ids(native.infer(_reqs(), cfg))
+    assert got == want
+    assert all(len(t) == 40 for t in got)
+
+
+def test_greedy_equals_hf_with_stop_tokens_and_text(hf, native):
+    cfg = RequestConfig(max_tokens=30)
+    want, got = hf.infer(_reqs(), cfg), native.infer(_reqs(), cfg)
+    for w, g in zip(want, got):
+        assert g.choices[0].token_ids == w.choices[0].token_ids
+        assert g.choices[0].message.content == w.choices[0].message.content
+        assert g.choices[0].finish_reason == w.choices[0].finish_reason
+        assert g.usage == w.usage
+
+
+def test_lora_per_request_matches_hf(hf, native):
+    cfg = RequestConfig(max_tokens=24, ignore_eos=True)
+    mixed = [InferRequest(messages=[{"role": "user", "content": p}], adapter=a)
+             for p, a in zip(PROMPTS, ["calc", "", "calc", None])]
+    want = [_ids(hf.infer([r], cfg))[0] for r in mixed]
+    got = _ids(native.infer(mixed, cfg))  # both adapters and the base in one batch
+    assert got == want
+    assert got[0] != _ids(native.infer(_reqs(PROMPTS[:1]), cfg))[0]  # the adapter changes the output
+
+
+def test_preemption_and_chunked_prefill_change_nothing(lora_dir, hf):
+    cfg = RequestConfig(max_tokens=48, ignore_eos=True)
+    want = _ids(hf.infer(_reqs(), cfg))
+    # 12 blocks of 16 tokens cannot hold 4 sequences of ~70-110 tokens: the scheduler must preempt;
+    # a 24-token step budget cuts every prompt into chunks.
+    eng = _native(num_blocks=13, max_num_batched_tokens=24)
+    try:
+        eng.scheduler.max_num_batched_tokens = 24  # the engine raises the budget to max_num_seqs at least
+        got = _ids(eng.infer(_reqs(), cfg))
+        assert eng.scheduler.num_preempted > 0
+    finally:
+        eng.close()
+    assert got == want
+
+
+def test_prefix_cache_hit_gives_the_same_reply(native):
+    cfg = RequestConfig(max_tokens=16, ignore_eos=True)
+    long = ["Please read this long instruction carefully and then answer: " * 3 + "what is 2+2?"]
+    first = _ids(native.infer(_reqs(long), cfg))
+    hits = native.blocks.hits
+    second = _ids(native.infer(_reqs(long), cfg))
+    assert native.blocks.hits > hits
+    assert first == second
+
+
+def test_seeded_sampling_is_batch_independent(native):
+    cfg = RequestConfig(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=123, n=2)
+    alone = _ids(native.infer(_reqs(PROMPTS[:1]), cfg))
+    together = _ids(native.infer(_reqs(), cfg))[:2]
+    assert alone == together
+    assert alone[0] != alone[1]  # the n samples differ
+
+
+def test_logprobs_match_hf(hf, native):
+    cfg = RequestConfig(max_tokens=8, logprobs=True, top_logprobs=3, ignore_eos=True)
+    w = hf.infer(_reqs(PROMPTS[:2]), cfg)
+    g = native.infer(_reqs(PROMPTS[:2]), cfg)
+    for a, b in zip(w, g):
+        la, lb = a.choices[0].logprobs.content, b.choices[0].logprobs.content
+        assert [x.token for x in la] == [x.token for x in lb]
+        assert [x.logprob for x in la] == pytest.approx([x.logprob for x in lb], abs=1e-4)
+        assert [t.token for t in la[0].top_logprobs] == [t.token for t in lb[0].top_logprobs]
+
+
+def test_stop_strings_and_stream_pieces_add_up(hf, native):
+    cfg = RequestConfig(max_tokens=40, ignore_eos=True)
+    full = native.infer(_reqs(PROMPTS[1:2]), cfg)[0].choices[0].message.content
+    stop = full[10:14]
+    cfg_stop = RequestConfig(max_tokens=40, stop=[stop])
+    want = hf.infer(_reqs(PROMPTS[1:2]), cfg_stop)[0].choices[0]
+    got = native.infer(_reqs(PROMPTS[1:2]), cfg_stop)[0].choices[0]
+    assert got.message.content == want.message.content and got.finish_reason == "stop"
+    chunks = list(native.infer_stream(_reqs(PROMPTS[1:2])[0], cfg))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    assert chunks[-1].usage.completion_tokens == 40
+
+
+def test_concurrent_requests_from_threads_batch_together(native):
+    import concurrent.futures as cf
+
+    cfg = RequestConfig(max_tokens=12, ignore_eos=True)
+    want = _ids(native.infer(_reqs(), cfg))
+    steps = native.stats["steps"]
+    with cf.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda r: _ids(native.infer([r], cfg))[0], _reqs()))
+    assert got == want
+    assert native.stats["steps"] - steps < 4 * 12  # shared steps, not one request after another
+
+
+def test_update_weights_takes_new_weights(lora_dir):
+    from lmforge.model import get_model_tokenizer
+
+    eng = _native()
+    try:
+        cfg = RequestConfig(max_tokens=12, ignore_eos=True)
+        before = _ids(eng.infer(_reqs(PROMPTS[:2]), cfg))
+        other, _ = get_model_tokenizer("builtin:tiny", device="cpu")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        eng.update_weights(other.named_parameters())
+        after = _ids(eng.infer(_reqs(PROMPTS[:2]), cfg))
+        from lmforge.infer.hf import HfEngine
+
+        ref = HfEngine(model_obj=other, tokenizer=eng.tokenizer, device="cpu")
+        assert after == _ids(ref.infer(_reqs(PROMPTS[:2]), cfg))
+        assert after != before
+    finally:
+        eng.close()
+
+
+# ---- architectures: by structure, not by name ------------------------------------------------
+def _random_model_dir(tmp_path, kind: str):
+    import transformers
+
+    from lmforge.model import load_tokenizer
+    from lmforge.model.builtin import TOKENIZER_DIR
+
+    tok = load_tokenizer(TOKENIZER_DIR)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+    if kind == "qwen3":  # q/k RMSNorm, explicit head_dim
+        cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+        cls = transformers.Qwen3ForCausalLM
+    elif kind == "llama3":  # llama3 RoPE scaling, untied head
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        cls = transformers.LlamaForCausalLM
+    else:  # mistral: sliding window shorter than the prompts
+        cfg = transformers.MistralConfig(**common, sliding_window=24, tie_word_embeddings=False)
+        cls = transformers.MistralForCausalLM
+    torch.manual_seed(0)
+    model = cls(cfg)
+    out = tmp_path / kind
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama3", "mistral"])
+def test_other_architectures_match_hf(tmp_path, kind):
+    from lmforge.infer.hf import HfEngine
+    from lmforge.infer.native import NativeEngine
+
+    path = _random_model_dir(tmp_path, kind)
+    cfg = RequestConfig(max_tokens=24, ignore_eos=True)
+    want = _ids(HfEngine(path, device="cpu", torch_dtype="float32", template="chatml").infer(_reqs(), cfg))
+    eng = NativeEngine(path, allow_cpu=True, torch_dtype="float32", template="chatml", num_blocks=64)
+    try:
+        assert _ids(eng.infer(_reqs(), cfg)) == want
+    finally:
+        eng.close()
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    import transformers
+
+    from lmforge.infer.native.model import UnsupportedModelError, check_architecture
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*infer_backend hf"):
+        check_architecture(model)
