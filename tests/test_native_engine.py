@@ -310,3 +310,17 @@ def test_unsupported_architecture_is_named(tmp_path):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*infer_backend hf"):
         check_architecture(model)
+
+
+def test_update_weights_never_writes_into_a_callers_model():
+    from lmforge.infer.native import NativeEngine
+    from lmforge.model import get_model_tokenizer
+
+    model, tok = get_model_tokenizer("builtin:tiny", device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eng = NativeEngine(model_obj=model, tokenizer=tok, allow_cpu=True, num_blocks=32)
+    try:
+        eng.update_weights((n, torch.zeros_like(p)) for n, p in model.named_parameters())
+    finally:
+        eng.close()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -65,6 +65,8 @@ class NativeEngine(HfEngine):
             self.native.set_lora(self.model, list(self.adapters))
         if owns_model:
             _release_fused_sources(self.model)
+        else:
+            self.native.own_weights()
         max_num_batched_tokens = max(max_num_batched_tokens or 8192, max_num_seqs)
         self.runner = ModelRunner(self.native, block_size=block_size, max_model_len=self.max_model_len,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

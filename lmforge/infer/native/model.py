@@ -170,6 +170,18 @@ class NativeModel:
             gate_up_w=torch.cat([_linear(mlp.gate_proj)[0], _linear(mlp.up_proj)[0]]),
             down_w=_linear(mlp.down_proj)[0], sliding_window=window)
 
+    def own_weights(self) -> None:
+        """Clone the tensors still shared with the transformers model (a caller's model stays untouched
+        by :meth:`load_weights`: an RL trainer's frozen LoRA base must not receive merged weights)."""
+        tied = self.lm_head is self.embed
+        self.embed, self.norm = self.embed.clone(), self.norm.clone()
+        self.lm_head = self.embed if tied else self.lm_head.clone()
+        for layer in self.layers:
+            for name in ("ln1", "o_w", "o_b", "ln2", "down_w", "q_norm", "k_norm"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, t.clone())
+
     # ---- weights updates (RL: the trainer pushes its weights after each step) ----------------
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy transformers-named weights (``model.layers.3.self_attn.q_proj.weight``, ...) in place.
