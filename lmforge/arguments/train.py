@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from lmforge.arguments.base import field
 from lmforge.arguments.model import DataArguments, ModelArguments, TemplateArguments
@@ -54,12 +54,23 @@ class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgu
     save_only_model: bool = field(False, "skip optimizer state in checkpoints (no exact resume)")
     seed: int = field(42, "random seed")
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing_every: int = field(
+        1, "with --gradient_checkpointing: recompute only every k-th decoder layer (1: all; 2: half of them, "
+           "less recompute for more memory)")
     packing: bool = field(False, "pack several rows into one sequence (no cross-row attention)")
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
                                  help="tensorboard, wandb, swanlab, none")
     resume_from_checkpoint: Optional[str] = field(None, "checkpoint folder, or 'last' for the newest one in output_dir")
     dataloader_num_workers: int = field(0, "data loader worker processes")
-    use_liger_kernel: bool = field(False, "use Liger kernels when installed")
+    use_liger_kernel: bool = field(False, "Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused cross-entropy); "
+                                          "needs a CUDA GPU and pip install 'lmforge[liger]'")
+    fused_ce: Literal["auto", "true", "false"] = field(
+        "auto", "loss from the last hidden states chunk by chunk, never the full logits; auto: on CUDA where it applies")
+    varlen_attention: Literal["auto", "true", "false"] = field(
+        "auto", "with --packing: variable-length attention kernels instead of a block-diagonal mask; auto: on CUDA")
+    lean_layers: Literal["auto", "true", "false"] = field(
+        "auto", "RMSNorm and SwiGLU that keep fewer activations for backward; auto: on CUDA without Liger")
+    torch_compile: bool = field(False, "compile the model with torch.compile (transformers' torch_compile)")
     create_checkpoint_symlink: bool = field(False, "also link output_dir/last to the last checkpoint")
     plot: bool = field(True, "write PNG plots of loss and learning rate at the end")
     use_cpu: bool = field(False, "train on the CPU even if a GPU is there")
@@ -67,6 +78,20 @@ class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgu
     @property
     def is_adapter(self) -> bool:
         return self.train_type in ("lora", "dora", "qlora")
+
+
+def switch(value: Union[str, bool, None]) -> Optional[bool]:
+    """An ``auto|true|false`` flag as True, False or None (auto); bools pass through (Python callers)."""
+    if value is None or isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
+    if low == "auto":
+        return None
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected auto, true or false, got {value!r}")
 
 
 @dataclass

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import re
@@ -78,7 +79,7 @@ def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
         lr_scheduler_type=args.lr_scheduler_type,
-        warmup_ratio=args.warmup_ratio,
+        warmup_steps=args.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio (warmup_ratio is gone)
         max_grad_norm=args.max_grad_norm,
         logging_steps=args.logging_steps,
         logging_dir=str(Path(output_dir) / "runs"),
@@ -100,15 +101,29 @@ def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool
         fp16=on_gpu and dtype == torch.float16,
         optim=args.optim or ("adamw_torch_fused" if on_gpu else "adamw_torch"),
         disable_tqdm=True,  # our progress callback draws the bar
-        use_liger_kernel=args.use_liger_kernel,
         # nan_guard must see NaN losses; the default filter would replace them with a running mean.
         logging_nan_inf_filter="nan_guard" not in args.callbacks,
+        torch_compile=bool(getattr(args, "torch_compile", False)),
     )
+    # Liger kernels and activation checkpointing are applied by run_training (lmforge.model.patches),
+    # not by the Trainer: their selection (every k-th layer, no Liger loss patch) is ours.
     ckpt_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    kw[ckpt_key] = args.gradient_checkpointing
-    if args.gradient_checkpointing:
-        kw[f"{ckpt_key}_kwargs"] = {"use_reentrant": False}
+    kw[ckpt_key] = False
+    kw["use_liger_kernel"] = False
     return TrainingArguments(**{k: v for k, v in kw.items() if k in fields})
+
+
+# transformers optimizer names implemented by bitsandbytes (adamw_torch_8bit is torchao's, galore_* GaLore's)
+_BNB_OPTIMS = {"adamw_8bit", "paged_adamw", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit",
+               "paged_lion_8bit", "paged_lion_32bit", "ademamix", "ademamix_8bit", "paged_ademamix_8bit",
+               "paged_ademamix_32bit"}
+
+
+def _check_optimizer(args: TrainArguments) -> None:
+    """``--optim`` names that need bitsandbytes fail here with the flag named, not deep in the Trainer."""
+    name = (args.optim or "").lower()
+    if ("bnb" in name or name in _BNB_OPTIMS) and importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(f"--optim {args.optim} needs bitsandbytes (pip install 'lmforge[qlora]')")
 
 
 def load_training_data(args: TrainArguments, template: Any, *, pack: bool | None = None,
@@ -214,6 +229,7 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
     """Apply the tuner, build the trainer (``LmforgeTrainer`` or a subclass), train, save the last step."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from lmforge.model.patches import configure_for_training, enable_gradient_checkpointing
     from lmforge.registry import LOSSES, METRICS, OPTIMIZERS
     from lmforge.trainers.collator import Collator
     from lmforge.trainers.trainer import LmforgeTrainer
@@ -221,7 +237,12 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
 
     args, output_dir = setup.args, setup.output_dir
     _log_sample(train_ds, setup.template)
+    _check_optimizer(args)
+    for line in configure_for_training(setup.model, args, setup.on_gpu):
+        logger.info(line)
     model = prepare_model(setup.model, args)
+    if args.gradient_checkpointing:
+        logger.info(enable_gradient_checkpointing(model, args.gradient_checkpointing_every))
     hf_args = _hf_training_arguments(args, output_dir, val_ds is not None, setup.dtype)
     optimizers = (OPTIMIZERS.get(args.optimizer)(model, args), None) if args.optimizer else (None, None)
     if val_ds is not None and "compute_metrics" not in trainer_kwargs:

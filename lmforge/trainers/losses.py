@@ -20,15 +20,15 @@ Add one with a plugin file::
     def my_loss(logits, targets):          # [N, V] float32 labelled rows, [N] targets
         return per_token_loss              # [N]
 
-``chunked_cross_entropy`` computes the same cross-entropy from the last hidden states and the
-output embedding without ever holding the full ``[N, V]`` logits, for large vocabularies.
+The same cross-entropy from the last hidden states and the output embedding, without ever
+holding the full ``[N, V]`` logits, is in ``lmforge.trainers.fused_ce`` (the Trainer uses it on
+CUDA; ``chunked_cross_entropy`` is re-exported here under its earlier name).
 """
 from __future__ import annotations
 
 import functools
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -105,77 +105,10 @@ def focal(logits: Tensor, targets: Tensor, gamma: float = 2.0) -> Tensor:
     return -((1.0 - logp.exp()) ** gamma) * logp
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of ``hidden @ weight.T`` computed ``chunk_size`` rows at a time.
+def __getattr__(name: str):
+    """``chunked_cross_entropy`` lives in ``fused_ce`` (which imports this module): resolved on first use."""
+    if name == "chunked_cross_entropy":
+        from lmforge.trainers.fused_ce import chunked_cross_entropy
 
-    The forward pass keeps only each row's log-sum-exp; the backward pass recomputes one chunk of
-    logits at a time to form ``softmax - onehot``. Peak extra memory is one ``[chunk, V]`` float32
-    block instead of ``[N, V]`` (same idea as the fused linear cross-entropy of Liger kernels,
-    written here with plain matmuls).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, scale: Tensor, chunk_size: int) -> Tensor:
-        n = hidden.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        safe = labels.clamp(min=0)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            logits = (hidden[s:e] @ weight.T).float()
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, safe[s:e, None]).squeeze(1)
-            total += ((lse[s:e] - target_logit) * scale[s:e]).sum()
-        ctx.save_for_backward(hidden, weight, safe, scale, lse)
-        ctx.chunk_size = chunk_size
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        hidden, weight, safe, scale, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # accumulate the weight gradient in float32 across chunks, cast once at the end
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        cs = ctx.chunk_size
-        for s in range(0, hidden.shape[0], cs):
-            e = min(s + cs, hidden.shape[0])
-            logits = (hidden[s:e] @ weight.T).float()
-            g = torch.exp(logits - lse[s:e, None])                     # softmax
-            g.scatter_add_(1, safe[s:e, None], torch.full_like(g[:, :1], -1.0))
-            g *= (scale[s:e] * grad_out)[:, None]                      # rows with scale 0 vanish
-            if need_h:
-                grad_h[s:e] = g.to(hidden.dtype) @ weight
-            if need_w:
-                grad_w += g.T @ hidden[s:e].float()
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
-
-
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 4096,
-                          loss_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of ``hidden @ weight.T`` against ``labels``, without the full logits.
-
-    ``hidden`` [N, H] (already lined up with ``labels`` [N], -100 = ignore), ``weight`` [V, H] the
-    output embedding. Returns ``(sum_loss, n_tokens)``: the float32 sum of (``loss_scale``-
-    weighted) per-token losses and the number of labelled tokens, so the caller divides by its own
-    normaliser (e.g. ``num_items_in_batch``). Gradients flow to ``hidden`` and ``weight``.
-    """
-    if hidden.dim() != 2:
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-    labels = labels.reshape(-1)
-    if hidden.shape[0] != labels.shape[0]:
-        raise ValueError(f"hidden has {hidden.shape[0]} rows but labels has {labels.shape[0]}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    mask = labels != IGNORE_INDEX
-    scale = mask.float()
-    if loss_scale is not None:
-        scale = scale * loss_scale.reshape(-1).float()
-    # only labelled rows matter: dropping the rest saves matmuls when prompts are masked
-    idx = mask.nonzero().squeeze(1)
-    if idx.numel() < labels.numel():
-        hidden, labels, scale = hidden.index_select(0, idx), labels[idx], scale[idx]
-    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, scale.detach(), chunk_size)
-    return total, mask.sum()
+        return chunked_cross_entropy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,9 @@
 
 1. The loss is a registered function over shifted labels (``--loss_type``), normalised by the
    labelled tokens of the whole accumulated batch, so gradient accumulation and packing give the
-   same loss as one big padded batch.
+   same loss as one big padded batch. In training on CUDA (``--fused_ce``), the cross-entropy
+   losses are computed from the last hidden states and the output weight chunk by chunk
+   (``fused_ce``), never from full logits; where that cannot apply the reason is logged once.
 2. Checkpoints are written into a staging folder and renamed into place with the tokenizer and
    ``args.json`` inside, so a crash mid-write never leaves a ``checkpoint-N`` that looks complete.
 3. Evaluation reports token accuracy (or ``--eval_metric``) without keeping full logits.
@@ -23,6 +25,26 @@ from lmforge.utils.io import atomic_write_text, replace_dir
 logger = logging.getLogger(__name__)
 
 
+class FusedLoss:
+    """Cross-entropy from the hidden states the model returns while its output layer is bypassed."""
+
+    def __init__(self, head: Any, label_smoothing: float, use_liger: bool):
+        self.head = head
+        self.label_smoothing = label_smoothing
+        self.use_liger = use_liger
+
+    def __call__(self, hidden: Any, labels: Any, loss_scale: Any, num_items_in_batch: Any) -> Any:
+        import torch.nn.functional as F
+
+        from lmforge.trainers.fused_ce import fused_linear_cross_entropy
+
+        # hidden[t] predicts labels[t + 1]: shift the labels rather than copy the hidden states
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        scale = F.pad(loss_scale[:, 1:], (0, 1), value=0.0) if loss_scale is not None else None
+        return fused_linear_cross_entropy(hidden, self.head.weight, targets, loss_scale=scale,
+                                          num_items_in_batch=num_items_in_batch,
+                                          label_smoothing=self.label_smoothing, use_liger=self.use_liger)
+
 
 class LmforgeTrainer(Trainer):
     def __init__(self, *args: Any, loss_fn: Callable | None = None, lmforge_args: Any = None, **kwargs: Any):
@@ -34,12 +56,18 @@ class LmforgeTrainer(Trainer):
         # Our loss divides by the labelled tokens of the whole accumulated batch (num_items_in_batch).
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+        self._fused_ce: FusedLoss | None | bool = None   # None: not decided yet; False: off
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         loss_scale = inputs.pop("loss_scale", None)
+        fused = self.fused_loss(model) if model.training and not return_outputs else None
+        if fused is not None:
+            with fused.head.returning_hidden_states():
+                hidden = model(**inputs, use_cache=False).logits
+            return fused(hidden, labels, loss_scale, num_items_in_batch)
         outputs = model(**inputs, use_cache=False)
         logits = outputs.logits
         loss = self.loss_fn(
@@ -48,6 +76,48 @@ class LmforgeTrainer(Trainer):
             num_items_in_batch=num_items_in_batch if model.training else None,
         )
         return (loss, outputs) if return_outputs else loss
+
+    # ---- fused linear + cross-entropy ---------------------------------------------------
+    def fused_loss(self, model: Any) -> FusedLoss | None:
+        """The fused loss for this model, or None (plain logits); decided and logged on first use."""
+        if self._fused_ce is None:
+            self._fused_ce = self._decide_fused_loss(model) or False
+        return self._fused_ce or None
+
+    def _decide_fused_loss(self, model: Any) -> FusedLoss | None:
+        from lmforge.arguments.train import switch
+        from lmforge.registry import LOSSES
+        from lmforge.trainers.output_head import check_output_head, resolve_output_head
+
+        a = self.lmforge_args
+        mode = switch(getattr(a, "fused_ce", "auto")) if a is not None else None
+        if mode is False:
+            return None
+        on_cuda = next(model.parameters()).is_cuda
+        if mode is None and not on_cuda:
+            logger.info("fused cross-entropy: off on CPU (--fused_ce true turns it on)")
+            return None
+        smoothing = {id(LOSSES.get("cross_entropy")): 0.0,
+                     id(LOSSES.get("label_smoothing_ce")): 0.1}.get(id(self.loss_fn))
+        why = ""
+        if smoothing is None:
+            why = f"the loss {getattr(self.loss_fn, '__name__', self.loss_fn)!r} has no fused form"
+        elif getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            why = "FSDP/DeepSpeed shard the output weight"
+        head = None
+        if not why:
+            head, why = resolve_output_head(model)
+        if not why:
+            why = check_output_head(self.model, head)
+        if why:
+            if mode:
+                raise RuntimeError(f"--fused_ce true: cannot apply: {why}")
+            logger.warning("fused cross-entropy: off (%s); the loss uses full logits", why)
+            return None
+        liger = bool(getattr(a, "use_liger_kernel", False)) and on_cuda
+        logger.info("fused cross-entropy: on (%s kernel, label smoothing %s)", "Liger" if liger else "lmforge",
+                    smoothing)
+        return FusedLoss(head, smoothing, liger)
 
     # ---- atomic checkpoints -------------------------------------------------------------
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
