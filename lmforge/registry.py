@@ -104,3 +104,4 @@ CALLBACKS: Registry[Any] = Registry("callback", "lmforge.trainers.callbacks")
 TUNERS: Registry[Callable] = Registry("tuner", "lmforge.tuners.prepare")
 REWARDS: Registry[Callable] = Registry("reward", "lmforge.rlhf.rewards")
 MULTI_TURN: Registry[Any] = Registry("multi-turn scheduler", "lmforge.rlhf.multi_turn")
+PRMS: Registry[Any] = Registry("process reward model", "lmforge.rlhf.prm")  # step scores, for lmforge sample

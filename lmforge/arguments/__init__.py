@@ -1,15 +1,17 @@
-"""Argument dataclasses, grouped as the data path is: model, data, template, tuner, train, infer, deploy, export."""
+"""Argument dataclasses, grouped as the data path is: model, data, template, tuner, train, rlhf, infer, deploy,
+sample, rollout, export."""
 from lmforge.arguments.base import ArgumentError, from_dict, parse_args, read_args_json, save_args, to_dict
 from lmforge.arguments.infer import DeployArguments, ExportArguments, GenerationArguments, InferArguments
 from lmforge.arguments.eval import EvalArguments
 from lmforge.arguments.model import DataArguments, ModelArguments, TemplateArguments
-from lmforge.arguments.rlhf import RlhfArguments
+from lmforge.arguments.rlhf import GrpoArguments, RlhfArguments, RolloutArguments
+from lmforge.arguments.sample import RewardArguments, SampleArguments
 from lmforge.arguments.train import PtArguments, TrainArguments, TunerArguments
 
 __all__ = [
     "ArgumentError", "from_dict", "parse_args", "read_args_json", "save_args", "to_dict",
     "ModelArguments", "DataArguments", "TemplateArguments", "TunerArguments", "TrainArguments", "PtArguments",
-    "RlhfArguments",
+    "RlhfArguments", "GrpoArguments", "RewardArguments", "RolloutArguments", "SampleArguments",
     "GenerationArguments", "InferArguments", "DeployArguments", "ExportArguments",
     "EvalArguments",
 ]

@@ -15,7 +15,7 @@ ROUTES: dict[str, tuple[str, str, str]] = {
     "sft": ("lmforge.arguments:TrainArguments", "lmforge.pipelines.sft:sft_main",
             "supervised fine-tuning (lora, dora, qlora, full, freeze)"),
     "rlhf": ("lmforge.arguments:RlhfArguments", "lmforge.pipelines.rlhf:rlhf_main",
-             "preference and RL training: dpo, kto, orpo, simpo, cpo, rm"),
+             "preference and RL training: dpo, kto, orpo, simpo, cpo, rm, grpo"),
     "infer": ("lmforge.arguments:InferArguments", "lmforge.pipelines.infer:infer_main",
               "chat in the terminal, or answer a dataset into a JSONL"),
     "deploy": ("lmforge.arguments:DeployArguments", "lmforge.pipelines.deploy:deploy_main",
@@ -25,6 +25,10 @@ ROUTES: dict[str, tuple[str, str, str]] = {
     "merge-lora": ("lmforge.arguments:ExportArguments", "lmforge.pipelines.export:merge_lora_main",
                    "shorthand for export --merge_lora true"),
     "eval": ("lmforge.arguments:EvalArguments", "lmforge.pipelines.eval:eval_main", "score a model or a server on datasets; write a report"),
+    "sample": ("lmforge.arguments:SampleArguments", "lmforge.pipelines.sample:sample_main",
+               "best-of-N / rejection sampling scored by reward functions and PRMs"),
+    "rollout": ("lmforge.arguments:RolloutArguments", "lmforge.pipelines.rollout:rollout_main",
+                "generation server that a GRPO trainer pushes weights to and pulls samples from"),
 }
 
 

@@ -1,13 +1,17 @@
-"""``rlhf_main``: preference training with the sft pipeline's pieces and the PreferenceTrainer.
+"""``rlhf_main``: preference training and GRPO with the sft pipeline's pieces.
 
     from lmforge import rlhf_main, RlhfArguments
     result = rlhf_main(RlhfArguments(rlhf_type="dpo", model="builtin:tiny",
                                      dataset=["builtin:arith-preference#2000"]))
+    result = rlhf_main(RlhfArguments(rlhf_type="grpo", model="output/sft/checkpoint-1000",
+                                     dataset=["builtin:arith-rl#2000"], reward_funcs=["accuracy"]))
 
 The model, template, tuner, output folder and checkpointing are the ones ``sft`` uses
 (``prepare_training`` / ``run_training``); this module only picks the template mode, turns the
 data into the shape each objective wants, chooses the reference model, and swaps in the
-:class:`lmforge.rlhf.trainer.PreferenceTrainer` with its collator.
+:class:`lmforge.rlhf.trainer.PreferenceTrainer` with its collator (or, for grpo, the
+:class:`lmforge.rlhf.grpo_trainer.GRPOTrainer` over prompt-only rows, with its rewards and
+multi-turn scheduler; see docs/grpo.md).
 
 ``--packing`` means padding-free batches here (all ``2B`` chosen and rejected sequences of a batch
 flattened into one row); pairs are never bin-packed across batches, since a pair must stay in one
@@ -109,13 +113,51 @@ def _load_reference(args: RlhfArguments, setup: TrainingSetup) -> Any:
     return ref
 
 
+def _with_empty_labels(ds: Any) -> Any:
+    """Prompt-only rows have no labels; the shared training code logs a sample's labels, so give it none."""
+    if ds is None or "labels" in (ds.column_names or ()):
+        return ds
+    return ds.map(lambda b: {"labels": [[] for _ in b["input_ids"]]}, batched=True)
+
+
+def grpo_main(args: RlhfArguments, engine: Any = None) -> dict[str, Any]:
+    """GRPO: prompts in (a trailing reply is dropped), rewards from ``--reward_funcs``/``--reward_model``.
+
+    ``engine``: an already built rollout engine to sample from instead of the one the flags choose
+    (weights are pushed to it with ``update_weights`` after each optimizer step).
+    """
+    import torch
+
+    from lmforge.rlhf.grpo_trainer import GRPOTrainer, collate_prompts, prompt_rows
+    from lmforge.rlhf.multi_turn import build_scheduler
+    from lmforge.rlhf.rewards import build_reward_funcs
+
+    setup = prepare_training(args, "infer")  # the dataset is encoded as prompts, ending with the generation prompt
+    if args.packing:
+        logger.warning("rlhf_type grpo: --packing ignored (completions are sampled and padded per micro-batch)")
+    # rewards and the scheduler are checked before any data is encoded
+    reward_funcs = build_reward_funcs(args.reward_funcs, reward_kwargs=args.reward_kwargs,
+                                      reward_models=args.reward_model, max_completion_length=args.max_completion_length,
+                                      device="cuda" if setup.on_gpu and torch.cuda.is_available() else "cpu")
+    scheduler = build_scheduler(args.multi_turn_scheduler, args.max_turns, args.multi_turn_kwargs)
+    train, val = load_training_data(args, setup.template, pack=False, transform=prompt_rows)
+    logger.info("GRPO: %s prompts x %d samples; rewards %s (weights %s)", len(train) if hasattr(train, "__len__")
+                else "streamed", args.num_generations, [n for n, _ in reward_funcs], args.reward_weights or "all 1")
+    return run_training(setup, _with_empty_labels(train), _with_empty_labels(val), trainer_cls=GRPOTrainer,
+                        data_collator=collate_prompts, compute_metrics=None, ref_model=_reference_model(args, setup),
+                        rlhf_args=args, reward_funcs=reward_funcs, template=setup.template, scheduler=scheduler,
+                        engine=engine)
+
+
 def rlhf_main(args: RlhfArguments) -> dict[str, Any]:
-    """Train a preference objective; returns what ``sft_main`` returns (``output_dir``, ``last_checkpoint``, ...)."""
+    """Train a preference objective or GRPO; returns what ``sft_main`` returns (``output_dir``, ``last_checkpoint``, ...)."""
     from lmforge.rlhf.collator import PreferenceCollator
     from lmforge.rlhf.trainer import PreferenceTrainer
 
     if args.beta is None and args.rlhf_type != "rm":
         args.beta = args.resolved_beta  # recorded in args.json
+    if args.rlhf_type == "grpo":
+        return grpo_main(args)
     kto, rm = args.rlhf_type == "kto", args.rlhf_type == "rm"
     setup = prepare_training(args, "train" if kto else "rlhf")
     if kto and args.per_device_train_batch_size < 2:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
 from typing import Any, NamedTuple
 
 import torch
@@ -99,7 +98,82 @@ def count_sequences(batch: dict[str, Any], prefix: str = "") -> int:
     return batch[f"{prefix}input_ids"].shape[0]
 
 
-class PreferenceTrainer(LmforgeTrainer):
+class MetricStore:
+    """Values logged between two Trainer logs, kept as exact reductions: sums and counts for means, or
+    running min/max; reduced over every process (so uneven per-process subsets add up right)."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+        self._data: dict[str, dict[str, list]] = {"train": {}, "eval": {}}
+
+    def add(self, split: str, key: str, value: Tensor | float, reduce: str = "mean") -> None:
+        """``reduce``: ``mean`` (over every value added), ``min`` or ``max``."""
+        value = torch.as_tensor(value).detach().float().reshape(-1)
+        device = self.accelerator.device
+        if reduce == "mean":
+            stat = torch.stack([value.sum(), torch.tensor(float(value.numel()))]).to(device)
+            if self.accelerator.num_processes > 1:
+                stat = self.accelerator.reduce(stat, reduction="sum")
+        elif reduce in ("min", "max"):
+            if not value.numel():
+                return
+            stat = (value.min() if reduce == "min" else value.max()).to(device)[None]
+            if self.accelerator.num_processes > 1:
+                stat = self.accelerator.gather(stat)
+                stat = stat.min()[None] if reduce == "min" else stat.max()[None]
+        else:
+            raise ValueError(f"MetricStore reduce must be mean, min or max, got {reduce!r}")
+        slot = self._data[split].get(key)
+        if reduce == "mean":
+            total, count = float(stat[0]), int(stat[1])
+            self._data[split][key] = ["mean", total, count] if slot is None else ["mean", slot[1] + total, slot[2] + count]
+        else:
+            v = float(stat[0])
+            pick = min if reduce == "min" else max
+            self._data[split][key] = [reduce, v] if slot is None else [reduce, pick(slot[1], v)]
+
+    def pop(self, split: str) -> dict[str, float]:
+        """The reduced values of ``split`` (means rounded to 6 places), then forget them."""
+        out = {}
+        for key, slot in self._data[split].items():
+            if slot[0] == "mean":
+                if slot[2]:
+                    out[key] = round(slot[1] / slot[2], 6)
+            else:
+                out[key] = round(slot[1], 6)
+        self._data[split] = {}
+        return out
+
+
+class ReferenceMixin:
+    """The frozen reference policy of DPO, KTO and GRPO: a separate model, or the policy without its adapters."""
+
+    ref_model: Any = None
+
+    def _set_reference(self, ref_model: Any) -> None:
+        self.ref_model = ref_model
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+            ref_model.to(self.args.device)
+
+    def _has_adapters(self) -> bool:
+        return hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter")
+
+    @contextlib.contextmanager
+    def _reference(self, model: Any):
+        """The model that plays the reference, under no_grad: the ref model, or ``model`` without adapters
+        (or ``model`` as it is, only while precomputing before the first step)."""
+        with torch.no_grad():
+            if self.ref_model is not None:
+                yield self.ref_model
+            elif self._has_adapters():
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    yield model
+            else:
+                yield model
+
+
+class PreferenceTrainer(ReferenceMixin, LmforgeTrainer):
     """Trains DPO (and variants), KTO, ORPO, SimPO, CPO and reward models; see the module docstring.
 
     ``rlhf_args`` is an :class:`lmforge.arguments.RlhfArguments` (default: ``lmforge_args``).
@@ -120,14 +194,10 @@ class PreferenceTrainer(LmforgeTrainer):
         # Sequence-level losses are means over pairs: let the Trainer divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0]),
-                                                            "eval": defaultdict(lambda: [0.0, 0])}
+        self.metric_store = MetricStore(self.accelerator)
         if callable(ref_model) and not isinstance(ref_model, torch.nn.Module):
             ref_model = ref_model()
-        self.ref_model = ref_model
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
-            ref_model.to(self.args.device)
+        self._set_reference(ref_model)
         precompute = self.rlhf.precompute_ref_log_probs
         if self.rlhf.needs_reference and ref_model is None and not precompute and not self._has_adapters():
             raise ValueError(f"rlhf_type {self.kind} needs a reference model: pass --ref_model, train with LoRA "
@@ -138,22 +208,6 @@ class PreferenceTrainer(LmforgeTrainer):
             self.ref_model = None  # every batch carries its reference log-probs now: free the model
 
     # ----------------------------------------------------------------------------- reference
-
-    def _has_adapters(self) -> bool:
-        return hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter")
-
-    @contextlib.contextmanager
-    def _reference(self, model: Any):
-        """The model that plays the reference, under no_grad: the ref model, or ``model`` without adapters
-        (or ``model`` as it is, only while precomputing before the first step)."""
-        with torch.no_grad():
-            if self.ref_model is not None:
-                yield self.ref_model
-            elif self._has_adapters():
-                with self.accelerator.unwrap_model(model).disable_adapter():
-                    yield model
-            else:
-                yield model
 
     def precompute_reference_log_probs(self, dataset: Any, split: str) -> Any:
         """Score ``dataset`` once with the reference and add ``ref_chosen_logps``/``ref_rejected_logps``.
@@ -285,29 +339,18 @@ class PreferenceTrainer(LmforgeTrainer):
     # ----------------------------------------------------------------------------- metrics
 
     def _store(self, split: str, metrics: dict[str, Tensor]) -> None:
-        """Add per-example values to the running sums of ``split`` (merged into the next log)."""
+        """Add per-example values to the running means of ``split`` (merged into the next log)."""
         for key, value in metrics.items():
-            value = value.detach().float().reshape(-1)
-            total = torch.stack([value.sum(), torch.tensor(float(value.numel()), device=value.device)])
-            if self.accelerator.num_processes > 1:  # sums and counts, so uneven KTO subsets add up right
-                total = self.accelerator.reduce(total, reduction="sum")
-            slot = self._metrics[split][key]
-            slot[0] += float(total[0])
-            slot[1] += int(total[1])
+            self.metric_store.add(split, key, value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if split == "eval" else ""
-        stored = self._metrics[split]
-        for key, (total, count) in stored.items():
-            if count:
-                logs[f"{prefix}{key}"] = round(total / count, 6)
+        stored = self.metric_store.pop(split)
+        logs.update({f"{prefix}{k}": v for k, v in stored.items()})
         if "rewards/chosen" in stored and "rewards/rejected" in stored and f"{prefix}rewards/margins" not in logs:
             # KTO's chosen and rejected rows are unpaired: the margin is the difference of the means
-            c, r = stored["rewards/chosen"], stored["rewards/rejected"]
-            if c[1] and r[1]:
-                logs[f"{prefix}rewards/margins"] = round(c[0] / c[1] - r[0] / r[1], 6)
-        stored.clear()
+            logs[f"{prefix}rewards/margins"] = round(stored["rewards/chosen"] - stored["rewards/rejected"], 6)
         super().log(logs, start_time)
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,

@@ -1,0 +1,96 @@
+"""The rollout server (``lmforge rollout``): the OpenAI app plus the three routes an RL trainer needs.
+
+- ``GET /rollout/info``: the served model, ``max_model_len``, the engine, how many weight updates it took;
+- ``POST /rollout/generate``: ``{"requests": [...], "config": RequestConfig}`` -> ``{"responses": [...]}``:
+  engine requests in (a chat ``{"messages", "tools"}``, or token ids ``{"prompt": [ids], "tools"}``),
+  :class:`~lmforge.infer.protocol.ChatCompletionResponse` out, with each choice's ``token_ids``;
+- ``POST /rollout/update_weights``: a safetensors body of ``name -> tensor`` (transformers names, any
+  subset) loaded with ``engine.update_weights`` between generations.
+
+The OpenAI routes (``/v1/chat/completions``, ``/health``, ...) stay, so the policy being trained can
+be chatted with or evaluated while it trains. Auth (``--api_key``) covers every route. A trainer
+reaches the server through :class:`lmforge.rlhf.rollout.RolloutClient` (``--rollout_url``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from lmforge.infer.base import InferEngine
+from lmforge.infer.errors import InferRequestError
+from lmforge.infer.protocol import InferRequest, RequestConfig
+from lmforge.serve.app import create_app, read_json
+from lmforge.serve.errors import APIError, from_validation_error
+from lmforge.serve.schemas import PromptRequest
+
+logger = logging.getLogger("lmforge.serve")
+
+DEFAULT_MAX_WEIGHTS_BYTES = 1024 ** 3
+
+
+def create_rollout_app(engine: InferEngine, args: Any = None) -> FastAPI:
+    """The OpenAI-compatible app over ``engine`` with the ``/rollout`` routes added (``args``: RolloutArguments)."""
+    app = create_app(engine, args)
+    state = app.state.lmforge
+    max_json = state.cfg.max_request_bytes
+    max_weights = getattr(args, "max_weights_request_bytes", None) or DEFAULT_MAX_WEIGHTS_BYTES
+    counters = {"weight_updates": 0}
+
+    async def check_auth(request: Request) -> None:
+        state.auth.check(request.headers.get("authorization"))
+
+    router = APIRouter(prefix="/rollout", dependencies=[Depends(check_auth)])
+
+    @router.get("/info")
+    async def info() -> dict[str, Any]:
+        return {"model": state.base_name, "max_model_len": getattr(engine, "max_model_len", None),
+                "engine": type(engine).__name__, "weight_updates": counters["weight_updates"]}
+
+    @router.post("/generate")
+    async def generate(request: Request) -> JSONResponse:
+        body = await read_json(request, max_json)
+        items = body.get("requests")
+        if not isinstance(items, list) or not items:
+            raise APIError(400, "'requests' must be a non-empty list of engine requests", param="requests")
+        try:
+            reqs = [PromptRequest.model_validate({k: v for k, v in r.items() if k != "messages" or v})
+                    if isinstance(r, dict) and "prompt" in r else InferRequest.model_validate(r) for r in items]
+            cfg = RequestConfig.model_validate(body.get("config") or {})
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        try:
+            results = await asyncio.to_thread(engine.infer, reqs, cfg, use_tqdm=False)
+        except InferRequestError as e:
+            param = f"requests[{e.index}]" if e.index is not None else "requests"
+            raise APIError(400, e.reason, param=param, code="invalid_request") from None
+        return JSONResponse({"responses": [r.model_dump(mode="json") for r in results]})
+
+    @router.post("/update_weights")
+    async def update_weights(request: Request) -> JSONResponse:
+        from lmforge.rlhf.rollout import bytes_to_tensors
+
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_weights:
+                raise APIError(413, f"weight update over {max_weights} bytes (--max_weights_request_bytes); send "
+                                    "smaller chunks", code="request_too_large")
+        try:
+            tensors = bytes_to_tensors(bytes(body))
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's
+            raise APIError(400, f"the body is not safetensors: {e}", code="invalid_body") from None
+        try:
+            await asyncio.to_thread(engine.update_weights, list(tensors.items()))
+        except (KeyError, ValueError) as e:
+            raise APIError(400, str(e).strip("'\""), code="invalid_weights") from None
+        counters["weight_updates"] += 1
+        logger.info("rollout: %d tensors updated (update %d)", len(tensors), counters["weight_updates"])
+        return JSONResponse({"updated": len(tensors), "weight_updates": counters["weight_updates"]})
+
+    app.include_router(router)
+    return app
