@@ -58,7 +58,8 @@ def start_server(args: argparse.Namespace, port: int, log_path: Path) -> subproc
     cmd = [sys.executable, "-m", "lmforge.cli.main", "deploy", "--model", args.model, "--host", HOST,
            "--port", str(port), "--max_concurrency", str(args.max_concurrency),
            "--max_queue", str(max(args.clients, 64)), "--max_new_tokens", str(args.max_tokens),
-           "--max_batch_size", str(args.max_concurrency), "--shutdown_timeout", "5"]
+           "--max_batch_size", str(args.max_concurrency), "--shutdown_timeout", "5",
+           "--infer_backend", args.infer_backend]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log = open(log_path, "w")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=repo)
@@ -160,7 +161,7 @@ async def run(args: argparse.Namespace) -> int:
                 proc.wait()
 
     print(f"\n{args.clients} streaming clients x {args.duration:g} s, max_tokens {args.max_tokens}, "
-          f"--max_concurrency {args.max_concurrency}, model {args.model}")
+          f"--max_concurrency {args.max_concurrency}, model {args.model}, backend {args.infer_backend}")
     print(f"requests: sent {stats.sent}, completed {stats.ok}, errors {len(stats.errors)}, lost {lost}; "
           f"server counted {server_ok:.0f} completed")
     if stats.latency:
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_tokens", type=int, default=16, help="max_tokens of each request")
     p.add_argument("--max_concurrency", type=int, default=8, help="the server's --max_concurrency")
     p.add_argument("--model", default="builtin:tiny", help="model for lmforge deploy")
+    p.add_argument("--infer_backend", default="hf", choices=["hf", "native"], help="the server's engine")
     p.add_argument("--grace", type=float, default=120.0, help="seconds in-flight requests get after --duration")
     p.add_argument("--startup_timeout", type=float, default=180.0, help="seconds to wait for the server")
     args = p.parse_args(argv)

@@ -93,3 +93,11 @@ def test_bf16_divergence_from_hf_is_a_near_tie(tmp_path):
         print(f"diverged at token {k}: hf top-2 logprob gap {gap:.4f}")
         assert gap < 0.15, f"engines disagree at token {k} where hf's choice led by {gap:.3f} nats"
     print(f"{same}/4 identical over 48 tokens")
+
+
+def test_model_that_does_not_fit_is_a_clear_error():
+    from lmforge.infer.native import NativeEngine
+    from lmforge.infer.native.runner import OutOfMemoryForModel
+
+    with pytest.raises(OutOfMemoryForModel, match="does not fit.*gpu_memory_utilization"):
+        NativeEngine("builtin:tiny", gpu_memory_utilization=0.001)

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _SUB = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
         "down": ("down_proj",)}
+_GROUP_WIDTH = {group: len(subs) for group, subs in _SUB.items()}  # sub-projections sharing one fused matrix
 
 
 class UnsupportedModelError(ValueError):
@@ -286,20 +287,21 @@ class NativeModel:
         masks = self._lora_masks(meta.lora_idx) if self.lora_slots and meta.lora_idx is not None else None
         nq, nkv, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
 
-        def lora(x: torch.Tensor, layer: _Layer, group: str, S: int) -> torch.Tensor | None:
-            if masks is None or group not in layer.lora:
-                return None
-            A, B = layer.lora[group]
-            return ((x @ A) * masks[S]) @ B
+        def proj(x: torch.Tensor, layer: _Layer, group: str, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+            """x @ weight.T (+ bias), plus each token's own LoRA delta for this group of projections."""
+            out = F.linear(x, weight, bias)
+            if masks is not None and group in layer.lora:
+                A, B = layer.lora[group]
+                out = out + ((x @ A) * masks[_GROUP_WIDTH[group]]) @ B
+            return out
 
         if self.fused:
-            return self._forward_fused(h, positions, meta, k_cache, v_cache, lora)
+            return self._forward_fused(h, positions, meta, k_cache, v_cache, proj)
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.ln1, self.eps)
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
-            if (delta := lora(x, layer, "qkv", 3)) is not None:
-                qkv = qkv + delta
+            qkv = proj(x, layer, "qkv", layer.qkv_w, layer.qkv_b)
             q = qkv[:, :nq].view(T, self.num_heads, d)
             k = qkv[:, nq:nq + nkv].view(T, self.num_kv_heads, d)
             v = qkv[:, nq + nkv:].view(T, self.num_kv_heads, d)
@@ -311,24 +313,18 @@ class NativeModel:
             o = self.attention(q, k_cache[i], v_cache[i], meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                meta.max_query_len, self.scale, sliding_window=layer.sliding_window)
             o = o.reshape(T, nq)
-            out = F.linear(o, layer.o_w, layer.o_b)
-            if (delta := lora(o, layer, "o", 1)) is not None:
-                out = out + delta
+            out = proj(o, layer, "o", layer.o_w, layer.o_b)
             h = h + out
             x = rms_norm(h, layer.ln2, self.eps)
-            gu = F.linear(x, layer.gate_up_w)
-            if (delta := lora(x, layer, "gate_up", 2)) is not None:
-                gu = gu + delta
+            gu = proj(x, layer, "gate_up", layer.gate_up_w)
             g, u = gu.chunk(2, dim=-1)
             a = F.silu(g) * u
-            out = F.linear(a, layer.down_w)
-            if (delta := lora(a, layer, "down", 1)) is not None:
-                out = out + delta
+            out = proj(a, layer, "down", layer.down_w)
             h = h + out
         return rms_norm(h, self.norm, self.eps)
 
     def _forward_fused(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta,
-                       k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], lora: Callable) -> torch.Tensor:
+                       k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], proj: Callable) -> torch.Tensor:
         """The same computation with the fused kernels (CUDA): residual adds ride along the norms."""
         from lmforge.infer.native import kernels
 
@@ -336,9 +332,7 @@ class NativeModel:
         nq = self.num_heads * self.head_dim
         x, residual = kernels.add_rms_norm(h, None, self.layers[0].ln1, self.eps)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
-            if (delta := lora(x, layer, "qkv", 3)) is not None:
-                qkv = qkv + delta
+            qkv = proj(x, layer, "qkv", layer.qkv_w, layer.qkv_b)
             kernels.rope_and_cache(qkv, positions, self.cos, self.sin, meta.slot_mapping, k_cache[i], v_cache[i],
                                    self.num_heads, self.num_kv_heads, self.head_dim, layer.q_norm, layer.k_norm,
                                    self.eps)
@@ -346,17 +340,11 @@ class NativeModel:
             o = self.attention(q, k_cache[i], v_cache[i], meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                meta.max_query_len, self.scale, sliding_window=layer.sliding_window)
             o = o.reshape(T, nq)
-            out = F.linear(o, layer.o_w, layer.o_b)
-            if (delta := lora(o, layer, "o", 1)) is not None:
-                out = out + delta
+            out = proj(o, layer, "o", layer.o_w, layer.o_b)
             x, residual = kernels.add_rms_norm(out, residual, layer.ln2, self.eps)
-            gu = F.linear(x, layer.gate_up_w)
-            if (delta := lora(x, layer, "gate_up", 2)) is not None:
-                gu = gu + delta
+            gu = proj(x, layer, "gate_up", layer.gate_up_w)
             a = kernels.silu_and_mul(gu)
-            out = F.linear(a, layer.down_w)
-            if (delta := lora(a, layer, "down", 1)) is not None:
-                out = out + delta
+            out = proj(a, layer, "down", layer.down_w)
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             x, residual = kernels.add_rms_norm(out, residual, nxt, self.eps)
         return x
