@@ -381,10 +381,12 @@ class HfEngine(InferEngine):
         return [rows[j * n:(j + 1) * n] for j in range(len(jobs))]
 
     def _finish_row(self, r: int, gen: list[int], row_max: int, criteria: _StopCriteria, stop: StopStrings,
-                    logprobs: Callable[[int, int], list[TokenLogprob]] | None, eos_ids: list[int]) -> _Row:
+                    logprobs: Callable[[int, int], list[TokenLogprob]] | None,
+                    eos_ids: list[int] | None = None) -> _Row:
         """Where sequence ``r`` really ended, and why (generate pads sequences that finished early)."""
         stop_at = criteria.stop_at[r]
         limit = min(len(gen), row_max, stop_at if stop_at is not None else row_max)
+        eos_ids = self.stop_token_ids if eos_ids is None else eos_ids  # [] with ignore_eos
         eos = next((k for k, t in enumerate(gen[:limit]) if t in eos_ids), None)
         text_end = None
         if eos is not None:
