@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -84,9 +85,10 @@ def test_cli_route_and_errors(tmp_path, capsys):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 1 + 1?"}], "solution": "2"}) + "\n"
                    + json.dumps({"messages": [{"role": "assistant", "content": "orphan"}]}) + "\n")
     out = tmp_path / "o.jsonl"
-    with pytest.raises(ValueError, match="bad.jsonl:2: nothing to answer.*--strict false"):
-        main(["sample", "--model", "builtin:tiny", "--dataset", str(bad), "--reward_funcs", "accuracy",
-              "--result_path", str(out)])
+    capsys.readouterr()
+    assert main(["sample", "--model", "builtin:tiny", "--dataset", str(bad), "--reward_funcs", "accuracy",
+                 "--result_path", str(out)]) == 2  # an input error: its message, no traceback
+    assert re.search("bad.jsonl:2: nothing to answer.*--strict false", capsys.readouterr().err)
     assert main(["sample", "--model", "builtin:tiny", "--dataset", str(bad), "--reward_funcs", "accuracy",
                  "--strict", "false", "--num_return_sequences", "2", "--max_new_tokens", "4",
                  "--result_path", str(out)]) == 0

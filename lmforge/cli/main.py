@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+from pathlib import Path
 
 # command -> (arguments class, pipeline function, one-line description)
 ROUTES: dict[str, tuple[str, str, str]] = {
@@ -80,7 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.arguments import parse_args
 
     args = parse_args(_load(args_path), rest, prog=f"lmforge {cmd}")
-    _load(main_path)(args)
+    try:
+        _load(main_path)(args)
+    except (ValueError, OSError) as e:
+        # lmforge's own input errors (bad dataset line, unknown reward, unsupported model...) already name
+        # the file, line, field or flag: print that, not a traceback (LMFORGE_TRACEBACK=1 shows it).
+        import traceback
+
+        frames = traceback.extract_tb(e.__traceback__)
+        ours = type(e).__module__.startswith("lmforge.") or (frames and "lmforge" in Path(frames[-1].filename).parts)
+        if not ours or os.environ.get("LMFORGE_TRACEBACK"):
+            raise
+        print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
