@@ -324,3 +324,32 @@ def test_update_weights_never_writes_into_a_callers_model():
     finally:
         eng.close()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_server_on_native_answers_openai_client_concurrently(native):
+    """The deploy path: the native engine behind the server, the official client, parallel requests."""
+    import concurrent.futures as cf
+
+    from openai import OpenAI
+
+    from lmforge.arguments import DeployArguments
+    from lmforge.serve import create_app
+    from lmforge.serve.server import ServerThread
+
+    app = create_app(native, DeployArguments(model="builtin:tiny"))
+    assert app.state.lmforge.limiter.max_concurrency == native.max_num_seqs  # not the hf default of 8
+    with ServerThread(app) as srv:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="none")
+        want = [r.choices[0].message.content for r in native.infer(_reqs(), RequestConfig(max_tokens=16))]
+
+        def ask(prompt: str) -> str:
+            out = client.chat.completions.create(model=native.model_name, max_tokens=16,
+                                                 messages=[{"role": "user", "content": prompt}])
+            return out.choices[0].message.content
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, PROMPTS))
+        assert got == want
+        stream = client.chat.completions.create(model=native.model_name, max_tokens=16, stream=True,
+                                                messages=[{"role": "user", "content": PROMPTS[0]}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want[0]

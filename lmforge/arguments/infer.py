@@ -31,7 +31,12 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
     max_batch_size: int = field(16, "requests generated together")
     result_path: Optional[str] = field(None, "batch mode output JSONL (default: <ckpt_dir or output>/infer_result/<time>.jsonl)")
     max_model_len: Optional[int] = field(None, "longest prompt + reply (default: the model's)")
-    gpu_memory_utilization: float = field(0.9, "fraction of GPU memory the native engine may use")
+    gpu_memory_utilization: float = field(0.9, "native: fraction of GPU memory for weights, activations and KV cache")
+    max_num_seqs: int = field(256, "native: sequences decoded together (continuous batching)")
+    max_num_batched_tokens: int = field(8192, "native: tokens per step; longer prompts are prefilled in chunks")
+    block_size: int = field(16, "native: tokens per KV-cache block")
+    enable_prefix_caching: bool = field(True, "native: share KV blocks of common prompt prefixes")
+    enforce_eager: bool = field(False, "native: no CUDA graphs (debugging)")
     seed: int = field(42, "random seed")
 
 
@@ -44,7 +49,8 @@ class DeployArguments(InferArguments):
     api_key: Optional[str] = field(None, "require 'Authorization: Bearer KEY'")
     api_key_file: Optional[str] = field(None, "file with one accepted key per line")
     served_model_name: Optional[str] = field(None, "model name in /v1/models (default: the model's folder name)")
-    max_concurrency: int = field(8, "requests generated at once")
+    max_concurrency: Optional[int] = field(None, "requests generated at once (default: 8 for hf, max_num_seqs for "
+                                                  "native)")
     max_queue: int = field(64, "requests waiting beyond max_concurrency before 429")
     log_file: Optional[str] = field(None, "also write the request log here")
     queue_timeout: float = field(600.0, "seconds a request may wait for a slot before 503 (0: no limit)")

@@ -43,7 +43,9 @@ def build_engine(args: InferArguments) -> Any:
     if args.agent_template:
         kwargs["agent_template"] = args.agent_template
     if args.infer_backend == "native":
-        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+        kwargs.update(gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                      enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
     return get_engine(args.infer_backend, **kwargs)
 
 

@@ -47,7 +47,7 @@ class ServeConfig:
     served_model_name: Optional[str] = None
     api_key: Optional[str] = None
     api_key_file: Optional[str] = None
-    max_concurrency: int = 8
+    max_concurrency: Optional[int] = None  # None: the engine's max_num_seqs (native), else 8
     max_queue: int = 64
     queue_timeout: Optional[float] = 600.0
     max_request_bytes: int = 16 * 1024 * 1024
@@ -399,6 +399,8 @@ def _validate(model: type, body: dict[str, Any]):
 def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
     """The OpenAI-compatible app serving ``engine``; ``args`` is a DeployArguments (or ServeConfig)."""
     cfg = ServeConfig.from_args(args)
+    if cfg.max_concurrency is None:  # a continuously batching engine serves as many as it batches
+        cfg.max_concurrency = getattr(engine, "max_num_seqs", None) or 8
     state = ServeState(engine, cfg)
 
     @asynccontextmanager
