@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch.nn.functional as F
 
 from lmforge.registry import LOSSES
@@ -95,26 +96,31 @@ def test_bf16_close_to_float32_reference():
     assert (gw.float() - rw).abs().max() < 2e-2 * rw.abs().max()
 
 
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op makes while active."""
+
+    numel = 0
+
+    def __enter__(self):
+        LargestTensor.numel = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                LargestTensor.numel = max(LargestTensor.numel, t.numel())
+        return out
+
+
 def test_never_builds_full_logits():
     """No tensor made in the forward or backward pass is as large as the [N, V] logits."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Biggest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Biggest.numel = max(Biggest.numel, t.numel())
-            return out
-
     N, H, V, chunk = 64, 8, 40, 16
     hidden, weight, labels, scale = _data(5, N=N, H=H, V=V)
-    with Biggest():
+    with LargestTensor():
         loss = fused_linear_cross_entropy(hidden, weight, labels, loss_scale=scale, chunk_size=chunk)
         loss.backward()
-    assert 0 < Biggest.numel <= chunk * V < N * V
+    assert 0 < LargestTensor.numel <= chunk * V < N * V
 
 
 def test_default_chunk_rows():

@@ -119,30 +119,20 @@ def test_chunked_cross_entropy_equals_full(chunk_size):
 
 def test_chunked_cross_entropy_never_builds_full_logits():
     """No tensor made in the forward or backward pass is as large as the [N, V] logits."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Biggest(TorchDispatchMode):
-        numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Biggest.numel = max(Biggest.numel, t.numel())
-            return out
+    from tests.test_fused_ce import LargestTensor
 
     g = torch.Generator().manual_seed(6)
     N, H, V, chunk = 40, 8, 30, 16
     hidden = torch.randn(N, H, generator=g, requires_grad=True)
     weight = torch.randn(V, H, generator=g, requires_grad=True)
     labels = torch.randint(0, V, (N,), generator=g)
-    with Biggest():
+    with LargestTensor():
         s, _ = chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk)
         s.backward()
-    assert 0 < Biggest.numel <= chunk * V < N * V
-    with Biggest():  # the spy does see a full computation's logits
+    assert 0 < LargestTensor.numel <= chunk * V < N * V
+    with LargestTensor():  # the spy does see a full computation's logits
         F.cross_entropy(hidden @ weight.T, labels).backward()
-    assert Biggest.numel == N * V
+    assert LargestTensor.numel == N * V
 
 
 # ---------------------------------------------------------------- metrics
