@@ -103,6 +103,7 @@ def run_experiment(workdir: str | Path, warm_target: float = 0.45, max_sft_steps
         CALLBACKS.register("arith_warm_start_stop", stopper.callback(tok, tpl), overwrite=True)
         sft = sft_main(TrainArguments(model="builtin:tiny", dataset=["builtin:arith#20000"], train_type="full",
                                       learning_rate=sft_lr, per_device_train_batch_size=64, max_steps=max_sft_steps,
+                                      warmup_ratio=0.0,  # the warm-start curve was measured without warm-up
                                       save_steps=10 ** 6, logging_steps=100, callbacks=["arith_warm_start_stop"],
                                       output_dir=str(workdir / "sft"), **common))
         sft_ckpt = sft["last_checkpoint"]

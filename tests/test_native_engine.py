@@ -353,3 +353,14 @@ def test_server_on_native_answers_openai_client_concurrently(native):
         stream = client.chat.completions.create(model=native.model_name, max_tokens=16, stream=True,
                                                 messages=[{"role": "user", "content": PROMPTS[0]}])
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want[0]
+
+
+def test_cli_without_cuda_is_one_clear_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    from lmforge.cli.main import main
+
+    assert main(["infer", "--model", "builtin:tiny", "--infer_backend", "native", "--val_dataset",
+                 "builtin:arith#2"]) == 2
+    err = capsys.readouterr().err
+    assert "lmforge infer: error:" in err and "--infer_backend hf" in err and "Traceback" not in err

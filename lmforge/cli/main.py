@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(_load(args_path), rest, prog=f"lmforge {cmd}")
     try:
         _load(main_path)(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         # lmforge's own input errors (bad dataset line, unknown reward, unsupported model...) already name
         # the file, line, field or flag: print that, not a traceback (LMFORGE_TRACEBACK=1 shows it).
         import traceback
 
         frames = traceback.extract_tb(e.__traceback__)
-        ours = type(e).__module__.startswith("lmforge.") or (frames and "lmforge" in Path(frames[-1].filename).parts)
+        ours = type(e).__module__.startswith("lmforge.") or (
+            not isinstance(e, RuntimeError) and frames and "lmforge" in Path(frames[-1].filename).parts)
         if not ours or os.environ.get("LMFORGE_TRACEBACK"):
             raise
         print(f"lmforge {cmd}: error: {e}", file=sys.stderr)

@@ -29,6 +29,10 @@ from lmforge.infer.utils import StopStrings
 
 logger = logging.getLogger(__name__)
 
+class NoCudaError(RuntimeError):
+    """The native engine was asked for where no CUDA GPU is visible."""
+
+
 NO_CUDA = ("the native engine runs on NVIDIA GPUs (CUDA) and none is visible here; "
            "use --infer_backend hf, which runs on any device")
 
@@ -47,7 +51,7 @@ class NativeEngine(HfEngine):
                  enforce_eager: bool = False, num_blocks: int | None = None, device: str | None = None,
                  allow_cpu: bool = False, **kwargs: Any):
         if not allow_cpu and not torch.cuda.is_available():
-            raise RuntimeError(NO_CUDA)
+            raise NoCudaError(NO_CUDA)
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         owns_model = kwargs.get("model_obj") is None
