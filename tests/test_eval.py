@@ -67,6 +67,9 @@ def test_builtin_arith_is_the_held_out_split():
     assert resolve_spec("builtin:arith") == "builtin:arith:test"
     assert resolve_spec("builtin:arith#50") == "builtin:arith:test#50"
     assert resolve_spec("builtin:arith:train") == "builtin:arith:train"
+    assert resolve_spec("builtin:arith-rl") == "builtin:arith-rl:test"  # GRPO's prompt set: same held-out rows
+    rl = load_eval_set("builtin:arith-rl", mc_generate=True, limit=5)
+    assert rl.source == "builtin:arith-rl:test" and all(str(it.reference).lstrip("-").isdigit() for it in rl.items)
     ds = load_eval_set("builtin:arith", mc_generate=True, limit=30)
     assert ds.source == "builtin:arith:test" and len(ds.items) == 30
     for it in ds.items:
