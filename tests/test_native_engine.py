@@ -364,3 +364,18 @@ def test_cli_without_cuda_is_one_clear_line(capsys):
                  "builtin:arith#2"]) == 2
     err = capsys.readouterr().err
     assert "lmforge infer: error:" in err and "--infer_backend hf" in err and "Traceback" not in err
+
+
+def test_n_samples_share_the_prompt_blocks(native):
+    long = ["Please read this long instruction carefully and then answer the question at the end: " * 2
+            + "what is 2+2?"]
+    cfg = RequestConfig(max_tokens=12, temperature=0.8, seed=7, n=4)
+    hits, prefill = native.blocks.hits, native.stats["prefill_tokens"]
+    out = native.infer(_reqs(long), cfg)[0]
+    prompt = out.usage.prompt_tokens
+    full_blocks = (prompt - 1) // native.blocks.block_size
+    assert native.blocks.hits - hits >= 3 * full_blocks * native.blocks.block_size  # samples 2-4 reuse them
+    assert native.stats["prefill_tokens"] - prefill < 2 * prompt  # not 4 prompts' worth of prefill
+    again = native.infer(_reqs(long), cfg)[0]
+    assert [c.token_ids for c in again.choices] == [c.token_ids for c in out.choices]  # seeded: same samples
+    assert len({tuple(c.token_ids) for c in out.choices}) > 1

@@ -224,7 +224,7 @@ class NativeEngine(HfEngine):
 
     def _generate(self, jobs: list[_Job], cfg: RequestConfig, *, streamer: Any = None,
                   cancel: threading.Event | None = None, progress: Any = None) -> list[list[_Row]]:
-        """Submit every sequence of every job at once; wait for them (or for ``cancel``)."""
+        """Submit every job's sequences (a prompt's extra samples once it is cached); wait for them (or ``cancel``)."""
         done = threading.Event()
         remaining = [len(jobs) * cfg.n]
         per_job_left = [cfg.n] * len(jobs)
@@ -233,7 +233,14 @@ class NativeEngine(HfEngine):
         all_seqs: list[list[Sequence]] = []
         lockstep = _Lockstep(streamer.queue, cfg) if streamer is not None else None
 
+        # The n samples of a prompt share its KV blocks: the first is prefilled alone, the others are
+        # submitted once its prompt is in the cache (they then prefill only the last, partial block).
+        deferred: dict[int, list[Sequence]] = {}
+
         def on_token(seq: Sequence) -> None:
+            if seq.seq_id in deferred and (seq.num_output or seq.status is Status.FINISHED):
+                for other in deferred.pop(seq.seq_id):
+                    self.submit(other)
             if lockstep is not None:
                 lockstep.update(all_seqs[0])
             if seq.status is Status.FINISHED and not getattr(seq, "_counted", False):
@@ -252,7 +259,11 @@ class NativeEngine(HfEngine):
             for s in seqs:
                 job_of[s.seq_id] = j
             all_seqs.append(seqs)
+        share = self.blocks.prefix_caching and cfg.n > 1
         for seqs in all_seqs:
+            if share and len(seqs[0].token_ids) > self.blocks.block_size:
+                deferred[seqs[0].seq_id] = seqs[1:]
+                seqs = seqs[:1]
             for s in seqs:
                 self.submit(s)
         while not done.wait(0.05):
@@ -260,6 +271,11 @@ class NativeEngine(HfEngine):
                 for seqs in all_seqs:
                     for s in seqs:
                         s.aborted = True
+                for rest in list(deferred.values()):  # never submitted: end them here
+                    for s in rest:
+                        s.status, s.finish_reason = Status.FINISHED, "abort"
+                        on_token(s)
+                deferred.clear()
                 self._wake.set()
                 done.wait(2.0)
                 break
