@@ -86,6 +86,20 @@ def test_scheduler_preempts_newest_when_blocks_run_out():
     assert b.token_ids == [4, 5, 6, 9, 9]  # its output is kept, to be recomputed
 
 
+def test_scheduler_finishes_aborted_sequences_wherever_they_are():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    sch = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=16)
+    a, b = _seq([1, 2, 3]), _seq([4, 5, 6])
+    sch.add(a)
+    sch.add(b)
+    sch.schedule()  # a runs, b waits (max_num_seqs 1)
+    a.aborted = b.aborted = True
+    assert sch.schedule() == []
+    assert {s.seq_id for s in sch.dropped} == {a.seq_id, b.seq_id}
+    assert all(s.status is Status.FINISHED and s.finish_reason == "abort" for s in (a, b))
+    assert not sch.running and not sch.waiting and bm.num_available == 7
+
+
 # ---- the engine on the CPU -------------------------------------------------------------------
 PROMPTS = ["What is 12+7?", "Tell me a story about a robot who learns to paint.", "hi",
            "List three colours and explain why each one is nice to look at."]

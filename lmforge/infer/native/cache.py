@@ -36,16 +36,11 @@ class BlockManager:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody owns, oldest first
         self.free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
         self.hits = 0  # tokens served from the prefix cache (for metrics)
-        self.queries = 0
 
     # ---- capacity ----------------------------------------------------------------------------
     @property
     def num_available(self) -> int:
         return len(self.free) + len(self.evictable)
-
-    def usage(self) -> float:
-        """Fraction of usable blocks owned by running sequences."""
-        return 1.0 - self.num_available / (self.num_blocks - 1)
 
     # ---- allocation --------------------------------------------------------------------------
     def _take(self) -> int:
@@ -90,7 +85,6 @@ class BlockManager:
             return blocks, hashes
         bs = self.block_size
         parent = None
-        self.queries += len(tokens)
         for i in range(min(len(tokens), max_tokens) // bs):
             h = block_hash(parent, tokens[i * bs:(i + 1) * bs], adapter)
             block = self.cached.get(h)

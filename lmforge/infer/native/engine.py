@@ -85,7 +85,7 @@ class NativeEngine(HfEngine):
         self._wake = threading.Event()
         self._step_lock = threading.Lock()  # held for a whole step; update_weights takes it too
         self._closed = False
-        self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "graph_steps": 0}
+        self._counts = {"steps": 0, "tokens": 0, "prefill_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="lmforge-native", daemon=True)
         self._thread.start()
 
@@ -106,32 +106,34 @@ class NativeEngine(HfEngine):
                     self._step()
                 except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                     logger.exception("native engine step failed")
-                    for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                        seq.error = e  # type: ignore[attr-defined]
+                    for seq in (*self.scheduler.running, *self.scheduler.waiting):
+                        seq.error = e
                         self._finish(seq, "abort")
-                    self.scheduler.waiting.clear()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Steps, sampled tokens, prompt-chunk tokens and CUDA-graph replays so far."""
+        return {**self._counts, "graph_steps": self.runner.graph_steps}
 
     def _step(self) -> None:
         sched = self.scheduler
         batch = sched.schedule()
-        for seq in [s for s in list(sched.waiting) if s.status is Status.FINISHED]:
-            self._notify(seq)
+        while sched.dropped:  # cancelled while running or waiting: their callers stop waiting now
+            self._notify(sched.dropped.pop())
         if not batch:
             head = sched.waiting[0] if sched.waiting and not sched.running else None
             if head is not None and -(-(len(head.token_ids) + 1) // self.blocks.block_size) >= self.blocks.num_blocks:
-                seq = sched.waiting.popleft()  # it cannot fit even alone
-                seq.error = RuntimeError(  # type: ignore[attr-defined]
+                head.error = RuntimeError(  # it cannot fit even alone
                     f"the KV cache ({self.blocks.num_blocks * self.blocks.block_size} tokens) cannot hold this "
-                    f"request's {len(seq.token_ids)} tokens")
-                self._finish(seq, "abort")
+                    f"request's {len(head.token_ids)} tokens")
+                self._finish(head, "abort")
             return
         sample_rows = [i for i, (s, n) in enumerate(batch) if s.num_computed + n == len(s.token_ids)]
         logits = self.runner.execute(batch, sample_rows)
-        self.stats["graph_steps"] = self.runner.graph_steps
         for seq, n in batch:
             sched.advance(seq, n)
-        self.stats["steps"] += 1
-        self.stats["prefill_tokens"] += sum(n for s, n in batch if n > 1)
+        self._counts["steps"] += 1
+        self._counts["prefill_tokens"] += sum(n for s, n in batch if n > 1)
         if not sample_rows:
             return
         seqs = [batch[i][0] for i in sample_rows]
@@ -140,7 +142,7 @@ class NativeEngine(HfEngine):
         chosen = chosen.tolist() if chosen is not None else None
         top_ids = top_ids.tolist() if top_ids is not None else None
         top_lps = top_lps.tolist() if top_lps is not None else None
-        self.stats["tokens"] += len(tokens)
+        self._counts["tokens"] += len(tokens)
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             if seq.status is not Status.RUNNING:
                 continue
@@ -151,7 +153,7 @@ class NativeEngine(HfEngine):
             reason = None
             if tok in seq.stop_ids and not seq.params.ignore_eos:
                 reason = "stop"
-            elif seq.stop_check is not None and seq.stop_check(seq):
+            elif seq.stop_strings and self._stop_string_in_tail(seq):
                 reason = "stop"
             elif seq.num_output >= seq.max_tokens:
                 reason = "length"
@@ -160,10 +162,14 @@ class NativeEngine(HfEngine):
             else:
                 self._notify(seq)
 
+    def _stop_string_in_tail(self, seq: Sequence) -> bool:
+        # A stop string of L characters spans at most 4L byte-level tokens; a few more for context.
+        window = 4 * seq.stop_strings.max_len + 4
+        return seq.stop_strings.find(self._decode(seq.output_ids[-window:])) >= 0
+
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status is not Status.FINISHED:
-            self.scheduler.finish(seq, reason) if seq.status is Status.RUNNING else \
-                setattr(seq, "status", Status.FINISHED) or setattr(seq, "finish_reason", reason)
+            self.scheduler.finish(seq, reason)
         self._notify(seq)
 
     @staticmethod
@@ -198,12 +204,6 @@ class NativeEngine(HfEngine):
 
     def _sequences(self, job: _Job, cfg: RequestConfig, on_token: Callable[[Sequence], None]) -> list[Sequence]:
         stop = StopStrings([*cfg.stop, *self.stop_words])
-        window = 4 * stop.max_len + 4 if stop else 0
-
-        def check(seq: Sequence) -> bool:
-            return stop.find(self._decode(seq.output_ids[-window:])) >= 0
-
-        stop_check = check if stop else None
         seqs = []
         for k in range(cfg.n):
             gen = None
@@ -215,20 +215,18 @@ class NativeEngine(HfEngine):
                 frequency_penalty=cfg.frequency_penalty,
                 logprobs=(cfg.top_logprobs or 0) if cfg.logprobs else -1,
                 ignore_eos=bool(getattr(cfg, "ignore_eos", False)), generator=gen)
-            seq = Sequence(token_ids=list(job.input_ids), max_tokens=job.max_tokens, params=params,
-                           adapter=self._adapter_slot(job.request.adapter),
-                           stop_ids=frozenset(self.stop_token_ids), stop_check=stop_check, on_token=on_token)
-            seq.stop_strings = stop  # type: ignore[attr-defined]
-            seqs.append(seq)
+            seqs.append(Sequence(token_ids=list(job.input_ids), max_tokens=job.max_tokens, params=params,
+                                 adapter=self._adapter_slot(job.request.adapter),
+                                 stop_ids=frozenset(self.stop_token_ids), stop_strings=stop, on_token=on_token))
         return seqs
 
     def _generate(self, jobs: list[_Job], cfg: RequestConfig, *, streamer: Any = None,
                   cancel: threading.Event | None = None, progress: Any = None) -> list[list[_Row]]:
         """Submit every job's sequences (a prompt's extra samples once it is cached); wait for them (or ``cancel``)."""
         done = threading.Event()
-        remaining = [len(jobs) * cfg.n]
         per_job_left = [cfg.n] * len(jobs)
         lock = threading.Lock()
+        counted: set[int] = set()
         job_of: dict[int, int] = {}
         all_seqs: list[list[Sequence]] = []
         lockstep = _Lockstep(streamer.queue, cfg) if streamer is not None else None
@@ -243,16 +241,18 @@ class NativeEngine(HfEngine):
                     self.submit(other)
             if lockstep is not None:
                 lockstep.update(all_seqs[0])
-            if seq.status is Status.FINISHED and not getattr(seq, "_counted", False):
-                seq._counted = True  # type: ignore[attr-defined]
-                with lock:
-                    remaining[0] -= 1
-                    j = job_of[seq.seq_id]
-                    per_job_left[j] -= 1
-                    if progress is not None and per_job_left[j] == 0:
-                        progress.update(1)
-                    if remaining[0] == 0:
-                        done.set()
+            if seq.status is not Status.FINISHED:
+                return
+            with lock:  # the loop thread and a cancelling caller may both report a sequence
+                if seq.seq_id in counted:
+                    return
+                counted.add(seq.seq_id)
+                j = job_of[seq.seq_id]
+                per_job_left[j] -= 1
+                if progress is not None and per_job_left[j] == 0:
+                    progress.update(1)
+                if len(counted) == len(job_of):
+                    done.set()
 
         for j, job in enumerate(jobs):
             seqs = self._sequences(job, cfg, on_token)
@@ -283,8 +283,8 @@ class NativeEngine(HfEngine):
                 raise RuntimeError("the native engine's loop has stopped")
         for seqs in all_seqs:
             for s in seqs:
-                if getattr(s, "error", None) is not None:
-                    raise s.error  # type: ignore[attr-defined]
+                if s.error is not None:
+                    raise s.error
         return [[self._row(s) for s in seqs] for seqs in all_seqs]
 
     def _row(self, seq: Sequence) -> _Row:
@@ -292,7 +292,7 @@ class NativeEngine(HfEngine):
         gen = list(seq.output_ids)
         reason = seq.finish_reason or "abort"
         eos = reason == "stop" and gen and gen[-1] in seq.stop_ids and not seq.params.ignore_eos
-        text, hit = seq.stop_strings.cut(self._decode(gen[:-1] if eos else gen))  # type: ignore[attr-defined]
+        text, hit = seq.stop_strings.cut(self._decode(gen[:-1] if eos else gen))
         if hit:
             reason = "stop"
         logprobs = None

@@ -94,25 +94,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
-        """One forward with the largest step: a scratch cache of one block per sequence is enough."""
+        """One forward with the largest step, over a scratch cache just big enough for it."""
         T = self.max_num_batched_tokens
         B = min(self.max_num_seqs, T)
-        per = T // B
-        kv_shape = (B * math.ceil(per / self.block_size) + 1, self.block_size, self.model.num_kv_heads,
-                    self.model.head_dim)
-        kc = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype)]
-        vc = [torch.zeros_like(kc[0])]
-        lens = [per] * B
-        lens[-1] += T - per * B
+        lens = [T // B] * B
+        lens[-1] += T - sum(lens)
         seqs_blocks = []
-        next_block = 1
+        next_block = 1  # block 0 is the scratch block, as in the real cache
         for n in lens:
             k = math.ceil(n / self.block_size)
             seqs_blocks.append(list(range(next_block, next_block + k)))
             next_block += k
-        if next_block > kv_shape[0]:
-            kc = [torch.zeros((next_block, *kv_shape[1:]), device=self.device, dtype=self.dtype)]
-            vc = [torch.zeros_like(kc[0])]
+        kc = [torch.zeros(next_block, self.block_size, self.model.num_kv_heads, self.model.head_dim,
+                          device=self.device, dtype=self.dtype)]
+        vc = [torch.zeros_like(kc[0])]
         meta, ids, pos, _ = self._prepare_raw([(0, n, b, [1] * n, -1) for n, b in zip(lens, seqs_blocks)])
         h = self.model.forward(ids, pos, meta, kc * self.model.num_layers, vc * self.model.num_layers)
         logits = self.model.logits(h[-B:])

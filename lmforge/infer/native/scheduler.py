@@ -54,7 +54,7 @@ class SamplingParams:
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's list/deque removals must not compare token lists
 class Sequence:
     """One generated sequence: its tokens, its KV blocks, and how it ends."""
 
@@ -63,7 +63,7 @@ class Sequence:
     params: SamplingParams
     adapter: int = -1  # LoRA slot; -1 = base model
     stop_ids: frozenset[int] = frozenset()
-    stop_check: Callable[["Sequence"], bool] | None = None  # stop strings, checked on the host
+    stop_strings: Any = None  # a StopStrings, checked on the host by the engine
     on_token: Callable[["Sequence"], None] | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
     prompt_len: int = 0
@@ -74,7 +74,7 @@ class Sequence:
     finish_reason: str | None = None
     aborted: bool = False
     logprobs: list[tuple[int, float, list[int] | None, list[float] | None]] = field(default_factory=list)
-    arrival: int = 0
+    error: BaseException | None = None  # why the engine could not finish it (raised to the caller)
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)
@@ -100,6 +100,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preempted = 0
         self.watermark = max(1, blocks.num_blocks // 100)  # room kept for running sequences' next blocks
+        self.dropped: list[Sequence] = []  # aborted sequences finished by schedule(), for the engine to report
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -179,14 +180,9 @@ class Scheduler:
         self.num_preempted += 1
 
     def _drop_aborted(self) -> None:
-        for seq in [s for s in self.running if s.aborted]:
+        for seq in [s for s in (*self.running, *self.waiting) if s.aborted]:
             self.finish(seq, "abort")
-        if any(s.aborted for s in self.waiting):
-            for seq in [s for s in self.waiting if s.aborted]:
-                self.waiting.remove(seq)
-                self.blocks.release(seq.blocks)
-                seq.blocks = []
-                seq.status, seq.finish_reason = Status.FINISHED, "abort"
+            self.dropped.append(seq)
 
     # ---- after the forward pass --------------------------------------------------------------
     def advance(self, seq: Sequence, n: int) -> None:
@@ -200,8 +196,11 @@ class Scheduler:
                 seq.blocks[k], parent, seq.token_ids[k * self.bs:(k + 1) * self.bs], seq.adapter))
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """End ``seq`` wherever it is (running or waiting) and release its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
         self.blocks.release(seq.blocks)
         seq.blocks = []
         seq.status, seq.finish_reason = Status.FINISHED, reason
