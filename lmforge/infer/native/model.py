@@ -264,17 +264,15 @@ class NativeModel:
                             B[col:col + r, off:off + outs[s_i]] = (b.T * m.scaling[n]).to(self.dtype)
                         off += outs[s_i]
                 layer.lora[group] = (A, B)
-        self.lora_rank = rank
         self.lora_slots = {n: i for i, n in enumerate(names)}
+        # Column -> adapter slot of each fused group's A_all (its width is N x sub-projections x rank).
+        self._lora_owner = {S: torch.arange(N * S * rank, device=self.device) // (S * rank)
+                            for S in set(_GROUP_WIDTH.values())}
         logger.info("native engine: %d LoRA adapter(s) applied per token (rank %d)", N, rank)
 
     def _lora_masks(self, lora_idx: torch.Tensor) -> dict[int, torch.Tensor]:
-        N, r = len(self.lora_slots), self.lora_rank
-        masks = {}
-        for S in (1, 2, 3):
-            owner = torch.arange(N * S * r, device=self.device) // (S * r)
-            masks[S] = (owner[None, :] == lora_idx[:, None]).to(self.dtype)
-        return masks
+        """Per group width: [T, columns] 1 where a column belongs to the token's own adapter."""
+        return {S: (owner[None, :] == lora_idx[:, None]).to(self.dtype) for S, owner in self._lora_owner.items()}
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta,
