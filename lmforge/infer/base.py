@@ -9,6 +9,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from typing import Any, AsyncIterator, Iterable, Iterator
 
+from lmforge.infer.errors import InferRequestError
 from lmforge.infer.protocol import ChatCompletionResponse, ChatCompletionStreamResponse, InferRequest, RequestConfig
 
 
@@ -80,3 +81,24 @@ class InferEngine(ABC):
         not share the policy's parameters. Names not given keep their values."""
         raise NotImplementedError(f"the {type(self).__name__} engine cannot take weight updates "
                                   "(update_weights), so it cannot serve RL rollouts from a changing policy")
+
+
+def infer_each(engine: InferEngine, requests: list[InferRequest], request_config: RequestConfig | None = None
+               ) -> list[ChatCompletionResponse | InferRequestError]:
+    """``engine.infer`` over ``requests``, where a request the engine rejects (an
+    :class:`InferRequestError` naming its index: a prompt over ``max_model_len``, say) gets that error in
+    its place and the others are still answered. An error that names no request is raised."""
+    out: list[ChatCompletionResponse | InferRequestError] = [None] * len(requests)  # type: ignore[list-item]
+    todo = list(range(len(requests)))
+    while todo:
+        try:
+            results = engine.infer([requests[i] for i in todo], request_config, use_tqdm=False)
+        except InferRequestError as e:
+            if e.index is None or not 0 <= e.index < len(todo):
+                raise
+            out[todo.pop(e.index)] = e
+            continue
+        for i, r in zip(todo, results):
+            out[i] = r
+        break
+    return out

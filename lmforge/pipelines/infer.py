@@ -242,34 +242,35 @@ def _default_result_path(args: InferArguments, engine: Any) -> Path:
 
 def _generate_chunk(engine: Any, items: list[_Item], config: Any) -> None:
     """Answer ``items`` in one engine call; a request the engine rejects is marked and the rest retried."""
+    from lmforge.infer.base import infer_each
     from lmforge.infer.errors import InferRequestError
 
     pending = [it for it in items if it.error is None]
-    while pending:
-        try:
-            responses = engine.infer([it.request for it in pending], config, use_tqdm=False)
-        except InferRequestError as e:
-            if e.index is None or not 0 <= e.index < len(pending):
-                raise
-            pending.pop(e.index).error = e.reason
-            continue
-        except Exception as e:  # noqa: BLE001 - one bad row must not sink the chunk: isolate it
-            if len(pending) == 1:
-                pending[0].error = f"{type(e).__name__}: {e}"
-                return
-            logger.warning("a batch failed (%s: %s); retrying its rows one by one", type(e).__name__, e)
-            for it in pending:
-                _generate_chunk(engine, [it], config)
-            return
-        for it, resp in zip(pending, responses):
-            choice = resp.choices[0]
-            it.out["response"] = choice.message.content
-            if choice.message.tool_calls:
-                it.out["tool_calls"] = [c.model_dump() for c in choice.message.tool_calls]
-            it.out["finish_reason"] = choice.finish_reason
-            it.usage = resp.usage.model_dump()
-            it.out["usage"] = it.usage
+    if not pending:
         return
+    try:
+        results = infer_each(engine, [it.request for it in pending], config)
+    except InferRequestError:
+        raise  # it names no request: not one row's fault
+    except Exception as e:  # noqa: BLE001 - one bad row must not sink the chunk: isolate it
+        if len(pending) == 1:
+            pending[0].error = f"{type(e).__name__}: {e}"
+            return
+        logger.warning("a batch failed (%s: %s); retrying its rows one by one", type(e).__name__, e)
+        for it in pending:
+            _generate_chunk(engine, [it], config)
+        return
+    for it, resp in zip(pending, results):
+        if isinstance(resp, InferRequestError):
+            it.error = resp.reason
+            continue
+        choice = resp.choices[0]
+        it.out["response"] = choice.message.content
+        if choice.message.tool_calls:
+            it.out["tool_calls"] = [c.model_dump() for c in choice.message.tool_calls]
+        it.out["finish_reason"] = choice.finish_reason
+        it.usage = resp.usage.model_dump()
+        it.out["usage"] = it.usage
 
 
 def batch_infer(engine: Any, args: InferArguments, config: Any, *, adapter: str | None = None) -> dict[str, Any]:

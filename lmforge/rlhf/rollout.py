@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from lmforge.infer.base import InferEngine
+from lmforge.infer.base import InferEngine, infer_each
 from lmforge.infer.errors import InferRequestError
 from lmforge.infer.protocol import ChatCompletionResponse, InferRequest, RequestConfig
 
@@ -77,20 +77,12 @@ def _infer_tolerant(engine: InferEngine, requests: list[InferRequest], cfg: Requ
                     ) -> list[ChatCompletionResponse | None]:
     """``engine.infer``, but a request the engine refuses (a conversation grown past ``max_model_len``)
     gets None instead of failing the rest."""
-    out: list[ChatCompletionResponse | None] = [None] * len(requests)
-    todo = list(range(len(requests)))
-    while todo:
-        try:
-            results = engine.infer([requests[i] for i in todo], cfg, use_tqdm=False)
-        except InferRequestError as e:
-            if e.index is None or not 0 <= e.index < len(todo):
-                raise
-            logger.debug("rollout: request dropped from this turn: %s", e)
-            todo.pop(e.index)
-            continue
-        for i, r in zip(todo, results):
-            out[i] = r
-        break
+    out = []
+    for r in infer_each(engine, requests, cfg):
+        if isinstance(r, InferRequestError):
+            logger.debug("rollout: request dropped from this turn: %s", r)
+            r = None
+        out.append(r)
     return out
 
 
