@@ -500,9 +500,7 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         store.add(split, "rollout/seconds", seconds)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
-        logs.update({f"{prefix}{k}": v for k, v in self.metric_store.pop(split).items()})
+        split, _ = self.metric_store.pop_into(logs)
         if split == "train" and self.rlhf.log_completions and self._last_group is not None \
                 and self.args.should_save:
             self._write_completions()

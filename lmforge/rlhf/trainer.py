@@ -144,6 +144,15 @@ class MetricStore:
         self._data[split] = {}
         return out
 
+    def pop_into(self, logs: dict[str, float]) -> tuple[str, dict[str, float]]:
+        """Add the stored values of the split a Trainer ``logs`` dict belongs to (``eval_`` keys mean eval)
+        to it, prefixed like its keys; returns (split, the values)."""
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        stored = self.pop(split)
+        prefix = "eval_" if split == "eval" else ""
+        logs.update({f"{prefix}{k}": v for k, v in stored.items()})
+        return split, stored
+
 
 class ReferenceMixin:
     """The frozen reference policy of DPO, KTO and GRPO: a separate model, or the policy without its adapters."""
@@ -344,10 +353,8 @@ class PreferenceTrainer(ReferenceMixin, LmforgeTrainer):
             self.metric_store.add(split, key, value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        split, stored = self.metric_store.pop_into(logs)
         prefix = "eval_" if split == "eval" else ""
-        stored = self.metric_store.pop(split)
-        logs.update({f"{prefix}{k}": v for k, v in stored.items()})
         if "rewards/chosen" in stored and "rewards/rejected" in stored and f"{prefix}rewards/margins" not in logs:
             # KTO's chosen and rejected rows are unpaired: the margin is the difference of the means
             logs[f"{prefix}rewards/margins"] = round(stored["rewards/chosen"] - stored["rewards/rejected"], 6)

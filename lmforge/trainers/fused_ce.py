@@ -85,7 +85,7 @@ def _ce_chunk(logits: Tensor, target: Tensor, scale: Tensor, smoothing: float,
 
 def kernel_status() -> str:
     """How the chunk math ran last: compiled, eager, or eager after a compile failure."""
-    return _ce_chunk_compiled.status if _ce_chunk_compiled.status != "eager" else "eager"
+    return _ce_chunk_compiled.status
 
 
 # ---------------------------------------------------------------- float32 accumulation of the weight gradient
