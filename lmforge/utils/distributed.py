@@ -1,0 +1,99 @@
+"""The few torch.distributed facts every layer needs: who am I, how many are we, reduce a statistic.
+
+Each function is the identity in a single process (no process group), so code that calls them runs
+unchanged in one process, under torchrun with gloo on CPU, or with NCCL on GPUs. Statistics that
+decide something (a KL reference point clamped at 0, a batch mean used to scale rewards) must be
+reduced across ranks *before* the decision: ``global_sum``/``global_mean`` do that reduction.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def is_distributed() -> bool:
+    return _dist() is not None
+
+
+def world_size() -> int:
+    d = _dist()
+    return d.get_world_size() if d else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the body first (fills a cache, downloads); the others wait, then run it (read the cache)."""
+    if not is_main_process():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main_process():
+            barrier()
+
+
+def global_sum(value: Any) -> Any:
+    """Sum a tensor (detached) over all ranks; the identity in one process."""
+    d = _dist()
+    if d is None:
+        return value
+    out = value.detach().clone()
+    d.all_reduce(out, op=d.ReduceOp.SUM)
+    return out
+
+
+def global_mean(total: Any, count: Any) -> Any:
+    """``sum(total) / sum(count)`` over all ranks: the mean of the global batch, not a mean of rank means."""
+    import torch
+
+    device = total.device if isinstance(total, torch.Tensor) else collective_device()
+    both = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).detach().reshape(())
+                        for x in (total, count)])
+    both = global_sum(both)
+    return both[0] / both[1].clamp(min=1)
+
+
+def collective_device() -> Any:
+    """Where a tensor must live to take part in a collective: the GPU under NCCL, else the CPU."""
+    import torch
+
+    d = _dist()
+    if d is not None and d.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (a list of one in a single process)."""
+    d = _dist()
+    if d is None:
+        return [obj]
+    out: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
