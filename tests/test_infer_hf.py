@@ -14,18 +14,6 @@ from lmforge.infer.errors import InferRequestError, PromptTooLongError
 HELLO = [{"role": "user", "content": "What is 37 + 45?"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run as fast on one thread, and OpenMP threads spinning on a shared, busy CPU
-    make every step tens of times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_lora_checkpoint(root, seed: int = 0):
     """A training-run folder (args.json) holding checkpoint-5: a LoRA adapter with random, non-zero B."""
     import torch
