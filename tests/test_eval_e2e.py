@@ -42,7 +42,7 @@ def test_trained_tiny_scores_the_same_through_engine_and_server(tmp_path, arith_
                                              **common))
 
     a, b = via_engine["datasets"]["builtin:arith"], via_server["datasets"]["builtin:arith"]
-    print(f"held-out arith after 80 steps: engine {a['metrics']}, server {b['metrics']}")
+    print(f"held-out arith, half-trained model: engine {a['metrics']}, server {b['metrics']}")
     assert a["rows"] == b["rows"] == 100 and a["errors"] == b["errors"] == 0
     assert a["metrics"] == b["metrics"]
     assert a["metrics"]["digits_right"] > 0.1

@@ -27,7 +27,27 @@ class TunerArguments:
 
 
 @dataclass
-class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArguments):
+class DistributedArguments:
+    """Several processes (torchrun, ``NPROC_PER_NODE=N``): DDP by default, or FSDP2 / DeepSpeed ZeRO."""
+
+    fsdp: Optional[str] = field(
+        None, "FSDP2 through accelerate: full_shard, shard_grad_op or hybrid_shard (shard within a node, "
+              "replicate across nodes); add 'offload' to keep parameters and optimizer state on the CPU")
+    fsdp_config: Optional[str] = field(
+        None, "more FSDP settings as JSON or a .json file (transformers' fsdp_config keys, e.g. "
+              "'{\"activation_checkpointing\": true}')")
+    deepspeed: Optional[str] = field(
+        None, "DeepSpeed ZeRO: zero2, zero3, zero3_offload (shipped presets) or a DeepSpeed .json file; "
+              "needs pip install 'lmforge[deepspeed]'")
+    ddp_backend: Optional[str] = field(None, "process-group backend; default nccl on GPUs, gloo on CPU")
+    ddp_timeout: int = field(1800, "seconds a collective may wait for the other processes before failing")
+    ddp_find_unused_parameters: Optional[bool] = field(
+        None, "DDP: search for parameters without gradients every step (slower; needed only by models that "
+              "skip layers)")
+
+
+@dataclass
+class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArguments, DistributedArguments):
     """Supervised fine-tuning: lmforge sft --model M --dataset D."""
 
     output_dir: Optional[str] = field(None, "where checkpoints go; default output/<model>/v<N>-<timestamp>")

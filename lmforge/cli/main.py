@@ -80,10 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args_path, main_path, _ = routes[cmd]
     from lmforge.arguments import parse_args
+    from lmforge.cli.launch import relaunch_under_torchrun
 
-    args = parse_args(_load(args_path), rest, prog=f"lmforge {cmd}")
+    args = parse_args(_load(args_path), rest, prog=f"lmforge {cmd}")  # flag errors once, before any process starts
+    try:
+        relaunch_under_torchrun(cmd, rest)
+    except ValueError as e:
+        print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
+        return 2
     try:
         _load(main_path)(args)
+        from lmforge.utils.distributed import shutdown
+
+        shutdown()
     except (ValueError, OSError, RuntimeError) as e:
         # lmforge's own input errors (bad dataset line, unknown reward, unsupported model...) already name
         # the file, line, field or flag: print that, not a traceback (LMFORGE_TRACEBACK=1 shows it).

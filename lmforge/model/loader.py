@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,8 @@ def get_model_tokenizer(
         kwargs["attn_implementation"] = attn_impl
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        device_map = device_map or {"": 0}
+        # each process of a multi-GPU run quantizes onto its own GPU (torchrun sets LOCAL_RANK)
+        device_map = device_map or {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if device_map:
         kwargs["device_map"] = device_map
     kwargs.update(model_kwargs or {})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.arguments import PtArguments, TrainArguments, save_args
+from lmforge.utils import distributed as dist
 from lmforge.utils.log import setup_logging
 
 logger = logging.getLogger("lmforge")
@@ -66,6 +67,8 @@ def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool
     import torch
     from transformers import TrainingArguments
 
+    from lmforge.trainers.distributed import parallel_training_kwargs
+
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     on_gpu = torch.cuda.is_available() and not args.use_cpu
     report_to = [r for r in args.report_to if r != "none"]
@@ -104,6 +107,7 @@ def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool
         # nan_guard must see NaN losses; the default filter would replace them with a running mean.
         logging_nan_inf_filter="nan_guard" not in args.callbacks,
         torch_compile=bool(getattr(args, "torch_compile", False)),
+        **parallel_training_kwargs(args, on_gpu),
     )
     # Liger kernels and activation checkpointing are applied by run_training (lmforge.model.patches),
     # not by the Trainer: their selection (every k-th layer, no Liger loss patch) is ours.
@@ -133,10 +137,16 @@ def load_training_data(args: TrainArguments, template: Any, *, pack: bool | None
     ``transform(ds) -> ds`` edits the canonical rows before encoding (rlhf turns KTO pairs into
     unpaired rows there); ``pack=False`` lets a trainer flatten batches itself.
     """
-    from lmforge.dataset import encode_dataset, load_dataset
-
     if not args.dataset:
         raise ValueError("no training data: pass --dataset (a file, a hub id, or builtin:arith)")
+    # Rank 0 loads, encodes and packs into the cache first; the other ranks then read what it wrote.
+    with dist.main_process_first():
+        return _load_training_data(args, template, pack, transform)
+
+
+def _load_training_data(args: TrainArguments, template: Any, pack: bool | None, transform: Any) -> tuple[Any, Any]:
+    from lmforge.dataset import encode_dataset, load_dataset
+
     train, val = load_dataset(
         args.dataset, val_dataset=args.val_dataset or None, split_dataset_ratio=args.split_dataset_ratio,
         seed=args.data_seed, columns=args.columns or None, strict=args.strict, streaming=args.streaming,
@@ -193,7 +203,9 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
     from lmforge.model import get_model_tokenizer
     from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, load_plugins
     from lmforge.template import get_template
+    from lmforge.trainers.distributed import parallel_training_kwargs
     from lmforge.tuners.prepare import qlora_quantization_config
+    from lmforge.utils.distributed import init_distributed
 
     load_plugins(args.external_plugins)
     if not args.model:
@@ -205,11 +217,20 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
                              ("--optimizer", OPTIMIZERS, args.optimizer)):
         if value and value not in reg:
             raise ValueError(f"{name}: {reg.unknown_message(value)}")
+    parallel_training_kwargs(args, on_gpu)  # a bad --fsdp/--deepspeed fails here, before anything loads
+    init_distributed(on_gpu, args.ddp_backend, args.ddp_timeout)
+    if not dist.is_main_process():
+        logging.getLogger("lmforge").setLevel(logging.WARNING)  # one process speaks for the run
     _apply_defaults(args, on_gpu)
-    output_dir = resolve_output_dir(args)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    save_args(args, output_dir)
-    logger.info("Output folder: %s", output_dir)
+    # The output folder (a timestamp) and the resumed checkpoint are decided once, by rank 0.
+    if dist.is_main_process():
+        output_dir = resolve_output_dir(args)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_args(args, output_dir)
+    output_dir, args.resume_from_checkpoint = dist.broadcast_object(
+        (output_dir, args.resume_from_checkpoint) if dist.is_main_process() else None)
+    logger.info("Output folder: %s%s", output_dir,
+                f" ({dist.world_size()} processes)" if dist.world_size() > 1 else "")
     set_seed(args.seed)
 
     quant = qlora_quantization_config(args) if args.train_type == "qlora" else None
@@ -260,7 +281,8 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     last = Path(output_dir) / f"checkpoint-{trainer.state.global_step}"
-    if not last.is_dir():
+    if not dist.broadcast_object(last.is_dir()):  # one answer for all ranks: saving is collective
+        trainer.final_save = True
         trainer._save_checkpoint(trainer.model, None)
     metrics = {}
     if val_ds is not None:  # reuse an evaluation made at the last step instead of running it again

@@ -57,6 +57,25 @@ class LmforgeTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._fused_ce: FusedLoss | None | bool = None   # None: not decided yet; False: off
+        self.final_save = False  # run_training's save after an early stop: write consolidated weights too
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            self._enable_fsdp_on_cpu()
+
+    def _enable_fsdp_on_cpu(self) -> None:
+        """accelerate applies FSDP only on accelerators, but torch's FSDP2 runs on CPU processes over gloo;
+        lmforge turns it on there so that ``--fsdp`` on CPU shards as asked (and its parity with one
+        process is tested on every CI run) instead of silently falling back to DDP."""
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            raise RuntimeError(f"--fsdp was not applied (accelerate chose {state.distributed_type})")
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
@@ -67,7 +86,7 @@ class LmforgeTrainer(Trainer):
         if fused is not None:
             with fused.head.returning_hidden_states():
                 hidden = model(**inputs, use_cache=False).logits
-            return fused(hidden, labels, loss_scale, num_items_in_batch)
+            return fused(hidden, labels, loss_scale, num_items_in_batch) * self.global_token_scale(num_items_in_batch)
         outputs = model(**inputs, use_cache=False)
         logits = outputs.logits
         loss = self.loss_fn(
@@ -75,7 +94,21 @@ class LmforgeTrainer(Trainer):
             loss_scale=loss_scale[:, 1:] if loss_scale is not None else None,
             num_items_in_batch=num_items_in_batch if model.training else None,
         )
+        if model.training:
+            loss = loss * self.global_token_scale(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def global_token_scale(self, num_items_in_batch: Any) -> int:
+        """The factor that makes a loss normalised by the global batch's labelled tokens survive DDP/FSDP.
+
+        ``num_items_in_batch`` counts the labelled tokens of all ranks and accumulation steps; each rank
+        divides its own token losses by it, and the gradient all-reduce then *averages* over ranks, so
+        every rank's loss is multiplied by the number of ranks (as transformers' own ``compute_loss``
+        does). The loss curve then does not depend on how many processes share the batch.
+        """
+        if num_items_in_batch is None or not self.args.average_tokens_across_devices:
+            return 1
+        return self.accelerator.num_processes
 
     # ---- fused linear + cross-entropy ---------------------------------------------------
     def fused_loss(self, model: Any) -> FusedLoss | None:
@@ -132,10 +165,33 @@ class LmforgeTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._get_output_dir = original  # type: ignore[method-assign]
+        if self.sharded_checkpoints and (self.final_save or self.state.global_step >= self.state.max_steps):
+            self.save_consolidated(staging / name)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             self._finish_checkpoint(staging / name, run_dir / name)
         self.accelerator.wait_for_everyone()
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """FSDP with sharded state: checkpoints hold per-rank shards that only FSDP can read back."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return plugin is not None and "SHARDED" in str(plugin.state_dict_type)
+
+    def save_consolidated(self, folder: Path) -> None:
+        """Gather the sharded weights (every rank takes part) and write a plain transformers/peft folder."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # torch's own gather of FSDP2's DTensors into full tensors (on the CPU of rank 0)
+        state_dict = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # tied parameters (embeddings and output head) come back as separate copies: keep the first name only,
+        # as save_pretrained does for a model in one process
+        first: dict[int, str] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(param), name) != name:
+                state_dict.pop(name, None)
+        if self.args.should_save:
+            self._save(str(folder), state_dict=state_dict)
 
     def _finish_checkpoint(self, staged: Path, final: Path) -> None:
         from transformers.trainer_utils import rotate_checkpoints

@@ -89,6 +89,47 @@ def collective_device() -> Any:
     return torch.device("cpu")
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (decisions such as a timestamped output folder must be made once)."""
+    d = _dist()
+    if d is None:
+        return obj
+    box = [obj]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def init_distributed(on_gpu: bool, backend: str | None = None, timeout_s: int = 1800) -> None:
+    """Join the process group that a launcher (torchrun, accelerate launch) described, once.
+
+    Done through accelerate's ``PartialState`` so that the Trainer finds the same state later; it binds
+    each process to its GPU (``LOCAL_RANK``). Nothing happens in a single process. NCCL is checked here
+    so that a missing one is a sentence, not a stack trace from the first collective.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return
+    import datetime
+
+    import torch
+    from accelerate import PartialState
+
+    if on_gpu and backend in (None, "nccl") and not torch.distributed.is_nccl_available():
+        raise RuntimeError("several GPU processes need NCCL, and this torch build has none: install a CUDA build "
+                           "of torch with NCCL, or pass --ddp_backend gloo (slow)")
+    if not on_gpu and backend == "nccl":
+        raise RuntimeError("--ddp_backend nccl needs CUDA GPUs; on CPU the backend is gloo")
+    PartialState(cpu=not on_gpu, backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    """Leave the process group together: a process that exits with gloo/NCCL threads still running can
+    abort ("terminate called without an active exception") and fail the whole launch."""
+    d = _dist()
+    if d is not None:
+        d.barrier()
+        d.destroy_process_group()
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order (a list of one in a single process)."""
     d = _dist()

@@ -1,0 +1,104 @@
+"""``--fsdp`` / ``--deepspeed`` / ``--ddp_*`` -> the Trainer's own arguments for several processes.
+
+The sharding engines are accelerate's FSDP2 and DeepSpeed ZeRO, driven by ``transformers.Trainer``;
+lmforge only turns its short flags into their configuration, ships the ZeRO presets (``ds_configs/``),
+and says clearly what cannot work before anything loads. Plain DDP needs nothing from here: a
+launcher that sets ``WORLD_SIZE`` is enough.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard")
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
+PRESET_DIR = Path(__file__).with_name("ds_configs")
+
+
+def _json_arg(value: str | None, flag: str) -> dict[str, Any]:
+    """A JSON object given inline or as a path to a .json file."""
+    if not value:
+        return {}
+    text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: neither a .json file nor JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{flag}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def fsdp_kwargs(fsdp: str, fsdp_config: str | None) -> dict[str, Any]:
+    """``--fsdp 'full_shard [offload]'`` -> TrainingArguments(fsdp=True, fsdp_config=..., parallelism_config=...)."""
+    words = fsdp.replace(",", " ").split()
+    strategies = [w for w in words if w in FSDP_STRATEGIES]
+    unknown = [w for w in words if w not in FSDP_STRATEGIES and w != "offload"]
+    if unknown or len(strategies) != 1:
+        raise ValueError(f"--fsdp {fsdp!r}: expected one of {', '.join(FSDP_STRATEGIES)}, optionally with 'offload'")
+    strategy = strategies[0]
+    cfg = _json_arg(fsdp_config, "--fsdp_config")
+    cfg = {k[5:] if k.startswith("fsdp_") else k: v for k, v in cfg.items()}
+    if int(cfg.get("version", 2)) != 2:
+        raise ValueError("--fsdp_config: lmforge drives FSDP2 (version 2); FSDP1 is deprecated in transformers")
+    cfg["version"] = 2
+    cfg.setdefault("reshard_after_forward", strategy != "shard_grad_op")
+    cfg.setdefault("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")
+    # Sharded checkpoints during training (resumable on another world size); run_training writes
+    # consolidated weights at the end.
+    cfg.setdefault("state_dict_type", "SHARDED_STATE_DICT")
+    if "offload" in words:
+        cfg["cpu_offload"] = True
+    kw: dict[str, Any] = {"fsdp": True, "fsdp_config": cfg}
+    if strategy == "hybrid_shard":
+        from accelerate.parallelism_config import ParallelismConfig
+
+        nnodes = int(os.environ.get("NNODES", "1"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(max(1, world // nnodes))))
+        if nnodes < 2:
+            raise ValueError("--fsdp hybrid_shard shards within a node and replicates across nodes: it needs NNODES >= 2 "
+                             "(on one node use full_shard)")
+        kw["parallelism_config"] = ParallelismConfig(dp_replicate_size=nnodes, dp_shard_size=per_node)
+    return kw
+
+
+def deepspeed_config(value: str) -> str:
+    """A shipped preset name or a user's DeepSpeed JSON file -> the file's path."""
+    if value in DEEPSPEED_PRESETS:
+        return str(PRESET_DIR / f"{value}.json")
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--deepspeed {value!r}: not a preset ({', '.join(DEEPSPEED_PRESETS)}) and no such file")
+    _json_arg(value, "--deepspeed")
+    return str(path)
+
+
+def parallel_training_kwargs(args: Any, on_gpu: bool) -> dict[str, Any]:
+    """TrainingArguments keywords for the several-process flags of ``args``; checks them first."""
+    import importlib.util
+
+    fsdp, ds = getattr(args, "fsdp", None), getattr(args, "deepspeed", None)
+    if fsdp and ds:
+        raise ValueError("--fsdp and --deepspeed both shard the model: choose one")
+    # DDP's search for unused parameters costs a graph traversal per step; off unless asked (a model that
+    # skips parameters then fails with DDP's own message naming them).
+    kw: dict[str, Any] = {"ddp_timeout": args.ddp_timeout,
+                          "ddp_find_unused_parameters": bool(args.ddp_find_unused_parameters)}
+    if args.ddp_backend:
+        kw["ddp_backend"] = args.ddp_backend
+    if fsdp:
+        if args.train_type == "qlora":
+            raise ValueError("--fsdp with --train_type qlora is not supported (4-bit weights do not shard); use lora")
+        kw.update(fsdp_kwargs(fsdp, args.fsdp_config))
+    elif args.fsdp_config:
+        raise ValueError("--fsdp_config without --fsdp: pass --fsdp full_shard (or shard_grad_op, hybrid_shard)")
+    if ds:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RuntimeError(f"--deepspeed {ds} needs DeepSpeed: pip install 'lmforge[deepspeed]'")
+        if not on_gpu:
+            raise RuntimeError(f"--deepspeed {ds} needs CUDA GPUs; on CPU use --fsdp full_shard or plain DDP")
+        kw["deepspeed"] = deepspeed_config(ds)
+    return kw
