@@ -16,10 +16,18 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def merged(ckpt):
+    import os
+
     from lmforge.cli.main import main
 
-    assert main(["export", "--ckpt_dir", str(ckpt), "--merge_lora", "true"]) == 0
-    return ckpt.with_name("checkpoint-5-merged")
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--ckpt_dir", str(ckpt), "--merge_lora", "true"]) == 0
+    finally:
+        os.umask(old)
+    # the output rule: export-<checkpoint>-<time> in the checkpoint's run folder
+    (out,) = ckpt.parent.glob("export-checkpoint-5-*")
+    return out
 
 
 def test_merged_folder_is_a_plain_model(merged):
@@ -28,6 +36,9 @@ def test_merged_folder_is_a_plain_model(merged):
             "tokenizer_config.json", "chat_template.jinja", "args.json"} <= names
     assert not any(n.startswith(".") for n in names) and not list(merged.parent.glob(".*tmp*"))
     assert "adapter_config.json" not in names
+    # under umask 022 everyone can read the weights (safetensors itself writes 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in merged.iterdir()} == {"0o644"}
+    assert merged.stat().st_mode & 0o777 == 0o755
     config = json.loads((merged / "config.json").read_text())
     assert config["use_cache"] is True and "lmforge_model" not in config
     args = json.loads((merged / "args.json").read_text())

@@ -65,7 +65,9 @@ def test_batch_on_a_builtin_dataset_with_a_checkpoint(tmp_path, capsys):
 
     ckpt = make_lora_checkpoint(tmp_path / "run")
     summary = infer_main(InferArguments(ckpt_dir=str(ckpt), dataset=["builtin:arith:test#3"], max_new_tokens=6))
-    assert summary["result_path"].startswith(str(ckpt / "infer_result"))
+    # the output rule: infer-<checkpoint>-<time>.jsonl in the checkpoint's run folder
+    assert summary["result_path"].startswith(str(ckpt.parent / "infer-checkpoint-5-"))
+    assert summary["result_path"].endswith(".jsonl")
     assert "3 rows (0 errors)" in capsys.readouterr().out
     lines = _read(summary["result_path"])
     assert len(lines) == 3 and all(line["solution"] and line["reference"] for line in lines)

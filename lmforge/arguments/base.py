@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import sys
 import types
 import typing
@@ -135,14 +136,44 @@ def suggest_flag(flag: str, valid: list[str]) -> str:
     return f" Did you mean --{close[0]}?" if close else ""
 
 
+_TYPE_NAMES = {int: "INT", float: "FLOAT", str: "STR", dict: "JSON"}
+_DESCRIBES_DEFAULT = re.compile(r"(?<!['\"])\bdefaults?\b(?!['\"])", re.IGNORECASE)  # not the quoted value 'default'
+
+
+def _metavar(tp: Any, choices: Sequence[Any] | None) -> str:
+    """What ``--help`` shows after a flag: its choices, or the type of value it takes."""
+    if choices:
+        return "{" + ",".join(map(str, choices)) + "}"
+    tp, _ = _strip_optional(tp)
+    if get_origin(tp) in (list, tuple, Sequence):
+        tp, _ = _strip_optional(get_args(tp)[0] if get_args(tp) else str)
+    if tp is bool:
+        return "{true,false}"
+    if isinstance(tp, list):  # a union such as int | str
+        return "|".join(_metavar(t, None) for t in tp)
+    return _TYPE_NAMES.get(get_origin(tp) or tp, "STR")
+
+
+def _show_default(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None or value == [] or value == {}:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # exit code 2 as argparse does; a short usage line
         self.exit(2, f"usage: {self.prog} [flags]  (see {self.prog} --help)\n{self.prog}: error: {message}\n")
 
 
 def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage="%(prog)s [flags]",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage="%(prog)s [flags]")
     parser.add_argument("--config", metavar="FILE", help="a YAML or JSON file of arguments; flags override it")
     hints = _hints(cls)
     # One help section per argument group (ModelArguments, DataArguments, ...), in a stable order.
@@ -168,11 +199,11 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", "")
-        if choices:
-            help_text += f" (choices: {', '.join(map(str, choices))})"
+        if not _DESCRIBES_DEFAULT.search(help_text):  # a computed default is described in the help text itself
+            help_text += f" (default: {_show_default(default)})"
         # Values stay strings here; conversion happens in _convert so errors name the flag our way.
         groups[klass].add_argument(f"--{f.name}", nargs="+" if is_list else None, default=argparse.SUPPRESS,
-                            help=f"{help_text} (default: {default!r})", metavar="VALUE")
+                                   help=help_text.replace("%", "%%"), metavar=_metavar(hints[f.name], choices))
     return parser
 
 
@@ -241,10 +272,13 @@ def to_dict(args: Any) -> dict:
 
 
 def save_args(args: Any, output_dir: str | Path, name: str = "args.json") -> Path:
+    """``args.json`` (readable by others, like the weights beside it), without the values of secret flags."""
+    from lmforge.utils.command import is_secret
     from lmforge.utils.io import atomic_write_text
 
+    values = {k: ("<hidden>" if v and is_secret(k) else v) for k, v in to_dict(args).items()}
     path = Path(output_dir) / name
-    atomic_write_text(path, json.dumps(to_dict(args), indent=2, ensure_ascii=False))
+    atomic_write_text(path, json.dumps(values, indent=2, ensure_ascii=False))
     return path
 
 

@@ -47,7 +47,7 @@ class EvalArguments(InferArguments):
 
     def __post_init__(self) -> None:
         if not self.compare and not self.eval_dataset:
-            raise ArgumentError("lmforge eval needs --eval_dataset (or --compare REPORT ...)")
+            raise ArgumentError("nothing to score on: pass --eval_dataset (or --compare REPORT ...)")
         if self.eval_metric and len(self.eval_metric) not in (1, len(self.eval_dataset)):
             raise ArgumentError(f"--eval_metric: give one value for all datasets or one per dataset "
                                 f"({len(self.eval_dataset)}), got {len(self.eval_metric)}")
@@ -56,5 +56,5 @@ class EvalArguments(InferArguments):
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ArgumentError(f"--eval_limit must be >= 1, got {self.eval_limit}")
         if not self.compare and not self.eval_url and not self.model and not self.ckpt_dir and not self.adapters:
-            raise ArgumentError("lmforge eval needs what to score: --model / --ckpt_dir (a local model) "
+            raise ArgumentError("nothing to score: pass --model / --ckpt_dir (a local model) "
                                 "or --eval_url (a running server)")

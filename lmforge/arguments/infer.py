@@ -19,6 +19,9 @@ class GenerationArguments:
     repetition_penalty: float = field(1.0, "penalty on repeated tokens (1: none)")
     stop: list[str] = field(default_factory=list, help="stop strings: a reply ends before the first one")
     stream: bool = field(True, "stream tokens as they are generated (interactive chat)")
+    keep_history: Optional[bool] = field(
+        None, "chat: earlier turns stay in the conversation (default: true in a terminal; false when stdin is a "
+              "pipe or file, so each message is answered on its own)")
 
 
 @dataclass
@@ -29,7 +32,8 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
     adapters: list[str] = field(default_factory=list, help="LoRA adapter folders (name=dir to name them)")
     infer_backend: Literal["hf", "native", "vllm"] = field("hf", "generation engine")
     max_batch_size: int = field(16, "requests generated together")
-    result_path: Optional[str] = field(None, "batch mode output JSONL (default: <ckpt_dir or output>/infer_result/<time>.jsonl)")
+    result_path: Optional[str] = field(None, "output JSONL (default: <command>-<time>.jsonl in the checkpoint's "
+                                                   "run folder, else in output/<model>/)")
     max_model_len: Optional[int] = field(None, "longest prompt + reply (default: the model's)")
     gpu_memory_utilization: float = field(0.9, "native: fraction of GPU memory for weights, activations and KV cache")
     max_num_seqs: int = field(256, "native: sequences decoded together (continuous batching)")
@@ -67,7 +71,8 @@ class ExportArguments(ModelArguments, TemplateArguments):
     ckpt_dir: Optional[str] = field(None, "a training checkpoint (adapter or full)")
     adapters: list[str] = field(default_factory=list, help="LoRA adapter folders to merge")
     merge_lora: bool = field(False, "merge the adapters into the base weights")
-    output_dir: Optional[str] = field(None, "where the exported model goes (default: <ckpt_dir>-merged)")
+    output_dir: Optional[str] = field(None, "where the exported model goes (default: export-<checkpoint>-<time> in "
+                                            "the checkpoint's run folder)")
     safe_serialization: bool = field(True, "kept for compatibility: transformers 5 always writes safetensors")
     max_shard_size: str = field("5GB", "largest weight file")
     push_to_hub: bool = field(False, "upload the result to the hub")

@@ -52,6 +52,6 @@ class TemplateArguments:
     max_length: Optional[int] = field(2048, "longest encoded sequence in tokens")
     truncation_strategy: Literal["left", "right", "delete", "raise"] = field(
         "delete", "what to do with a row longer than max_length")
-    loss_scale: str = field("default", "which tokens carry loss: default (assistant turns), last_round, all, ...")
+    loss_scale: str = field("default", "which tokens carry loss: 'default' (assistant turns), last_round, all, ...")
     enable_thinking: Optional[bool] = field(None, "thinking on/off for templates that support it")
     agent_template: Optional[str] = field(None, "agent template for tool calls (hermes, react_en, ...)")

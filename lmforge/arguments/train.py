@@ -62,8 +62,12 @@ class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgu
     lr_scheduler_type: str = field("cosine", "transformers scheduler name")
     warmup_ratio: float = field(0.05, "fraction of steps spent warming up")
     max_grad_norm: float = field(1.0, "gradient clipping")
-    optimizer: Optional[str] = field(None, "registered optimizer plugin (e.g. multi_lr); default AdamW")
-    optim: Optional[str] = field(None, "transformers optimizer name; default adamw_torch_fused on CUDA, adamw_torch elsewhere")
+    optimizer: Optional[str] = field(None, "an lmforge optimizer plugin that builds the optimizer itself (multi_lr: "
+                                           "LoRA+-style learning rates, or one from --external_plugins); when set, "
+                                           "--optim is ignored; default: none, so --optim decides")
+    optim: Optional[str] = field(None, "a transformers optimizer by name (adamw_torch, adamw_torch_fused, "
+                                       "adamw_bnb_8bit, adafactor, ...), used when --optimizer is not set; "
+                                       "default adamw_torch_fused on CUDA, adamw_torch elsewhere")
     loss_type: Optional[str] = field(None, "registered loss plugin; default token cross-entropy")
     eval_metric: Optional[str] = field(None, "registered metric plugin; default token accuracy")
     callbacks: list[str] = field(default_factory=list, help="registered callback plugins")

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 # command -> (arguments class, pipeline function, one-line description)
 ROUTES: dict[str, tuple[str, str, str]] = {
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args_path, main_path, _ = routes[cmd]
     from lmforge.arguments import parse_args
     from lmforge.cli.launch import relaunch_under_torchrun
+    from lmforge.utils.command import set_invocation
 
     args = parse_args(_load(args_path), rest, prog=f"lmforge {cmd}")  # flag errors once, before any process starts
     try:
@@ -88,11 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
         return 2
+    set_invocation(cmd, rest)
     try:
-        _load(main_path)(args)
+        return _run(cmd, _load(main_path), args)
+    finally:
+        set_invocation(None, [])  # main() may be called again in this process (tests, notebooks)
+
+
+def _run(cmd: str, pipeline: Any, args: Any) -> int:
+    """Run the pipeline; exit 2 with one line for an input error, 130 after Ctrl-C."""
+    try:
+        result = pipeline(args)
         from lmforge.utils.distributed import shutdown
 
-        shutdown()
+        shutdown()  # every rank leaves the process group together (a no-op in one process)
+    except KeyboardInterrupt:
+        # Ctrl-C: whatever was running has said what it saved (training prints where to resume)
+        print(f"lmforge {cmd}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as e:
         # lmforge's own input errors (bad dataset line, unknown reward, unsupported model...) already name
         # the file, line, field or flag: print that, not a traceback (LMFORGE_TRACEBACK=1 shows it).
@@ -105,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
         return 2
+    if isinstance(result, dict) and result.get("interrupted"):  # stopped cleanly by Ctrl-C, resumable
+        return 130
     return 0
 
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from lmforge.dataset.builtin import BuiltinContext
 
-__all__ = ["DatasetSpec", "load_dataset", "parse_dataset_spec", "sample_indices"]
+__all__ = ["DatasetSpec", "check_datasets", "load_dataset", "parse_dataset_spec", "sample_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -462,10 +462,24 @@ def _build(
         for spec, source in zip(specs, sources):
             table = _load_table(source, columns, strict, pool)
             if spec.n is not None:
+                if spec.n > table.num_rows:
+                    _log_upsampling(spec, source.display, table.num_rows)
                 table = table.take(sample_indices(table.num_rows, spec.n, seed))
             tables.append(table)
     prints = [[s.spec, s.n, src.fingerprint()] for s, src in zip(specs, sources)]
     return _concat_tables(tables, [s.spec for s in specs]), prints
+
+
+def _log_upsampling(spec: DatasetSpec, display: str, size: int) -> None:
+    """``name#N`` beyond the source's size repeats rows (see ``sample_indices``): say so and by how much,
+    since the preprocessing bar above counts the source's rows, not the N asked for."""
+    repeats, rest = divmod(spec.n, size)
+    times = {1: "once", 2: "twice"}
+    how = f"every row used {times.get(repeats, f'{repeats} times')}"
+    if rest:
+        how += f" and {rest:,} of them {times.get(repeats + 1, f'{repeats + 1} times')}"
+    logger.info("%s: %s has %s rows, fewer than the %s asked for, so %s rows are repeats (%s)",
+                spec.spec, display, f"{size:,}", f"{spec.n:,}", f"{spec.n - size:,}", how)
 
 
 def _to_dataset(table: pa.Table, fingerprint: str) -> datasets.Dataset:
@@ -529,6 +543,20 @@ def _stream(specs: list[DatasetSpec], sources: list, *, columns, strict, seed, s
 
 
 # ----------------------------------------------------------------------------- entry point
+
+
+def check_datasets(*spec_lists: str | list[str] | None) -> None:
+    """Fail now on a dataset that cannot be opened (a missing file, an unknown built-in or split, a bad
+    specifier), before a command loads its model; hub ids are only checked when they are loaded."""
+    from lmforge.dataset.builtin import BuiltinContext
+
+    for specs in spec_lists:
+        for s in _as_list(specs):
+            spec = parse_dataset_spec(s)
+            if spec.kind == "local":
+                _LocalSource(spec)
+            elif spec.kind == "builtin":
+                _BuiltinSource(spec, BuiltinContext(None, None))
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:

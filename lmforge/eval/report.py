@@ -1,11 +1,20 @@
-"""Eval reports: ``eval_report.json``, a Markdown table per dataset, a PNG bar chart, and side-by-side comparisons."""
+"""Eval reports: ``eval_report.json``, a Markdown table per dataset, a PNG chart, and side-by-side comparisons.
+
+The chart is drawn only when it shows more than the table: bars for several metrics, datasets or runs;
+for a single number, that metric by reference length (when the row scores differ between lengths);
+otherwise no picture, and the log says why.
+"""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger("lmforge.eval")
+
 REPORT_NAME = "eval_report.json"
+MIN_ROWS_PER_BUCKET = 3  # a length bucket with fewer rows says nothing
 
 
 def _fmt(value: Any) -> str:
@@ -28,8 +37,11 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_bars(groups: list[str], series: dict[str, list[float | None]], path: Path, title: str) -> Path | None:
-    """Grouped bars: one group per ``dataset / metric``, one bar per series (a run)."""
+def plot_bars(groups: list[str], series: dict[str, list[float | None]], path: Path, title: str, *,
+              ylabel: str = "", notes: list[str] | None = None) -> Path | None:
+    """Grouped bars: one group per ``dataset / metric`` (or length bucket), one bar per series (a run).
+
+    ``notes``: a line under each group's label (row counts)."""
     if not groups:
         return None
     import matplotlib
@@ -49,8 +61,11 @@ def plot_bars(groups: list[str], series: dict[str, list[float | None]], path: Pa
                 ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
                             fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=20 if len(groups) > 3 else 0, ha="right" if len(groups) > 3 else "center",
+    labels = [f"{g}\n{n}" for g, n in zip(groups, notes)] if notes else groups
+    ax.set_xticklabels(labels, rotation=20 if len(groups) > 3 else 0, ha="right" if len(groups) > 3 else "center",
                        fontsize=8)
+    if ylabel:
+        ax.set_ylabel(ylabel)
     top = max([v for vals in series.values() for v in vals if v is not None] or [1.0])
     ax.set_ylim(0, max(1.0, top * 1.15))
     ax.set_title(title)
@@ -80,16 +95,70 @@ def write_report(report: dict, output_dir: str | Path, *, plot: bool = True) -> 
     out = Path(output_dir)
     files = {"json": str(out / REPORT_NAME), "markdown": str(out / "eval_report.md")}
     if plot:
-        labels, keys = _groups({"run": report})
-        values = [report["datasets"][d]["metrics"][m] for d, m in keys]
-        png = plot_bars(labels, {str(report.get("target", "run")): values}, out / "eval_report.png",
-                        f"eval: {report.get('target', '')}")
+        png = _plot_report(report, out, out / "eval_report.png")
         if png:
             files["plot"] = str(png)
     atomic_write_text(out / "eval_report.md", report_markdown(report))
     atomic_write_text(out / REPORT_NAME, json.dumps({**report, "files": files}, indent=2, ensure_ascii=False,
                                                     default=str))
     return files
+
+
+def _plot_report(report: dict, out: Path, png: Path) -> Path | None:
+    """Bars of every metric when there are several; one metric by reference length; or nothing."""
+    labels, keys = _groups({"run": report})
+    title = f"eval: {report.get('target', '')}"
+    if len(keys) > 1:
+        values = [report["datasets"][d]["metrics"][m] for d, m in keys]
+        return plot_bars(labels, {str(report.get("target", "run")): values}, png, title)
+    if not keys:
+        return None
+    dataset, metric = keys[0]
+    buckets = length_buckets(out / report["datasets"][dataset].get("predictions", ""), metric)
+    if buckets is None:
+        logger.info("eval: no plot (one number, %s %s, already in the table; its rows do not differ by "
+                    "reference length)", dataset, metric)
+        return None
+    names, values, counts = buckets
+    return plot_bars(names, {metric: values}, png, f"{title}\n{dataset}: {metric} by reference length (characters)",
+                     ylabel=metric, notes=[f"n={n}" for n in counts])
+
+
+def length_buckets(predictions: Path, metric: str) -> tuple[list[str], list[float], list[int]] | None:
+    """``metric`` averaged over rows grouped by the length of their reference, or None when that shows
+    nothing (no per-row scores, fewer than two buckets of ``MIN_ROWS_PER_BUCKET`` rows, or equal means)."""
+    if not predictions.is_file():
+        return None
+    pairs: list[tuple[int, float]] = []
+    for line in predictions.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("reference") is None:
+            continue
+        score = (rec.get("scores") or {}).get(metric)
+        if score is None and not rec.get("error"):
+            return None  # a corpus-level metric (BLEU ...): no per-row value to group
+        pairs.append((len(str(rec["reference"])), float(score or 0.0)))  # an error counts as wrong, as in the table
+    lengths = sorted({n for n, _ in pairs})
+    if len(lengths) <= 8:
+        edges = [(n, n) for n in lengths]
+    else:  # about six ranges of equal row counts
+        ordered = sorted(n for n, _ in pairs)
+        cuts = sorted({ordered[min(len(ordered) - 1, len(ordered) * k // 6)] for k in range(1, 6)})
+        lows = [ordered[0], *[c + 1 for c in cuts]]
+        edges = [(lo, hi) for lo, hi in zip(lows, [*cuts, ordered[-1]]) if lo <= hi]
+    names, values, counts = [], [], []
+    for lo, hi in edges:
+        scores = [v for n, v in pairs if lo <= n <= hi]
+        if len(scores) >= MIN_ROWS_PER_BUCKET:
+            names.append(str(lo) if lo == hi else f"{lo}-{hi}")
+            values.append(sum(scores) / len(scores))
+            counts.append(len(scores))
+    if len(names) < 2 or max(values) - min(values) < 1e-9:
+        return None
+    return names, values, counts
 
 
 def load_report(path: str | Path) -> dict:
@@ -152,9 +221,10 @@ def write_compare(cmp: dict, output_dir: str | Path, *, plot: bool = True) -> di
     if plot:
         labels, keys = _groups(cmp["_reports"])
         series = {r: [cmp["datasets"][d]["metrics"][m].get(r) for d, m in keys] for r in cmp["runs"]}
-        png = plot_bars(labels, series, out / "compare_report.png", " vs ".join(cmp["runs"]))
-        if png:
-            files["plot"] = str(png)
+        if len(keys) * len(series) > 1:  # one bar is a number, not a picture
+            png = plot_bars(labels, series, out / "compare_report.png", " vs ".join(cmp["runs"]))
+            if png:
+                files["plot"] = str(png)
     atomic_write_text(out / "compare_report.md", compare_markdown(cmp))
     public = {k: v for k, v in cmp.items() if not k.startswith("_")}
     atomic_write_text(out / "compare_report.json", json.dumps({**public, "files": files}, indent=2,

@@ -212,13 +212,14 @@ def _target(args: Any) -> dict:
 
 
 def default_output_dir(args: Any) -> Path:
-    if args.ckpt_dir and not args.eval_url:
-        return Path(args.ckpt_dir) / "eval"
+    """``eval-<time>`` where the output rule of :mod:`lmforge.utils.command` puts a command's output (for a
+    server: under ``output/<host-port[-model]>/``). Pass ``--output_dir`` to continue an interrupted eval."""
+    from lmforge.utils.command import default_output
+
     if args.eval_url:
         name = normalize_base_url(args.eval_url).split("://", 1)[1] + (f"-{args.model}" if args.model else "")
-    else:
-        name = Path(str(args.model or (args.adapters or ["model"])[0]).rstrip("/")).name
-    return Path("output") / "eval" / (re_slug(name) or "model")
+        return default_output("eval", re_slug(name) or "server")
+    return default_output("eval", args.ckpt_dir or (args.adapters or [None])[0] or args.model)
 
 
 def re_slug(name: str) -> str:
@@ -325,9 +326,7 @@ def run_eval(args: Any, engine: Any = None) -> dict:
 
     load_plugins(args.external_plugins)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
-    output_dir.mkdir(parents=True, exist_ok=True)
     pred_dir = output_dir / "predictions"
-    pred_dir.mkdir(exist_ok=True)
 
     answerer: Any
     if args.eval_url:
@@ -359,6 +358,7 @@ def run_eval(args: Any, engine: Any = None) -> dict:
     if mc_ll and not answerer.supports_loglikelihood:
         raise ValueError("--eval_mc_mode loglikelihood needs a local model (not --eval_url)")
 
+    pred_dir.mkdir(parents=True, exist_ok=True)  # the answerer is ready: a failed start leaves no empty folder
     _check_run(output_dir, {"target": _target(args), "generation": _generation_settings(args)}, args.eval_resume)
 
     load_kwargs = dict(columns=args.columns or None, strict=args.strict, seed=args.data_seed, hub=args.hub,

@@ -66,13 +66,12 @@ def attach_adapters(model: Any, adapters: Mapping[str, str]) -> Any:
     """``model`` wrapped in a PeftModel holding every adapter under its name (``model`` itself if none)."""
     if not adapters:
         return model
-    import warnings
-
     from peft import PeftModel
 
+    from lmforge.tuners.prepare import peft_checkpointing_query
+
     names = list(adapters)
-    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5; not the user's concern
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_checkpointing_query():  # peft reads a name transformers 5 deprecated; see there
         peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
         for name in names[1:]:
             peft_model.load_adapter(adapters[name], adapter_name=name)

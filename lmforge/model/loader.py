@@ -77,7 +77,7 @@ def get_model_tokenizer(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_dir = resolve_model_dir(model, hub=hub, revision=revision)
+    model_dir = resolve_model_dir(model, hub=hub, revision=revision, need_weights=load_model)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     if not load_model:
         return None, tokenizer

@@ -41,6 +41,34 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` as uvicorn will and let go: a busy port fails here, before the model loads."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                why = "is already in use (another server?); stop it or pass another --port"
+            elif e.errno == errno.EACCES:
+                why = "needs privileges this user lacks (ports below 1024); pass --port 1024 or higher"
+            elif e.errno == errno.EADDRNOTAVAIL:
+                why = f"cannot be listened on: --host {host} is not an address of this machine"
+            else:
+                why = f"cannot be listened on ({e.strerror})"
+            raise OSError(f"--port {port}: {host}:{port} {why}") from None
+
+
 def _passive_openmp() -> None:
     """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise).
 
@@ -74,6 +102,7 @@ def deploy_main(args: DeployArguments) -> None:
     from lmforge.serve.server import make_server
 
     keys = load_api_keys(args.api_key, args.api_key_file)  # a bad key file fails before the model loads
+    check_port(args.host, args.port)  # so does a busy port
     if not keys and not _is_loopback(args.host):
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model",
                        args.host)

@@ -11,6 +11,8 @@ See docs/eval.md.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,13 @@ logger = logging.getLogger("lmforge")
 def compare_main(args: EvalArguments) -> dict[str, Any]:
     from lmforge.eval.report import compare_markdown, compare_reports, write_compare
 
+    from lmforge.utils.command import print_output
+
     cmp = compare_reports(list(args.compare))
-    out = Path(args.output_dir) if args.output_dir else Path("output") / "eval" / "compare"
+    out = Path(args.output_dir) if args.output_dir else Path("output") / f"eval-compare-{time.strftime('%Y%m%d-%H%M%S')}"
     files = write_compare(cmp, out, plot=args.plot)
     print(compare_markdown(cmp))
-    print(f"compare: {', '.join(files.values())}")
+    print_output("eval", f"comparison ({', '.join(Path(f).name for f in files.values())})", out)
     return {k: v for k, v in cmp.items() if not k.startswith("_")} | {"files": files}
 
 
@@ -36,16 +40,29 @@ def eval_main(args: EvalArguments, engine: Any = None) -> dict[str, Any]:
     setup_logging()
     if args.compare:
         return compare_main(args)
-    if args.eval_backend != "native":
-        from lmforge.eval.harness import run_harness
+    from lmforge.eval.runner import default_output_dir
+    from lmforge.utils.command import rerun_command
 
-        report = run_harness(args, engine)
-    else:
-        from lmforge.eval.runner import run_eval
+    args.output_dir = args.output_dir or str(default_output_dir(args))  # fixed now: the resume hint names it
+    try:
+        if args.eval_backend != "native":
+            from lmforge.eval.harness import run_harness
 
-        report = run_eval(args, engine)
+            report = run_harness(args, engine)
+        else:
+            from lmforge.eval.runner import run_eval
+
+            report = run_eval(args, engine)
+    except KeyboardInterrupt:
+        if Path(args.output_dir, "predictions").is_dir():
+            print(f"eval: interrupted; the answers so far are kept in {args.output_dir}. Continue with:\n  "
+                  + rerun_command({"--output_dir": args.output_dir}), file=sys.stderr)
+        raise
     from lmforge.eval.report import report_markdown
+    from lmforge.utils.command import print_output
 
     print(report_markdown(report))
-    print(f"eval: {', '.join(report['files'].values())}")
+    folder = Path(report["files"]["json"]).parent
+    print_output("eval", f"report and predictions ({', '.join(Path(f).name for f in report['files'].values())})",
+                 folder)
     return report

@@ -33,19 +33,21 @@ def export_main(args: ExportArguments) -> dict[str, Any]:
 
     load_plugins(args.external_plugins)
     if not args.merge_lora:
-        raise ValueError("lmforge export: nothing to do; pass --merge_lora true (or use lmforge merge-lora)")
+        raise ValueError("nothing to do: pass --merge_lora true (or run lmforge merge-lora)")
     if not args.safe_serialization:
         logger.warning("--safe_serialization false is ignored: transformers 5 always writes safetensors")
     from lmforge.export import merge_lora
+    from lmforge.utils.command import default_output, print_output
 
-    out = merge_lora(model=args.model, ckpt_dir=args.ckpt_dir, adapters=args.adapters, output_dir=args.output_dir,
+    output_dir = args.output_dir or default_output("export", args.ckpt_dir or (args.adapters or [None])[0] or args.model)
+    out = merge_lora(model=args.model, ckpt_dir=args.ckpt_dir, adapters=args.adapters, output_dir=output_dir,
                      torch_dtype=args.torch_dtype, device_map=args.device_map, hub=args.hub, revision=args.revision,
                      trust_remote_code=args.trust_remote_code, max_shard_size=args.max_shard_size,
                      template=args.template, system=args.system)
-    print(f"export: merged model saved to {out}")
     result: dict[str, Any] = {"output_dir": str(out)}
     if args.push_to_hub:
         result["hub_model_id"] = _push(str(out), args)
+    print_output("export", "merged model", out)
     return result
 
 

@@ -64,6 +64,9 @@ def infer_main(args: InferArguments) -> dict[str, Any]:
     from lmforge.registry import load_plugins
 
     load_plugins(args.external_plugins)
+    from lmforge.dataset.loader import check_datasets
+
+    check_datasets(args.dataset, args.val_dataset)  # a missing file fails before the model loads
     torch.manual_seed(args.seed)  # unseeded sampling is still reproducible run to run
     engine = build_engine(args)
     config = request_config_from_args(args)
@@ -72,7 +75,8 @@ def infer_main(args: InferArguments) -> dict[str, Any]:
         logger.info("Several adapters loaded; answering with %r", adapter)
     if args.dataset or args.val_dataset:
         return batch_infer(engine, args, config, adapter=adapter)
-    history = chat(engine, config, adapter=adapter, stream=args.stream)
+    keep = args.keep_history if args.keep_history is not None else sys.stdin.isatty()
+    history = chat(engine, config, adapter=adapter, stream=args.stream, keep_history=keep)
     return {"history": history}
 
 
@@ -99,8 +103,11 @@ def _read_message(read_line: Callable[[str], str], write: Callable[[str], Any]) 
 
 
 def chat(engine: Any, config: Any, *, adapter: str | None = None, stream: bool = True,
-         read_line: Callable[[str], str] | None = None, out: TextIO | None = None) -> list[dict]:
-    """A terminal chat; returns the conversation. ``read_line`` (default ``input``) raises EOFError at the end."""
+         read_line: Callable[[str], str] | None = None, out: TextIO | None = None,
+         keep_history: bool = True) -> list[dict]:
+    """A terminal chat; returns the conversation. ``read_line`` (default ``input``) raises EOFError at the
+    end. ``keep_history=False`` answers each message as a conversation of its own (piped input: one
+    question per line, and no answer depends on the lines before it)."""
     from lmforge.infer import InferRequest
     from lmforge.infer.errors import InferRequestError
 
@@ -117,7 +124,8 @@ def chat(engine: Any, config: Any, *, adapter: str | None = None, stream: bool =
         out.write(text)
         out.flush()
 
-    write(f"Chatting with {engine.model_name}{f' (adapter {adapter})' if adapter else ''}. {CHAT_HELP}\n")
+    each = "" if keep_history else " Each message is answered on its own (--keep_history true keeps the conversation)."
+    write(f"Chatting with {engine.model_name}{f' (adapter {adapter})' if adapter else ''}. {CHAT_HELP}{each}\n")
     history: list[dict] = []
     while True:
         try:
@@ -136,6 +144,8 @@ def chat(engine: Any, config: Any, *, adapter: str | None = None, stream: bool =
             history = []
             write("(conversation cleared)\n")
             continue
+        if not keep_history:
+            history = []
         history.append({"role": "user", "content": text})
         request = InferRequest(messages=history, adapter=adapter)
         write(">>> ")
@@ -233,11 +243,13 @@ def row_to_request(row: dict, adapter: str | None = None) -> tuple[Any, dict[str
     return request, out
 
 
-def _default_result_path(args: InferArguments, engine: Any) -> Path:
-    """Beside the checkpoint (or the first adapter) that answered, else under ./output."""
+def _default_result_path(args: InferArguments, engine: Any, command: str = "infer") -> Path:
+    """``<command>-<time>.jsonl`` in the run folder of the checkpoint (or first adapter) that answered, else
+    in ``output/<model>/`` (the output rule of :mod:`lmforge.utils.command`)."""
+    from lmforge.utils.command import default_output
+
     adapter_dir = next(iter(engine.adapters.values()), None)
-    root = Path(args.ckpt_dir or adapter_dir or "output")
-    return root / "infer_result" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    return default_output(command, args.ckpt_dir or adapter_dir or args.model, ".jsonl")
 
 
 def _generate_chunk(engine: Any, items: list[_Item], config: Any) -> None:

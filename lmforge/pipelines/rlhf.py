@@ -24,7 +24,7 @@ import functools
 import logging
 from typing import Any
 
-from lmforge.arguments import RlhfArguments, save_args
+from lmforge.arguments import RlhfArguments
 from lmforge.pipelines.sft import TrainingSetup, load_training_data, prepare_training, run_training
 
 logger = logging.getLogger("lmforge")
@@ -75,6 +75,12 @@ def _check_kto_weights(train: Any, args: RlhfArguments) -> None:
                            "--desirable_weight/--undesirable_weight")
     elif not n_d or not n_u:
         logger.warning("KTO: the data has only %s rows", "undesirable" if not n_d else "desirable")
+
+
+def _check_kto_batch(args: RlhfArguments) -> None:
+    if args.per_device_train_batch_size is not None and args.per_device_train_batch_size < 2:
+        raise ValueError("rlhf_type kto estimates its reference point from mismatched rows of a batch: "
+                         "--per_device_train_batch_size must be at least 2")
 
 
 def _reference_model(args: RlhfArguments, setup: TrainingSetup) -> Any:
@@ -132,14 +138,18 @@ def grpo_main(args: RlhfArguments, engine: Any = None) -> dict[str, Any]:
     from lmforge.rlhf.multi_turn import build_scheduler
     from lmforge.rlhf.rewards import build_reward_funcs
 
+    from lmforge.registry import load_plugins
+
+    load_plugins(args.external_plugins)  # they may register the rewards and schedulers checked here
+    # rewards and the scheduler are checked before the policy loads and any data is encoded
+    on_gpu = torch.cuda.is_available() and not args.use_cpu
+    reward_funcs = build_reward_funcs(args.reward_funcs, reward_kwargs=args.reward_kwargs,
+                                      reward_models=args.reward_model, max_completion_length=args.max_completion_length,
+                                      device="cuda" if on_gpu else "cpu")
+    scheduler = build_scheduler(args.multi_turn_scheduler, args.max_turns, args.multi_turn_kwargs)
     setup = prepare_training(args, "infer")  # the dataset is encoded as prompts, ending with the generation prompt
     if args.packing:
         logger.warning("rlhf_type grpo: --packing ignored (completions are sampled and padded per micro-batch)")
-    # rewards and the scheduler are checked before any data is encoded
-    reward_funcs = build_reward_funcs(args.reward_funcs, reward_kwargs=args.reward_kwargs,
-                                      reward_models=args.reward_model, max_completion_length=args.max_completion_length,
-                                      device="cuda" if setup.on_gpu and torch.cuda.is_available() else "cpu")
-    scheduler = build_scheduler(args.multi_turn_scheduler, args.max_turns, args.multi_turn_kwargs)
     train, val = load_training_data(args, setup.template, pack=False, transform=prompt_rows)
     logger.info("GRPO: %s prompts x %d samples; rewards %s (weights %s)", len(train) if hasattr(train, "__len__")
                 else "streamed", args.num_generations, [n for n, _ in reward_funcs], args.reward_weights or "all 1")
@@ -153,23 +163,25 @@ def rlhf_main(args: RlhfArguments) -> dict[str, Any]:
     """Train a preference objective or GRPO; returns what ``sft_main`` returns (``output_dir``, ``last_checkpoint``, ...)."""
     from lmforge.rlhf.collator import PreferenceCollator
     from lmforge.rlhf.trainer import PreferenceTrainer
+    from lmforge.utils.log import setup_logging
 
+    setup_logging()
     if args.beta is None and args.rlhf_type != "rm":
         args.beta = args.resolved_beta  # recorded in args.json
     if args.rlhf_type == "grpo":
         return grpo_main(args)
     kto, rm = args.rlhf_type == "kto", args.rlhf_type == "rm"
+    if kto:
+        _check_kto_batch(args)  # the user's value, before the model loads
     setup = prepare_training(args, "train" if kto else "rlhf")
-    if kto and args.per_device_train_batch_size < 2:
-        raise ValueError("rlhf_type kto estimates its reference point from mismatched rows of a batch: "
-                         "--per_device_train_batch_size must be at least 2")
+    if kto:
+        _check_kto_batch(args)  # the default chosen for the device
     if rm:
         from lmforge.rlhf.reward_model import reward_head_names, reward_model_from_causal_lm
 
         setup.model = reward_model_from_causal_lm(setup.model, setup.tokenizer)
         if args.is_adapter:  # the new head must train in full beside the adapters
             args.modules_to_save = list(dict.fromkeys([*args.modules_to_save, *reward_head_names(setup.model)]))
-            save_args(args, setup.output_dir)
     padding_free = args.packing
     if rm and padding_free:
         logger.warning("rlhf_type rm: --packing ignored (the reward head pools each padded row's last token)")

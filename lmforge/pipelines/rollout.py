@@ -19,7 +19,7 @@ logger = logging.getLogger("lmforge.serve")
 
 def rollout_main(args: RolloutArguments) -> None:
     """Build the engine, then serve the rollout routes and the OpenAI routes until SIGINT/SIGTERM."""
-    from lmforge.pipelines.deploy import _is_loopback, _passive_openmp, add_log_file
+    from lmforge.pipelines.deploy import _is_loopback, _passive_openmp, add_log_file, check_port
     from lmforge.utils.log import setup_logging
 
     setup_logging()
@@ -32,6 +32,7 @@ def rollout_main(args: RolloutArguments) -> None:
     from lmforge.serve.server import make_server
 
     keys = load_api_keys(args.api_key, args.api_key_file)
+    check_port(args.host, args.port)  # before the model loads
     if not keys and not _is_loopback(args.host):
         logger.warning("listening on %s without --api_key: anyone who can reach this port can change the "
                        "model's weights (/rollout/update_weights)", args.host)

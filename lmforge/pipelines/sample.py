@@ -32,14 +32,6 @@ from lmforge.utils.log import setup_logging
 logger = logging.getLogger("lmforge")
 
 
-def _default_path(args: SampleArguments) -> Path:
-    from lmforge.pipelines.sft import model_slug
-
-    root = Path(args.ckpt_dir) if args.ckpt_dir else Path("output") / "sample"
-    name = model_slug(args.model or "model") if not args.ckpt_dir else "sample_result"
-    return root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-
-
 def _score(args: SampleArguments, reward_funcs: list, prm: Any, completions: list[str],
            columns: dict[str, list[Any]]) -> tuple[list[float], Any, list[list[float | None]] | None]:
     """(total score per sample, reward table [N, F], PRM step scores or None)."""
@@ -89,7 +81,8 @@ def sample_main(args: SampleArguments) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from lmforge.infer.errors import InferRequestError
-    from lmforge.pipelines.infer import build_engine, iter_rows, request_config_from_args, row_to_request
+    from lmforge.pipelines.infer import (_default_result_path, build_engine, iter_rows, request_config_from_args,
+                                         row_to_request)
     from lmforge.registry import load_plugins
     from lmforge.rlhf.prm import build_prm
     from lmforge.rlhf.rewards import build_reward_funcs
@@ -97,7 +90,7 @@ def sample_main(args: SampleArguments) -> dict[str, Any]:
 
     load_plugins(args.external_plugins)
     if not (args.dataset or args.val_dataset):
-        raise ValueError("lmforge sample needs prompts: pass --dataset (a file, a hub id, or builtin:arith-rl)")
+        raise ValueError("no prompts: pass --dataset (a file, a hub id, or builtin:arith-rl)")
     torch.manual_seed(args.seed)
     reward_funcs = build_reward_funcs(args.reward_funcs, reward_kwargs=args.reward_kwargs,
                                       reward_models=args.reward_model, max_completion_length=args.max_new_tokens)
@@ -119,7 +112,7 @@ def sample_main(args: SampleArguments) -> dict[str, Any]:
         raise ValueError("the dataset has no prompts to sample")
     engine = build_engine(args)
     config = request_config_from_args(args).model_copy(update={"n": args.num_return_sequences})
-    path = Path(args.result_path) if args.result_path else _default_path(args)
+    path = Path(args.result_path) if args.result_path else _default_result_path(args, engine, "sample")
     path.parent.mkdir(parents=True, exist_ok=True)
     stats = {"written": 0, "skipped": 0, "failed": bad, "samples": 0, "best_score_sum": 0.0}
     start = time.perf_counter()

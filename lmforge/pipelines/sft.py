@@ -11,22 +11,17 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from lmforge.arguments import PtArguments, TrainArguments, save_args
 from lmforge.utils import distributed as dist
+from lmforge.utils.command import command_name, model_slug, print_output
 from lmforge.utils.log import setup_logging
 
 logger = logging.getLogger("lmforge")
-
-
-def model_slug(model: str) -> str:
-    """A folder-safe name for a model id, path or builtin name."""
-    p = Path(model)
-    name = p.name if p.exists() else model
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
 def resolve_output_dir(args: TrainArguments) -> str:
@@ -125,6 +120,8 @@ _BNB_OPTIMS = {"adamw_8bit", "paged_adamw", "paged_adamw_8bit", "paged_adamw_32b
 
 def _check_optimizer(args: TrainArguments) -> None:
     """``--optim`` names that need bitsandbytes fail here with the flag named, not deep in the Trainer."""
+    if args.optim and args.optimizer:
+        logger.warning("--optim %s is ignored: --optimizer %s builds the optimizer", args.optim, args.optimizer)
     name = (args.optim or "").lower()
     if ("bnb" in name or name in _BNB_OPTIMS) and importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError(f"--optim {args.optim} needs bitsandbytes (pip install 'lmforge[qlora]')")
@@ -195,11 +192,13 @@ class TrainingSetup:
 
 
 def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup:
-    """Validate arguments, pick the output folder, load the model, tokenizer and template."""
+    """Validate arguments and dataset paths, pick the output folder (``run_training`` creates it), then load
+    the model, tokenizer and template: every cheap check comes before the expensive load."""
     setup_logging()
     import torch
     from transformers import set_seed
 
+    from lmforge.dataset.loader import check_datasets
     from lmforge.model import get_model_tokenizer
     from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, load_plugins
     from lmforge.template import get_template
@@ -217,20 +216,17 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
                              ("--optimizer", OPTIMIZERS, args.optimizer)):
         if value and value not in reg:
             raise ValueError(f"{name}: {reg.unknown_message(value)}")
+    _check_optimizer(args)
+    check_datasets(args.dataset, args.val_dataset)  # a missing file fails now, not after the model loaded
     parallel_training_kwargs(args, on_gpu)  # a bad --fsdp/--deepspeed fails here, before anything loads
     init_distributed(on_gpu, args.ddp_backend, args.ddp_timeout)
     if not dist.is_main_process():
         logging.getLogger("lmforge").setLevel(logging.WARNING)  # one process speaks for the run
     _apply_defaults(args, on_gpu)
-    # The output folder (a timestamp) and the resumed checkpoint are decided once, by rank 0.
-    if dist.is_main_process():
-        output_dir = resolve_output_dir(args)
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        save_args(args, output_dir)
+    # The output folder (a timestamp) and the resumed checkpoint are decided once, by rank 0; run_training
+    # creates the folder when training starts.
     output_dir, args.resume_from_checkpoint = dist.broadcast_object(
-        (output_dir, args.resume_from_checkpoint) if dist.is_main_process() else None)
-    logger.info("Output folder: %s%s", output_dir,
-                f" ({dist.world_size()} processes)" if dist.world_size() > 1 else "")
+        (resolve_output_dir(args), args.resume_from_checkpoint) if dist.is_main_process() else None)
     set_seed(args.seed)
 
     quant = qlora_quantization_config(args) if args.train_type == "qlora" else None
@@ -252,13 +248,17 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
 
     from lmforge.model.patches import configure_for_training, enable_gradient_checkpointing
     from lmforge.registry import LOSSES, METRICS, OPTIMIZERS
+    from lmforge.trainers.callbacks import InterruptCallback
     from lmforge.trainers.collator import Collator
     from lmforge.trainers.trainer import LmforgeTrainer
     from lmforge.tuners import prepare_model
 
     args, output_dir = setup.args, setup.output_dir
     _log_sample(train_ds, setup.template)
-    _check_optimizer(args)
+    if dist.is_main_process():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)  # work starts: a failed start leaves no empty run folder
+        save_args(args, output_dir)
+    logger.info("Output folder: %s%s", output_dir, f" ({dist.world_size()} processes)" if dist.world_size() > 1 else "")
     for line in configure_for_training(setup.model, args, setup.on_gpu):
         logger.info(line)
     model = prepare_model(setup.model, args)
@@ -270,27 +270,40 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
         metric = METRICS.get(args.eval_metric or "token_accuracy")
         metric = metric() if isinstance(metric, type) else metric
         trainer_kwargs.update(compute_metrics=metric.compute, preprocess_logits_for_metrics=metric.preprocess)
+    interrupt = InterruptCallback(resume_from=args.resume_from_checkpoint)
     trainer = (trainer_cls or LmforgeTrainer)(
         model=model, args=hf_args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=data_collator or Collator(setup.tokenizer.pad_token_id, padding_free=args.packing),
-        processing_class=setup.tokenizer, callbacks=_callbacks(args), optimizers=optimizers,
+        processing_class=setup.tokenizer, callbacks=[*_callbacks(args), interrupt], optimizers=optimizers,
         loss_fn=LOSSES.get(args.loss_type) if args.loss_type else None, lmforge_args=args, **trainer_kwargs,
     )
     for cb in (ProgressCallback, PrinterCallback):  # our progress callback replaces both
         trainer.remove_callback(cb)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        if trainer.is_world_process_zero():
+            print(interrupt.stop_message(trainer.state, output_dir, hard=True), file=sys.stderr, flush=True)
+        raise
 
     last = Path(output_dir) / f"checkpoint-{trainer.state.global_step}"
     if not dist.broadcast_object(last.is_dir()):  # one answer for all ranks: saving is collective
         trainer.final_save = True
         trainer._save_checkpoint(trainer.model, None)
     metrics = {}
-    if val_ds is not None:  # reuse an evaluation made at the last step instead of running it again
+    if val_ds is not None and not interrupt.requested:  # reuse an evaluation made at the last step
         done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
         metrics = done[-1] if done else trainer.evaluate()
-    logger.info("Last checkpoint: %s", last)
+    if trainer.is_world_process_zero():
+        if interrupt.requested:
+            print(interrupt.stop_message(trainer.state, output_dir, hard=False), file=sys.stderr, flush=True)
+        print_output(command_name(_command_of(args)), "checkpoints, logs and plots", f"{output_dir} (last: {last})")
     return {"output_dir": output_dir, "last_checkpoint": str(last), "log_history": trainer.state.log_history,
-            "metrics": metrics, "trainer": trainer, "template": setup.template}
+            "metrics": metrics, "trainer": trainer, "template": setup.template, "interrupted": interrupt.requested}
+
+
+def _command_of(args: Any) -> str:
+    return "pt" if isinstance(args, PtArguments) else "rlhf" if hasattr(args, "rlhf_type") else "sft"
 
 
 def sft_main(args: TrainArguments) -> dict[str, Any]:

@@ -20,7 +20,7 @@ by the template, whose labels cover the model's turns and not the tool results.
 
 Logged with the loss: ``reward``, ``reward_std``, ``rewards/<name>/mean|std``, ``kl``,
 ``clip_ratio/low_mean|high_mean|region_mean``, ``completions/mean_length|min_length|max_length|
-clipped_ratio``, ``frac_reward_zero_std``, ``rollout/tokens_per_s`` (eval runs get the ``eval_`` prefix).
+clipped_ratio``, ``frac_reward_zero_std``, ``rollout/groups``, ``rollout/tokens_per_s`` (eval runs get the ``eval_`` prefix).
 """
 from __future__ import annotations
 
@@ -483,6 +483,7 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         groups = total.view(-1, G)
         store.add(split, "reward_std", groups.std(dim=1))
         store.add(split, "frac_reward_zero_std", zero_std_groups(total, G).float())
+        store.add(split, "rollout/groups", float(groups.shape[0]), reduce="sum")  # the progress line counts them
         for j, (name, _) in enumerate(self.reward_funcs):
             col = table[:, j]
             ok = col[~col.isnan()]

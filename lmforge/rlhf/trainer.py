@@ -107,11 +107,12 @@ class MetricStore:
         self._data: dict[str, dict[str, list]] = {"train": {}, "eval": {}}
 
     def add(self, split: str, key: str, value: Tensor | float, reduce: str = "mean") -> None:
-        """``reduce``: ``mean`` (over every value added), ``min`` or ``max``."""
+        """``reduce``: ``mean`` (over every value added), ``sum`` (a count), ``min`` or ``max``."""
         value = torch.as_tensor(value).detach().float().reshape(-1)
         device = self.accelerator.device
-        if reduce == "mean":
-            stat = torch.stack([value.sum(), torch.tensor(float(value.numel()))]).to(device)
+        if reduce in ("mean", "sum"):
+            count = float(value.numel()) if reduce == "mean" else 0.0
+            stat = torch.stack([value.sum(), torch.tensor(count)]).to(device)
             if self.accelerator.num_processes > 1:
                 stat = self.accelerator.reduce(stat, reduction="sum")
         elif reduce in ("min", "max"):
@@ -122,9 +123,12 @@ class MetricStore:
                 stat = self.accelerator.gather(stat)
                 stat = stat.min()[None] if reduce == "min" else stat.max()[None]
         else:
-            raise ValueError(f"MetricStore reduce must be mean, min or max, got {reduce!r}")
+            raise ValueError(f"MetricStore reduce must be mean, sum, min or max, got {reduce!r}")
         slot = self._data[split].get(key)
-        if reduce == "mean":
+        if reduce == "sum":
+            total = float(stat[0])
+            self._data[split][key] = ["sum", total] if slot is None else ["sum", slot[1] + total]
+        elif reduce == "mean":
             total, count = float(stat[0]), int(stat[1])
             self._data[split][key] = ["mean", total, count] if slot is None else ["mean", slot[1] + total, slot[2] + count]
         else:

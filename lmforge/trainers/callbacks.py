@@ -9,6 +9,9 @@ Entries are ``transformers.TrainerCallback`` classes, instantiated with no argum
 - ``nan_guard``: stops training with a clear message when the logged loss turns NaN/inf.
 - ``jsonl_logger``: appends every log dict to ``output_dir/logging.jsonl``.
 
+``InterruptCallback`` is not a plugin: every training run gets one from ``run_training``. The first
+Ctrl-C finishes the optimizer step, saves a checkpoint and stops; a second stops at once.
+
 Only the main process (``state.is_world_process_zero``) prints or writes.
 """
 from __future__ import annotations
@@ -17,7 +20,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,8 @@ from lmforge.registry import CALLBACKS
 
 logger = logging.getLogger(__name__)
 
+# objective metrics shown beside the loss (log key -> short name): DPO-style pairs, GRPO rollouts
+_OBJECTIVE_KEYS = {"rewards/accuracies": "acc", "rewards/margins": "margin", "reward": "reward"}
 # keys of transformers' log dicts that are bookkeeping, not worth a line on the console
 _QUIET_KEYS = {"total_flos", "epoch", "step", "num_input_tokens_seen"}
 
@@ -61,6 +68,8 @@ class ProgressCallback(TrainerCallback):
         self.bar = None
         self.eval_bar = None
         self.postfix: dict[str, str] = {}
+        self._told_flat = self._told_all_flat = False
+        self._step = 0
 
     def _tty(self) -> bool:
         stream = self.stream or sys.stderr
@@ -100,7 +109,30 @@ class ProgressCallback(TrainerCallback):
         self.bar.update(state.global_step - self.bar.n)
 
     def _ordered(self) -> dict[str, str]:
-        return {k: self.postfix[k] for k in ("loss", "lr", "tok/s") if k in self.postfix}
+        return {k: self.postfix[k] for k in ("loss", "lr", *_OBJECTIVE_KEYS.values(), "no-spread", "tok/s")
+                if k in self.postfix}
+
+    def _objective(self, logs: dict[str, Any]) -> None:
+        """What the objective reports beside the loss: DPO's reward accuracy and margin, GRPO's reward and
+        the groups whose samples all scored the same (zero advantage: they teach nothing)."""
+        for key, short in _OBJECTIVE_KEYS.items():
+            if isinstance(logs.get(key), (int, float)):
+                self.postfix[short] = f"{logs[key]:.3g}"
+        frac, groups = logs.get("frac_reward_zero_std"), logs.get("rollout/groups")
+        if not isinstance(frac, (int, float)):
+            return
+        known = isinstance(groups, (int, float)) and groups > 0
+        self.postfix["no-spread"] = f"{round(frac * groups)}/{int(groups)}" if known else f"{frac:.0%}"
+        if frac > 0 and not self._told_flat:
+            self._told_flat = True
+            self._write(f"note: {self.postfix['no-spread']} GRPO groups had the same reward for every sample "
+                        "(no-spread). Their advantages are 0, so they carry no learning signal; when every "
+                        "group is like that the loss is 0 and nothing is learned. Warm-start with SFT, raise "
+                        "--temperature or --num_generations, or use a reward that gives partial credit.")
+        if frac >= 1 and not self._told_all_flat:
+            self._told_all_flat = True
+            self._write(f"note: no group had any reward spread in the steps logged at step {self._step}: "
+                        "those steps learned nothing.")
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if self.bar is None or eval_dataloader is None:
@@ -130,6 +162,8 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "loss" in logs or "learning_rate" in logs:
+            self._step = state.global_step
+            self._objective(logs)
             if "loss" in logs:
                 self.postfix["loss"] = _fmt(logs["loss"])
             if "learning_rate" in logs:
@@ -148,7 +182,7 @@ class ProgressCallback(TrainerCallback):
     def _plain_line(self, state) -> str:
         done, total = state.global_step, state.max_steps
         elapsed = time.monotonic() - self._t0
-        parts = [f"step {done}/{total}"] + [f"{k}={v}" for k, v in self.postfix.items() if k != "tok/s"]
+        parts = [f"step {done}/{total}"] + [f"{k}={v}" for k, v in self._ordered().items() if k != "tok/s"]
         tps = self._throughput(state)
         if tps is not None:
             parts.append(f"tok/s={tps:.0f}")
@@ -163,6 +197,80 @@ class ProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class InterruptCallback(TrainerCallback):
+    """Ctrl-C during training: the first finishes the optimizer step, saves a checkpoint and stops; a second
+    stops at once (``KeyboardInterrupt``). ``stop_message`` then says where it stopped, which checkpoint is
+    the newest complete one, and the command that resumes from it.
+
+    Installed for ``trainer.train()`` only, and only from the main thread (signal handlers live there).
+    With several processes the request is agreed across ranks at every step end (one tiny all-reduce),
+    so all of them save the same step and stop together. ``resume_from``: the checkpoint this run
+    resumed from; the start of training logs it with the step it continues at.
+    """
+
+    def __init__(self, resume_from: str | None = None, stream: Any = None) -> None:
+        self.requested = False
+        self.resume_from = resume_from
+        self.stream = stream
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # the second Ctrl-C: stop now
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once "
+              "without saving)", file=self.stream or sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.resume_from and state.is_world_process_zero:
+            logger.info("Resuming from %s (step %d of %d)", self.resume_from, state.global_step, state.max_steps)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from lmforge.utils.distributed import is_distributed
+
+        stop = self.requested
+        if is_distributed():
+            import torch
+
+            from lmforge.utils.distributed import collective_device, global_sum
+
+            stop = bool(global_sum(torch.tensor([float(stop)], device=collective_device())).item() > 0)
+            self.requested = self.requested or stop
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
+    def stop_message(self, state: Any, output_dir: str, *, hard: bool) -> str:
+        """Where training stopped, the newest complete checkpoint, and how to resume from it."""
+        from lmforge.utils.checkpoint import find_last_checkpoint
+        from lmforge.utils.command import rerun_command
+
+        how = "at once by a second Ctrl-C" if hard else "by Ctrl-C"
+        lines = [f"Training stopped {how} after step {state.global_step} of {state.max_steps}"
+                 + (" (the steps since the newest checkpoint are lost)." if hard else ".")]
+        last = find_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            lines.append(f"No complete checkpoint in {output_dir} yet: start the run again (that folder can go).")
+        else:
+            lines += [f"Newest complete checkpoint: {last}", "Resume with:",
+                      "  " + rerun_command({"--resume_from_checkpoint": str(last)})]
+        return "\n".join(lines)
 
 
 @CALLBACKS.register("plot")

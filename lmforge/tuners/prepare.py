@@ -6,9 +6,10 @@ peft's; ``full`` and ``freeze`` only set ``requires_grad``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from typing import Any
+from typing import Any, Iterator
 
 from lmforge.registry import TUNERS
 
@@ -29,6 +30,29 @@ def _apply_trainable_patterns(model: Any, args: Any) -> None:
         for name, p in model.named_parameters():
             if _matches(name, patterns):
                 p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def peft_checkpointing_query() -> Iterator[None]:
+    """While peft wraps a model, its ``is_gradient_checkpointing`` query reads the current property.
+
+    peft 0.21 (the newest release) asks a model ``is_gradient_checkpointing`` when it wraps it, a
+    name transformers 5 deprecated for ``is_activation_checkpointing`` with a FutureWarning on every
+    read. For the duration of the wrap the old name returns the new property's value (the same
+    answer, no deprecated code path), then the original is restored. Remove once peft asks for
+    ``is_activation_checkpointing`` itself.
+    """
+    from transformers import PreTrainedModel
+
+    old = PreTrainedModel.__dict__.get("is_gradient_checkpointing")
+    if old is None or not hasattr(PreTrainedModel, "is_activation_checkpointing"):
+        yield
+        return
+    PreTrainedModel.is_gradient_checkpointing = property(lambda self: self.is_activation_checkpointing)
+    try:
+        yield
+    finally:
+        PreTrainedModel.is_gradient_checkpointing = old
 
 
 def _target_modules(args: Any) -> Any:
@@ -55,7 +79,8 @@ def _lora(model: Any, args: Any, *, use_dora: bool = False) -> Any:
     )
     if getattr(args, "gradient_checkpointing", False):
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
-    model = get_peft_model(model, config)
+    with peft_checkpointing_query():
+        model = get_peft_model(model, config)
     _apply_trainable_patterns(model, args)
     return model
 

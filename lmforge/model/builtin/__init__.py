@@ -89,6 +89,9 @@ def _write_builtin(key: str, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    from lmforge.utils.io import apply_umask
+
+    apply_umask(tmp)  # mkdtemp made it 0700 and safetensors writes 0600: give it the user's umask
     try:
         os.replace(tmp, out)
     except OSError:  # another process won the race
