@@ -28,7 +28,7 @@ class TunerArguments:
 
 @dataclass
 class DistributedArguments:
-    """Several processes (torchrun, ``NPROC_PER_NODE=N``): DDP by default, or FSDP2 / DeepSpeed ZeRO."""
+    """Several processes (torchrun, ``NPROC_PER_NODE=N``): plain DDP unless FSDP2 or DeepSpeed ZeRO is chosen."""
 
     fsdp: Optional[str] = field(
         None, "FSDP2 through accelerate: full_shard, shard_grad_op or hybrid_shard (shard within a node, "
