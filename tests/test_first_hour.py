@@ -112,6 +112,7 @@ def test_empty_or_incomplete_model_folder_is_one_line(tmp_path, capsys, monkeypa
         d.mkdir()
     (only_config / "config.json").write_text((builtin_model_dir("builtin:tiny") / "config.json").read_text())
     (adapter / "adapter_config.json").write_text("{}")
+    capsys.readouterr()  # building the builtin model above may print progress; only the commands' output counts
 
     assert main(["sft", "--model", "empty", "--dataset", "builtin:arith#8"]) == 2
     assert "the folder is empty" in _one_line_error(capsys, "sft")
