@@ -85,4 +85,5 @@ def deploy_main(args: DeployArguments) -> None:
     app = create_app(engine, args)
     logger.info("OpenAI-compatible server on http://%s:%d/v1 (model %r)", args.host, args.port,
                 app.state.lmforge.base_name)
-    make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout).run()
+    make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
+                max_connections=args.max_connections, header_timeout=args.body_timeout).run()

@@ -43,4 +43,5 @@ def rollout_main(args: RolloutArguments) -> None:
     app = create_rollout_app(engine, args)
     logger.info("rollout server on http://%s:%d (routes /rollout/info, /rollout/generate, /rollout/update_weights; "
                 "OpenAI routes on /v1)", args.host, args.port)
-    make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout).run()
+    make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
+                max_connections=args.max_connections, header_timeout=args.body_timeout).run()
