@@ -118,3 +118,13 @@ def test_log_records_mask_a_registered_secret(caplog):
     logging.getLogger("lmforge.x").warning("key=sk-masked-in-every-record twice sk-masked-in-every-record")
     assert [r.getMessage() for r in caplog.records[-2:]] == ["header Authorization: Bearer ***",
                                                              "key=*** twice ***"]
+
+
+def test_args_json_never_holds_a_key(tmp_path):
+    from lmforge.arguments import RlhfArguments, save_args
+
+    args = RlhfArguments(model="builtin:tiny", dataset=["builtin:arith"], rlhf_type="grpo",
+                         rollout_api_key="sk-rollout-secret-1234", reward_funcs=["accuracy"])
+    text = save_args(args, tmp_path).read_text()
+    assert "sk-rollout-secret-1234" not in text and json.loads(text)["rollout_api_key"] is None
+    assert json.loads(text)["model"] == "builtin:tiny"

@@ -240,11 +240,16 @@ def to_dict(args: Any) -> dict:
     return out
 
 
+# Never written to args.json: checkpoints (and their args.json) get copied, shared and pushed to hubs.
+SECRET_FIELDS = frozenset({"api_key", "rollout_api_key", "hub_token"})
+
+
 def save_args(args: Any, output_dir: str | Path, name: str = "args.json") -> Path:
     from lmforge.utils.io import atomic_write_text
 
     path = Path(output_dir) / name
-    atomic_write_text(path, json.dumps(to_dict(args), indent=2, ensure_ascii=False))
+    values = {k: (None if k in SECRET_FIELDS else v) for k, v in to_dict(args).items()}
+    atomic_write_text(path, json.dumps(values, indent=2, ensure_ascii=False))
     return path
 
 

@@ -74,6 +74,10 @@ def deploy_main(args: DeployArguments) -> None:
     from lmforge.serve.server import make_server
 
     keys = load_api_keys(args.api_key, args.api_key_file)  # a bad key file fails before the model loads
+    from lmforge.utils.log import mask_secret
+
+    for key in keys:
+        mask_secret(key)
     if not keys and not _is_loopback(args.host):
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model",
                        args.host)

@@ -32,6 +32,10 @@ def rollout_main(args: RolloutArguments) -> None:
     from lmforge.serve.server import make_server
 
     keys = load_api_keys(args.api_key, args.api_key_file)
+    from lmforge.utils.log import mask_secret
+
+    for key in keys:
+        mask_secret(key)
     if not keys and not _is_loopback(args.host):
         logger.warning("listening on %s without --api_key: anyone who can reach this port can change the "
                        "model's weights (/rollout/update_weights)", args.host)
