@@ -125,12 +125,15 @@ def test_connection_cap_answers_503_beyond_it():
         idle = [socket.create_connection((srv.host, srv.port)) for _ in range(3)]
         try:
             time.sleep(0.2)
-            with httpx.Client(base_url=srv.url) as c:  # a fourth connection
-                r = c.post("/v1/chat/completions", json=GOOD)
-            assert r.status_code == 503
+            for _ in range(3):  # a fourth connection, refused at once however often it tries
+                r = httpx.post(srv.url + "/v1/chat/completions", json=GOOD)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_connections"
+                assert "--max_connections 3" in r.json()["error"]["message"] and r.headers["retry-after"]
             idle.pop().close()
             time.sleep(0.2)
             assert httpx.post(srv.url + "/v1/chat/completions", json=GOOD).status_code == 200
+            metrics = httpx.get(srv.url + "/metrics").text
+            assert 'lmforge_requests_rejected_total{reason="max_connections"} 3' in metrics
         finally:
             for s in idle:
                 s.close()

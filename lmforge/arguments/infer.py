@@ -57,10 +57,10 @@ class DeployArguments(InferArguments):
     max_request_bytes: int = field(16 * 1024 * 1024, "largest request body accepted (413 beyond); prompts are "
                                                       "also bounded before tokenising: at most max_model_len x the "
                                                       "tokenizer's longest token in characters (400 beyond)")
-    body_timeout: float = field(30.0, "seconds a client may take to send a request's headers and body; beyond "
-                                      "that the request gets 408 and the connection is closed (0: no limit)")
-    max_connections: int = field(1024, "open client connections at most: a request arriving beyond that gets 503 "
-                                       "at once (each idle connection holds a socket and ~100 KB)")
+    body_timeout: float = field(30.0, "seconds a client may take to send a request's headers, and again its body; "
+                                      "a late body gets 408, late headers a closed connection (0: no limit)")
+    max_connections: int = field(1024, "open client connections at most; one beyond gets 503 and is closed at once "
+                                       "(an open connection costs a socket and ~2-3 KB of server memory)")
     metrics_public: bool = field(False, "serve /metrics without a key even when --api_key is set (/health is "
                                         "always open)")
     shutdown_timeout: float = field(30.0, "on SIGTERM/Ctrl-C, seconds running requests get to finish before "

@@ -5,20 +5,23 @@ Shutdown is graceful in a fixed order: stop accepting connections and answer que
 left with a 503 (a stream gets an error event and a proper end, so clients see why, and its
 generation stops like a client that went away); uvicorn then closes the connections.
 
-Connections are bounded: ``max_connections`` is uvicorn's ``limit_concurrency`` (a request arriving
-while that many connections are open gets 503 at once), and a connection must deliver a request's
-headers within ``header_timeout`` seconds of opening (or of its previous response), else it is
-closed. uvicorn has no such deadline (a socket that connects and sends nothing, or sends headers a
-byte at a time, stays open forever), so it is added to uvicorn's HTTP protocol class here; the body
-has its own deadline in the app (:func:`lmforge.serve.body.read_body`).
+Connections are bounded where they are made, in a small mixin on uvicorn's HTTP protocol class:
+a connection beyond ``max_connections`` open ones is answered 503 (OpenAI's error shape, counted
+as ``lmforge_requests_rejected_total{reason="max_connections"}``) and closed before anything is
+read, and a connection must deliver a request's headers within ``header_timeout`` seconds of
+opening (or of its previous response), else it is closed. uvicorn has neither: its
+``limit_concurrency`` answers 503 only once a request's headers have arrived (a socket that
+connects and sends nothing, or sends headers a byte at a time, stays open forever). The body has
+its own deadline in the app (:func:`lmforge.serve.body.read_body`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import uvicorn
 from fastapi import FastAPI
@@ -26,16 +29,44 @@ from fastapi import FastAPI
 logger = logging.getLogger("lmforge.serve")
 
 
-class _HeaderDeadline:
-    """Mixed into uvicorn's HTTP protocol: close a connection that has no request under way ``timeout`` s after
-    it opened or answered its last request (a request under way has the app's body deadline instead)."""
+def _refusal(max_connections: int) -> bytes:
+    body = json.dumps({"error": {"message": f"Too many open connections (--max_connections {max_connections}); "
+                                            "retry later", "type": "server_error", "param": None,
+                                 "code": "too_many_connections"}}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class _ConnectionGuard:
+    """Mixed into uvicorn's HTTP protocol: refuse a connection beyond ``max_connections`` (503, then close), and
+    close one that has no request under way ``header_timeout`` s after it opened or answered its last request
+    (a request under way has the app's body deadline instead)."""
 
     header_timeout: float = 30.0
+    max_connections: Optional[int] = None
+    on_refused: Optional[Callable[[], None]] = None
 
     def connection_made(self, transport: Any) -> None:
-        self._deadline = None
+        self._deadline, self._refused = None, False
         super().connection_made(transport)  # type: ignore[misc]
+        cap = self.max_connections
+        if cap and len(self.connections) > cap:  # type: ignore[attr-defined]
+            # Answer, stop sending, and read (and drop) what the client sends for a second before closing:
+            # closing with its request unread would reset the connection and lose the answer.
+            self._refused = True
+            self.connections.discard(self)  # type: ignore[attr-defined]  # a refused one does not count
+            transport.write(_refusal(cap))
+            if transport.can_write_eof():
+                transport.write_eof()
+            self._deadline = self.loop.call_later(1.0, transport.close)  # type: ignore[attr-defined]
+            if self.on_refused is not None:
+                self.on_refused()
+            return
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)  # type: ignore[misc]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
@@ -58,10 +89,19 @@ class _HeaderDeadline:
             self.transport.close()  # type: ignore[attr-defined]
 
 
-def _http_protocol(header_timeout: float) -> type:
+def _http_protocol(header_timeout: float, max_connections: Optional[int], app: FastAPI) -> type:
     from uvicorn.protocols.http.auto import AutoHTTPProtocol  # httptools when installed, else h11
 
-    return type("LmforgeHTTPProtocol", (_HeaderDeadline, AutoHTTPProtocol), {"header_timeout": header_timeout})
+    state = getattr(app.state, "lmforge", None)
+
+    def refused() -> None:
+        if state is not None:
+            state.metrics.rejected.inc(reason="max_connections")
+        logger.debug("refused a connection beyond --max_connections %s", max_connections)
+
+    return type("LmforgeHTTPProtocol", (_ConnectionGuard, AutoHTTPProtocol),
+                {"header_timeout": header_timeout, "max_connections": max_connections,
+                 "on_refused": staticmethod(refused)})
 
 
 class _DrainingServer(uvicorn.Server):
@@ -91,9 +131,7 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, shut
     # uvicorn's own grace period starts after ours and only covers sending the final events.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, log_level=log_level,
                             timeout_graceful_shutdown=5.0, lifespan="on",
-                            # uvicorn counts the connection asking as one of the limit: +1 allows exactly max_connections
-                            limit_concurrency=max_connections + 1 if max_connections else None,
-                            http=_http_protocol(header_timeout), **uvicorn_kwargs)
+                            http=_http_protocol(header_timeout, max_connections, app), **uvicorn_kwargs)
     return _DrainingServer(config, app, shutdown_timeout)
 
 
