@@ -123,9 +123,8 @@ def scene_held(url: str, port: int, pid: int, held: int, body_timeout: float) ->
     for s in socks:
         s.settimeout(0.5)
         try:
-            while chunk := s.recv(65536):
+            while s.recv(65536):  # read the 408 (or 503) up to the server's close
                 pass
-            _ = chunk
         except socket.timeout:
             still_open += 1
         except OSError:

@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import textwrap
-from pathlib import Path
 
 import pytest
 
