@@ -35,6 +35,7 @@ from lmforge.serve.schemas import PromptRequest
 logger = logging.getLogger("lmforge.serve")
 
 DEFAULT_MAX_WEIGHTS_BYTES = 1024 ** 3
+WEIGHTS_TIMEOUT = 600.0  # seconds a weight upload may take (at least; --body_timeout if larger)
 
 
 def create_rollout_app(engine: InferEngine, args: Any = None) -> FastAPI:
@@ -97,7 +98,9 @@ def create_rollout_app(engine: InferEngine, args: Any = None) -> FastAPI:
 
         async with weights_lock:
             try:
-                body = await read_body(request, max_weights, state.cfg.body_timeout)
+                timeout = state.cfg.body_timeout
+                # a weight chunk is up to 256 MiB: give it minutes, not the seconds a chat body gets
+                body = await read_body(request, max_weights, max(timeout, WEIGHTS_TIMEOUT) if timeout else None)
             except APIError as e:
                 if e.status == 413:
                     e.message += " (--max_weights_request_bytes); send smaller chunks"
