@@ -8,8 +8,9 @@ from /proc (Linux only; the peak is reset through /proc/PID/clear_refs before ea
 
 1. six concurrent 15 MB chat bodies (``"ab " * 5,000,000``): statuses, seconds each, peak and
    settled RSS growth;
-2. ``--half_uploads`` clients that send half a body and hang up: the 499 and 500 counters of
-   /metrics and the bytes the request log grew by;
+2. ``--half_uploads`` clients that send half a body and hang up (in bursts of 100): the 499 and
+   500 counters of /metrics, connections refused beyond ``--max_connections``, the statuses of the
+   request log's lines and the bytes it grew by;
 3. ``--held`` connections that each hold half a body: RSS growth while held, how many got 503 at
    once (beyond ``--max_connections``), how many are still open ``--body_timeout`` + 3 s later.
 """
@@ -102,7 +103,15 @@ def scene_half_uploads(url: str, port: int, n: int, log: Path) -> dict:
         for s in socks:
             s.close()
     time.sleep(2)
-    return {"clients": n, "counted_499": _metric(url, "499") - before[0], "counted_500": _metric(url, "500") - before[1],
+    statuses: dict = {}
+    with open(log, "rb") as f:
+        f.seek(before[2])
+        added = f.read().decode("utf-8", "replace")
+    for line in added.splitlines():
+        m = re.search(r" status=(\d+) ", line)
+        if m:
+            statuses[m.group(1)] = statuses.get(m.group(1), 0) + 1
+    return {"clients": n, "logged_statuses": statuses, "counted_499": _metric(url, "499") - before[0], "counted_500": _metric(url, "500") - before[1],
             "refused_max_connections": _metric(url, "refused") - before[3], "log_bytes": log.stat().st_size - before[2]}
 
 

@@ -60,7 +60,7 @@ class DeployArguments(InferArguments):
     body_timeout: float = field(30.0, "seconds a client may take to send a request's headers, and again its body; "
                                       "a late body gets 408, late headers a closed connection (0: no limit)")
     max_connections: int = field(1024, "open client connections at most; one beyond gets 503 and is closed at once "
-                                       "(an open connection costs a socket and ~2-3 KB of server memory)")
+                                       "(an open connection costs a socket and a few KB of server memory)")
     metrics_public: bool = field(False, "serve /metrics without a key even when --api_key is set (/health is "
                                         "always open)")
     shutdown_timeout: float = field(30.0, "on SIGTERM/Ctrl-C, seconds running requests get to finish before "

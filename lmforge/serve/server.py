@@ -55,12 +55,16 @@ class _ConnectionGuard:
             # closing with its request unread would reset the connection and lose the answer.
             self._refused = True
             self.connections.discard(self)  # type: ignore[attr-defined]  # a refused one does not count
-            transport.write(_refusal(cap))
-            if transport.can_write_eof():
-                transport.write_eof()
-            self._deadline = self.loop.call_later(1.0, transport.close)  # type: ignore[attr-defined]
             if self.on_refused is not None:
                 self.on_refused()
+            try:
+                transport.write(_refusal(cap))
+                if transport.can_write_eof():
+                    transport.write_eof()
+            except OSError:  # the client has already gone
+                transport.close()
+                return
+            self._deadline = self.loop.call_later(1.0, transport.close)  # type: ignore[attr-defined]
             return
         self._arm()
 
