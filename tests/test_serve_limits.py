@@ -101,6 +101,25 @@ def test_client_hanging_up_mid_upload_is_a_499_in_one_line(caplog):
     assert len(gone) == 20 and all("\n" not in m and "while sending the request body" in m for m in gone)
 
 
+def test_a_burst_of_hang_ups_beyond_the_cap_is_all_accounted_for(caplog):
+    """Every client of a burst is a 499 or a refused connection; none is a 500 or an error in the log."""
+    caplog.set_level(logging.INFO)
+    with echo_server(max_connections=5) as srv:
+        socks = [_half_upload(srv) for _ in range(40)]
+        for s in socks:
+            s.close()
+        text = lambda: httpx.get(srv.url + "/metrics").text  # noqa: E731
+
+        def accounted() -> float:
+            return (_metric(text(), 'lmforge_requests_total{endpoint="chat",model="",status="499"}')
+                    + _metric(text(), 'lmforge_requests_rejected_total{reason="max_connections"}'))
+
+        assert wait_until(lambda: accounted() == 40, timeout=10), text()
+        assert _metric(text(), 'lmforge_requests_rejected_total{reason="max_connections"}') >= 1
+        assert 'status="500"' not in text()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
 def test_body_and_header_deadlines_close_stalled_connections():
     with echo_server(body_timeout=0.5) as srv:
         s = _half_upload(srv)  # half a body, then nothing
