@@ -140,6 +140,7 @@ def test_streaming_encode(cache, tokenizer):
     out = list(encode_dataset(train, ChatEncoder(tokenizer)))
     assert len(out) == 10
     assert {"input_ids", "labels", "solution"} <= set(out[0]) and "messages" not in out[0]
+    assert "_origin" not in out[0]  # where a row came from serves error messages, not training
 
 
 def test_kept_columns(cache, tokenizer, tmp_path):

@@ -268,5 +268,5 @@ def _encode_stream(ds, template, *, strict: bool, keep_columns: Sequence[str] | 
             kept += 1
         return out
 
-    drop = [*CANONICAL_COLUMNS, ORIGIN_COLUMN] if ORIGIN_COLUMN in (ds.column_names or ()) else list(CANONICAL_COLUMNS)
-    return ds.map(encode_batch, batched=True, with_indices=True, remove_columns=drop)
+    # a stream's columns are often unknown until read; removing a column it lacks is harmless
+    return ds.map(encode_batch, batched=True, with_indices=True, remove_columns=[*CANONICAL_COLUMNS, ORIGIN_COLUMN])
