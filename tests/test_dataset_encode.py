@@ -80,7 +80,7 @@ def test_encode_and_cache_hit(template, tokenizer, cache):
     first = encode_dataset(train, template)
     assert calls["n"] >= 40
     assert set(first.column_names) >= {"input_ids", "labels", "length", "solution"}
-    assert "messages" not in first.column_names
+    assert "messages" not in first.column_names and "_origin" not in first.column_names
     row = first[0]
     trained = [t for t, l in zip(row["input_ids"], row["labels"]) if l != -100]
     assert tokenizer.decode(trained).startswith(row["solution"])  # the answer is what is trained on
