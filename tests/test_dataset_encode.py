@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_encode_and_cache_hit(template, tokenizer, cache):
     first = encode_dataset(train, template)
     assert calls["n"] >= 40
     assert set(first.column_names) >= {"input_ids", "labels", "length", "solution"}
-    assert "messages" not in first.column_names
+    assert "messages" not in first.column_names and "_origin" not in first.column_names
     row = first[0]
     trained = [t for t, l in zip(row["input_ids"], row["labels"]) if l != -100]
     assert tokenizer.decode(trained).startswith(row["solution"])  # the answer is what is trained on
@@ -105,20 +106,21 @@ def test_too_long_rows_are_dropped_and_counted(template, cache, tmp_path, caplog
     rows[2]["response"] = "a very long answer " * 20
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    train, _ = load_dataset([str(path)], shuffle=False)
+    train, _ = load_dataset([str(path)], seed=3)  # shuffled: the message still names the file and line
     with caplog.at_level(logging.WARNING, logger="lmforge.dataset"):
         out = encode_dataset(train, template)
     assert len(out) == 5
-    assert "dropped 1 of 6 rows: 1 too long" in caplog.text
+    assert f"dropped 1 of 6 rows: 1 too long ({path}:3; raise --max_length" in caplog.text
 
 
 def test_template_errors_fail_or_are_skipped(cache, tokenizer, tmp_path, caplog):
     rows = [{"query": "q", "response": "r"}, {"messages": [{"role": "user", "content": "x"}, {"role": "tool_response", "content": "y"}]}]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    train, _ = load_dataset([str(path)], shuffle=False)
+    train, _ = load_dataset([str(path)], seed=1)
     encoder = ChatEncoder(tokenizer)
-    with pytest.raises(DatasetError, match=r"cannot encode row 1 \('x'...\): ValueError: unsupported role"):
+    with pytest.raises(DatasetError, match=rf"cannot encode {re.escape(str(path))}:2 \('x'...\): ValueError: "
+                                           "unsupported role"):
         encode_dataset(train, encoder)
     with caplog.at_level(logging.WARNING, logger="lmforge.dataset"):
         out = encode_dataset(train, encoder, strict=False)
@@ -138,6 +140,7 @@ def test_streaming_encode(cache, tokenizer):
     out = list(encode_dataset(train, ChatEncoder(tokenizer)))
     assert len(out) == 10
     assert {"input_ids", "labels", "solution"} <= set(out[0]) and "messages" not in out[0]
+    assert "_origin" not in out[0]  # where a row came from serves error messages, not training
 
 
 def test_kept_columns(cache, tokenizer, tmp_path):

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from lmforge.dataset import CANONICAL_COLUMNS, DatasetError, load_dataset, parse_dataset_spec
+from lmforge.dataset import CANONICAL_COLUMNS, ORIGIN_COLUMN, DatasetError, load_dataset, parse_dataset_spec
 
 ROWS = [{"query": f"q{i}", "response": f"r{i}", "solution": str(i)} for i in range(10)]
 
@@ -30,7 +30,8 @@ def test_jsonl_gives_canonical_rows(data):
     train, val = load_dataset([data], shuffle=False)
     assert val is None
     assert len(train) == 10
-    assert train.column_names == [*CANONICAL_COLUMNS, "solution"]
+    assert train.column_names == [*CANONICAL_COLUMNS, ORIGIN_COLUMN, "solution"]
+    assert train[3][ORIGIN_COLUMN] == f"{data}:4"
     assert train[3]["messages"] == [{"role": "user", "content": "q3", "loss": None},
                                     {"role": "assistant", "content": "r3", "loss": None}]
     assert train[3]["solution"] == "3"

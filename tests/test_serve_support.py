@@ -188,5 +188,6 @@ def echo_server(engine: EchoEngine | None = None, **deploy_kwargs) -> Iterator[S
     """An EchoEngine served on a free loopback port; deploy_kwargs are DeployArguments fields."""
     engine = engine or EchoEngine()
     args = DeployArguments(**deploy_kwargs)
-    with ServerThread(create_app(engine, args), shutdown_timeout=deploy_kwargs.get("shutdown_timeout", 5.0)) as srv:
+    with ServerThread(create_app(engine, args), shutdown_timeout=deploy_kwargs.get("shutdown_timeout", 5.0),
+                      max_connections=args.max_connections, header_timeout=args.body_timeout) as srv:
         yield srv

@@ -276,7 +276,8 @@ def save_args(args: Any, output_dir: str | Path, name: str = "args.json") -> Pat
     from lmforge.utils.command import is_secret
     from lmforge.utils.io import atomic_write_text
 
-    values = {k: ("<hidden>" if v and is_secret(k) else v) for k, v in to_dict(args).items()}
+    # Never written: checkpoints (and their args.json) get copied, shared and pushed to hubs.
+    values = {k: (None if is_secret(k) else v) for k, v in to_dict(args).items()}
     path = Path(output_dir) / name
     atomic_write_text(path, json.dumps(values, indent=2, ensure_ascii=False))
     return path

@@ -58,7 +58,15 @@ class DeployArguments(InferArguments):
     max_queue: int = field(64, "requests waiting beyond max_concurrency before 429")
     log_file: Optional[str] = field(None, "also write the request log here")
     queue_timeout: float = field(600.0, "seconds a request may wait for a slot before 503 (0: no limit)")
-    max_request_bytes: int = field(16 * 1024 * 1024, "largest request body accepted (413 beyond)")
+    max_request_bytes: int = field(16 * 1024 * 1024, "largest request body accepted (413 beyond); prompts are "
+                                                      "also bounded before tokenising: at most max_model_len x the "
+                                                      "tokenizer's longest token in characters (400 beyond)")
+    body_timeout: float = field(30.0, "seconds a client may take to send a request's headers, and again its body; "
+                                      "a late body gets 408, late headers a closed connection (0: no limit)")
+    max_connections: int = field(1024, "open client connections at most; one beyond gets 503 and is closed at once "
+                                       "(an open connection costs a socket and a few KB of server memory)")
+    metrics_public: bool = field(False, "serve /metrics without a key even when --api_key is set (/health is "
+                                        "always open)")
     shutdown_timeout: float = field(30.0, "on SIGTERM/Ctrl-C, seconds running requests get to finish before "
                                           "they are cancelled")
     stream: bool = field(False, "unused by the server (clients ask for streaming per request)")

@@ -7,10 +7,12 @@ only inside these functions, so importing this package stays cheap.
 from lmforge.dataset.builtin import BuiltinContext, BuiltinDataset, arith_answer_correct, generate_arith
 from lmforge.dataset.encode import encode_dataset
 from lmforge.dataset.loader import DatasetSpec, load_dataset, parse_dataset_spec
-from lmforge.dataset.preprocess import CANONICAL_COLUMNS, ROLES, DatasetError, iter_jsonl_rows, preprocess_row
+from lmforge.dataset.preprocess import (CANONICAL_COLUMNS, ORIGIN_COLUMN, ROLES, DatasetError, iter_jsonl_rows,
+                                        preprocess_row)
 
 __all__ = [
     "CANONICAL_COLUMNS",
+    "ORIGIN_COLUMN",
     "ROLES",
     "BuiltinContext",
     "BuiltinDataset",

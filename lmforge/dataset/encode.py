@@ -10,7 +10,8 @@ plus the row's *extra* columns (``solution`` and the like, which reward function
 need and which cost little) and ``label`` where set (KTO). The other canonical columns
 (``messages``, ``tools``, ...) are dropped: they are the bulk of the data and trainers need only
 tokens; keep them with ``keep_columns``. A streamed dataset keeps the same columns (``label``
-only through ``keep_columns``).
+only through ``keep_columns``). A row that fails to encode, or is dropped as too long, is named by
+where it came from (the loader's ``_origin`` column: ``file:line``), not by its shuffled index.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmforge.dataset.preprocess import CANONICAL_COLUMNS, DatasetError
+from lmforge.dataset.preprocess import CANONICAL_COLUMNS, ORIGIN_COLUMN, DatasetError
 
 __all__ = ["cache_root", "encode_dataset"]
 
@@ -65,10 +66,15 @@ def _feature_for(key: str, sample: Any):
     return generate_from_arrow_type(pa.array([sample]).type)
 
 
+def _where(row: dict, idx: int) -> str:
+    """Where a row came from (``file:line``), else its index in this dataset."""
+    return row.get(ORIGIN_COLUMN) or f"row {idx}"
+
+
 def _describe(row: dict, idx: int) -> str:
-    """Where a failing row is: its index and the start of its first message (rows carry no file:line)."""
+    """Where a failing row is and the start of its first message."""
     first = next((m["content"] for m in row.get("messages") or [] if m.get("content")), None) or row.get("text") or ""
-    return f"row {idx} ({first[:40]!r}...)" if first else f"row {idx}"
+    return f"{_where(row, idx)} ({first[:40]!r}...)" if first else _where(row, idx)
 
 
 class _Encoder:
@@ -90,7 +96,7 @@ class _Encoder:
                 raise DatasetError(f"cannot encode {reason}") from e
             return _FAILED, reason, {}
         if enc is None:
-            return _TOO_LONG, None, {}
+            return _TOO_LONG, _where(row, idx), {}
         return _OK, None, enc
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -101,7 +107,7 @@ class _Encoder:
             unknown = set(enc) - set(self.encoded_keys)
             if unknown:
                 raise DatasetError(
-                    f"template.encode returned keys {sorted(unknown)} for row {idx} that the first rows did not have "
+                    f"template.encode returned keys {sorted(unknown)} for {_where(row, idx)} that the first rows did not have "
                     f"({list(self.encoded_keys)}); every row must return the same keys"
                 )
             for k in self.encoded_keys:
@@ -130,7 +136,7 @@ def _probe_keys(ds, template) -> dict[str, Any]:
 def _keep_columns(ds, keep_columns: Sequence[str] | None) -> list[str]:
     """Extra columns, ``label`` where it is set (KTO needs it after encoding), and ``keep_columns``."""
     column_names = ds.column_names
-    keep = [c for c in column_names if c not in CANONICAL_COLUMNS]
+    keep = [c for c in column_names if c not in CANONICAL_COLUMNS and c != ORIGIN_COLUMN]
     if "label" in column_names and ds.data.column("label").null_count < ds.data.num_rows:
         keep.append("label")
     for c in keep_columns or ():
@@ -141,9 +147,13 @@ def _keep_columns(ds, keep_columns: Sequence[str] | None) -> list[str]:
     return keep
 
 
-def _report(total: int, too_long: int, failed: int, reasons: list[str], desc: str) -> None:
+def _report(total: int, too_long: int, failed: int, reasons: list[str], desc: str,
+            long_rows: Sequence[str] = ()) -> None:
     if too_long or failed:
-        msg = f"{desc}: dropped {too_long + failed} of {total} rows: {too_long} too long (template returned None)"
+        msg = f"{desc}: dropped {too_long + failed} of {total} rows: {too_long} too long"
+        if too_long:
+            more = f" and {too_long - len(long_rows)} more" if too_long > len(long_rows) else ""
+            msg += f" ({', '.join(long_rows) or 'template returned None'}{more}; raise --max_length or shorten them)"
         if failed:
             msg += f", {failed} failed (strict=False). First reasons:\n  " + "\n  ".join(reasons)
         logger.warning(msg)
@@ -203,8 +213,10 @@ def encode_dataset(
     status = out.data.column(_STATUS).to_numpy()
     dropped = (status != _OK).nonzero()[0]
     failed = (status == _FAILED).nonzero()[0]
+    too_long = (status == _TOO_LONG).nonzero()[0]
     reasons = out.select(failed[:MAX_REASONS])[_ERROR] if len(failed) else []
-    _report(len(status), len(dropped) - len(failed), len(failed), list(reasons), desc)
+    long_rows = out.select(too_long[:MAX_REASONS])[_ERROR] if len(too_long) else []
+    _report(len(status), len(too_long), len(failed), list(reasons), desc, list(long_rows))
     if len(dropped) == len(status):
         raise DatasetError(f"{desc}: no rows left after encoding (all {len(status)} were dropped)")
     if len(dropped):
@@ -226,11 +238,15 @@ def _encode_stream(ds, template, *, strict: bool, keep_columns: Sequence[str] | 
     """Lazy encoding of a stream; drops are logged as they happen (the total is not known)."""
     counts = {"seen": 0, "too_long": 0, "failed": 0}
     encoder = _Encoder(template, (), (), strict)
+    keep = set(keep_columns or ())
+
+    def passed(k: str) -> bool:  # extra columns and keep_columns travel with the tokens
+        return (k not in CANONICAL_COLUMNS and k != ORIGIN_COLUMN) or k in keep
 
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         keys = list(batch)
         # passed-through columns are returned even when every row is dropped, so no stale input remains
-        out: dict[str, list] = {k: [] for k in keys if k not in CANONICAL_COLUMNS or k in (keep_columns or ())}
+        out: dict[str, list] = {k: [] for k in keys if passed(k)}
         kept = 0
         for i, idx in enumerate(indices):
             row = {k: batch[k][i] for k in keys}
@@ -243,13 +259,14 @@ def _encode_stream(ds, template, *, strict: bool, keep_columns: Sequence[str] | 
                     logger.warning(
                         "%s: dropped %d of %d rows so far (%d too long, %d failed)%s",
                         desc, dropped, counts["seen"], counts["too_long"], counts["failed"],
-                        f"; latest: {reason}" if reason else "",
+                        f"; latest: {reason}" + (" (too long)" if status == _TOO_LONG else "") if reason else "",
                     )
                 continue
-            values = {**{k: row[k] for k in keys if k not in CANONICAL_COLUMNS or k in (keep_columns or ())}, **enc}
+            values = {**{k: row[k] for k in keys if passed(k)}, **enc}
             for k in set(out) | set(values):
                 out.setdefault(k, [None] * kept).append(values.get(k))
             kept += 1
         return out
 
-    return ds.map(encode_batch, batched=True, with_indices=True, remove_columns=list(CANONICAL_COLUMNS))
+    # a stream's columns are often unknown until read; removing a column it lacks is harmless
+    return ds.map(encode_batch, batched=True, with_indices=True, remove_columns=[*CANONICAL_COLUMNS, ORIGIN_COLUMN])

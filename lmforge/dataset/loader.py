@@ -11,7 +11,14 @@ here and a string there), which Arrow schema inference rejects with messages tha
 the line nor the field. Reading rows ourselves lets every error say ``file:line: field``, and
 gives one code path for streaming and in-memory loading: sources yield raw rows, one
 preprocessing function maps them, and only canonical rows (whose Arrow schema is fixed) become
-Arrow tables.
+Arrow tables. Each row keeps where it came from (``file:line``) in the ``_origin`` column through
+shuffling and sub-sampling, so that later stages (encoding, too-long rows) name the file and line too.
+
+Bytes that are not UTF-8 and CSV rows of the wrong width are bad *rows*, not bad files: they fail
+with ``file:line`` or, under ``strict=False``, are skipped and counted like any malformed row.
+Files are therefore decoded with ``surrogateescape`` (an undecodable byte becomes a lone
+surrogate, found per row) and CSV is read with the standard ``csv`` module, whose records carry
+their line numbers, rather than pandas, which fails the whole file without naming it.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from lmforge.dataset.preprocess import CANONICAL_COLUMNS, DatasetError, preprocess_row
+from lmforge.dataset.preprocess import CANONICAL_COLUMNS, ORIGIN_COLUMN, DatasetError, preprocess_row, utf8_problem
 
 if TYPE_CHECKING:
     import datasets
@@ -112,6 +119,15 @@ class _JsonLine(str):
     """An unparsed JSONL line, so that parsing happens in the (possibly parallel) preprocessing step."""
 
 
+class _BadRecord(str):
+    """A record the reader could not turn into a row (its reason), reported where rows are preprocessed."""
+
+
+def _open_text(path: Path, **kw: Any):
+    """A text file whose undecodable bytes become lone surrogates (reported per row by :func:`utf8_problem`)."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", **kw)
+
+
 Record = tuple[str, Any]
 
 
@@ -144,7 +160,7 @@ class _LocalSource:
 
 
 def _read_jsonl(path: Path, display: str) -> Iterator[Record]:
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 yield f"{display}:{lineno}", _JsonLine(line)
@@ -152,13 +168,18 @@ def _read_jsonl(path: Path, display: str) -> Iterator[Record]:
 
 def _read_json(path: Path, display: str) -> Iterator[Record]:
     """A JSON list of rows, or (as many ``.json`` files are) one object per line."""
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         head = f.read(4096).lstrip()
     if not head.startswith("["):
         yield from _read_jsonl(path, display)
         return
+    raw = path.read_bytes()
     try:
-        rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        rows = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:  # one JSON document: the whole file fails, naming the line
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{display}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as "
+                           "UTF-8", source=display) from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"{display}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})", source=display) from None
     for i, row in enumerate(rows):
@@ -166,14 +187,50 @@ def _read_json(path: Path, display: str) -> Iterator[Record]:
 
 
 def _read_csv(path: Path, display: str) -> Iterator[Record]:
-    """Cells are read as text (``label`` and list columns given as JSON text are understood)."""
-    import pandas as pd
+    """Cells are read as text (``label`` and list columns given as JSON text are understood).
 
-    i = 0
-    for frame in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS):
-        for row in frame.to_dict("records"):
-            yield f"{display}:row {i}", row
-            i += 1
+    A record with more or fewer fields than the header, or with bytes that are not UTF-8, becomes a
+    bad record at its first line (a quoted field may span lines).
+    """
+    import csv
+
+    csv.field_size_limit(2**31 - 1)  # the default (128 KiB) would fail a long reply
+    with _open_text(path, newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise DatasetError(f"{display}:1: unreadable CSV header: {e}", source=display) from None
+        if not header:
+            return
+        bad = utf8_problem("".join(header))
+        if bad:
+            raise DatasetError(f"{display}:1: the header is {bad}", source=display)
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        if dupes:
+            raise DatasetError(f"{display}:1: the header names column(s) {dupes} more than once", source=display)
+        line = reader.line_num + 1
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                yield f"{display}:{line}", _BadRecord(f"malformed CSV: {e}")
+                line = reader.line_num + 1
+                continue
+            where, line = f"{display}:{line}", reader.line_num + 1
+            if not fields:  # a blank line
+                continue
+            bad = utf8_problem("\x00".join(fields))
+            if bad:
+                yield where, _BadRecord(bad)
+            elif len(fields) != len(header):
+                extra = f": extra value(s) {fields[len(header):]!r:.80}" if len(fields) > len(header) else ""
+                yield where, _BadRecord(f"{len(fields)} fields, but the header has {len(header)} "
+                                        f"({', '.join(header)}){extra}; quote values that hold commas")
+            else:
+                yield where, dict(zip(header, fields))
 
 
 def _read_parquet(path: Path, display: str) -> Iterator[Record]:
@@ -187,10 +244,11 @@ def _read_parquet(path: Path, display: str) -> Iterator[Record]:
 
 
 def _read_txt(path: Path, display: str) -> Iterator[Record]:
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                yield f"{display}:{lineno}", {"text": line.rstrip("\r\n")}
+                bad = utf8_problem(line)
+                yield f"{display}:{lineno}", _BadRecord(bad) if bad else {"text": line.rstrip("\r\n")}
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}
@@ -296,7 +354,12 @@ def _open_source(spec: DatasetSpec, hub: str, streaming: bool, context: BuiltinC
 
 
 def _to_canonical(where: str, payload: Any, columns: dict | None) -> dict:
+    if isinstance(payload, _BadRecord):
+        raise DatasetError(f"{where}: {payload}", source=where)
     if isinstance(payload, _JsonLine):
+        bad = utf8_problem(payload)
+        if bad:
+            raise DatasetError(f"{where}: {bad}", source=where)
         try:
             payload = json.loads(payload)
         except json.JSONDecodeError as e:
@@ -311,7 +374,9 @@ def _process_chunk(records: list[Record], columns: dict | None, strict: bool) ->
     rows, errors = [], []
     for where, payload in records:
         try:
-            rows.append(_to_canonical(where, payload, columns))
+            row = _to_canonical(where, payload, columns)
+            row[ORIGIN_COLUMN] = where
+            rows.append(row)
         except DatasetError as e:
             if strict:
                 raise
@@ -358,6 +423,7 @@ def _canonical_types() -> dict[str, pa.DataType]:
         "rejected_messages": message,
         "label": pa.bool_(),
         "text": pa.string(),
+        ORIGIN_COLUMN: pa.string(),
     }
 
 

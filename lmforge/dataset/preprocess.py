@@ -16,7 +16,9 @@ Every canonical key is always present (``None`` when unused) so that Arrow schem
 sources line up. The mapping is idempotent: a canonical row maps to itself.
 
 Errors name the row's source (``file:line``) and the field, because a message that only says
-"KeyError: 'content'" after ten minutes of loading is how data bugs cost a day.
+"KeyError: 'content'" after ten minutes of loading is how data bugs cost a day. An empty user turn
+or assistant reply (a CSV row ``q2,`` or ``,r3``, ``"content": ""``) is an error too: trained as it
+is, it teaches the model to answer with nothing, and nobody would see why.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any, Callable
 
 __all__ = [
     "CANONICAL_COLUMNS",
+    "ORIGIN_COLUMN",
     "ROLES",
     "DatasetError",
     "detect_format",
@@ -33,6 +36,8 @@ __all__ = [
 ]
 
 CANONICAL_COLUMNS = ("messages", "tools", "images", "rejected_response", "rejected_messages", "label", "text")
+# Where a loaded row came from ("file:line"), added by the loader and dropped by encoding.
+ORIGIN_COLUMN = "_origin"
 ROLES = ("system", "user", "assistant", "tool_call", "tool_response")
 
 # Accepted spellings of each role, across OpenAI, ShareGPT and the canonical form itself.
@@ -109,6 +114,30 @@ def _as_str(value: Any, field: str, *, optional: bool = False) -> str | None:
     if not isinstance(value, str):
         raise _FieldError(field, f"expected a string, got {_type_name(value)}")
     return value
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` (read with ``errors="surrogateescape"``) is not UTF-8 (its first bad byte), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "a lone surrogate"
+        return f"not valid UTF-8 ({what} at character {e.start + 1}); re-save the file as UTF-8"
+
+
+def _empty(field: str, what: str) -> _FieldError:
+    return _FieldError(field, f"empty {what}; the row would train on nothing there (fill it in, or --strict false "
+                              "skips such rows)")
+
+
+def _required(value: Any, field: str, what: str) -> str:
+    """A text that must say something: a user turn, an assistant reply, a pre-training text."""
+    text = _as_str(value, field)
+    if not text.strip():
+        raise _empty(field, what)
+    return text
 
 
 # ----------------------------------------------------------------------------- messages
@@ -222,6 +251,8 @@ def _normalize_messages(value: Any, field: str, images: list[str]) -> list[dict]
             content = _tool_call_content(content, f"{f}.{content_key}")
         if content is None:
             raise _FieldError(f"{f}.{content_key}", "missing content")
+        if role in ("user", "assistant") and not content.strip():
+            raise _empty(f"{f}.{content_key}", f"{role} message")
         out.append(_message(role, content, loss))
     return out
 
@@ -234,15 +265,15 @@ def _history(value: Any, field: str) -> list[dict]:
     for i, pair in enumerate(_as_list(value, field, "a list of [query, response] pairs")):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise _FieldError(f"{field}[{i}]", f"expected a [query, response] pair, got {pair!r:.80}")
-        out.append(_message("user", _as_str(pair[0], f"{field}[{i}][0]")))
-        out.append(_message("assistant", _as_str(pair[1], f"{field}[{i}][1]")))
+        out.append(_message("user", _required(pair[0], f"{field}[{i}][0]", "user turn")))
+        out.append(_message("assistant", _required(pair[1], f"{field}[{i}][1]", "assistant reply")))
     return out
 
 
 def _turns(value: Any, field: str, images: list[str], default_role: str) -> list[dict]:
     """A TRL field that is either plain text (one ``default_role`` turn) or a message list."""
     if isinstance(value, str):
-        return [_message(default_role, value)]
+        return [_message(default_role, _required(value, field, f"{default_role} turn"))]
     return _normalize_messages(value, field, images)
 
 
@@ -270,16 +301,18 @@ def _map_alpaca(row: dict, images: list[str]) -> _Mapped:
     instruction = _as_str(row["instruction"], "instruction")
     extra = _as_str(row.get("input"), "input", optional=True)
     query = f"{instruction}\n{extra}" if extra else instruction
+    if not query.strip():
+        raise _empty("instruction", "instruction (and no input)")
     messages = _history(row.get("history"), "history")
-    messages += [_message("user", query), _message("assistant", _as_str(row["output"], "output"))]
+    messages += [_message("user", query), _message("assistant", _required(row["output"], "output", "output"))]
     return {"messages": messages}, ("instruction", "input", "output", "history")
 
 
 def _map_query_response(row: dict, images: list[str]) -> _Mapped:
     messages = _history(row.get("history"), "history")
     messages += [
-        _message("user", _as_str(row["query"], "query")),
-        _message("assistant", _as_str(row["response"], "response")),
+        _message("user", _required(row["query"], "query", "query")),
+        _message("assistant", _required(row["response"], "response", "response")),
     ]
     return {"messages": messages}, ("query", "response", "history")
 
@@ -303,7 +336,7 @@ def _map_preference(row: dict, images: list[str]) -> _Mapped:
 
 
 def _map_text(row: dict, images: list[str]) -> _Mapped:
-    return {"text": _as_str(row["text"], "text")}, ()
+    return {"text": _required(row["text"], "text", "text")}, ()
 
 
 # (name, required keys, mapper) in detection order: the first whose keys are all present wins.
@@ -382,7 +415,7 @@ def _label(value: Any) -> bool | None:
     raise _FieldError("label", f"expected true/false, got {value!r}")
 
 
-_NOT_EXTRA = frozenset((*CANONICAL_COLUMNS, "system"))
+_NOT_EXTRA = frozenset((*CANONICAL_COLUMNS, ORIGIN_COLUMN, "system"))
 
 
 def preprocess_row(raw: dict, *, source: str = "<row>", columns: dict | None = None) -> dict:
@@ -410,7 +443,8 @@ def preprocess_row(raw: dict, *, source: str = "<row>", columns: dict | None = N
             "messages": None,
             "tools": _tools(row.get("tools")),
             "images": None,
-            "rejected_response": _as_str(row.get("rejected_response"), "rejected_response", optional=True),
+            "rejected_response": None if row.get("rejected_response") is None
+            else _required(row["rejected_response"], "rejected_response", "rejected response"),
             "rejected_messages": None,
             "label": _label(row.get("label")),
             "text": _as_str(row.get("text"), "text", optional=True),
@@ -441,11 +475,15 @@ def iter_jsonl_rows(path: str, *, source: str | None = None, columns: dict | Non
     not detected (e.g. an eval row with only a question) before it is mapped.
     """
     source = source or str(path)
-    with open(path, encoding="utf-8-sig") as fh:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             where = f"{source}:{lineno}"
+            bad = utf8_problem(line)
+            if bad:
+                yield where, None, f"{where}: {bad}"
+                continue
             try:
                 raw = json.loads(line)
                 if isinstance(raw, dict):

@@ -90,7 +90,13 @@ def load_rows(spec: str, *, columns: dict | None = None, strict: bool = True, se
 
     rows, _ = load_dataset([source], seed=seed, columns=columns or None, strict=strict, hub=hub, shuffle=False,
                            model_name=model_name or None, model_author=model_author or None)
-    return [(f"{source}:row {i}", dict(row), None) for i, row in enumerate(rows)]
+    from lmforge.dataset import ORIGIN_COLUMN
+
+    out = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        out.append((row.pop(ORIGIN_COLUMN, None) or f"{source}:row {i}", row, None))
+    return out
 
 
 def row_key(name: str, index: int, messages: list[dict], extra: Any = None) -> str:

@@ -7,13 +7,19 @@ prompts and scoring. Both can evaluate any OpenAI-compatible chat endpoint, whic
 1. the server: ``--eval_url`` if given, else the model is loaded here and served on a free
    loopback port for the duration of the run (:class:`lmforge.serve.server.ServerThread`);
 2. the tool's command line, built by :func:`lm_eval_command` / :func:`evalscope_command`, run as a
-   subprocess (lm_eval reads the API key from ``OPENAI_API_KEY``, set for it; evalscope takes ``--api-key``);
+   subprocess whose output is passed through with the API key masked;
 3. the tool's result files, read back into an ``eval_report.json`` like the native evaluators write,
    so ``--compare`` works across both.
 
 Neither tool is a dependency: install one (``pip install lm_eval`` or ``pip install evalscope``)
 where lmforge runs. Both download their benchmark data on first use unless the task is local
 (lm_eval ``--eval_include_path`` with a task YAML over a local file).
+
+The API key never reaches a command line (which any user of the machine can read in ``ps``) or a
+log: lm_eval reads it from ``OPENAI_API_KEY``; evalscope accepts it only as ``--api-key``, so it
+is started through a few lines of Python (:data:`_EVALSCOPE_SHIM`) that move the key from the
+environment into evalscope's own ``sys.argv`` inside the child. Every log line of the run and the
+child's output have the key replaced by ``***`` (:func:`lmforge.utils.log.mask_secret`).
 """
 from __future__ import annotations
 
@@ -29,6 +35,17 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("lmforge.eval")
+
+KEY_ENV = "LMFORGE_EVAL_API_KEY"
+# Runs evalscope's console script in this interpreter with the key appended to its argv in memory:
+# the key travels in the environment (popped at once, so evalscope's own children do not inherit it).
+_EVALSCOPE_SHIM = (
+    "import os, sys\n"
+    "from importlib.metadata import entry_points\n"
+    f"key = os.environ.pop({KEY_ENV!r}, '')\n"
+    "sys.argv = ['evalscope', *sys.argv[1:], *(['--api-key', key] if key else [])]\n"
+    "main = next(iter(entry_points(group='console_scripts', name='evalscope'))).load()\n"
+    "sys.exit(main())\n")
 
 
 def _launcher(module: str, scripts: tuple[str, ...]) -> list[str]:
@@ -74,12 +91,21 @@ def evalscope_command(base_url: str, model: str, datasets: list[str], *, work_di
     """The ``evalscope eval`` command that scores ``datasets`` through the server's OpenAI API."""
     from lmforge.eval.runner import normalize_base_url
 
-    cmd = [*(launcher or _launcher("evalscope", ("evalscope",))), "eval", "--model", model,
+    cmd = [*(launcher or _evalscope_launcher()), "eval", "--model", model,
            "--api-url", f"{normalize_base_url(base_url)}/v1", "--eval-type", "openai_api",
            "--datasets", *datasets, "--work-dir", str(work_dir)]
     if limit:
         cmd += ["--limit", str(limit)]
     return cmd + list(extra)
+
+
+def _evalscope_launcher() -> list[str]:
+    """``python -c SHIM`` when evalscope is installed in this environment (so the key can be passed privately)."""
+    from importlib.metadata import entry_points
+
+    if any(True for _ in entry_points(group="console_scripts", name="evalscope")):
+        return [sys.executable, "-c", _EVALSCOPE_SHIM]
+    return _launcher("evalscope", ("evalscope",))
 
 
 def parse_lm_eval_results(output_path: str | Path) -> dict[str, dict]:
@@ -125,16 +151,21 @@ def parse_evalscope_results(work_dir: str | Path) -> dict[str, dict]:
     return out
 
 
-def _run(cmd: list[str], api_key: str | None) -> None:
-    env = dict(os.environ)
-    if api_key:
-        env["OPENAI_API_KEY"] = api_key
-    else:
-        env.setdefault("OPENAI_API_KEY", "EMPTY")
-    logger.info("running: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} ... exited with {proc.returncode}")
+def _run(cmd: list[str], env_extra: dict[str, str]) -> None:
+    """Run ``cmd`` with ``env_extra`` added to the environment, its output passed on with secrets masked."""
+    from lmforge.utils.log import masked
+
+    env = {**os.environ, **env_extra}
+    shown = ["python -c <evalscope launcher>" if c == _EVALSCOPE_SHIM else c for c in cmd]
+    logger.info("running: %s", " ".join(shown))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, b""):  # line by line, so progress shows as it happens
+        sys.stderr.write(masked(line.decode("utf-8", "replace")))
+        sys.stderr.flush()
+    code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"{Path(shown[0]).name} {' '.join(shown[1:3])} ... exited with {code}")
 
 
 def run_harness(args: Any, engine: Any = None) -> dict:
@@ -147,6 +178,9 @@ def run_harness(args: Any, engine: Any = None) -> dict:
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    from lmforge.utils.log import mask_secret
+
+    mask_secret(args.api_key)
     with ExitStack() as stack:
         url, api_key = args.eval_url, args.api_key
         if not url:
@@ -167,13 +201,17 @@ def run_harness(args: Any, engine: Any = None) -> dict:
             _run(lm_eval_command(url, model, list(args.eval_dataset), output_path=out,
                                  include_path=args.eval_include_path, limit=args.eval_limit,
                                  num_concurrent=args.eval_concurrency, max_gen_toks=args.max_new_tokens,
-                                 extra=args.eval_backend_args), api_key)
+                                 extra=args.eval_backend_args), {"OPENAI_API_KEY": api_key or "EMPTY"})
             results = parse_lm_eval_results(out)
         elif args.eval_backend == "evalscope":
             out = output_dir / "evalscope"
-            _run(evalscope_command(url, model, list(args.eval_dataset), work_dir=out, limit=args.eval_limit,
-                                   extra=args.eval_backend_args + (["--api-key", api_key] if api_key else [])),
-                 None)
+            cmd = evalscope_command(url, model, list(args.eval_dataset), work_dir=out, limit=args.eval_limit,
+                                    extra=args.eval_backend_args)
+            if api_key and _EVALSCOPE_SHIM not in cmd:
+                raise RuntimeError("evalscope takes an API key only on its command line, where other users of this "
+                                   "machine could read it; install evalscope in this Python environment "
+                                   f"({sys.executable}) so lmforge can hand it the key privately")
+            _run(cmd, {KEY_ENV: api_key} if api_key else {})
             results = parse_evalscope_results(out)
         else:
             raise ValueError(f"unknown --eval_backend {args.eval_backend!r}")

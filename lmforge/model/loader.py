@@ -46,6 +46,23 @@ def resolve_dtype(torch_dtype: str | None, device: str, config: Any = None):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def resolve_trust_remote_code(trust_remote_code: bool, model_kwargs: dict | None) -> tuple[bool, dict]:
+    """``--trust_remote_code`` alone decides whether a model's own Python code runs.
+
+    ``--model_kwargs`` may repeat the same value (it is then dropped) but not contradict it: a
+    ``{"trust_remote_code": true}`` there used to override ``--trust_remote_code false`` silently.
+    """
+    kwargs = dict(model_kwargs or {})
+    if "trust_remote_code" not in kwargs:
+        return bool(trust_remote_code), kwargs
+    given = kwargs.pop("trust_remote_code")
+    if not isinstance(given, bool) or given != bool(trust_remote_code):
+        raise ValueError(f"--model_kwargs sets trust_remote_code={given!r} but --trust_remote_code is "
+                         f"{str(bool(trust_remote_code)).lower()}; whether to run a model's own code is set with "
+                         "--trust_remote_code only")
+    return given, kwargs
+
+
 def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -77,6 +94,7 @@ def get_model_tokenizer(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    trust_remote_code, model_kwargs = resolve_trust_remote_code(trust_remote_code, model_kwargs)
     model_dir = resolve_model_dir(model, hub=hub, revision=revision, need_weights=load_model)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     if not load_model:
@@ -93,7 +111,7 @@ def get_model_tokenizer(
         device_map = device_map or {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if device_map:
         kwargs["device_map"] = device_map
-    kwargs.update(model_kwargs or {})
+    kwargs.update(model_kwargs)
     logger.info("Loading %s (%s) from %s", model, dtype, model_dir)
     m = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     if not device_map:

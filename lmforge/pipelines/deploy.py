@@ -103,6 +103,10 @@ def deploy_main(args: DeployArguments) -> None:
 
     keys = load_api_keys(args.api_key, args.api_key_file)  # a bad key file fails before the model loads
     check_port(args.host, args.port)  # so does a busy port
+    from lmforge.utils.log import mask_secret
+
+    for key in keys:
+        mask_secret(key)
     if not keys and not _is_loopback(args.host):
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model",
                        args.host)
@@ -114,4 +118,5 @@ def deploy_main(args: DeployArguments) -> None:
     app = create_app(engine, args)
     logger.info("OpenAI-compatible server on http://%s:%d/v1 (model %r)", args.host, args.port,
                 app.state.lmforge.base_name)
-    make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout).run()
+    make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
+                max_connections=args.max_connections, header_timeout=args.body_timeout).run()

@@ -214,9 +214,12 @@ def iter_rows(args: InferArguments) -> Iterator[tuple[str, dict | None, str | No
     else:
         train, val = load_dataset(args.dataset, split_dataset_ratio=args.split_dataset_ratio, **common)
         rows = val if val is not None else train
+    from lmforge.dataset import ORIGIN_COLUMN
+
     name = "+".join(specs)
     for i, row in enumerate(rows):
-        yield f"{name}:row {i}", row, None
+        row = dict(row)
+        yield row.pop(ORIGIN_COLUMN, None) or f"{name}:row {i}", row, None
 
 
 def row_to_request(row: dict, adapter: str | None = None) -> tuple[Any, dict[str, Any]]:

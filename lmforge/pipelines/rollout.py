@@ -33,6 +33,10 @@ def rollout_main(args: RolloutArguments) -> None:
 
     keys = load_api_keys(args.api_key, args.api_key_file)
     check_port(args.host, args.port)  # before the model loads
+    from lmforge.utils.log import mask_secret
+
+    for key in keys:
+        mask_secret(key)
     if not keys and not _is_loopback(args.host):
         logger.warning("listening on %s without --api_key: anyone who can reach this port can change the "
                        "model's weights (/rollout/update_weights)", args.host)
@@ -44,4 +48,5 @@ def rollout_main(args: RolloutArguments) -> None:
     app = create_rollout_app(engine, args)
     logger.info("rollout server on http://%s:%d (routes /rollout/info, /rollout/generate, /rollout/update_weights; "
                 "OpenAI routes on /v1)", args.host, args.port)
-    make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout).run()
+    make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
+                max_connections=args.max_connections, header_timeout=args.body_timeout).run()

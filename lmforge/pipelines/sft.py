@@ -26,15 +26,20 @@ logger = logging.getLogger("lmforge")
 
 def resolve_output_dir(args: TrainArguments) -> str:
     """``output/<model>/v<N>-<timestamp>`` unless the user fixed it; resume continues in the checkpoint's run."""
-    from lmforge.utils.checkpoint import find_last_checkpoint
+    from lmforge.utils.checkpoint import find_last_checkpoint, verify_checkpoint
 
     root = Path(args.output_dir or Path("output") / model_slug(args.model))
     if args.resume_from_checkpoint:
         ckpt = find_last_checkpoint(root) if args.resume_from_checkpoint == "last" else Path(args.resume_from_checkpoint)
         if ckpt is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint last: no complete checkpoint under {root}")
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no intact checkpoint under {root} (the log above "
+                                    "says what is wrong with any that were found)")
         if not ckpt.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {ckpt}: no such folder")
+        problems = verify_checkpoint(ckpt, need_marker=False) if args.resume_from_checkpoint != "last" else []
+        if problems:
+            raise ValueError(f"--resume_from_checkpoint {ckpt}: the checkpoint is damaged ({'; '.join(problems)}); "
+                             "pass an older one, or 'last' for the newest intact one")
         args.resume_from_checkpoint = str(ckpt)
         return str(ckpt.parent)
     if not args.add_version:

@@ -233,23 +233,34 @@ class RolloutClient(InferEngine):
             req.add_header("Content-Type", content_type)
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return json.loads(r.read().decode("utf-8"))
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")
+        deadline = time.monotonic() + self.timeout
+        while True:
             try:
-                err = json.loads(detail)["error"]
-            except (ValueError, KeyError, TypeError):
-                err = None
-            if err and e.code == 400 and path == "/rollout/generate":  # a request the engine refused: say which
-                m = re.fullmatch(r"requests\[(\d+)\]", err.get("param") or "")
-                raise InferRequestError(err.get("message", detail), index=int(m.group(1)) if m else None) from None
-            message = err.get("message", detail) if err else detail
-            raise RolloutError(f"rollout server {self.url}{path}: HTTP {e.code}: {message[:500]}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise RolloutError(f"rollout server {self.url}{path}: {e} (is `lmforge rollout` running there? "
-                               "check --rollout_url)") from None
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return json.loads(r.read().decode("utf-8"))
+            except urllib.error.HTTPError as e:
+                # the server's queue is full (it admits generate calls like chat requests): wait as it asks
+                if e.code == 429 and time.monotonic() < deadline:
+                    e.read()
+                    time.sleep(min(float(e.headers.get("Retry-After") or 1), 30.0))
+                    continue
+                return self._raise(path, e)
+            except (urllib.error.URLError, OSError) as e:
+                raise RolloutError(f"rollout server {self.url}{path}: {e} (is `lmforge rollout` running there? "
+                                   "check --rollout_url)") from None
+
+    def _raise(self, path: str, e: urllib.error.HTTPError) -> Any:
+        """The server's error as an InferRequestError (a request it refused, by index) or a RolloutError."""
+        detail = e.read().decode("utf-8", "replace")
+        try:
+            err = json.loads(detail)["error"]
+        except (ValueError, KeyError, TypeError):
+            err = None
+        if err and e.code == 400 and path == "/rollout/generate":  # a request the engine refused: say which
+            m = re.fullmatch(r"requests\[(\d+)\]", err.get("param") or "")
+            raise InferRequestError(err.get("message", detail), index=int(m.group(1)) if m else None) from None
+        message = err.get("message", detail) if err else detail
+        raise RolloutError(f"rollout server {self.url}{path}: HTTP {e.code}: {message[:500]}") from None
 
     def _wait_ready(self, wait: float) -> dict[str, Any]:
         deadline = time.monotonic() + wait

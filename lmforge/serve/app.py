@@ -2,10 +2,12 @@
 
 ``create_app(engine, args)`` returns a FastAPI app with POST /v1/chat/completions, POST
 /v1/completions, GET /v1/models[/{id}], GET /health and GET /metrics. Each request passes, in
-order: auth, body checks (size, UTF-8, JSON), schema validation, model lookup, a prompt-length
-check, and the admission queue; whatever fails answers in OpenAI's error shape and the server
-carries on. One log line and one set of metrics is written per request by an ASGI middleware, so
-that errors raised anywhere (401, 404 on an unknown path, a client gone mid-stream) are counted too.
+order: auth, body checks (size, read time, UTF-8, JSON), schema validation, model lookup, a
+character bound on the prompt (:mod:`lmforge.serve.budget`: nothing is tokenised before
+admission), the admission queue, and then, inside the admitted slot, the prompt's token count;
+whatever fails answers in OpenAI's error shape and the server carries on. One log line and one set
+of metrics is written per request by an ASGI middleware, so that errors raised anywhere (401, 404
+on an unknown path, a client gone mid-upload or mid-stream) are counted too.
 """
 from __future__ import annotations
 
@@ -22,11 +24,14 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from lmforge.infer.base import InferEngine
 from lmforge.infer.errors import InferRequestError, PromptTooLongError
 from lmforge.infer.protocol import ChatCompletionStreamResponse, ChoiceLogprobs, InferRequest, RequestConfig, Usage
 from lmforge.serve.auth import BearerAuth, load_api_keys
+from lmforge.serve.body import read_json, validate
+from lmforge.serve.budget import TRIM_AFTER_BYTES, PromptBound, chars_per_token, chat_texts, release_memory
 from lmforge.serve.errors import APIError, from_validation_error, install_error_handlers, unexpected
 from lmforge.serve.limiter import ConcurrencyLimiter, Slot
 from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -38,6 +43,9 @@ logger = logging.getLogger("lmforge.serve")
 _ENDPOINTS = {"/v1/chat/completions": ("chat", "chatcmpl"), "/v1/completions": ("completions", "cmpl"),
               "/v1/models": ("models", "req"), "/health": ("health", "req"), "/metrics": ("metrics", "req")}
 _QUIET = ("health", "metrics")  # scraped often: logged at DEBUG, not counted
+# Prompts tokenised at once (inside admitted slots): each may be up to max_model_len x chars_per_token
+# characters, so this bounds the tokenizer's memory when --max_concurrency is large (native engine).
+TOKENIZE_WORKERS = 4
 
 
 @dataclass
@@ -51,6 +59,8 @@ class ServeConfig:
     max_queue: int = 64
     queue_timeout: Optional[float] = 600.0
     max_request_bytes: int = 16 * 1024 * 1024
+    body_timeout: Optional[float] = 30.0
+    metrics_public: bool = False
     max_new_tokens: Optional[int] = 512
     temperature: float = 0.0
     top_p: float = 1.0
@@ -85,6 +95,7 @@ class RequestInfo:
     queue_wait: Optional[float] = None
     status: Optional[int] = None  # overrides the HTTP status: 499 (client gone) or 500 (failed mid-stream)
     error: Optional[str] = None
+    body_bytes: int = 0
 
 
 class ServeState:
@@ -102,8 +113,33 @@ class ServeState:
         self.auth = BearerAuth(load_api_keys(cfg.api_key, cfg.api_key_file))
         self.metrics = ServerMetrics(lambda: self.limiter.running, lambda: self.limiter.waiting,
                                      cfg.max_concurrency, cfg.max_queue)
+        self.bound = PromptBound(getattr(engine, "max_model_len", None), chars_per_token(engine))
+        self.endpoints = dict(_ENDPOINTS)  # path -> (metrics name, request-id prefix); the rollout app adds its own
         self.executor: Optional[ThreadPoolExecutor] = None
+        self.tokenize_pool: Optional[ThreadPoolExecutor] = None
+        self._trimming = self._trim_wanted = False
         self.aborting: Optional[asyncio.Event] = None  # set at shutdown once running requests had their time
+
+    def give_back_memory(self) -> None:
+        """After a large body: collect what reference cycles hold (an exception keeps its frames and a
+        validation error its input), then trim the heap; one at a time, in a worker thread."""
+        self._trim_wanted = True
+        if self._trimming:
+            return  # the running trim goes round once more
+        self._trimming = True
+
+        def run() -> None:
+            import gc
+
+            try:
+                while self._trim_wanted:
+                    self._trim_wanted = False
+                    gc.collect()
+                    release_memory()
+            finally:
+                self._trimming = False
+
+        asyncio.get_running_loop().run_in_executor(None, run)
 
     async def shutdown(self, timeout: float) -> None:
         """Stop admitting (queued requests get 503), give running ones ``timeout`` s, then end them with 503."""
@@ -155,10 +191,17 @@ class ServeState:
         return card
 
     # ---- limits and sampling ------------------------------------------------------------------
-    async def count_prompt(self, request: InferRequest, param: str = "messages") -> Optional[int]:
-        """Prompt tokens, or None when the engine cannot count; input the engine rejects becomes a 400."""
+    async def count_prompt(self, http: Request, info: RequestInfo, request: InferRequest,
+                           param: str = "messages") -> Optional[int]:
+        """Prompt tokens, or None when the engine cannot count; input the engine rejects becomes a 400.
+
+        Runs in the small tokenizer pool, inside an admitted slot; a client that leaves meanwhile
+        stops the wait (499), and a count not started yet is dropped from the pool's queue.
+        """
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(self.engine.count_prompt_tokens, request)
+            job = loop.run_in_executor(self.tokenize_pool, self.engine.count_prompt_tokens, request)
+            return await self.until_disconnect(http, info, job, "client disconnected while its prompt was counted")
         except NotImplementedError:
             return None
         except ValueError as e:  # InferRequestError and the template's own errors
@@ -202,6 +245,23 @@ class ServeState:
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             stop=req.stop if req.stop is not None else list(c.stop), seed=req.seed, n=req.n, logprobs=logprobs,
             top_logprobs=top_logprobs, stream=req.stream)
+
+    async def until_disconnect(self, http: Request, info: RequestInfo, awaitable: Any, why: str) -> Any:
+        """``awaitable``'s result, or a 499 as soon as the client has gone."""
+        task = asyncio.ensure_future(awaitable)
+        gone = asyncio.ensure_future(_wait_disconnect(http))
+        finished = False
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finished = task.done()
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()  # a count already running in a thread finishes there; its result is dropped
+        if not finished:
+            info.status, info.error = 499, why
+            raise APIError(499, why)
+        return task.result()
 
     async def acquire(self, request: Request, info: RequestInfo) -> Slot:
         """Wait for a slot, giving up if the client goes away while queued."""
@@ -283,6 +343,9 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+_UPLOAD_GONE = "client disconnected while sending the request body"
+
+
 class RequestLogMiddleware:
     """Pure ASGI (not BaseHTTPMiddleware, which buffers streams): times each request, adds X-Request-Id,
     and writes its log line and metrics when the last byte has gone (or the client has)."""
@@ -296,8 +359,8 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        endpoint, prefix = _ENDPOINTS.get(path, ("models", "req") if path.startswith("/v1/models/") else
-                                          ("other", "req"))
+        endpoint, prefix = self.state.endpoints.get(path, ("models", "req") if path.startswith("/v1/models/")
+                                                    else ("other", "req"))
         # The path is the client's text (a model id in /v1/models/ID, any unknown path): shortened, and
         # escaped so that a "%0A" in it cannot forge log lines.
         info = RequestInfo(id=f"{prefix}-{uuid.uuid4().hex[:24]}", method=scope.get("method", "")[:10],
@@ -319,6 +382,8 @@ class RequestLogMiddleware:
         except asyncio.CancelledError:
             info.status = info.status or 499
             raise
+        except ClientDisconnect:  # hung up while sending its body: the client's doing, one log line
+            info.status, info.error = 499, _UPLOAD_GONE
         except Exception as exc:  # noqa: BLE001 - answered here so the connection stays usable
             logger.exception("unexpected error in %s %s", info.method, info.path)
             err = unexpected(exc)
@@ -327,71 +392,8 @@ class RequestLogMiddleware:
                 await err.response()(scope, receive, send_with_id)
         finally:
             self.state.finish(info, status)
-
-
-# ---- body parsing ------------------------------------------------------------------------------
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _check_text(obj: Any, path: str = "body") -> None:
-    """Strings must be encodable: JSON escapes can smuggle in lone surrogates (``"\\ud800"``)."""
-    stack = [(obj, path)]
-    while stack:
-        value, where = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError(400, f"{where}: the string holds an unpaired surrogate escape, which is not text",
-                               param=where, code="invalid_text") from None
-        elif isinstance(value, dict):
-            stack.extend((v, f"{k}" if where == "body" else f"{where}.{k}") for k, v in value.items())
-        elif isinstance(value, list):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
-
-
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, or a 400/413 that says what is wrong with it."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"Request body is {int(declared)} bytes; the limit is {limit} (--max_request_bytes)",
-                       code="request_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"Request body is over {limit} bytes (--max_request_bytes)", code="request_too_large")
-    if not body.strip():
-        raise APIError(400, "Empty request body; send a JSON object", code="invalid_json")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise APIError(400, f"Request body is not valid UTF-8 (bad byte 0x{body[e.start]:02x} at offset {e.start})",
-                       code="invalid_encoding") from None
-    try:
-        obj = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"Malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}",
-                       code="invalid_json") from None
-    except (ValueError, RecursionError) as e:  # NaN/Infinity, a 5000-digit number, nesting too deep
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise APIError(400, f"Malformed JSON in the request body: {reason}", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise APIError(400, f"The request body must be a JSON object, got a JSON {type(obj).__name__}",
-                       code="invalid_json")
-    _check_text(obj)
-    return obj
-
-
-def _validate(model: type, body: dict[str, Any]):
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
-    except RecursionError:
-        raise APIError(400, "Invalid request: nested too deeply", code="invalid_value") from None
+            if info.body_bytes >= TRIM_AFTER_BYTES:
+                self.state.give_back_memory()
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -410,6 +412,8 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         state.executor = ThreadPoolExecutor(max_workers=max(32, 4 * cfg.max_concurrency),
                                             thread_name_prefix="lmforge-serve")
         asyncio.get_running_loop().set_default_executor(state.executor)
+        state.tokenize_pool = ThreadPoolExecutor(max_workers=min(cfg.max_concurrency, TOKENIZE_WORKERS),
+                                                 thread_name_prefix="lmforge-tokenize")
         state.aborting = asyncio.Event()
         logger.info("serving %s on /v1 (adapters: %s; max_concurrency %d, max_queue %d, auth %s)",
                     state.base_name, ", ".join(state.adapters) or "none", cfg.max_concurrency, cfg.max_queue,
@@ -417,6 +421,7 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         yield
         state.limiter.drain()
         state.aborting.set()
+        state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lmforge", summary="OpenAI-compatible server", lifespan=lifespan)
     app.state.lmforge = state
@@ -440,19 +445,25 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         info: RequestInfo = request.state.lmforge
-        req: ChatCompletionRequest = _validate(ChatCompletionRequest, await read_json(request, cfg.max_request_bytes))
+        req: ChatCompletionRequest = validate(ChatCompletionRequest, await read_json(request, cfg.max_request_bytes,
+                                                                                    cfg.body_timeout))
         adapter = state.resolve(req.model)
         info.model, info.stream = req.model, req.stream
+        state.bound.check(chat_texts(req.messages, req.tools), "messages")
         try:
             infer_req = InferRequest(messages=[m.to_engine() for m in req.messages], tools=req.engine_tools(),
                                      adapter=adapter)
         except ValidationError as e:
             raise from_validation_error(e) from None
-        prompt_tokens = await state.count_prompt(infer_req)
-        info.prompt_tokens = prompt_tokens or 0
-        rc = state.request_config(req, prompt_tokens, req.new_tokens(), param_prompt="messages",
-                                  logprobs=req.logprobs, top_logprobs=req.top_logprobs)
         slot = await state.acquire(request, info)
+        try:
+            prompt_tokens = await state.count_prompt(request, info, infer_req)
+            rc = state.request_config(req, prompt_tokens, req.new_tokens(), param_prompt="messages",
+                                      logprobs=req.logprobs, top_logprobs=req.top_logprobs)
+        except BaseException:
+            slot.release()
+            raise
+        info.prompt_tokens = prompt_tokens or 0
         if req.stream:
             return state.stream_response(_chat_stream(state, info, slot, req, infer_req, rc, prompt_tokens), slot, info)
         try:
@@ -469,7 +480,8 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         info: RequestInfo = request.state.lmforge
-        req: CompletionRequest = _validate(CompletionRequest, await read_json(request, cfg.max_request_bytes))
+        req: CompletionRequest = validate(CompletionRequest, await read_json(request, cfg.max_request_bytes,
+                                                                              cfg.body_timeout))
         adapter = state.resolve(req.model)
         if not getattr(engine, "supports_raw_prompt", True):
             raise APIError(501, f"The {type(engine).__name__} engine cannot continue raw text; use "
@@ -478,13 +490,19 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         prompts = req.prompts()
         if req.echo and any(not isinstance(p, str) for p in prompts):
             raise APIError(400, "echo needs a text prompt (not token ids)", param="echo", code="invalid_value")
+        for p in prompts:
+            state.bound.check_prompt(p)
         infer_reqs = [PromptRequest(prompt=p, adapter=adapter) for p in prompts]
-        counts = [await state.count_prompt(r, "prompt") for r in infer_reqs]
-        info.prompt_tokens = sum(c or 0 for c in counts)
-        known = [c for c in counts if c is not None]
-        rc = state.request_config(req, max(known) if known else None, req.max_tokens, param_prompt="prompt",
-                                  logprobs=req.logprobs is not None, top_logprobs=req.logprobs)
         slot = await state.acquire(request, info)
+        try:
+            counts = [await state.count_prompt(request, info, r, "prompt") for r in infer_reqs]
+            known = [c for c in counts if c is not None]
+            rc = state.request_config(req, max(known) if known else None, req.max_tokens, param_prompt="prompt",
+                                      logprobs=req.logprobs is not None, top_logprobs=req.logprobs)
+        except BaseException:
+            slot.release()
+            raise
+        info.prompt_tokens = sum(c or 0 for c in counts)
         if req.stream:
             return state.stream_response(_completion_stream(state, info, slot, req, infer_reqs, rc, counts), slot,
                                          info)
@@ -511,12 +529,17 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
     app.include_router(v1)
 
     @app.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
+        """Open to load balancers; the counts only for a caller with a key (when keys are set)."""
         if state.limiter.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
+        try:
+            state.auth.check(request.headers.get("authorization"))
+        except APIError:
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "running": state.limiter.running, "waiting": state.limiter.waiting})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[] if cfg.metrics_public else [Depends(check_auth)])
     async def metrics() -> Response:
         return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
 

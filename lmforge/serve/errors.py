@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("lmforge.serve")
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
-          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 501: "server_error", 503: "server_error"}
 
 

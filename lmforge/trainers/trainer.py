@@ -6,7 +6,10 @@
    losses are computed from the last hidden states and the output weight chunk by chunk
    (``fused_ce``), never from full logits; where that cannot apply the reason is logged once.
 2. Checkpoints are written into a staging folder and renamed into place with the tokenizer and
-   ``args.json`` inside, so a crash mid-write never leaves a ``checkpoint-N`` that looks complete.
+   ``args.json`` inside, so a crash mid-write never leaves a ``checkpoint-N`` that looks complete;
+   the completion marker records every file's size and SHA-256, so a later resume can tell a
+   damaged checkpoint from an intact one. A save that fills the disk stops the run with "No space
+   left on device", the folder, what was free and what was needed; the previous checkpoint stays.
 3. Evaluation reports token accuracy (or ``--eval_metric``) without keeping full logits.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Callable
 
 from transformers import Trainer
 
-from lmforge.utils.checkpoint import COMPLETE_MARKER
+from lmforge.utils.checkpoint import COMPLETE_MARKER, describe_files, disk_full_error, find_last_checkpoint, folder_size
 from lmforge.utils.io import atomic_write_text, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -162,14 +165,25 @@ class LmforgeTrainer(Trainer):
         original = self._get_output_dir
         self._get_output_dir = lambda trial=None: str(staging)  # type: ignore[method-assign]
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._get_output_dir = original  # type: ignore[method-assign]
-        if self.sharded_checkpoints and (self.final_save or self.state.global_step >= self.state.max_steps):
-            self.save_consolidated(staging / name)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            self._finish_checkpoint(staging / name, run_dir / name)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._get_output_dir = original  # type: ignore[method-assign]
+            if self.sharded_checkpoints and (self.final_save or self.state.global_step >= self.state.max_steps):
+                self.save_consolidated(staging / name)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                self._finish_checkpoint(staging / name, run_dir / name)
+        except Exception as e:  # noqa: BLE001 - safetensors and torch raise their own types when the disk fills
+            full = disk_full_error(e, run_dir, self._checkpoint_bytes(run_dir))
+            if full is None:
+                raise
+            shutil.rmtree(staging / name, ignore_errors=True)  # give the space back; the last checkpoint stays
+            previous = find_last_checkpoint(run_dir, verify=False)
+            kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+            raise type(full)(full.errno, f"{full.strerror}. Saving {name} was abandoned and {kept}; free space "
+                                         "(or point --output_dir at a larger disk) and resume with "
+                                         "--resume_from_checkpoint last") from e
         self.accelerator.wait_for_everyone()
 
     @property
@@ -193,6 +207,18 @@ class LmforgeTrainer(Trainer):
         if self.args.should_save:
             self._save(str(folder), state_dict=state_dict)
 
+    def _checkpoint_bytes(self, run_dir: Path) -> int:
+        """What a checkpoint here takes: the last one's size, else the weights and optimizer state in memory."""
+        previous = find_last_checkpoint(run_dir, verify=False)
+        if previous is not None:
+            return folder_size(previous)
+        params = [p for p in self.model.parameters() if p.requires_grad] or list(self.model.parameters())
+        total = sum(p.numel() * p.element_size() for p in params)
+        state = getattr(self.optimizer, "state", {}) if self.optimizer is not None else {}
+        for per_param in state.values():
+            total += sum(t.numel() * t.element_size() for t in per_param.values() if hasattr(t, "element_size"))
+        return total
+
     def _finish_checkpoint(self, staged: Path, final: Path) -> None:
         from transformers.trainer_utils import rotate_checkpoints
 
@@ -202,7 +228,8 @@ class LmforgeTrainer(Trainer):
             save_args(self.lmforge_args, staged)
         if self.processing_class is not None and not (staged / "tokenizer_config.json").exists():
             self.processing_class.save_pretrained(staged)
-        atomic_write_text(staged / COMPLETE_MARKER, json.dumps({"global_step": self.state.global_step}))
+        marker = {"global_step": self.state.global_step, "files": describe_files(staged)}
+        atomic_write_text(staged / COMPLETE_MARKER, json.dumps(marker, indent=1))
         replace_dir(staged, final)
         shutil.rmtree(staged.parent, ignore_errors=True) if not any(staged.parent.iterdir()) else None
         rotate_checkpoints(output_dir=str(final.parent), save_total_limit=self.args.save_total_limit,
