@@ -92,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     set_invocation(cmd, rest)
     try:
-        return _run(cmd, _load(main_path), args)
+        code = _run(cmd, _load(main_path), args)
     finally:
         set_invocation(None, [])  # main() may be called again in this process (tests, notebooks)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from lmforge.utils.distributed import exit_process
+
+        exit_process(code)  # a launched worker: see exit_process for why not a normal exit
+    return code
 
 
 def _run(cmd: str, pipeline: Any, args: Any) -> int:
