@@ -64,7 +64,7 @@ def make_model(kind: str, out: Path, seed: int = 0) -> Path:
         with torch.no_grad():  # random norms, so a mix-up of norm tensors shows in the logits
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
-                    p.uniform_(0.5, 1.5)
+                    p.uniform_(0.9, 1.1)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
