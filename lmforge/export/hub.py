@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import socket
 from pathlib import Path
@@ -99,17 +100,25 @@ def find_eval_report(*folders: str | Path | None) -> Path | None:
     return None
 
 
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".tsv")
+
+
+def _hub_id(name: str) -> bool:
+    """``owner/name`` that is not a local path or data file: something the hub can link to."""
+    return (bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not name.lower().endswith(_DATA_SUFFIXES)
+            and not Path(name).exists())
+
+
 def model_card(*, base_model: str, train_args: dict[str, Any], export_command: str, fmt: str,
                files: list[str], eval_report: Path | None = None, repo_id: str | None = None) -> str:
     """README.md text: YAML metadata the hubs index, then provenance in prose and tables."""
-    hub_base = base_model if "/" in base_model and not Path(base_model).exists() else None
+    hub_base = base_model if _hub_id(base_model) else None
     data = [d for d in train_args.get("dataset") or [] if isinstance(d, str)]
     meta = ["---", "library_name: " + ("gguf" if fmt == "gguf" else "transformers"),
             "tags:", "- lmforge", f"- {fmt}"]
     if hub_base:
         meta.append(f"base_model: {hub_base}")
-    hub_data = [d.split("#")[0] for d in data if "/" in d and not Path(d.split("#")[0]).exists()
-                and not d.startswith("builtin:")]
+    hub_data = [d.split("#")[0] for d in data if _hub_id(d.split("#")[0])]
     if hub_data:
         meta += ["datasets:"] + [f"- {d}" for d in hub_data]
     meta.append("---")
