@@ -16,7 +16,8 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping
 
 from lmforge.export.tokenizer_v4 import write_v4_tokenizer_config
 from lmforge.infer.checkpoint import attach_adapters, resolve_model_source
@@ -116,6 +117,36 @@ def check_merge_changes(peft_model: Any, adapter_names: list[str]) -> dict[str, 
     return {"changed": changed, "layers": layers, "max_delta": max_delta}
 
 
+@contextmanager
+def build_dir(out: Path) -> Iterator[Path]:
+    """A scratch folder beside ``out`` that replaces ``out`` when the block succeeds and is removed if it fails,
+    so an interrupted export never leaves a folder that looks finished."""
+    from lmforge.utils.io import replace_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            logger.warning("Replacing the existing %s", out)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tokenizer_and_args(folder: Path, tokenizer: Any, src: Any, out: Path) -> None:
+    """The tokenizer (plus its transformers-4 config) and the ``args.json`` that lets ``--ckpt_dir <out>`` chat."""
+    from lmforge.utils.io import atomic_write_text
+
+    tokenizer.save_pretrained(folder)
+    write_v4_tokenizer_config(folder, tokenizer)
+    atomic_write_text(folder / "args.json", json.dumps(export_args(src.train_args, out, src.template, src.system),
+                                                       indent=2, ensure_ascii=False))
+
+
 def export_args(train_args: dict[str, Any], out: Path, template: str | None, system: str | None) -> dict[str, Any]:
     """The ``args.json`` of an exported folder: ``lmforge infer --ckpt_dir <out>`` chats with the run's template."""
     args = dict(train_args)
@@ -139,7 +170,6 @@ def merge_lora(*, model: str | None = None, ckpt_dir: str | None = None,
     import torch
 
     from lmforge.model import get_model_tokenizer
-    from lmforge.utils.io import replace_dir
 
     src = resolve_model_source(model, ckpt_dir=ckpt_dir, adapters=adapters, template=template, system=system)
     if not src.adapters:
@@ -177,22 +207,8 @@ def merge_lora(*, model: str | None = None, ckpt_dir: str | None = None,
         if gen.pad_token_id is None:
             gen.pad_token_id = tokenizer.pad_token_id
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with build_dir(out) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        write_v4_tokenizer_config(tmp, tokenizer)
-        from lmforge.utils.io import atomic_write_text
-
-        atomic_write_text(tmp / "args.json", json.dumps(export_args(src.train_args, out, src.template, src.system),
-                                                        indent=2, ensure_ascii=False))
-        if out.exists():
-            logger.warning("Replacing the existing %s", out)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_tokenizer_and_args(tmp, tokenizer, src, out)
     logger.info("Merged model saved to %s", out)
     return out

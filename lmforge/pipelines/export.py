@@ -13,9 +13,7 @@ quantise or convert (``--quant_method``), push (``--push_to_hub``: the last step
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,14 +52,10 @@ def _card(args: ExportArguments, src: Any, folder: Path, fmt: str) -> str:
 
 def _quantize(args: ExportArguments, src: Any, model_dir: Path, out: Path) -> Path:
     """Write the ``--quant_method`` export of ``model_dir`` to ``out`` (built beside it, renamed when complete)."""
-    from lmforge.export.merge import export_args
-    from lmforge.utils.io import atomic_write_text, replace_dir
+    from lmforge.export.merge import build_dir, save_tokenizer_and_args
+    from lmforge.utils.io import atomic_write_text
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with build_dir(out) as tmp:
         if args.quant_method == "gguf":
             from lmforge.export.to_gguf import convert_to_gguf
 
@@ -70,23 +64,12 @@ def _quantize(args: ExportArguments, src: Any, model_dir: Path, out: Path) -> Pa
                             name=_name(args, src.model))
         else:
             from lmforge.export.quantize import quantize_model
-            from lmforge.export.tokenizer_v4 import write_v4_tokenizer_config
             from lmforge.model.loader import load_tokenizer
 
             quantize_model(model_dir, tmp, args.quant_method, args.quant_bits, args.torch_dtype,
                            args.trust_remote_code)
-            tokenizer = load_tokenizer(model_dir, trust_remote_code=args.trust_remote_code)
-            tokenizer.save_pretrained(tmp)
-            write_v4_tokenizer_config(tmp, tokenizer)
-            atomic_write_text(tmp / "args.json", json.dumps(export_args(src.train_args, out, src.template, src.system),
-                                                            indent=2, ensure_ascii=False))
+            save_tokenizer_and_args(tmp, load_tokenizer(model_dir, trust_remote_code=args.trust_remote_code), src, out)
         atomic_write_text(tmp / "README.md", _card(args, src, tmp, args.quant_method))
-        if out.exists():
-            logger.warning("Replacing the existing %s", out)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
