@@ -31,11 +31,11 @@ def write_tokenizer(out: Path, split: str | None) -> None:
         (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
 
 
-def make_model(kind: str, out: Path, seed: int = 0) -> Path:
+def make_model(kind: str, out: Path, seed: int = 0, rope: dict | None = None) -> Path:
     """``kind`` in llama, qwen3, mistral: a saved random model of that family (hidden 256, 2 layers).
 
     The width is 256 so that the K-quants (256-wide blocks) apply; Qwen3 pads its vocabulary past
-    the tokenizer's ids as the real Qwen models do.
+    the tokenizer's ids as the real Qwen models do. ``rope`` replaces Llama's rope parameters.
     """
     import torch
     import transformers
@@ -49,14 +49,15 @@ def make_model(kind: str, out: Path, seed: int = 0) -> Path:
                   eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
                   bos_token_id=None, tie_word_embeddings=False)
     if kind == "llama":
-        config = transformers.LlamaConfig(vocab_size=len(tok), rope_parameters={"rope_type": "default",
-                                                                                "rope_theta": 500000.0}, **common)
+        config = transformers.LlamaConfig(vocab_size=len(tok), **common, rope_parameters=rope or {
+            "rope_type": "default", "rope_theta": 500000.0})
         cls = transformers.LlamaForCausalLM
     elif kind == "mistral":
         config = transformers.MistralConfig(vocab_size=len(tok), sliding_window=None, **common)
         cls = transformers.MistralForCausalLM
     else:
-        config = transformers.Qwen3Config(vocab_size=len(tok) + 17, head_dim=128, **{**common, "tie_word_embeddings": True})
+        config = transformers.Qwen3Config(vocab_size=len(tok) + 17, head_dim=128,
+                                          **{**common, "tie_word_embeddings": True})
         cls = transformers.Qwen3ForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -111,16 +111,29 @@ def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _rope(config: Any) -> tuple[float, dict]:
+def _rope(config: Any, gguf_arch: str) -> tuple[float, dict]:
+    """Rope theta and parameters; Llama 3.1's ``llama3`` scaling is written as llama.cpp's rope_freqs tensor."""
     params = dict(getattr(config, "rope_parameters", None) or {})
     if not params:  # configs written before transformers 5
         params = dict(getattr(config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     kind = params.get("rope_type") or params.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"rope_type {kind!r}: lmforge writes GGUF only for unscaled rotary embeddings "
-                         f"(rope_type default); convert this model with llama.cpp's convert_hf_to_gguf.py")
-    return float(params["rope_theta"]), params
+    if kind not in ("default", "llama3") or (kind == "llama3" and gguf_arch != "llama"):
+        raise ValueError(f"rope_type {kind!r}: lmforge writes GGUF for unscaled rotary embeddings and Llama 3's "
+                         f"llama3 scaling; convert this model with llama.cpp's convert_hf_to_gguf.py")
+    return float(params["rope_theta"]), {**params, "rope_type": kind}
+
+
+def _llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1's rope scaling (the published formula), as llama.cpp's rope_freqs."""
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    old_len = params["original_max_position_embeddings"]
+    freqs = 1.0 / params["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_len / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_len / high, 1.0, np.where(wavelen > old_len / low, factor, mid))
+    return out.astype(np.float32)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -149,8 +162,8 @@ def _read(path: Path, name: str) -> np.ndarray:
         return f.get_tensor(name).float().numpy()
 
 
-def check_gguf_support(model_dir: str | Path) -> tuple[Any, str, str, float]:
-    """``(config, architecture, pre-tokenizer name, rope theta)``, or a clear error for what GGUF export cannot do.
+def check_gguf_support(model_dir: str | Path) -> tuple[Any, str, str]:
+    """``(config, architecture, pre-tokenizer name)``, or a clear error for what GGUF export cannot do.
 
     Cheap (config and tokenizer files only), so the export runs it before merging or loading weights.
     """
@@ -166,8 +179,8 @@ def check_gguf_support(model_dir: str | Path) -> tuple[Any, str, str, float]:
     if not (model_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no tokenizer.json (a fast tokenizer is needed for the GGUF vocabulary)")
     pre = detect_pre_tokenizer(model_dir / "tokenizer.json")
-    rope_theta, _ = _rope(config)
-    return config, arch, pre, rope_theta
+    _rope(config, ARCHITECTURES[arch][0])
+    return config, arch, pre
 
 
 def convert_to_gguf(model_dir: str | Path, out_file: str | Path, quant_type: str = "f16",
@@ -178,8 +191,9 @@ def convert_to_gguf(model_dir: str | Path, out_file: str | Path, quant_type: str
     model_dir, out_file = Path(model_dir), Path(out_file)
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"--quant_type {quant_type!r}: GGUF export supports {', '.join(QUANT_TYPES)}")
-    config, arch, pre, rope_theta = check_gguf_support(model_dir)
+    config, arch, pre = check_gguf_support(model_dir)
     gguf_arch, permute_qk = ARCHITECTURES[arch]
+    rope_theta, rope = _rope(config, gguf_arch)
 
     n_layers, n_head = config.num_hidden_layers, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
@@ -237,6 +251,9 @@ def convert_to_gguf(model_dir: str | Path, out_file: str | Path, quant_type: str
         qtype = tensor_type(new_name, data.shape, quant_type, n_layers, has_output)
         writer.add_tensor(new_name, quantize_tensor(data, qtype), raw_dtype=qtype)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    if rope["rope_type"] == "llama3":
+        factors = _llama3_rope_factors(rope, head_dim)
+        writer.add_tensor("rope_freqs.weight", factors, raw_dtype=gguf.GGMLQuantizationType.F32)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
