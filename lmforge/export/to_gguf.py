@@ -5,9 +5,10 @@ The ``gguf`` package (gguf-py, maintained with llama.cpp) writes the file, names
 reads) and carries the merges, special-token ids, add-BOS flags and chat template
 (``SpecialVocab``). What is left here is what llama.cpp's own ``convert_hf_to_gguf.py`` does per
 family and gguf-py does not: the hyper-parameter keys, the rotary permutation of Llama's q/k rows,
-the vocabulary with its token types, and naming the pre-tokenizer. llama.cpp picks its
-pre-tokenizer by that name, so an unknown one is an error here rather than a file that tokenizes
-differently from the model it came from.
+Llama 3.1's rope scaling as a ``rope_freqs`` tensor, the vocabulary with its token types, and naming
+the pre-tokenizer. llama.cpp picks its pre-tokenizer by that name, so an unknown one (or a
+SentencePiece vocabulary, or another rope scaling) is an error here rather than a file that
+tokenizes or positions differently from the model it came from.
 
 Weights are read one tensor at a time from the safetensors shards, so memory stays near the size
 of the output file; the file is written beside its final name and renamed when complete.
