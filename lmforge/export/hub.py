@@ -134,8 +134,8 @@ def model_card(*, base_model: str, train_args: dict[str, Any], export_command: s
     body += ["", "## Commands", ""]
     if train_args:
         keep = {k: v for k, v in train_args.items() if k not in _SECRET_FLAGS and v not in (None, [], {}, "")}
-        body += ["Training arguments (`args.json`):", "", "```json", json.dumps(keep, indent=2, ensure_ascii=False),
-                 "```", ""]
+        body += ["<details><summary>Training arguments (<code>args.json</code>)</summary>", "", "```json",
+                 json.dumps(keep, indent=2, ensure_ascii=False), "```", "", "</details>", ""]
     body += ["Export:", "", "```bash", export_command, "```", ""]
     body += ["## Files", ""] + [f"- `{f}`" for f in files] + [""]
     if eval_report is not None:
