@@ -157,7 +157,7 @@ def test_busy_port_fails_before_the_model_loads(capsys, no_model_load):
 
 def test_export_error_names_the_command_once(tmp_path, capsys):
     assert main(["export", "--ckpt_dir", str(tmp_path)]) == 2
-    assert "nothing to do: pass --merge_lora true" in _one_line_error(capsys, "export")
+    assert "nothing to do: pass --merge_lora true, --quant_method or --push_to_hub true" in _one_line_error(capsys, "export")
 
 
 # ------------------------------------------------------------------------------------------------ Ctrl-C

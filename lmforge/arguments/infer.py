@@ -74,15 +74,23 @@ class DeployArguments(InferArguments):
 
 @dataclass
 class ExportArguments(ModelArguments, TemplateArguments):
-    """Merge LoRA adapters into the base model and save it: lmforge export --ckpt_dir C --merge_lora true."""
+    """Merge LoRA adapters, quantise or convert to GGUF, push to a hub: lmforge export --ckpt_dir C ..."""
 
     ckpt_dir: Optional[str] = field(None, "a training checkpoint (adapter or full)")
     adapters: list[str] = field(default_factory=list, help="LoRA adapter folders to merge")
     merge_lora: bool = field(False, "merge the adapters into the base weights")
     output_dir: Optional[str] = field(None, "where the exported model goes (default: export-<checkpoint>-<time> in "
-                                            "the checkpoint's run folder)")
+                                            "the checkpoint's run folder, with -<quant_method>-<type> when quantising)")
     safe_serialization: bool = field(True, "kept for compatibility: transformers 5 always writes safetensors")
     max_shard_size: str = field("5GB", "largest weight file")
-    push_to_hub: bool = field(False, "upload the result to the hub")
-    hub_model_id: Optional[str] = field(None, "repository id for --push_to_hub")
-    hub_token: Optional[str] = field(None, "hub token for --push_to_hub")
+    quant_method: Optional[Literal["gguf", "bnb", "fp8", "int4", "int8", "gptq", "awq"]] = field(
+        None, "gguf: one file for llama.cpp/Ollama; bnb: bitsandbytes 4/8-bit; fp8: block-wise FP8 (GPU); "
+              "int8/int4: torchao weight-only (int4 needs a GPU); gptq/awq: not built in yet. An adapter "
+              "checkpoint is merged first")
+    quant_type: Optional[Literal["f16", "bf16", "q8_0", "q4_k_m"]] = field(
+        None, "gguf tensor type (default f16; q4_k_m is llama.cpp's 4-bit mix)")
+    quant_bits: Optional[int] = field(None, "bnb: 4 (nf4, default) or 8")
+    push_to_hub: bool = field(False, "upload the result (or --ckpt_dir as it is) with a generated model card")
+    hub_model_id: Optional[str] = field(None, "repository id for --push_to_hub (owner/name)")
+    hub_token: Optional[str] = field(None, "hub token for --push_to_hub (default: the hub client's login)")
+    hub_private_repo: bool = field(False, "create the --push_to_hub repository as private")

@@ -1,4 +1,4 @@
-"""Export: merge LoRA adapters into the base model (quantize and convert come later)."""
+"""Export: merge LoRA adapters, quantise (bitsandbytes, torchao, FP8), convert to GGUF, push to a hub."""
 from lmforge.export.merge import merge_lora
 
 __all__ = ["merge_lora"]

@@ -1,11 +1,22 @@
-"""``export_main`` / ``merge_lora_main``: a checkpoint in, a standalone model folder out.
+"""``export_main`` / ``merge_lora_main``: a checkpoint in, a model other tools load out.
 
     lmforge export --ckpt_dir output/.../checkpoint-50 --merge_lora true [--output_dir D]
+    lmforge export --ckpt_dir output/.../checkpoint-50 --quant_method gguf --quant_type q4_k_m
+    lmforge export --ckpt_dir output/.../checkpoint-50 --quant_method int8 --push_to_hub true --hub_model_id me/m
     lmforge merge-lora --ckpt_dir output/.../checkpoint-50
+
+The steps run in order: merge (``--merge_lora``, or implied when quantising an adapter checkpoint),
+quantise or convert (``--quant_method``), push (``--push_to_hub``: the last step's folder, or
+``--ckpt_dir`` itself when nothing else ran). Every check that can fail without loading weights
+(packages, GPU, architecture, hub reachability) runs before the first step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from lmforge.arguments import ExportArguments
@@ -14,44 +25,134 @@ from lmforge.utils.log import setup_logging
 logger = logging.getLogger("lmforge")
 
 
-def _push(folder: str, args: ExportArguments) -> str:
-    from huggingface_hub import HfApi
+def _default_output(args: ExportArguments, model: str, suffix: str = "") -> Path:
+    """The one output rule (``utils/command.py``): ``export-[<checkpoint>-]<time><suffix>`` in the run folder."""
+    from lmforge.utils.command import default_output
 
-    if not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (org/name)")
-    api = HfApi(token=args.hub_token)
-    api.create_repo(args.hub_model_id, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=args.hub_model_id, folder_path=folder, repo_type="model")
-    logger.info("Uploaded %s to %s", folder, args.hub_model_id)
-    return args.hub_model_id
+    return default_output("export", args.ckpt_dir or (args.adapters or [None])[0] or model, suffix)
+
+
+def _name(args: ExportArguments, model: str) -> str:
+    if args.ckpt_dir:
+        return Path(args.ckpt_dir).resolve().name
+    return Path(model).resolve().name if Path(model).is_dir() else model.split(":")[-1].split("/")[-1]
+
+
+def _card(args: ExportArguments, src: Any, folder: Path, fmt: str) -> str:
+    from lmforge.export.hub import command_line, find_eval_report, model_card
+
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != "README.md")
+    return model_card(base_model=src.model, train_args=src.train_args, fmt=fmt, files=files,
+                      export_command=command_line(args, ExportArguments()), repo_id=args.hub_model_id,
+                      eval_report=find_eval_report(args.ckpt_dir))
+
+
+def _quantize(args: ExportArguments, src: Any, model_dir: Path, out: Path) -> Path:
+    """Write the ``--quant_method`` export of ``model_dir`` to ``out`` (built beside it, renamed when complete)."""
+    from lmforge.export.merge import build_dir, save_tokenizer_and_args
+    from lmforge.utils.io import atomic_write_text
+
+    with build_dir(out) as tmp:
+        if args.quant_method == "gguf":
+            from lmforge.export.to_gguf import convert_to_gguf
+
+            quant_type = args.quant_type or "f16"
+            convert_to_gguf(model_dir, tmp / f"{_name(args, src.model)}-{quant_type}.gguf", quant_type,
+                            name=_name(args, src.model))
+        else:
+            from lmforge.export.quantize import quantize_model
+            from lmforge.model.loader import load_tokenizer
+
+            quantize_model(model_dir, tmp, args.quant_method, args.quant_bits, args.torch_dtype,
+                           args.trust_remote_code)
+            save_tokenizer_and_args(tmp, load_tokenizer(model_dir, trust_remote_code=args.trust_remote_code), src, out)
+        atomic_write_text(tmp / "README.md", _card(args, src, tmp, args.quant_method))
+    return out
+
+
+def _merge(args: ExportArguments, output_dir: str | None) -> Path:
+    from lmforge.export import merge_lora
+
+    return merge_lora(model=args.model, ckpt_dir=args.ckpt_dir, adapters=args.adapters, output_dir=output_dir,
+                      torch_dtype=args.torch_dtype, device_map=args.device_map, hub=args.hub, revision=args.revision,
+                      trust_remote_code=args.trust_remote_code, max_shard_size=args.max_shard_size,
+                      template=args.template, system=args.system)
+
+
+def _run(args: ExportArguments) -> dict[str, Any]:
+    from lmforge.infer.checkpoint import resolve_model_source
+    from lmforge.model import resolve_model_dir
+    from lmforge.utils.command import print_output
+    from lmforge.utils.io import atomic_write_text
+
+    if not args.safe_serialization:
+        logger.warning("--safe_serialization false is ignored: transformers 5 always writes safetensors")
+    src = resolve_model_source(args.model, ckpt_dir=args.ckpt_dir, adapters=args.adapters, template=args.template,
+                               system=args.system)
+    method = args.quant_method
+    if method == "gguf":  # the architecture and tokenizer are checked before any merge or weight load
+        from lmforge.export.to_gguf import check_gguf_support
+
+        check_gguf_support(resolve_model_dir(src.model, hub=args.hub, revision=args.revision))
+    out = None
+    if method:
+        suffix = f"{method}-{args.quant_type or 'f16'}" if method == "gguf" else (
+            f"bnb-{args.quant_bits or 4}bit" if method == "bnb" else method)
+        out = Path(args.output_dir) if args.output_dir else _default_output(args, src.model, f"-{suffix}")
+    result: dict[str, Any] = {}
+    folder: Path | None = None  # what the last step wrote
+    scratch = None
+    try:
+        if args.merge_lora:
+            merged_to = _default_output(args, src.model, "-merged") if method else (
+                args.output_dir or _default_output(args, src.model))
+            folder = _merge(args, str(merged_to))
+            atomic_write_text(folder / "README.md", _card(args, src, folder, "merged"))
+            print_output("export", "merged model", folder)
+        elif out is not None and src.adapters:  # quantising an adapter checkpoint: merge into scratch space first
+            out.resolve().parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=".lmforge-merge-", dir=out.resolve().parent))
+            folder = _merge(args, str(scratch / "merged"))
+        if out is not None:
+            model_dir = folder or resolve_model_dir(src.model, hub=args.hub, revision=args.revision)
+            if args.merge_lora:
+                result["merged_dir"] = str(folder)
+            folder = _quantize(args, src, model_dir, out)
+            print_output("export", f"{method} model", folder)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if folder is not None:
+        result["output_dir"] = str(folder)
+    if args.push_to_hub:
+        from lmforge.export.hub import push_folder
+
+        target = folder or Path(args.ckpt_dir or resolve_model_dir(src.model, hub=args.hub, revision=args.revision))
+        fmt = "adapter" if folder is None and src.adapters else "model"
+        result["hub_model_id"] = push_folder(target, hub=args.hub, repo_id=args.hub_model_id, token=args.hub_token,
+                                             private=args.hub_private_repo, card=_card(args, src, target, fmt))
+    return result
 
 
 def export_main(args: ExportArguments) -> dict[str, Any]:
-    """Run the export steps ``args`` ask for; returns ``{"output_dir": ..., "hub_model_id": ...}``."""
+    """Run the export steps ``args`` ask for; returns ``{"output_dir": ..., "hub_model_id": ..., ...}``."""
     setup_logging()
+    from lmforge.export.quantize import check_quant_request
     from lmforge.registry import load_plugins
 
     load_plugins(args.external_plugins)
-    if not args.merge_lora:
-        raise ValueError("nothing to do: pass --merge_lora true (or run lmforge merge-lora)")
-    if not args.safe_serialization:
-        logger.warning("--safe_serialization false is ignored: transformers 5 always writes safetensors")
-    from lmforge.export import merge_lora
-    from lmforge.utils.command import default_output, print_output
-
-    output_dir = args.output_dir or default_output("export", args.ckpt_dir or (args.adapters or [None])[0] or args.model)
-    out = merge_lora(model=args.model, ckpt_dir=args.ckpt_dir, adapters=args.adapters, output_dir=output_dir,
-                     torch_dtype=args.torch_dtype, device_map=args.device_map, hub=args.hub, revision=args.revision,
-                     trust_remote_code=args.trust_remote_code, max_shard_size=args.max_shard_size,
-                     template=args.template, system=args.system)
-    result: dict[str, Any] = {"output_dir": str(out)}
+    check_quant_request(args.quant_method, args.quant_type, args.quant_bits)
     if args.push_to_hub:
-        result["hub_model_id"] = _push(str(out), args)
-    print_output("export", "merged model", out)
-    return result
+        from lmforge.export.hub import check_push
+
+        check_push(args.hub, args.hub_model_id)
+    if not (args.merge_lora or args.quant_method or args.push_to_hub):
+        raise ValueError("nothing to do: pass --merge_lora true, --quant_method or --push_to_hub true "
+                         "(or run lmforge merge-lora)")
+    return _run(args)
 
 
 def merge_lora_main(args: ExportArguments) -> dict[str, Any]:
     """``export --merge_lora true``."""
-    args.merge_lora = True
+    args = dataclasses.replace(args, merge_lora=True)
     return export_main(args)
