@@ -103,7 +103,6 @@ def test_resume_passes_over_a_corrupted_newest_checkpoint_to_the_same_weights(tm
     """About 10 s on two cores: a 4-step full fine-tune of builtin:tiny, then a resume from step 2."""
     from safetensors.torch import load, load_file
 
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     _train(out)
     final = load((out / "checkpoint-4" / "model.safetensors").read_bytes())  # the uninterrupted run's weights

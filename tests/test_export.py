@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lmforge.arguments import ExportArguments
-from test_infer_hf import make_lora_checkpoint, one_torch_thread  # noqa: F401 - fixture
+from test_infer_hf import make_lora_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,6 @@ MSGS = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What's 37 + 45?  Answer\n\nin digits: 1234 ÄÖü 🚀"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from lmforge.model.builtin import builtin_model_dir
@@ -160,7 +152,7 @@ def test_adapter_checkpoint_is_merged_first(tmp_path):
 
     ckpt = make_lora_checkpoint(tmp_path / "run", seed=4)
     assert main(["export", "--ckpt_dir", str(ckpt), "--quant_method", "gguf", "--quant_type", "f16"]) == 0
-    out = ckpt.with_name("checkpoint-5-gguf-f16")
+    (out,) = (tmp_path / "run").glob("export-checkpoint-5-*-gguf-f16")  # the one output rule
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoint-5-f16.gguf"]
     assert not list((tmp_path / "run").glob(".lmforge-merge-*"))  # the scratch merge is gone
     card = (out / "README.md").read_text()

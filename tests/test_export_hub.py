@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -51,8 +52,9 @@ def test_merge_writes_a_card_beside_the_weights(tmp_path):
 
     ckpt = make_lora_checkpoint(tmp_path / "run", seed=2)
     out = export_main(ExportArguments(ckpt_dir=str(ckpt), merge_lora=True))["output_dir"]
-    card = (tmp_path / "run" / "checkpoint-5-merged" / "README.md").read_text()
-    assert out.endswith("checkpoint-5-merged") and "Base model: `builtin:tiny`" in card
+    card = (Path(out) / "README.md").read_text()
+    assert Path(out).parent == tmp_path / "run" and Path(out).name.startswith("export-checkpoint-5-")
+    assert "Base model: `builtin:tiny`" in card
     assert "`model.safetensors`" in card and "--merge_lora true" in card
 
 

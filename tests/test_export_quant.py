@@ -3,6 +3,7 @@ requests that cannot run here failing before any work with what to install or us
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,10 +41,10 @@ def test_int8_weight_only_reloads_and_generates(full_ckpt):
     from lmforge.pipelines.export import export_main
 
     out = export_main(ExportArguments(ckpt_dir=str(full_ckpt), quant_method="int8"))["output_dir"]
-    assert out.endswith("checkpoint-3-int8")
-    config = json.loads((full_ckpt.with_name("checkpoint-3-int8") / "config.json").read_text())
+    assert out.startswith(str(full_ckpt.parent / "export-checkpoint-3-")) and out.endswith("-int8")
+    config = json.loads((Path(out) / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "torchao"
-    assert json.loads((full_ckpt.with_name("checkpoint-3-int8") / "args.json").read_text())["system"] == \
+    assert json.loads((Path(out) / "args.json").read_text())["system"] == \
         "Answer in one word."
     ids = torch.tensor([[1, 80, 81, 229, 25, 26, 2, 207, 1]])
     model, logits, gen = _reload_and_generate(out, ids)

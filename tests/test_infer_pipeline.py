@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from lmforge.arguments import InferArguments
-from test_infer_hf import make_lora_checkpoint, one_torch_thread  # noqa: F401 - fixture
+from test_infer_hf import make_lora_checkpoint
 
 GOOD = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
         "solution": "4"}

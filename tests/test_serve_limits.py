@@ -39,12 +39,9 @@ def test_six_concurrent_15mb_prompts_keep_memory_bounded_and_return_it():
     """Six 15 MB chat bodies at once (the probe's "ab " * 5,000,000) on the hf engine and builtin:tiny:
     each is answered 400 (too long, counted in characters, never tokenised), peak RSS stays under +1 GB
     (it was +20 GB when prompts were tokenised before admission), and RSS falls back afterwards."""
-    import torch
-
     from lmforge.infer.hf import HfEngine
     from lmforge.serve import create_app
 
-    torch.set_num_threads(1)
     engine = HfEngine("builtin:tiny", device="cpu")
     body = json.dumps({"model": "builtin:tiny", "messages": [{"role": "user", "content": "ab " * 5_000_000}]}).encode()
     headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
