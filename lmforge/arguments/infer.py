@@ -32,6 +32,8 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
     adapters: list[str] = field(default_factory=list, help="LoRA adapter folders (name=dir to name them)")
     infer_backend: Literal["hf", "native", "vllm"] = field("hf", "generation engine")
     max_batch_size: int = field(16, "requests generated together")
+    data_parallel_size: int = field(1, "engine replicas, one per GPU (requests spread over them; one server in "
+                                       "front of all with deploy)")
     result_path: Optional[str] = field(None, "output JSONL (default: <command>-<time>.jsonl in the checkpoint's "
                                                    "run folder, else in output/<model>/)")
     max_model_len: Optional[int] = field(None, "longest prompt + reply (default: the model's)")

@@ -15,6 +15,9 @@ def continuation_logprobs(engine: Any, request: Any, continuations: list[str], *
     """Summed log-probability of each continuation after ``request``'s prompt, under ``engine.model``."""
     import torch
 
+    if not hasattr(engine, "model"):
+        raise ValueError(f"log-likelihood scoring needs the model in this process; the {type(engine).__name__} "
+                         "engine has none (drop --data_parallel_size, or score by generating)")
     prompt = list(engine.encode(request))
     tok = engine.tokenizer
     conts = [list(tok(text, add_special_tokens=False)["input_ids"]) for text in continuations]

@@ -46,7 +46,24 @@ def build_engine(args: InferArguments) -> Any:
         kwargs.update(gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                       enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
+    if args.data_parallel_size > 1:
+        from lmforge.infer.data_parallel import DataParallelEngine
+
+        return DataParallelEngine(args.infer_backend, replica_devices(args.data_parallel_size), **kwargs)
     return get_engine(args.infer_backend, **kwargs)
+
+
+def replica_devices(size: int) -> list[str]:
+    """``cuda:0..size-1``; on a machine without GPUs, ``size`` CPU processes (sharing its cores)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        logger.warning("--data_parallel_size %d without a GPU: %d CPU replicas share this machine's cores", size, size)
+        return ["cpu"] * size
+    visible = torch.cuda.device_count()
+    if size > visible:
+        raise ValueError(f"--data_parallel_size {size}: only {visible} GPU(s) are visible (CUDA_VISIBLE_DEVICES)")
+    return [f"cuda:{i}" for i in range(size)]
 
 
 def request_config_from_args(args: InferArguments) -> Any:

@@ -1,0 +1,280 @@
+"""``--data_parallel_size N``: N copies of an engine, one per GPU, behind one engine interface.
+
+Each replica is a separate process (spawned, so CUDA starts fresh in it) that sees one GPU through
+``CUDA_VISIBLE_DEVICES`` and builds the engine it was asked for (hf or native). The front object lives
+in the caller's process: a batch is cut into N contiguous parts answered at once; a single request or
+stream goes to the replica with the fewest requests in flight. ``infer``, ``eval``, ``sample`` and
+``deploy`` use it unchanged, so one server fronts all the GPUs. Messages are pickled over pipes (one
+reader thread per replica dispatches the answers); replicas answer many requests at a time, since the
+engines batch concurrent callers themselves.
+
+Why not torch.distributed: replicas share nothing while generating, and a dead or slow replica must
+not stall a collective; plain processes and pipes are the whole need.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+from typing import Any, Iterable, Iterator
+
+from lmforge.infer.base import InferEngine
+from lmforge.infer.errors import InferRequestError, PromptTooLongError
+from lmforge.infer.protocol import ChatCompletionResponse, ChatCompletionStreamResponse, InferRequest, RequestConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _error_payload(e: BaseException) -> tuple:
+    """What crosses the pipe for an error: request errors keep their fields, anything else its text."""
+    if isinstance(e, PromptTooLongError):
+        return ("PromptTooLongError", (e.prompt_tokens, e.max_model_len), e.index)
+    if isinstance(e, InferRequestError):
+        return ("InferRequestError", e.reason, e.index)
+    return (type(e).__name__, str(e), None)
+
+
+def _raise_from(payload: tuple, replica: int, offset: int = 0) -> None:
+    """Raise a replica's error in the front; a request's index is shifted to the whole batch's."""
+    name, detail, index = payload
+    index = None if index is None else index + offset
+    if name == "PromptTooLongError":
+        raise PromptTooLongError(*detail, index=index)
+    if name == "InferRequestError":
+        raise InferRequestError(detail, index=index)
+    raise RuntimeError(f"data-parallel replica {replica}: {name}: {detail}")
+
+
+def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any) -> None:
+    """One replica: build the engine on its device, then answer messages until told to stop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if device.startswith("cuda"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
+        kwargs = {**kwargs, "device": "cuda"} if backend == "hf" else kwargs
+    elif backend == "hf":
+        kwargs = {**kwargs, "device": "cpu"}
+    send_lock = threading.Lock()
+
+    def send(*msg: Any) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    try:
+        from lmforge.infer import get_engine
+
+        engine = get_engine(backend, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - reported to the front, which raises it with the replica named
+        send(None, "error", _error_payload(e))
+        return
+    send(None, "ready", {"model_name": engine.model_name, "adapters": dict(engine.adapters),
+                         "max_model_len": engine.max_model_len, "max_num_seqs": getattr(engine, "max_num_seqs", None),
+                         "supports_raw_prompt": getattr(engine, "supports_raw_prompt", True)})
+    cancelled: dict[int, threading.Event] = {}
+
+    def handle(msg_id: int, kind: str, payload: Any) -> None:
+        try:
+            if kind == "infer":
+                send(msg_id, "result", engine.infer(*payload, use_tqdm=False))
+            elif kind == "stream":
+                stop = cancelled.setdefault(msg_id, threading.Event())
+                stream = engine.infer_stream(*payload)
+                try:
+                    for chunk in stream:
+                        if stop.is_set():
+                            break
+                        send(msg_id, "chunk", chunk)
+                finally:
+                    stream.close()
+                send(msg_id, "result", None)
+            elif kind == "count":
+                send(msg_id, "result", engine.count_prompt_tokens(payload))
+            elif kind == "weights":
+                engine.update_weights(payload)
+                send(msg_id, "result", None)
+        except BaseException as e:  # noqa: BLE001 - every request gets an answer
+            send(msg_id, "error", _error_payload(e))
+        finally:
+            cancelled.pop(msg_id, None)
+
+    with ThreadPoolExecutor(max_workers=512, thread_name_prefix=f"replica{rank}") as pool:
+        while True:
+            try:
+                msg_id, kind, payload = conn.recv()
+            except EOFError:
+                break
+            if kind == "stop":
+                break
+            if kind == "cancel":
+                cancelled.setdefault(payload, threading.Event()).set()
+                continue
+            pool.submit(handle, msg_id, kind, payload)
+
+
+class _Replica:
+    """The front's handle on one replica process: send a message, get its answers on a queue."""
+
+    def __init__(self, rank: int, process: Any, conn: Any):
+        self.rank, self.process, self.conn = rank, process, conn
+        self.lock = threading.Lock()
+        self.pending: dict[int, queue.Queue] = {}
+        self.in_flight = 0
+        self.sent = 0  # messages sent, for logs and tests: how the work was spread
+        self.info: dict[str, Any] = {}
+
+    def wait_ready(self) -> None:
+        _, kind, payload = self.conn.recv()
+        if kind == "error":
+            _raise_from(payload, self.rank)
+        self.info = payload
+        threading.Thread(target=self._read, name=f"replica{self.rank}-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg_id, kind, payload = self.conn.recv()
+            except (EOFError, OSError):
+                for q in list(self.pending.values()):  # the replica died: wake everyone waiting on it
+                    q.put(("error", ("RuntimeError", "the replica process exited", None)))
+                return
+            q = self.pending.get(msg_id)
+            if q is not None:
+                q.put((kind, payload))
+
+    def send(self, msg_id: int, kind: str, payload: Any) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+        with self.lock:
+            self.pending[msg_id] = q
+            self.in_flight += 1
+            self.sent += 1
+            self.conn.send((msg_id, kind, payload))
+        return q
+
+    def done(self, msg_id: int) -> None:
+        with self.lock:
+            self.pending.pop(msg_id, None)
+            self.in_flight -= 1
+
+    def call(self, msg_id: int, kind: str, payload: Any, offset: int = 0) -> Any:
+        q = self.send(msg_id, kind, payload)
+        try:
+            kind, value = q.get()
+        finally:
+            self.done(msg_id)
+        if kind == "error":
+            _raise_from(value, self.rank, offset)
+        return value
+
+
+class DataParallelEngine(InferEngine):
+    """N replicas of ``backend`` on ``devices`` (``cuda:0``, ``cuda:1``, ... or ``cpu``)."""
+
+    def __init__(self, backend: str, devices: list[str], **engine_kwargs: Any):
+        import multiprocessing as mp
+
+        if len(devices) < 2:
+            raise ValueError("--data_parallel_size needs at least 2 replicas")
+        ctx = mp.get_context("spawn")
+        self._ids = itertools.count()
+        self._replicas: list[_Replica] = []
+        for rank, device in enumerate(devices):
+            front, back = ctx.Pipe()
+            proc = ctx.Process(target=_replica_main, args=(rank, device, backend, engine_kwargs, back), daemon=True,
+                               name=f"lmforge-replica{rank}")
+            proc.start()
+            back.close()
+            self._replicas.append(_Replica(rank, proc, front))
+        try:
+            for r in self._replicas:
+                r.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        info = self._replicas[0].info
+        self.model_name, self.adapters = info["model_name"], info["adapters"]
+        self.max_model_len, self.supports_raw_prompt = info["max_model_len"], info["supports_raw_prompt"]
+        per = [r.info["max_num_seqs"] or 8 for r in self._replicas]
+        self.max_num_seqs = sum(per)  # the server admits as many requests as all replicas batch
+        self.devices = list(devices)
+        logger.info("data parallel: %d %s replicas on %s", len(devices), backend, ", ".join(devices))
+
+    # ---------------------------------------------------------------------------------------------- routing
+
+    def _least_busy(self) -> _Replica:
+        return min(self._replicas, key=lambda r: r.in_flight)
+
+    def infer(self, requests: list[InferRequest], request_config: RequestConfig | None = None, *,
+              use_tqdm: bool | None = None) -> list[ChatCompletionResponse]:
+        if len(requests) <= 1:
+            return self._least_busy().call(next(self._ids), "infer", (requests, request_config)) if requests else []
+        n = len(self._replicas)
+        bounds = [len(requests) * i // n for i in range(n + 1)]
+        waits = []
+        for r, lo, hi in zip(self._replicas, bounds, bounds[1:]):
+            if hi > lo:
+                msg_id = next(self._ids)
+                waits.append((r, msg_id, lo, r.send(msg_id, "infer", (requests[lo:hi], request_config))))
+        out: list[ChatCompletionResponse] = []
+        error = None
+        for r, msg_id, lo, q in waits:  # collect every part (no replica is left answering into the void)
+            try:
+                kind, value = q.get()
+            finally:
+                r.done(msg_id)
+            if kind == "error":
+                error = error or (value, r.rank, lo)
+            else:
+                out.extend(value)
+        if error is not None:
+            _raise_from(*error)
+        return out
+
+    def infer_stream(self, request: InferRequest, request_config: RequestConfig | None = None
+                     ) -> Iterator[ChatCompletionStreamResponse]:
+        r, msg_id = self._least_busy(), next(self._ids)
+        q = r.send(msg_id, "stream", (request, request_config))
+        finished = False
+        try:
+            while True:
+                kind, value = q.get()
+                if kind == "chunk":
+                    yield value
+                elif kind == "error":
+                    finished = True
+                    _raise_from(value, r.rank)
+                else:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer went away: the replica stops generating
+                with r.lock:
+                    r.conn.send((None, "cancel", msg_id))
+            r.done(msg_id)
+
+    def count_prompt_tokens(self, request: InferRequest) -> int:
+        return self._least_busy().call(next(self._ids), "count", request)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        weights = [(name, t.detach().cpu()) for name, t in named_tensors]
+        for r in self._replicas:
+            r.call(next(self._ids), "weights", weights)
+
+    def close(self) -> None:
+        for r in self._replicas:
+            try:
+                with r.lock:
+                    r.conn.send((None, "stop", None))
+            except (OSError, BrokenPipeError):
+                pass
+        for r in self._replicas:
+            r.process.join(timeout=10)
+            if r.process.is_alive():
+                r.process.kill()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
