@@ -107,12 +107,16 @@ def _torchrun(args: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """One process and two processes (NPROC_PER_NODE, plain torchrun) for full and LoRA, DDP and FSDP2."""
+    """One process and two processes (NPROC_PER_NODE, plain torchrun, accelerate launch) for full and LoRA,
+    DDP and FSDP2."""
     d = tmp_path_factory.mktemp("dist")
     _run(_sft([*FULL, "--per_device_train_batch_size", "8", "--output_dir", "one_full"]), d)
     _run(_sft([*FULL, "--per_device_train_batch_size", "4", "--output_dir", "ddp_full"]), d, nproc=2)
     _run(_torchrun([*FULL, "--per_device_train_batch_size", "4", "--output_dir", "fsdp_full", "--fsdp", "full_shard"]),
          d)
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmforge.cli.main", "sft",
+          *COMMON, *FULL, "--per_device_train_batch_size", "4", "--output_dir", "accelerate_full"], d)
     _run(_sft([*LORA, "--per_device_train_batch_size", "4", "--output_dir", "one_lora"]), d)
     _run(_sft([*LORA, "--per_device_train_batch_size", "2", "--output_dir", "ddp_lora"]), d, nproc=2)
     _run(_sft([*LORA, "--per_device_train_batch_size", "2", "--output_dir", "fsdp_lora", "--fsdp", "full_shard"]), d,
@@ -143,7 +147,7 @@ def _assert_same_weights(a: dict, b: dict, atol: float) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp_full", "fsdp_full", "ddp_lora", "fsdp_lora"])
+@pytest.mark.parametrize("kind", ["ddp_full", "fsdp_full", "accelerate_full", "ddp_lora", "fsdp_lora"])
 def test_two_processes_train_the_same_model_as_one(runs, kind):
     one = runs / ("one_full" if kind.endswith("full") else "one_lora")
     ref, got = _losses(one), _losses(runs / kind)
