@@ -188,3 +188,30 @@ def test_fsdp_checkpoint_resumes_in_one_process(runs, tmp_path):
                "--resume_from_checkpoint", str(run / "checkpoint-5")]), tmp_path, nproc=1)
     assert _losses(run) == pytest.approx(_losses(runs / "one_full")[5:], rel=1e-5)
     _assert_same_weights(_weights(runs / "one_full" / "checkpoint-10"), _weights(run / "checkpoint-10"), atol=5e-5)
+
+
+DPO = ["--rlhf_type", "dpo", "--model", "builtin:tiny", "--dataset", "builtin:arith-preference#200", "--train_type",
+       "lora", "--lora_rank", "4", "--lora_dropout", "0", "--learning_rate", "1e-2", "--warmup_ratio", "0",
+       "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3", "--report_to", "none", "--plot", "false",
+       "--add_version", "false", "--gradient_accumulation_steps", "1"]
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_matches_one(tmp_path):
+    def rlhf(args: list[str]) -> list[str]:
+        return [sys.executable, "-m", "lmforge.cli.main", "rlhf", *DPO, *args]
+
+    _run(rlhf(["--per_device_train_batch_size", "4", "--output_dir", "one"]), tmp_path)
+    _run(rlhf(["--per_device_train_batch_size", "2", "--output_dir", "two"]), tmp_path, nproc=2)
+
+    def logs(run: str) -> list[tuple]:
+        lines = [json.loads(x) for x in (tmp_path / run / "logging.jsonl").read_text().splitlines()]
+        return [(x["loss"], x["rewards/accuracies"], x["rewards/margins"]) for x in lines if "loss" in x]
+
+    one, two = logs("one"), logs("two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    assert one[-1][2] != 0  # the adapters moved: the margins are not trivially equal
+    _assert_same_weights(_weights(tmp_path / "one" / "checkpoint-3"), _weights(tmp_path / "two" / "checkpoint-3"),
+                         atol=5e-5)
