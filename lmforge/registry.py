@@ -95,10 +95,13 @@ def load_plugins(paths: list[str] | None) -> None:
 TEMPLATES: Registry[Any] = Registry("template", "lmforge.template.registered")
 AGENT_TEMPLATES: Registry[Any] = Registry("agent template", "lmforge.template.agent")
 LOSS_SCALES: Registry[Any] = Registry("loss scale", "lmforge.template.loss_scale")
-DATASETS: Registry[Any] = Registry("dataset", ("lmforge.dataset.builtin", "lmforge.rlhf.data"))
+DATASETS: Registry[Any] = Registry("dataset", ("lmforge.dataset.builtin", "lmforge.dataset.task_data",
+                                               "lmforge.rlhf.data"))
 LOSSES: Registry[Callable] = Registry("loss", "lmforge.trainers.losses")
+TASK_LOSSES: Registry[Any] = Registry("task loss", "lmforge.trainers.tasks.losses")  # embedding, rerankers
 METRICS: Registry[Callable] = Registry("metric", "lmforge.trainers.metrics")
-EVAL_METRICS: Registry[Any] = Registry("eval metric", "lmforge.eval.metrics")  # lmforge eval (not training)
+EVAL_METRICS: Registry[Any] = Registry("eval metric",  # lmforge eval (not training)
+                                       ("lmforge.eval.metrics", "lmforge.eval.task_metrics"))
 OPTIMIZERS: Registry[Callable] = Registry("optimizer", "lmforge.trainers.optimizers")
 CALLBACKS: Registry[Any] = Registry("callback", "lmforge.trainers.callbacks")
 TUNERS: Registry[Callable] = Registry("tuner", "lmforge.tuners.prepare")

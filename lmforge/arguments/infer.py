@@ -6,6 +6,7 @@ from typing import Literal, Optional
 
 from lmforge.arguments.base import field
 from lmforge.arguments.model import DataArguments, ModelArguments, TemplateArguments
+from lmforge.arguments.task import TaskArguments
 
 
 @dataclass
@@ -25,7 +26,7 @@ class GenerationArguments:
 
 
 @dataclass
-class InferArguments(ModelArguments, DataArguments, TemplateArguments, GenerationArguments):
+class InferArguments(ModelArguments, DataArguments, TemplateArguments, GenerationArguments, TaskArguments):
     """Chat with a model, or answer a dataset: lmforge infer --model M [--val_dataset D]."""
 
     ckpt_dir: Optional[str] = field(None, "a training checkpoint; its args.json names the model, template and system")

@@ -6,6 +6,7 @@ from typing import Literal, Optional, Union
 
 from lmforge.arguments.base import field
 from lmforge.arguments.model import DataArguments, ModelArguments, TemplateArguments
+from lmforge.arguments.task import TaskTrainArguments
 
 
 @dataclass
@@ -47,7 +48,8 @@ class DistributedArguments:
 
 
 @dataclass
-class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArguments, DistributedArguments):
+class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArguments, DistributedArguments,
+                     TaskTrainArguments):
     """Supervised fine-tuning: lmforge sft --model M --dataset D."""
 
     output_dir: Optional[str] = field(None, "where checkpoints go; default output/<model>/v<N>-<timestamp>")
@@ -68,7 +70,10 @@ class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgu
     optim: Optional[str] = field(None, "a transformers optimizer by name (adamw_torch, adamw_torch_fused, "
                                        "adamw_bnb_8bit, adafactor, ...), used when --optimizer is not set; "
                                        "default adamw_torch_fused on CUDA, adamw_torch elsewhere")
-    loss_type: Optional[str] = field(None, "registered loss plugin; default token cross-entropy")
+    loss_type: Optional[str] = field(None, "registered loss plugin; default token cross-entropy. With --task_type: "
+                                           "embedding infonce (default), cosine_similarity, contrastive; reranker "
+                                           "listwise_reranker (default), reranker (pointwise); generative_reranker "
+                                           "listwise_generative_reranker (default), generative_reranker")
     eval_metric: Optional[str] = field(None, "registered metric plugin; default token accuracy")
     callbacks: list[str] = field(default_factory=list, help="registered callback plugins")
     logging_steps: int = field(5, "log every N steps")

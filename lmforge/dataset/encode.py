@@ -191,9 +191,11 @@ def encode_dataset(
         return datasets.load_from_disk(str(path))
 
     probe = _probe_keys(ds, template)
+    fixed = getattr(template, "features", None) or {}  # an encoder may fix the types of its own keys
+    probe.update((k, None) for k in fixed if k not in probe)
     features = datasets.Features(
         {
-            **{k: _feature_for(k, v) for k, v in probe.items()},
+            **{k: fixed.get(k) or _feature_for(k, v) for k, v in probe.items()},
             **{k: ds.features[k] for k in keep if k not in probe},
             _STATUS: datasets.Value("int8"),
             _ERROR: datasets.Value("string"),

@@ -353,7 +353,7 @@ def _open_source(spec: DatasetSpec, hub: str, streaming: bool, context: BuiltinC
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def _to_canonical(where: str, payload: Any, columns: dict | None) -> dict:
+def _to_canonical(where: str, payload: Any, columns: dict | None, task: str | None = None) -> dict:
     if isinstance(payload, _BadRecord):
         raise DatasetError(f"{where}: {payload}", source=where)
     if isinstance(payload, _JsonLine):
@@ -366,15 +366,20 @@ def _to_canonical(where: str, payload: Any, columns: dict | None) -> dict:
             raise DatasetError(f"{where}: invalid JSON: {e.msg} (column {e.colno})", source=where) from None
         if not isinstance(payload, dict):
             raise DatasetError(f"{where}: expected a JSON object per line, got {type(payload).__name__}", source=where)
+    if task is not None:  # embedding, reranker and classifier rows (lmforge.dataset.tasks)
+        from lmforge.dataset.tasks import preprocess_task_row
+
+        return preprocess_task_row(payload, source=where, columns=columns, task=task)
     return preprocess_row(payload, source=where, columns=columns)
 
 
-def _process_chunk(records: list[Record], columns: dict | None, strict: bool) -> tuple[list[dict], list[str], int]:
+def _process_chunk(records: list[Record], columns: dict | None, strict: bool,
+                   task: str | None = None) -> tuple[list[dict], list[str], int]:
     """Canonical rows, reasons of skipped rows, rows read. Module-level so worker processes can run it."""
     rows, errors = [], []
     for where, payload in records:
         try:
-            row = _to_canonical(where, payload, columns)
+            row = _to_canonical(where, payload, columns, task)
             row[ORIGIN_COLUMN] = where
             rows.append(row)
         except DatasetError as e:
@@ -427,11 +432,22 @@ def _canonical_types() -> dict[str, pa.DataType]:
     }
 
 
-def _rows_to_table(rows: list[dict], display: str) -> pa.Table:
-    """Canonical columns get their fixed types; extra columns are inferred (a missing value is null)."""
+def _rows_to_table(rows: list[dict], display: str, task: str | None = None) -> pa.Table:
+    """Canonical columns get their fixed types (a task's own where it changes them: ``dataset/tasks.py``);
+    extra columns are inferred (a missing value is null)."""
     import pyarrow as pa
 
-    arrays = {k: pa.array([r[k] for r in rows], type=t) for k, t in _canonical_types().items()}
+    types = dict(_canonical_types())
+    if task is not None:
+        from lmforge.dataset.tasks import column_types
+
+        types.update(column_types(task))
+    arrays = {}
+    for k, t in types.items():
+        try:
+            arrays[k] = pa.array([r[k] for r in rows], type=t)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise DatasetError(f"{display}: column {k!r} holds values of different types ({e}); make them one type") from None
     extras = dict.fromkeys(k for r in rows for k in r if k not in arrays)
     for k in extras:
         try:
@@ -482,11 +498,11 @@ def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
-def _load_table(source, columns: dict | None, strict: bool, pool) -> pa.Table:
+def _load_table(source, columns: dict | None, strict: bool, pool, task: str | None = None) -> pa.Table:
     from datasets.utils.tqdm import tqdm
 
     log = _SkipLog(source.display)
-    work = functools.partial(_process_chunk, columns=columns, strict=strict)
+    work = functools.partial(_process_chunk, columns=columns, strict=strict, task=task)
     chunks = _chunks(source.records(), CHUNK_ROWS)
     tables = []
     with tqdm(desc=f"Preprocessing {source.display}", unit=" rows") as bar:
@@ -494,7 +510,7 @@ def _load_table(source, columns: dict | None, strict: bool, pool) -> pa.Table:
             bar.update(n_read)
             log.add(n_read, errors)
             if rows:
-                tables.append(_rows_to_table(rows, source.display))
+                tables.append(_rows_to_table(rows, source.display, task))
     log.report()
     if not tables:
         raise log.no_rows()
@@ -516,7 +532,7 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def _build(
-    specs: list[DatasetSpec], sources: list, *, columns, strict, seed, num_proc
+    specs: list[DatasetSpec], sources: list, *, columns, strict, seed, num_proc, task=None
 ) -> tuple[pa.Table, list[str]]:
     """Load, sub-sample and concatenate ``specs`` into one table; also the parts of its fingerprint."""
     import contextlib
@@ -526,13 +542,17 @@ def _build(
     with multiprocessing.Pool(num_proc) if num_proc > 1 else contextlib.nullcontext() as pool:
         tables = []
         for spec, source in zip(specs, sources):
-            table = _load_table(source, columns, strict, pool)
+            table = _load_table(source, columns, strict, pool, task)
             if spec.n is not None:
                 if spec.n > table.num_rows:
                     _log_upsampling(spec, source.display, table.num_rows)
                 table = table.take(sample_indices(table.num_rows, spec.n, seed))
             tables.append(table)
     prints = [[s.spec, s.n, src.fingerprint()] for s, src in zip(specs, sources)]
+    if task is not None:  # the task's mapping (and its code) is part of what the rows are
+        from lmforge.dataset.tasks import code_version
+
+        prints.append(["task", task, code_version()])
     return _concat_tables(tables, [s.spec for s in specs]), prints
 
 
@@ -643,6 +663,7 @@ def load_dataset(
     model_author: str | list[str] | None = None,
     hub: str = "hf",
     shuffle: bool = True,
+    task: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``datasets`` (concatenated) and the validation set, as canonical rows.
 
@@ -651,7 +672,8 @@ def load_dataset(
     ratio: give ``val_dataset``; ``#N`` takes the first N rows, cycling when the source is shorter,
     and shuffling is a buffer shuffle). ``strict=False`` skips unreadable rows, counts them and warns.
     ``num_proc`` preprocesses chunks of rows in that many processes. ``model_name``/``model_author``
-    fill ``builtin:self-cognition``.
+    fill ``builtin:self-cognition``. ``task`` (seq_cls, embedding, reranker, generative_reranker) maps rows as
+    :mod:`lmforge.dataset.tasks` describes (not with ``streaming``).
     """
     from lmforge.dataset.builtin import BuiltinContext
 
@@ -669,6 +691,8 @@ def load_dataset(
     val_sources = [_open_source(s, hub, streaming, context) for s in val_specs]
 
     if streaming:
+        if task is not None:
+            raise DatasetError(f"--streaming is not supported with --task_type {task}; drop --streaming")
         if split_dataset_ratio > 0 and not val_specs:
             logger.warning("streaming: split_dataset_ratio=%s is ignored; give --val_dataset for validation", split_dataset_ratio)
         common = dict(columns=columns, strict=strict, seed=seed)
@@ -676,7 +700,7 @@ def load_dataset(
         val = _stream(val_specs, val_sources, shuffle=False, **common) if val_specs else None
         return train, val
 
-    common = dict(columns=columns, strict=strict, seed=seed, num_proc=num_proc)
+    common = dict(columns=columns, strict=strict, seed=seed, num_proc=num_proc, task=task)
     table, prints = _build(train_specs, train_sources, **common)
     n = table.num_rows
     val = None

@@ -21,7 +21,8 @@ from typing import Any
 REFERENCE_COLUMNS = ("reference", "solution", "answer")
 QUESTION_COLUMNS = ("question", "query", "problem", "prompt", "input")
 # Built-in datasets whose eval default is their held-out split.
-HELD_OUT = {"arith": "test", "arith-preference": "test", "arith-rl": "test", "tool-calls": "test"}
+HELD_OUT = {"arith": "test", "arith-preference": "test", "arith-rl": "test", "tool-calls": "test",
+            "arith-retrieval": "test", "intents": "test"}
 
 
 @dataclass
@@ -42,6 +43,7 @@ class EvalSet:
     source: str  # what was loaded (builtin:arith -> builtin:arith:test)
     items: list[EvalItem] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
+    task: str | None = None  # an embedding/reranker/classifier set (lmforge.eval.pooling), else None
 
     @property
     def slug(self) -> str:
@@ -77,19 +79,20 @@ def _question_row(raw: dict) -> dict | None:
 
 
 def load_rows(spec: str, *, columns: dict | None = None, strict: bool = True, seed: int = 42, hub: str = "hf",
-              model_name: list[str] | None = None, model_author: list[str] | None = None
+              model_name: list[str] | None = None, model_author: list[str] | None = None, task: str | None = None
               ) -> list[tuple[str, dict | None, str | None]]:
-    """``(where, canonical row, None)`` or ``(where, None, error)`` for each row of one dataset, in order."""
+    """``(where, canonical row, None)`` or ``(where, None, error)`` for each row of one dataset, in order
+    (``task``: rows of an embedding/reranker/classifier set, mapped by ``lmforge.dataset.tasks``)."""
     source = resolve_spec(spec)
     path = Path(source).expanduser()
-    if path.is_file() and path.suffix == ".jsonl":
+    if path.is_file() and path.suffix == ".jsonl" and task is None:
         from lmforge.dataset import iter_jsonl_rows
 
         return list(iter_jsonl_rows(path, source=source, columns=columns, fallback=_question_row))
     from lmforge.dataset import load_dataset
 
     rows, _ = load_dataset([source], seed=seed, columns=columns or None, strict=strict, hub=hub, shuffle=False,
-                           model_name=model_name or None, model_author=model_author or None)
+                           model_name=model_name or None, model_author=model_author or None, task=task)
     from lmforge.dataset import ORIGIN_COLUMN
 
     out = []
@@ -154,13 +157,19 @@ def make_item(name: str, index: int, row: dict, *, mc_generate: bool) -> EvalIte
     return EvalItem(index, key, messages, reference, extra, error)
 
 
-def load_eval_set(name: str, *, mc_generate: bool, limit: int | None = None, **load_kwargs: Any) -> EvalSet:
-    """Read dataset ``name`` into items (rows that cannot be read become items with an error)."""
-    rows = load_rows(name, **load_kwargs)
+def load_eval_set(name: str, *, mc_generate: bool, limit: int | None = None, task: str | None = None,
+                  **load_kwargs: Any) -> EvalSet:
+    """Read dataset ``name`` into items (rows that cannot be read become items with an error); ``task``: the set
+    of an embedding model, reranker or classifier (:mod:`lmforge.eval.pooling`)."""
+    rows = load_rows(name, task=task, **load_kwargs)
     if limit is not None:
         rows = rows[:limit]
     if not rows:
         raise ValueError(f"eval dataset {name!r} has no rows")
+    if task is not None:
+        from lmforge.eval.pooling import task_items
+
+        return EvalSet(name, resolve_spec(name), task_items(name, rows, task), task=task)
     items = []
     for i, (where, row, error) in enumerate(rows):
         if row is None:

@@ -297,6 +297,10 @@ def score_set(ds: EvalSet, cache: dict[str, dict], *, segmenter: str = "char") -
 
 def _choose_metrics(ds: EvalSet, spec: str) -> list[str]:
     names = [n.strip() for n in spec.split(",") if n.strip()]
+    if (not names or names == ["auto"]) and ds.task:
+        from lmforge.eval.task_metrics import default_metric
+
+        return [default_metric(ds.task)]
     if not names or names == ["auto"]:
         ok = [it for it in ds.items if not it.error]
         return auto_metrics([it.row for it in ok], [it.reference for it in ok])
@@ -351,8 +355,13 @@ def run_eval(args: Any, engine: Any = None) -> dict:
             torch.manual_seed(args.seed)
             engine = build_engine(args)
         adapter = next(iter(engine.adapters), None) if getattr(engine, "adapters", None) else None
-        answerer = EngineAnswerer(engine, request_config_from_args(args), batch_size=args.max_batch_size,
-                                  adapter=adapter)
+        if getattr(engine, "task", None):  # an embedding model, reranker or classifier: it ranks or classifies
+            from lmforge.eval.pooling import PoolingAnswerer
+
+            answerer = PoolingAnswerer(engine, batch_size=args.max_batch_size)
+        else:
+            answerer = EngineAnswerer(engine, request_config_from_args(args), batch_size=args.max_batch_size,
+                                      adapter=adapter)
         target_name = str(args.ckpt_dir or engine.model_name)
     mc_ll = args.eval_mc_mode == "loglikelihood" or (args.eval_mc_mode == "auto" and answerer.supports_loglikelihood)
     if mc_ll and not answerer.supports_loglikelihood:
@@ -366,7 +375,8 @@ def run_eval(args: Any, engine: Any = None) -> dict:
     metric_specs = args.eval_metric or ["auto"]
     sets: list[EvalSet] = []
     for i, name in enumerate(args.eval_dataset):
-        ds = load_eval_set(name, mc_generate=not mc_ll, limit=args.eval_limit, **load_kwargs)
+        ds = load_eval_set(name, mc_generate=not mc_ll, limit=args.eval_limit, task=getattr(answerer, "task", None),
+                           **load_kwargs)
         ds.metrics = _choose_metrics(ds, metric_specs[i] if len(metric_specs) > 1 else metric_specs[0])
         sets.append(ds)
     slugs = [ds.slug for ds in sets]
@@ -403,6 +413,8 @@ def run_eval(args: Any, engine: Any = None) -> dict:
                         failed[it.key] = rec
                     on_result(it, rec)
 
+                if hasattr(answerer, "prepare"):  # an embedding model embeds the set's corpus first
+                    answerer.prepare(ds)
                 ll_items = [it for it in todo if mc_ll and it.row.get("choices")]
                 gen_items = [it for it in todo if not (mc_ll and it.row.get("choices"))]
                 if ll_items:

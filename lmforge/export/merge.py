@@ -169,7 +169,10 @@ def merge_lora(*, model: str | None = None, ckpt_dir: str | None = None,
     """
     import torch
 
+    from types import SimpleNamespace
+
     from lmforge.model import get_model_tokenizer
+    from lmforge.model.tasks import task_load_kwargs
 
     src = resolve_model_source(model, ckpt_dir=ckpt_dir, adapters=adapters, template=template, system=system)
     if not src.adapters:
@@ -187,9 +190,13 @@ def merge_lora(*, model: str | None = None, ckpt_dir: str | None = None,
         base, tokenizer = _load_dequantized_base(src.model, bits, hub=hub, revision=revision,
                                                  trust_remote_code=trust_remote_code, dtype=dtype)
     else:
+        # a classifier or reranker checkpoint merges into the model class it was trained as (its head kept)
+        auto_class, task_kwargs = task_load_kwargs(SimpleNamespace(**{**dict.fromkeys(
+            ("task_type", "num_labels", "problem_type", "label_names")), **src.train_args}))
         base, tokenizer = get_model_tokenizer(src.model, hub=hub, revision=revision, torch_dtype=dtype,
                                               device_map=device_map, trust_remote_code=trust_remote_code,
-                                              device=None if device_map else "cpu")
+                                              device=None if device_map else "cpu", auto_class=auto_class,
+                                              model_kwargs=task_kwargs)
     peft_model = attach_adapters(base, src.adapters)
     stats = check_merge_changes(peft_model, list(src.adapters))
     logger.info("The merge changes %d of %d LoRA layers (largest |delta| %.3g)", stats["changed"], stats["layers"],

@@ -86,13 +86,17 @@ def get_model_tokenizer(
     quantization_config: Any = None,
     load_model: bool = True,
     device: str | None = None,
+    auto_class: str = "AutoModelForCausalLM",
 ):
     """Return ``(model, tokenizer)`` for a hub id, local folder or ``builtin:NAME``.
 
     ``device`` picks where the model goes when ``device_map`` is not given (default: CUDA if there
-    is one). With ``load_model=False`` the model is ``None`` (tokenizer-only commands).
+    is one). With ``load_model=False`` the model is ``None`` (tokenizer-only commands). ``auto_class`` names
+    the transformers class that loads it (``AutoModel`` for an embedding model, ``AutoModelForSequenceClassification``
+    for a classifier or reranker: :func:`lmforge.model.tasks.task_auto_class`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
 
     trust_remote_code, model_kwargs = resolve_trust_remote_code(trust_remote_code, model_kwargs)
     model_dir = resolve_model_dir(model, hub=hub, revision=revision, need_weights=load_model)
@@ -113,7 +117,7 @@ def get_model_tokenizer(
         kwargs["device_map"] = device_map
     kwargs.update(model_kwargs)
     logger.info("Loading %s (%s) from %s", model, dtype, model_dir)
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    m = getattr(transformers, auto_class).from_pretrained(str(model_dir), **kwargs)
     if not device_map:
         m.to(device)
     # Remember the user-facing name (builtin:tiny, a hub id) beside the folder it came from.

@@ -4,6 +4,7 @@
     lmforge export --ckpt_dir output/.../checkpoint-50 --quant_method gguf --quant_type q4_k_m
     lmforge export --ckpt_dir output/.../checkpoint-50 --quant_method int8 --push_to_hub true --hub_model_id me/m
     lmforge merge-lora --ckpt_dir output/.../checkpoint-50
+    lmforge export --ckpt_dir output/.../checkpoint-50      # an embedding checkpoint: a sentence-transformers folder
 
 The steps run in order: merge (``--merge_lora``, or implied when quantising an adapter checkpoint),
 quantise or convert (``--quant_method``), push (``--push_to_hub``: the last step's folder, or
@@ -79,6 +80,27 @@ def _merge(args: ExportArguments, output_dir: str | None) -> Path:
                       template=args.template, system=args.system)
 
 
+def _sentence_transformers(args: ExportArguments) -> dict[str, Any]:
+    """An embedding checkpoint (adapters merged) as a sentence-transformers folder, then pushed if asked."""
+    from lmforge.export.sentence_transformers import export_sentence_transformers
+    from lmforge.infer.checkpoint import resolve_model_source
+    from lmforge.utils.command import print_output
+
+    src = resolve_model_source(args.model, ckpt_dir=args.ckpt_dir, adapters=args.adapters, template=args.template,
+                               system=args.system)
+    out = Path(args.output_dir) if args.output_dir else _default_output(args, src.model)
+    folder = export_sentence_transformers(src, out, torch_dtype=args.torch_dtype, hub=args.hub, revision=args.revision,
+                                          trust_remote_code=args.trust_remote_code, max_shard_size=args.max_shard_size)
+    print_output("export", "sentence-transformers model", folder)
+    result: dict[str, Any] = {"output_dir": str(folder)}
+    if args.push_to_hub:
+        from lmforge.export.hub import push_folder
+
+        result["hub_model_id"] = push_folder(folder, hub=args.hub, repo_id=args.hub_model_id, token=args.hub_token,
+                                             private=args.hub_private_repo, card=_card(args, src, folder, "model"))
+    return result
+
+
 def _run(args: ExportArguments) -> dict[str, Any]:
     from lmforge.infer.checkpoint import resolve_model_source
     from lmforge.model import resolve_model_dir
@@ -146,6 +168,14 @@ def export_main(args: ExportArguments) -> dict[str, Any]:
         from lmforge.export.hub import check_push
 
         check_push(args.hub, args.hub_model_id)
+    from lmforge.infer.pooling import checkpoint_task
+
+    task = checkpoint_task(None, args.ckpt_dir, args.adapters)
+    if task and args.quant_method:
+        raise ValueError(f"--quant_method {args.quant_method}: quantised and GGUF exports are for language models; "
+                         f"this checkpoint is a {task} model (export it without --quant_method)")
+    if task == "embedding":
+        return _sentence_transformers(args)
     if not (args.merge_lora or args.quant_method or args.push_to_hub):
         raise ValueError("nothing to do: pass --merge_lora true, --quant_method or --push_to_hub true "
                          "(or run lmforge merge-lora)")

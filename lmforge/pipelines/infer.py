@@ -33,7 +33,11 @@ CHAT_HELP = ("Enter sends a message. End a line with \\ to go on with the next o
 def build_engine(args: InferArguments) -> Any:
     """The engine ``args`` ask for, loaded with the checkpoint, adapters and template resolved."""
     from lmforge.infer import get_engine
+    from lmforge.infer.pooling import checkpoint_task
 
+    task = checkpoint_task(getattr(args, "task_type", None), args.ckpt_dir, args.adapters)
+    if task:  # an embedding model, reranker or classifier: its own engine (lmforge.infer.pooling)
+        return pooling_engine(args, task)
     kwargs: dict[str, Any] = dict(
         model=args.model, ckpt_dir=args.ckpt_dir, adapters=args.adapters, template=args.template,
         system=args.system, torch_dtype=args.torch_dtype, max_batch_size=args.max_batch_size,
@@ -51,6 +55,23 @@ def build_engine(args: InferArguments) -> Any:
 
         return DataParallelEngine(args.infer_backend, replica_devices(args.data_parallel_size), **kwargs)
     return get_engine(args.infer_backend, **kwargs)
+
+
+def pooling_engine(args: InferArguments, task: str) -> Any:
+    from lmforge.infer.pooling import PoolingEngine
+
+    if args.data_parallel_size > 1:
+        raise ValueError(f"--data_parallel_size is for generation engines; a {task} model runs in one engine")
+    if args.infer_backend != "hf":
+        logger.info("--infer_backend %s: a %s model runs on the pooling engine (transformers)", args.infer_backend,
+                    task)
+    return PoolingEngine(args.model, ckpt_dir=args.ckpt_dir, adapters=args.adapters, task_type=task,
+                         pooling=args.pooling, query_prompt=args.query_prompt, document_prompt=args.document_prompt,
+                         rerank_instruction=args.rerank_instruction, template=args.template, system=args.system,
+                         torch_dtype=args.torch_dtype, device_map=args.device_map, max_batch_size=args.max_batch_size,
+                         max_model_len=args.max_model_len, hub=args.hub, revision=args.revision,
+                         attn_impl=args.attn_impl, model_kwargs=args.model_kwargs,
+                         trust_remote_code=args.trust_remote_code)
 
 
 def replica_devices(size: int) -> list[str]:
@@ -84,6 +105,12 @@ def infer_main(args: InferArguments) -> dict[str, Any]:
     from lmforge.dataset.loader import check_datasets
 
     check_datasets(args.dataset, args.val_dataset)  # a missing file fails before the model loads
+    from lmforge.infer.pooling import checkpoint_task
+
+    task = checkpoint_task(args.task_type, args.ckpt_dir, args.adapters)
+    if task:
+        raise ValueError(f"lmforge infer chats with a language model, and this is a {task} model: serve it with "
+                         "lmforge deploy (/v1/embeddings, /v1/rerank, /v1/classify) or score it with lmforge eval")
     torch.manual_seed(args.seed)  # unseeded sampling is still reproducible run to run
     engine = build_engine(args)
     config = request_config_from_args(args)

@@ -153,7 +153,7 @@ def _load_training_data(args: TrainArguments, template: Any, pack: bool | None, 
         args.dataset, val_dataset=args.val_dataset or None, split_dataset_ratio=args.split_dataset_ratio,
         seed=args.data_seed, columns=args.columns or None, strict=args.strict, streaming=args.streaming,
         num_proc=args.dataset_num_proc, model_name=args.model_name or None, model_author=args.model_author or None,
-        hub=args.hub)
+        hub=args.hub, task=_task_of(args))
     if transform is not None:
         train, val = transform(train), (transform(val) if val is not None else None)
     train = encode_dataset(train, template, num_proc=args.dataset_num_proc, strict=args.strict, desc="Encoding train")
@@ -205,7 +205,8 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
 
     from lmforge.dataset.loader import check_datasets
     from lmforge.model import get_model_tokenizer
-    from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, load_plugins
+    from lmforge.model.tasks import task_load_kwargs
+    from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, TASK_LOSSES, load_plugins
     from lmforge.template import get_template
     from lmforge.trainers.distributed import parallel_training_kwargs
     from lmforge.tuners.prepare import qlora_quantization_config
@@ -217,7 +218,11 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
     on_gpu = torch.cuda.is_available() and not args.use_cpu
     if args.train_type == "qlora" and not on_gpu:
         raise RuntimeError("--train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
-    for name, reg, value in (("--loss_type", LOSSES, args.loss_type), ("--eval_metric", METRICS, args.eval_metric),
+    task = _task_of(args)
+    if task and _command_of(args) != "sft":
+        raise ValueError(f"--task_type {task} trains with lmforge sft, not lmforge {_command_of(args)}")
+    losses = TASK_LOSSES if task else LOSSES  # a task's losses are checked against it by its pipeline
+    for name, reg, value in (("--loss_type", losses, args.loss_type), ("--eval_metric", METRICS, args.eval_metric),
                              ("--optimizer", OPTIMIZERS, args.optimizer)):
         if value and value not in reg:
             raise ValueError(f"{name}: {reg.unknown_message(value)}")
@@ -235,10 +240,12 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
     set_seed(args.seed)
 
     quant = qlora_quantization_config(args) if args.train_type == "qlora" else None
+    auto_class, task_kwargs = task_load_kwargs(args)  # AutoModelForCausalLM unless --task_type says otherwise
     model, tokenizer = get_model_tokenizer(
         args.model, hub=args.hub, revision=args.revision, torch_dtype=args.torch_dtype, attn_impl=args.attn_impl,
-        device_map=args.device_map, model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
-        quantization_config=quant, device="cuda" if on_gpu else "cpu")
+        device_map=args.device_map, model_kwargs={**task_kwargs, **args.model_kwargs},
+        trust_remote_code=args.trust_remote_code, quantization_config=quant, device="cuda" if on_gpu else "cpu",
+        auto_class=auto_class)
     template = get_template(tokenizer, args.template, system=args.system, max_length=args.max_length,
                             truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale,
                             enable_thinking=args.enable_thinking, agent_template=args.agent_template)
@@ -275,12 +282,14 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
         metric = METRICS.get(args.eval_metric or "token_accuracy")
         metric = metric() if isinstance(metric, type) else metric
         trainer_kwargs.update(compute_metrics=metric.compute, preprocess_logits_for_metrics=metric.preprocess)
+    if "loss_fn" not in trainer_kwargs:  # a task trainer brings its own loss
+        trainer_kwargs["loss_fn"] = LOSSES.get(args.loss_type) if args.loss_type else None
     interrupt = InterruptCallback(resume_from=args.resume_from_checkpoint)
     trainer = (trainer_cls or LmforgeTrainer)(
         model=model, args=hf_args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=data_collator or Collator(setup.tokenizer.pad_token_id, padding_free=args.packing),
         processing_class=setup.tokenizer, callbacks=[*_callbacks(args), interrupt], optimizers=optimizers,
-        loss_fn=LOSSES.get(args.loss_type) if args.loss_type else None, lmforge_args=args, **trainer_kwargs,
+        lmforge_args=args, **trainer_kwargs,
     )
     for cb in (ProgressCallback, PrinterCallback):  # our progress callback replaces both
         trainer.remove_callback(cb)
@@ -307,12 +316,22 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
             "metrics": metrics, "trainer": trainer, "template": setup.template, "interrupted": interrupt.requested}
 
 
+def _task_of(args: Any) -> str | None:
+    """``--task_type`` when it is not the chat model's ``causal_lm`` (those rows and models differ), else None."""
+    task = getattr(args, "task_type", None)
+    return task if task not in (None, "causal_lm") else None
+
+
 def _command_of(args: Any) -> str:
     return "pt" if isinstance(args, PtArguments) else "rlhf" if hasattr(args, "rlhf_type") else "sft"
 
 
 def sft_main(args: TrainArguments) -> dict[str, Any]:
     """Train, checkpoint, and return ``{"output_dir", "last_checkpoint", "log_history", "metrics", ...}``."""
+    if _task_of(args):  # an embedding model, reranker or classifier: lmforge.pipelines.task
+        from lmforge.pipelines.task import task_main
+
+        return task_main(args)
     setup = prepare_training(args, "pt" if isinstance(args, PtArguments) else "train")
     train_ds, val_ds = load_training_data(args, setup.template)
     return run_training(setup, train_ds, val_ds)
@@ -330,5 +349,6 @@ def _log_sample(ds: Any, template: Any) -> None:
         raise ValueError("the training set is empty after encoding (every row too long or skipped?)") from None
     for prefix in [p for p in ("", "chosen_", "rejected_") if f"{p}input_ids" in row]:  # rlhf rows: both sides
         logger.info("Sample %sinput: %r", prefix, template.safe_decode(row[f"{prefix}input_ids"])[:500])
-        labels = [t for t in row[f"{prefix}labels"] if t != -100]
-        logger.info("Sample %slabels: %r", prefix, template.safe_decode(labels)[:300])
+        if f"{prefix}labels" in row:  # task rows (embedding, rerankers) have no token labels
+            labels = [t for t in row[f"{prefix}labels"] if t != -100]
+            logger.info("Sample %slabels: %r", prefix, template.safe_decode(labels)[:300])

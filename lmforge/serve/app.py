@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app over an :class:`~lmforge.infer.base.InferEngine`.
 
 ``create_app(engine, args)`` returns a FastAPI app with POST /v1/chat/completions, POST
-/v1/completions, GET /v1/models[/{id}], GET /health and GET /metrics. Each request passes, in
+/v1/completions, GET /v1/models[/{id}], GET /health and GET /metrics, and for embedding,
+reranker and classifier models POST /v1/embeddings, /v1/rerank and /v1/classify (:mod:`lmforge.serve.pooling`). Each request passes, in
 order: auth, body checks (size, read time, UTF-8, JSON), schema validation, model lookup, a
 character bound on the prompt (:mod:`lmforge.serve.budget`: nothing is tokenised before
 admission), the admission queue, and then, inside the admitted slot, the prompt's token count;
@@ -35,6 +36,7 @@ from lmforge.serve.budget import TRIM_AFTER_BYTES, PromptBound, chars_per_token,
 from lmforge.serve.errors import APIError, from_validation_error, install_error_handlers, unexpected
 from lmforge.serve.limiter import ConcurrencyLimiter, Slot
 from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
+from lmforge.serve.pooling import add_pooling_routes, generation_only
 from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest, PromptRequest, SamplingFields
 from lmforge.serve.streaming import EventStreamResponse, StreamAborted, merge_streams, sse
 
@@ -442,7 +444,9 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         state.resolve(model)
         return state.model_card(model)
 
-    @v1.post("/chat/completions")
+    generates = generation_only(state)  # an embedding/reranker/classifier server answers chat routes with 400
+
+    @v1.post("/chat/completions", dependencies=[generates])
     async def chat_completions(request: Request) -> Response:
         info: RequestInfo = request.state.lmforge
         req: ChatCompletionRequest = validate(ChatCompletionRequest, await read_json(request, cfg.max_request_bytes,
@@ -477,7 +481,7 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         body.update(id=info.id, model=req.model)
         return JSONResponse(body)
 
-    @v1.post("/completions")
+    @v1.post("/completions", dependencies=[generates])
     async def completions(request: Request) -> Response:
         info: RequestInfo = request.state.lmforge
         req: CompletionRequest = validate(CompletionRequest, await read_json(request, cfg.max_request_bytes,
@@ -527,6 +531,7 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
                              "model": req.model, "choices": choices, "usage": usage.model_dump()})
 
     app.include_router(v1)
+    add_pooling_routes(app, state, check_auth)  # /v1/embeddings, /v1/rerank, /v1/classify
 
     @app.get("/health")
     async def health(request: Request) -> Response:

@@ -68,8 +68,7 @@ def _lora(model: Any, args: Any, *, use_dora: bool = False) -> Any:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        # a reward model (rlhf --rlhf_type rm) is a sequence classifier; peft also keeps its head trainable then
-        task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",
+        task_type=_peft_task_type(model),
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -83,6 +82,14 @@ def _lora(model: Any, args: Any, *, use_dora: bool = False) -> Any:
         model = get_peft_model(model, config)
     _apply_trainable_patterns(model, args)
     return model
+
+
+def _peft_task_type(model: Any) -> str:
+    """SEQ_CLS for a sequence classifier (a reward model, a classifier, a reranker: peft then also trains its new
+    head), FEATURE_EXTRACTION for a bare transformer body (an embedding model), else CAUSAL_LM."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    return "FEATURE_EXTRACTION" if getattr(model, "base_model", model) is model else "CAUSAL_LM"
 
 
 @TUNERS.register("lora")

@@ -156,3 +156,26 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * d.get_world_size()
     d.all_gather_object(out, obj)
     return out
+
+
+def all_gather_with_grad(tensor: Any) -> tuple[Any, int]:
+    """Every rank's ``tensor`` concatenated along dim 0 (ranks may hold different numbers of rows), with
+    gradients flowing back to each rank's own rows; also where this rank's rows start.
+
+    A contrastive loss uses it to score each query against the documents of the *global* batch, so
+    N processes see the same negatives as one process with their batches joined. The backward pass
+    sums every rank's gradient for a rank's rows, and DDP then averages the parameters' gradients:
+    the result is the gradient of the mean of the ranks' losses. ``(tensor, 0)`` in one process.
+    """
+    d = _dist()
+    if d is None:
+        return tensor, 0
+    import torch
+    import torch.distributed.nn.functional as dist_fn
+
+    sizes = [int(n) for n in gather_objects(int(tensor.shape[0]))]
+    most = max(sizes)
+    padded = torch.cat([tensor, tensor.new_zeros((most - tensor.shape[0], *tensor.shape[1:]))]) \
+        if tensor.shape[0] < most else tensor
+    parts = dist_fn.all_gather(padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank()])

@@ -1,0 +1,1 @@
+"""Training of the task types (embedding, rerankers, classifiers): losses, collator, trainer."""
