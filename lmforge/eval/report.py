@@ -25,7 +25,9 @@ def report_markdown(report: dict) -> str:
     lines = [f"# Eval report: {report.get('target', '')}", ""]
     run = report.get("run") or {}
     gen = run.get("generation") or {}
-    if gen:
+    if gen.get("task"):
+        lines += [f"Task: {gen['task']}" + (f" ({gen['pooling']} pooling)" if gen.get("pooling") else ""), ""]
+    elif gen:
         lines += [f"Generation: max_new_tokens {gen.get('max_new_tokens')}, temperature {gen.get('temperature')}", ""]
     for name, ds in report["datasets"].items():
         errors = f", {ds['errors']} errors" if ds.get("errors") else ""

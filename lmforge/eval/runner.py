@@ -368,7 +368,11 @@ def run_eval(args: Any, engine: Any = None) -> dict:
         raise ValueError("--eval_mc_mode loglikelihood needs a local model (not --eval_url)")
 
     pred_dir.mkdir(parents=True, exist_ok=True)  # the answerer is ready: a failed start leaves no empty folder
-    _check_run(output_dir, {"target": _target(args), "generation": _generation_settings(args)}, args.eval_resume)
+    # a task model (embedding, reranker, classifier) generates nothing: its settings are what it was loaded as
+    task = getattr(answerer, "task", None)
+    settings = {"task": task, "pooling": engine.pooling if task == "embedding" else None} if task else \
+        _generation_settings(args)
+    _check_run(output_dir, {"target": _target(args), "generation": settings}, args.eval_resume)
 
     load_kwargs = dict(columns=args.columns or None, strict=args.strict, seed=args.data_seed, hub=args.hub,
                        model_name=args.model_name, model_author=args.model_author)
@@ -433,7 +437,7 @@ def run_eval(args: Any, engine: Any = None) -> dict:
         logger.info("eval %s: %s (%d rows, %d errors)", ds.name, shown, summary["rows"], summary["errors"])
 
     report = {"lmforge_eval_report": REPORT_VERSION, "target": target_name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "run": {"target": _target(args), "generation": _generation_settings(args)},
+              "run": {"target": _target(args), "generation": settings},
               "seconds": round(time.perf_counter() - start, 3), "datasets": results}
     report["files"] = write_report(report, output_dir, plot=args.plot)
     return report

@@ -112,6 +112,7 @@ class PoolingEngine:
         prompts = {k: v if v is not None else trained.get(k) for k, v in prompts.items()}  # flags win over args.json
         self.encoder = TaskEncoder(task, tokenizer, tpl, decoder=is_decoder_config(config),
                                    max_length=self.max_model_len, truncation_strategy="raise", **prompts)
+        self.forward_batches = 0  # batches the model has run (concurrent calls share them)
         self._queue: list[_Call] = []
         self._queue_lock = threading.Lock()
         self._model_lock = threading.Lock()
@@ -241,6 +242,7 @@ class PoolingEngine:
                     batch = pad_sequences([seq for _, _, seq in chunk], self.tokenizer.pad_token_id, side)
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     out = task_forward(self.model, batch, self.task, pooling=self.pooling, yes_no=self.yes_no)
+                    self.forward_batches += 1
                     for (c, i, _), row in zip(chunk, out.float().cpu()):
                         c.outputs[i] = row
         except BaseException as e:  # noqa: BLE001 - every caller of this round gets the error

@@ -81,9 +81,11 @@ def default_pooling(config: Any, model_dir: str | Path | None = None) -> str:
 
 def label_config(spec: dict[str, Any] | None) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments that give a classifier its labels (``num_labels``, names)."""
-    if not spec:
+    if not spec or not spec.get("num_labels"):  # nothing known: the model's own config decides
         return {}
-    out: dict[str, Any] = {"num_labels": spec["num_labels"], "problem_type": HF_PROBLEM_TYPES[spec["problem_type"]]}
+    out: dict[str, Any] = {"num_labels": spec["num_labels"]}
+    if spec.get("problem_type"):
+        out["problem_type"] = HF_PROBLEM_TYPES[spec["problem_type"]]
     names = spec.get("label_names") or []
     if names:
         out["id2label"] = dict(enumerate(names))
