@@ -200,3 +200,100 @@ def test_retrieval_and_classification_metrics():
     agg = c.aggregate(rows, preds, refs, [{}] * 4)
     # x: tp 1, fp 1, fn 0 -> F1 2/3; y: tp 2, fp 0, fn 1 -> F1 4/5
     assert agg["accuracy"] == 0.75 and abs(agg["macro_f1"] - (2 / 3 + 4 / 5) / 2) < 1e-9
+
+
+# ------------------------------------------------------------------------------- several processes
+
+def _gather_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from lmforge.utils.distributed import all_gather_with_grad
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    docs, queries, sizes = _gather_data()
+    start = sum(sizes[:rank])
+    mine = docs[start:start + sizes[rank]].clone().requires_grad_()
+    gathered, offset = all_gather_with_grad(mine)
+    (queries[2 * rank:2 * rank + 2] @ gathered.T).logsumexp(-1).sum().backward()
+    torch.save({"gathered": gathered.detach(), "offset": offset, "grad": mine.grad}, f"{folder}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _gather_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(5, 4, generator=g), torch.randn(4, 4, generator=g), [3, 2]
+
+
+def test_gather_with_grad_over_two_processes(tmp_path):
+    """Ranks holding 3 and 2 documents see all 5; each rank's documents get the gradient of every rank's loss."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    docs, queries, sizes = _gather_data()
+    docs.requires_grad_()
+    sum((queries[2 * r:2 * r + 2] @ docs.T).logsumexp(-1).sum() for r in range(2)).backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        start = sum(sizes[:rank])
+        assert got["offset"] == start and torch.equal(got["gathered"], docs.detach())
+        torch.testing.assert_close(got["grad"], docs.grad[start:start + sizes[rank]])
+
+
+# ------------------------------------------------------------------------------- LoRA checkpoints
+
+def _lora_run(tmp_path, **kwargs) -> str:
+    from lmforge import TrainArguments, sft_main
+
+    args = dict(model="builtin:tiny", train_type="lora", lora_rank=4, learning_rate=1e-2, max_steps=2,
+                per_device_train_batch_size=4, gradient_accumulation_steps=1, output_dir=str(tmp_path),
+                add_version=False, report_to=["none"], plot=False, save_steps=100)
+    return sft_main(TrainArguments(**{**args, **kwargs}))["last_checkpoint"]
+
+
+def test_lora_embedding_checkpoint_serves_and_exports(tmp_path):
+    """A LoRA embedding checkpoint (peft FEATURE_EXTRACTION on the bare body) loads merged in the engine, and its
+    sentence-transformers export (merged again, prompts kept) gives the same vectors."""
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+
+    from lmforge.infer.pooling import PoolingEngine
+    from lmforge.pipelines.export import export_main
+    from lmforge.arguments import ExportArguments
+
+    ckpt = _lora_run(tmp_path / "run", task_type="embedding", dataset=["builtin:arith-retrieval#8"],
+                     query_prompt="Query: ", pooling="mean")
+    assert (tmp_path / "run" / "checkpoint-2" / "adapter_config.json").is_file()
+    engine = PoolingEngine(ckpt_dir=ckpt)
+    base = PoolingEngine("builtin:tiny", task_type="embedding", pooling="mean")
+    texts = ["What is 1 + 2?", "1 + 2 = 1 + 2 = 3"]
+    trained, _ = engine.embed(texts, input_type="query")
+    assert engine.pooling == "mean" and not torch.allclose(trained, base.embed(texts, input_type="query")[0])
+    out = export_main(ExportArguments(ckpt_dir=ckpt, output_dir=str(tmp_path / "st")))["output_dir"]
+    st = torch.tensor(SentenceTransformer(out, device="cpu").encode(texts, prompt_name="query"))
+    assert bool((F.cosine_similarity(st, trained, dim=-1) >= 0.9999).all())
+
+
+def test_lora_classifier_checkpoint_keeps_its_labels_and_head(tmp_path):
+    from lmforge.arguments import ExportArguments
+    from lmforge.infer.pooling import PoolingEngine
+    from lmforge.pipelines.export import export_main
+
+    ckpt = _lora_run(tmp_path / "run", task_type="seq_cls", dataset=["builtin:intents#8"])
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["num_labels"] == 4 and args["label_names"] == ["identity", "math", "time", "weather"]
+    engine = PoolingEngine(ckpt_dir=ckpt)
+    probs, _ = engine.classify(["What is 1 + 2?", "Who are you?"])
+    assert engine.label_names == args["label_names"] and probs.shape == (2, 4)
+    merged = export_main(ExportArguments(ckpt_dir=ckpt, merge_lora=True, output_dir=str(tmp_path / "merged")))
+    again = PoolingEngine(ckpt_dir=merged["output_dir"])
+    torch.testing.assert_close(again.classify(["What is 1 + 2?", "Who are you?"])[0], probs, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="this checkpoint is a seq_cls model"):
+        export_main(ExportArguments(ckpt_dir=ckpt, quant_method="gguf"))

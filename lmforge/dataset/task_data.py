@@ -2,10 +2,11 @@
 (classifiers), written here, deterministic, each with a held-out ``test`` split.
 
 ``arith-retrieval``: the query is an arithmetic question, its document the worked answer
-(``37 + 45 = 77 + 5 = 82``), and the hard negatives are worked answers of near-miss problems: one
-operand off by one, the operands swapped, the other operation, a number with its digits reversed.
-Telling them apart takes reading every number in order, so a model that has not learnt the task is
-near chance and one that has is near perfect. Problems are split as ``builtin:arith`` splits
+(``37 + 45 = 77 + 5 = 82``), and the negatives are first four worked answers of near-miss problems
+(one operand off by one, the operands swapped, the other operation, a number with its digits
+reversed), then two of random other problems of the split. Telling the near misses apart takes
+reading every number in order, so a model that has not learnt the task is near chance and one that
+has is near perfect; the random ones are the easy negatives a reranker starts learning from. Problems are split as ``builtin:arith`` splits
 them, so held-out queries are problems no arithmetic training set of lmforge contains.
 
 ``intents``: requests to an assistant in four classes (math, weather, time, identity), drawn from
@@ -22,7 +23,8 @@ from lmforge.registry import DATASETS
 
 RETRIEVAL_QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?",
                        "Work out {a} {op} {b}.")
-NEGATIVES_PER_ROW = 4
+NEGATIVES_PER_ROW = 4  # near misses; then RANDOM_NEGATIVES answers of random other problems
+RANDOM_NEGATIVES = 2
 
 
 def worked_answer(a: int, op: str, b: int) -> str:
@@ -56,15 +58,15 @@ def generate_arith_retrieval(split: str = "train", seed: int = 0) -> list[dict]:
     """Every ``a + b`` and ``a - b`` (``a >= b``) with operands in 0..99 of ``split``, shuffled by ``seed``."""
     if split not in ("train", "test"):
         raise ValueError(f"arith-retrieval split must be 'train' or 'test', got {split!r}")
+    problems = [(a, op, b) for op in ("+", "-") for a in range(100) for b in range(100)
+                if _valid(a, op, b) and arith_in_test_split(a, op, b) == (split == "test")]
     rows = []
-    for op in ("+", "-"):
-        for a in range(100):
-            for b in range(100):
-                if not _valid(a, op, b) or arith_in_test_split(a, op, b) != (split == "test"):
-                    continue
-                phrase = RETRIEVAL_QUESTIONS[int(hashlib.sha256(f"{a}{op}{b}".encode()).hexdigest(), 16) % 4]
-                rows.append({"query": phrase.format(a=a, op=op, b=b), "response": worked_answer(a, op, b),
-                             "rejected_response": [worked_answer(*c) for c in near_misses(a, op, b)]})
+    for a, op, b in problems:
+        phrase = RETRIEVAL_QUESTIONS[int(hashlib.sha256(f"{a}{op}{b}".encode()).hexdigest(), 16) % 4]
+        others = [p for p in random.Random(f"random:{a}{op}{b}").sample(problems, RANDOM_NEGATIVES + 1)
+                  if p != (a, op, b)][:RANDOM_NEGATIVES]
+        rows.append({"query": phrase.format(a=a, op=op, b=b), "response": worked_answer(a, op, b),
+                     "rejected_response": [worked_answer(*c) for c in [*near_misses(a, op, b), *others]]})
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -138,8 +140,9 @@ def _load_intents(split: str, ctx: BuiltinContext) -> list[dict]:
 
 DATASETS.register("arith-retrieval", BuiltinDataset(
     "arith-retrieval", _load_retrieval, splits=("train", "test"),
-    description="retrieval/reranking: 'What is 37 + 45?' -> its worked answer, with 4 near-miss worked answers as "
-                "hard negatives (query/response/rejected_response); test: the problems builtin:arith holds out"))
+    description="retrieval/reranking: 'What is 37 + 45?' -> its worked answer, with 4 near-miss worked answers and 2 "
+                "random ones as negatives (query/response/rejected_response); test: the problems builtin:arith holds "
+                "out", version="2"))
 DATASETS.register("intents", BuiltinDataset(
     "intents", _load_intents, splits=("train", "test"),
     description="classification: 2,000 requests labelled math, weather, time or identity (query/label); "

@@ -207,7 +207,7 @@ def merge_lora(*, model: str | None = None, ckpt_dir: str | None = None,
     merged.config.use_cache = True
     if hasattr(merged.config, "lmforge_model"):  # a run-time note of the loader, not part of this model
         del merged.config.lmforge_model
-    gen = merged.generation_config
+    gen = getattr(merged, "generation_config", None)  # classifiers have none
     if gen is not None:
         if gen.eos_token_id is None:
             gen.eos_token_id = tokenizer.eos_token_id
