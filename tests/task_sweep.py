@@ -33,7 +33,7 @@ def main() -> None:
     recipes = {"embedding": ({k: v for k, v in load_config_file(str(RECIPE)).items() if k != "model"},
                              "builtin:arith-retrieval", "recall@1"),
                "seq_cls": (CLASSIFIER, "builtin:intents", "accuracy"),
-               "reranker": (RERANKER, "builtin:arith-retrieval", "ndcg@10")}
+               "reranker": (RERANKER, "builtin:intent-retrieval", "ndcg@10")}
     for task in a.tasks:
         recipe, dataset, key = recipes[task]
         for seed in a.seeds:

@@ -79,7 +79,10 @@ def test_encoder_inputs(tiny_tokenizer):
     emb = TaskEncoder("embedding", tiny_tokenizer, tpl, decoder=True, max_length=64, query_prompt="Query: ")
     assert emb.text_ids("What is 1 + 2?", "query") == tiny_tokenizer("Query: What is 1 + 2?")["input_ids"]
     assert emb.text_ids("1 + 2 = 3") == tiny_tokenizer("1 + 2 = 3")["input_ids"]
-    rr = TaskEncoder("reranker", tiny_tokenizer, tpl, decoder=True, max_length=None)
+    cross = TaskEncoder("reranker", tiny_tokenizer, tpl, decoder=True, max_length=None)  # a head reads no prompt
+    assert cross.pair_ids("What is 1 + 2?", "1 + 2 = 3") == tiny_tokenizer(
+        "<Query>: What is 1 + 2?\n<Document>: 1 + 2 = 3")["input_ids"]
+    rr = TaskEncoder("generative_reranker", tiny_tokenizer, tpl, decoder=True, max_length=None)
     text = tiny_tokenizer.decode(rr.pair_ids("What is 1 + 2?", "1 + 2 = 3"))
     assert "<Query>: What is 1 + 2?\n<Document>: 1 + 2 = 3" in text and text.endswith("<|im_start|>assistant\n")
     # too long: the document is cut, the query and the prompt's end stay

@@ -4,11 +4,13 @@ query/document pair or a text to classify becomes tokens, for training and servi
 - Embedding: ``prompt + text`` tokenized with the tokenizer's own special tokens and nothing
   else, as sentence-transformers does (so an exported model embeds the same ids); queries get
   ``--query_prompt``, documents ``--document_prompt``.
-- Rerankers: on a decoder model with a chat template (``decoder=True``), the pair is the prompt
-  Qwen3-Reranker uses: a system line asking for "yes" or "no", then ``<Instruct>``, ``<Query>`` and
-  ``<Document>`` lines as the user turn, and the generation prompt; the model answers (generative)
-  or its classifier head scores the last token (cross-encoder). Encoders take the tokenizer's own
-  pair encoding (``[CLS] query [SEP] document [SEP]``).
+- Generative rerankers: the prompt Qwen3-Reranker uses, through the chat template: a system line
+  asking for "yes" or "no", then ``<Instruct>``, ``<Query>`` and ``<Document>`` lines as the user
+  turn, and the generation prompt, after which the model answers.
+- Cross-encoder rerankers (a classifier head scores the pair): on a decoder model the text
+  ``<Query>: ...\n<Document>: ...`` with the tokenizer's special tokens (the head reads no
+  instruction, so the prompt's tokens would be spent for nothing); encoders take the tokenizer's
+  own pair encoding (``[CLS] query [SEP] document [SEP]``).
 - Classifiers: the conversation rendered by the chat template (a text is one user turn), or for
   encoders the text itself.
 
@@ -44,8 +46,10 @@ class TaskEncoder:
                  label_spec: dict[str, Any] | None = None):
         if task not in (*RETRIEVAL_TASKS, "seq_cls"):
             raise ValueError(f"TaskEncoder: unknown task {task!r}")
-        # prompts through the chat template on decoder models that have one (a generative reranker always)
-        chat = task == "generative_reranker" or (decoder and bool(getattr(tokenizer, "chat_template", None)))
+        # prompts through the chat template: a generative reranker's, and a classifier's on a decoder that has one
+        chat = task == "generative_reranker" or (task == "seq_cls" and decoder
+                                                 and bool(getattr(tokenizer, "chat_template", None)))
+        self.decoder = decoder
         if chat and template is None:
             raise ValueError("TaskEncoder(chat=True) needs the template that renders the prompts")
         if task == "generative_reranker" and not chat:
@@ -77,6 +81,9 @@ class TaskEncoder:
         return self._fit(ids, f"the {kind}")
 
     def _pair_prompt(self, query: str, document: str) -> list[int]:
+        if not self.chat:  # a decoder cross-encoder
+            return list(self.tokenizer(f"<Query>: {query}\n<Document>: {document}", add_special_tokens=True)
+                        ["input_ids"])
         user = f"<Instruct>: {self.rerank_instruction}\n<Query>: {query}\n<Document>: {document}"
         messages = [{"role": "system", "content": RERANK_SYSTEM}, {"role": "user", "content": user}]
         text = self.template.render(messages, add_generation_prompt=True)
@@ -84,7 +91,7 @@ class TaskEncoder:
 
     def pair_ids(self, query: str, document: str) -> list[int] | None:
         """A reranker input: the query/document pair; too long, the document is cut (``right``/``left``)."""
-        if not self.chat:
+        if not self.chat and not self.decoder:  # an encoder: its own pair encoding
             full = list(self.tokenizer(query, document, add_special_tokens=True)["input_ids"])
             if self.max_length is None or len(full) <= self.max_length or self.truncation_strategy in ("delete",
                                                                                                         "raise"):
@@ -161,7 +168,7 @@ class TaskEncoder:
 
     def cache_key(self) -> str:
         tok = self.tokenizer
-        payload = {"version": ENCODING_VERSION, "task": self.task, "chat": self.chat,
+        payload = {"version": ENCODING_VERSION, "task": self.task, "chat": self.chat, "decoder": self.decoder,
                    "tokenizer": str(getattr(tok, "name_or_path", "")), "vocab_size": len(tok),
                    "template": self.template.cache_key() if self.chat else None, "max_length": self.max_length,
                    "truncation": self.truncation_strategy, "prompts": [self.query_prompt, self.document_prompt],

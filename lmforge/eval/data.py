@@ -22,7 +22,7 @@ REFERENCE_COLUMNS = ("reference", "solution", "answer")
 QUESTION_COLUMNS = ("question", "query", "problem", "prompt", "input")
 # Built-in datasets whose eval default is their held-out split.
 HELD_OUT = {"arith": "test", "arith-preference": "test", "arith-rl": "test", "tool-calls": "test",
-            "arith-retrieval": "test", "intents": "test"}
+            "arith-retrieval": "test", "intents": "test", "intent-retrieval": "test"}
 
 
 @dataclass

@@ -333,6 +333,9 @@ def run_eval(args: Any, engine: Any = None) -> dict:
     pred_dir = output_dir / "predictions"
 
     answerer: Any
+    if args.eval_url and args.task_type not in (None, "causal_lm"):
+        raise ValueError(f"--eval_url scores chat servers; to score a {args.task_type} model, pass its --ckpt_dir or "
+                         "--model with --task_type (ranking over a server's /v1/embeddings is not built in)")
     if args.eval_url:
         payload = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                    "seed": args.seed}
