@@ -2,8 +2,9 @@
 
     python tests/task_sweep.py --seeds 0 1 2 42 --threads 1 [--tasks embedding seq_cls reranker]
 
-Each run trains builtin:tiny with the recipe and that seed and prints the held-out metric and the
-training's wall and CPU seconds, one JSON line per run.
+Each run trains builtin:tiny with the recipe and that seed (as --seed and --data_seed: the sample of rows,
+their order and any new head) and prints the held-out metric and the training's wall and CPU seconds,
+one JSON line per run.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def main() -> None:
         for seed in a.seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime, time.time()
-                ckpt = train(Path(tmp) / "run", **{**recipe, "seed": seed})
+                ckpt = train(Path(tmp) / "run", **{**recipe, "seed": seed, "data_seed": seed})
                 cpu, wall = resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0, time.time() - t0
                 metrics = evaluate(Path(tmp) / "eval", dataset, ckpt_dir=ckpt)
             print(json.dumps({"task": task, "seed": seed, key: metrics[key], "train_wall_s": round(wall),

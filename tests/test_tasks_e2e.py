@@ -36,7 +36,7 @@ CLASSIFIER = dict(task_type="seq_cls", dataset=["builtin:intents"], train_type="
                   per_device_train_batch_size=32, gradient_accumulation_steps=1, num_train_epochs=1, warmup_ratio=0.1)
 RERANKER = dict(task_type="reranker", dataset=["builtin:intent-retrieval"], train_type="full",
                 learning_rate=2e-3, per_device_train_batch_size=16, gradient_accumulation_steps=1, num_train_epochs=1,
-                warmup_ratio=0.1, max_length=64)
+                warmup_ratio=0.1, max_length=128)
 
 
 def _cli(*argv: str) -> None:

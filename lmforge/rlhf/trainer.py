@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lmforge.rlhf import losses as L
-from lmforge.trainers.trainer import LmforgeTrainer
+from lmforge.trainers.trainer import LmforgeTrainer, LossOnlyEvaluation
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class ReferenceMixin:
                 yield model
 
 
-class PreferenceTrainer(ReferenceMixin, LmforgeTrainer):
+class PreferenceTrainer(LossOnlyEvaluation, ReferenceMixin, LmforgeTrainer):
     """Trains DPO (and variants), KTO, ORPO, SimPO, CPO and reward models; see the module docstring.
 
     ``rlhf_args`` is an :class:`lmforge.arguments.RlhfArguments` (default: ``lmforge_args``).
@@ -363,11 +363,3 @@ class PreferenceTrainer(ReferenceMixin, LmforgeTrainer):
             # KTO's chosen and rejected rows are unpaired: the margin is the difference of the means
             logs[f"{prefix}rewards/margins"] = round(stored["rewards/chosen"] - stored["rewards/rejected"], 6)
         super().log(logs, start_time)
-
-    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None):
-        """Evaluation returns only the loss; the reward metrics are stored and logged with ``eval_``."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None

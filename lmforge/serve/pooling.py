@@ -107,6 +107,10 @@ class ClassifyRequest(_Strict):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+def _a(task: str) -> str:
+    return f"an {task}" if task[0] in "aeiou" else f"a {task}"
+
+
 def _engine_task(engine: Any) -> str:
     return getattr(engine, "task", None) or "causal_lm"
 
@@ -116,7 +120,7 @@ def generation_only(state: Any):
     async def check() -> None:
         task = _engine_task(state.engine)
         if task != "causal_lm":
-            raise APIError(400, f"This server serves a {task} model, which does not generate text; use "
+            raise APIError(400, f"This server serves {_a(task)} model, which does not generate text; use "
                                 f"{SERVES.get(task, '/v1/embeddings')}", code="model_not_supported")
 
     return Depends(check)
@@ -130,7 +134,7 @@ def add_pooling_routes(app: FastAPI, state: Any, check_auth: Any) -> None:
     def need(task_ok: tuple[str, ...], path: str) -> None:
         task = _engine_task(engine)
         if task not in task_ok:
-            what = "generates text" if task == "causal_lm" else f"is a {task} model"
+            what = "generates text" if task == "causal_lm" else f"is {_a(task)} model"
             hint = "/v1/chat/completions" if task == "causal_lm" else SERVES[task]
             raise APIError(400, f"{path} needs a {' or '.join(task_ok)} model; this server's model {what} "
                                 f"(use {hint})", code="model_not_supported")
@@ -146,8 +150,14 @@ def add_pooling_routes(app: FastAPI, state: Any, check_auth: Any) -> None:
         finally:
             slot.release()
 
-    async def body(request: Request, schema: type) -> Any:
-        return validate(schema, await read_json(request, cfg.max_request_bytes, cfg.body_timeout))
+    async def begin(request: Request, schema: type, tasks: tuple[str, ...]) -> tuple[Any, Any]:
+        """The request's log record and its validated body, once the model is known and can do this."""
+        info = request.state.lmforge
+        req = validate(schema, await read_json(request, cfg.max_request_bytes, cfg.body_timeout))
+        state.resolve(req.model)
+        info.model = req.model
+        need(tasks, request.url.path)
+        return info, req
 
     def check_texts(texts: list, param: str) -> None:
         for i, text in enumerate(texts):
@@ -160,11 +170,7 @@ def add_pooling_routes(app: FastAPI, state: Any, check_auth: Any) -> None:
 
     @router.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
-        info = request.state.lmforge
-        req: EmbeddingRequest = await body(request, EmbeddingRequest)
-        state.resolve(req.model)
-        info.model = req.model
-        need(("embedding",), "/v1/embeddings")
+        info, req = await begin(request, EmbeddingRequest, ("embedding",))
         items = req.items()
         check_texts(items, "input")
         vectors, tokens = await admitted(
@@ -179,12 +185,7 @@ def add_pooling_routes(app: FastAPI, state: Any, check_auth: Any) -> None:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def rerank(request: Request) -> JSONResponse:
-        info = request.state.lmforge
-        req: RerankRequest = await body(request, RerankRequest)
-        state.resolve(req.model)
-        info.model = req.model
-        path = request.url.path
-        need(("reranker", "generative_reranker", "embedding"), path)
+        info, req = await begin(request, RerankRequest, ("reranker", "generative_reranker", "embedding"))
         texts = req.texts()
         state.bound.check([req.query], "query")
         check_texts(texts, "documents")
@@ -201,11 +202,7 @@ def add_pooling_routes(app: FastAPI, state: Any, check_auth: Any) -> None:
 
     @router.post("/v1/classify")
     async def classify(request: Request) -> JSONResponse:
-        info = request.state.lmforge
-        req: ClassifyRequest = await body(request, ClassifyRequest)
-        state.resolve(req.model)
-        info.model = req.model
-        need(("seq_cls",), "/v1/classify")
+        info, req = await begin(request, ClassifyRequest, ("seq_cls",))
         texts = req.texts()
         check_texts(texts, "input")
         probs, tokens = await admitted(request, info, lambda: engine.classify(texts), "input")

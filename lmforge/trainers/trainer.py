@@ -49,6 +49,19 @@ class FusedLoss:
                                           label_smoothing=self.label_smoothing, use_liger=self.use_liger)
 
 
+class LossOnlyEvaluation:
+    """A mixin for trainers whose metrics are logged from ``compute_loss``: evaluation keeps the loss, no logits."""
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        import torch
+
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
 class LmforgeTrainer(Trainer):
     def __init__(self, *args: Any, loss_fn: Callable | None = None, lmforge_args: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)

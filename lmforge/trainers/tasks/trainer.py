@@ -23,13 +23,13 @@ import torch.nn.functional as F
 
 from lmforge.model.tasks import task_forward
 from lmforge.trainers.tasks.losses import loss_for
-from lmforge.trainers.trainer import LmforgeTrainer
+from lmforge.trainers.trainer import LmforgeTrainer, LossOnlyEvaluation
 from lmforge.utils import distributed as dist
 
 logger = logging.getLogger(__name__)
 
 
-class TaskTrainer(LmforgeTrainer):
+class TaskTrainer(LossOnlyEvaluation, LmforgeTrainer):
     def __init__(self, *args: Any, task: str, pooling: str = "last", yes_no: tuple[int, int] | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -119,11 +119,3 @@ class TaskTrainer(LmforgeTrainer):
             logs[f"{'eval_' if split == 'eval' else ''}accuracy"] = round(total / count, 6)
             self._accuracy[split].zero_()
         super().log(logs, start_time)
-
-    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None):
-        """Evaluation reports the loss and ``eval_accuracy``; no logits are kept."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
