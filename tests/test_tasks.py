@@ -300,3 +300,24 @@ def test_lora_classifier_checkpoint_keeps_its_labels_and_head(tmp_path):
     torch.testing.assert_close(again.classify(["What is 1 + 2?", "Who are you?"])[0], probs, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="this checkpoint is a seq_cls model"):
         export_main(ExportArguments(ckpt_dir=ckpt, quant_method="gguf"))
+
+
+def test_commands_read_the_task_of_a_checkpoint(tmp_path):
+    """deploy/eval/export take the task from args.json (``--task_type`` overrides); infer and rlhf refuse clearly."""
+    from lmforge.arguments import InferArguments, RlhfArguments
+    from lmforge.infer.pooling import checkpoint_task
+    from lmforge.pipelines.infer import infer_main
+    from lmforge.pipelines.sft import prepare_training
+
+    ckpt = tmp_path / "run" / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (tmp_path / "run" / "args.json").write_text(json.dumps({"model": "builtin:tiny", "task_type": "embedding"}))
+    assert checkpoint_task(None, str(ckpt)) == "embedding"
+    assert checkpoint_task("reranker", str(ckpt)) == "reranker" and checkpoint_task("causal_lm", str(ckpt)) is None
+    assert checkpoint_task(None, None) is None
+    with pytest.raises(ValueError, match="serve it with lmforge deploy"):
+        infer_main(InferArguments(ckpt_dir=str(ckpt)))
+    with pytest.raises(ValueError, match="trains with lmforge sft, not lmforge rlhf"):
+        prepare_training(RlhfArguments(rlhf_type="dpo", model="builtin:tiny", task_type="embedding",
+                                       dataset=["builtin:arith-retrieval#4"]))
