@@ -34,8 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tasks_e2e")]
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "tiny-embedding.yaml"
 CLASSIFIER = dict(task_type="seq_cls", dataset=["builtin:intents"], train_type="full", learning_rate=1e-3,
                   per_device_train_batch_size=32, gradient_accumulation_steps=1, num_train_epochs=1, warmup_ratio=0.1)
-RERANKER = dict(task_type="reranker", dataset=["builtin:intent-retrieval"], train_type="full",
-                learning_rate=2e-3, per_device_train_batch_size=16, gradient_accumulation_steps=1, num_train_epochs=1,
+RERANKER = dict(task_type="reranker", dataset=["builtin:intent-retrieval#3000"], train_type="full",
+                learning_rate=3e-3, per_device_train_batch_size=16, gradient_accumulation_steps=1, num_train_epochs=1,
                 warmup_ratio=0.1, max_length=128)
 
 

@@ -138,22 +138,14 @@ def generate_intents(split: str = "train", seed: int = 0) -> list[dict]:
 
 
 SKILLS = {
-    "math": ("Calculator: adds, subtracts, multiplies and divides numbers.",
-             "An arithmetic tool that works out sums, differences and products.",
-             "Solves math problems and computations with numbers.",
-             "Math helper for calculations of any size."),
-    "weather": ("Weather service: forecasts, temperature, rain and snow for any city.",
-                "Tells you how hot, cold, sunny or wet it is somewhere.",
-                "Gives the current weather and the forecast for a place.",
-                "Climate and forecast lookup for cities around the world."),
-    "time": ("Clock and calendar: the current time, dates, days of the week and time zones.",
-             "Tells the time in a city and counts the days until a date.",
-             "Date and time tool for calendars, sunsets and time differences.",
-             "World clock that knows today's date and every time zone."),
-    "identity": ("About the assistant: its name, who built it and what kind of program it is.",
-                 "Answers questions about this assistant itself and its makers.",
-                 "Self-description of the AI: name, creator, and whether it is a person.",
-                 "Introduces the assistant and the company that trained it."),
+    "math": ("Calculator for sums and products.", "Does arithmetic with numbers.", "Solves math problems.",
+             "Works out calculations."),
+    "weather": ("Weather forecasts for any city.", "Tells if it is hot, cold or rainy.",
+                "Current weather and forecasts.", "Rain, snow and temperature lookup."),
+    "time": ("Clock and calendar with time zones.", "Tells the time and the date.", "Counts days until a date.",
+             "World clock and calendar."),
+    "identity": ("Answers questions about the assistant.", "Tells the assistant's name and maker.",
+                 "Describes this AI and who built it.", "About the assistant itself."),
 }
 
 

@@ -37,8 +37,12 @@ def is_task(task: str | None) -> bool:
 
 
 def code_version() -> str:
-    """Hash of this module: part of a task dataset's fingerprint (cached encodings follow the mapping)."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """Hash of this module and of the built-in task sets: part of a task dataset's fingerprint, so cached
+    encodings follow the mapping and the generated rows."""
+    h = hashlib.sha256()
+    for name in ("tasks.py", "task_data.py"):
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def column_types(task: str) -> dict[str, Any]:
