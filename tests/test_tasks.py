@@ -27,7 +27,8 @@ def _jsonl(path, rows):
 def test_retrieval_rows_map_onto_the_canonical_row(tmp_path):
     path = _jsonl(tmp_path / "r.jsonl", [
         {"query": "q1", "response": "d1", "rejected_response": ["n1", "n2"]},
-        {"messages": [{"role": "user", "content": "q2"}], "positive_messages": [[{"role": "assistant", "content": "d2"}]],
+        {"messages": [{"role": "user", "content": "q2"}],
+         "positive_messages": [[{"role": "assistant", "content": "d2"}]],
          "negative_messages": [[{"role": "assistant", "content": "n3"}]]},
         {"query": "q3", "response": "d3", "label": 0.25},
     ])

@@ -132,7 +132,8 @@ def test_classifier_and_reranker_servers():
         r = httpx.post(srv.url + "/v1/classify", json={"model": "tiny", "input": ["good", "bad"]}).json()
         probs, _ = clf.classify(["good", "bad"])
         assert [d["label"] for d in r["data"]] == [str(int(p.argmax())) for p in probs]
-        assert np.allclose([d["probs"] for d in r["data"]], probs.numpy(), atol=1e-6) and r["data"][0]["num_classes"] == 2
+        assert np.allclose([d["probs"] for d in r["data"]], probs.numpy(), atol=1e-6)
+        assert r["data"][0]["num_classes"] == 2
         assert httpx.post(srv.url + "/v1/embeddings", json={"model": "tiny", "input": "x"}).status_code == 400
     with ServerThread(create_app(rr, DeployArguments(model="builtin:tiny", served_model_name="tiny"))) as srv:
         r = httpx.post(srv.url + "/v2/rerank", json={"model": "tiny", "query": "What is 1 + 2?",

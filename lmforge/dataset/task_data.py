@@ -6,8 +6,8 @@
 (one operand off by one, the operands swapped, the other operation, a number with its digits
 reversed), then two of random other problems of the split. Telling the near misses apart takes
 reading every number in order, so a model that has not learnt the task is near chance and one that
-has is near perfect; the random ones are the easy negatives a reranker starts learning from. Problems are split as ``builtin:arith`` splits
-them, so held-out queries are problems no arithmetic training set of lmforge contains.
+has is near perfect; the random ones are easy negatives. Problems are split as ``builtin:arith``
+splits them, so held-out queries are problems no arithmetic training set of lmforge contains.
 
 ``intents``: requests to an assistant in four classes (math, weather, time, identity), drawn from
 templates with slots filled; many start alike ("What is ..."), so a classifier must read on.

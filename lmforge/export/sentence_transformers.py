@@ -53,7 +53,8 @@ def write_sentence_transformers_files(folder: Path, *, hidden_size: int, pooling
 def export_sentence_transformers(src: Any, out: Path, *, torch_dtype: str = "auto", hub: str = "hf",
                                  revision: str | None = None, trust_remote_code: bool = False,
                                  max_shard_size: str = "5GB") -> Path:
-    """Save the embedding model ``src`` (a resolved checkpoint, adapters merged) to ``out`` for sentence-transformers."""
+    """Save the embedding model ``src`` (a resolved checkpoint; adapters merged) to ``out`` for
+    sentence-transformers."""
     from lmforge.export.merge import _checkpoint_dtype, build_dir, check_merge_changes, save_tokenizer_and_args
     from lmforge.infer.checkpoint import attach_adapters
     from lmforge.model import get_model_tokenizer, resolve_model_dir

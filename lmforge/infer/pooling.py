@@ -108,7 +108,8 @@ class PoolingEngine:
         self.label_names = self._label_names(config) if task == "seq_cls" else []
         self.problem_type = str(getattr(config, "problem_type", None) or "single_label_classification")
         tpl = get_template(tokenizer, src.template, system=src.system, max_length=None)
-        prompts = dict(query_prompt=query_prompt, document_prompt=document_prompt, rerank_instruction=rerank_instruction)
+        prompts = dict(query_prompt=query_prompt, document_prompt=document_prompt,
+                       rerank_instruction=rerank_instruction)
         prompts = {k: v if v is not None else trained.get(k) for k, v in prompts.items()}  # flags win over args.json
         self.encoder = TaskEncoder(task, tokenizer, tpl, decoder=is_decoder_config(config),
                                    max_length=self.max_model_len, truncation_strategy="raise", **prompts)

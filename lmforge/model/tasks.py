@@ -31,7 +31,8 @@ TASK_AUTO_CLASS = {
 HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                     "regression": "regression"}
 # sentence-transformers' pooling config keys for each pooling mode
-ST_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken"}
+ST_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
+                   "last": "pooling_mode_lasttoken"}
 POSITIVE_TOKEN, NEGATIVE_TOKEN = "yes", "no"
 
 
