@@ -15,7 +15,7 @@ from lmforge.arguments import ArgumentError, RlhfArguments, parse_args
 
 def test_loss_type_names_the_preference_variant():
     args = RlhfArguments(model="m", loss_type="ipo")
-    assert args.pref_loss_type == "ipo" and args.loss_type is None  # the sft LOSSES registry never sees "ipo"
+    assert args.pref_loss_type == ["ipo"] and args.loss_type is None  # the sft LOSSES registry never sees "ipo"
     assert args.average_log_probs  # IPO works on length-averaged log-probs
     assert RlhfArguments(model="m").resolved_loss_type == "sigmoid"
     with pytest.raises(ArgumentError, match="must be one of"):
@@ -37,7 +37,7 @@ def test_per_objective_defaults():
 def test_cli_flags():
     args = parse_args(RlhfArguments, ["--rlhf_type", "dpo", "--model", "builtin:tiny", "--loss_type", "hinge",
                                       "--beta", "0.2", "--rpo_alpha", "1", "--dataset", "builtin:arith-preference"])
-    assert (args.rlhf_type, args.pref_loss_type, args.beta, args.rpo_alpha) == ("dpo", "hinge", 0.2, 1.0)
+    assert (args.rlhf_type, args.pref_loss_type, args.beta, args.rpo_alpha) == ("dpo", ["hinge"], 0.2, 1.0)
     with pytest.raises(SystemExit):
         parse_args(RlhfArguments, ["--rlhf_type", "ppo"])
 

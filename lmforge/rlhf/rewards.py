@@ -2,7 +2,8 @@
 
 A reward is a callable ``fn(completions, **kwargs) -> list[float | None]``: one value per
 completion, ``None`` where it does not apply (left out of that function's mean; it counts as 0
-in the weighted sum). The keyword lists, one entry per completion, are every extra column of the
+in the weighted sum). A completion that *no* function scored is unscored: GRPO gives it advantage 0
+and leaves it out of its group's statistics. The keyword lists, one entry per completion, are every extra column of the
 dataset (``solution``, say) plus:
 
 - ``prompts``: the conversation the model answered (canonical messages);
@@ -364,10 +365,12 @@ def score_completions(reward_funcs: Sequence[tuple[str, RewardFn]], completions:
 
 
 def weighted_rewards(table: Any, weights: Sequence[float] | None) -> Any:
-    """[N]: the weighted sum over functions, NaN (not applicable) counted as 0."""
+    """[N]: the weighted sum over functions, a NaN (not applicable) counted as 0; NaN where no function
+    scored the completion at all (GRPO leaves such a completion out of its group's statistics)."""
     import torch
 
     w = torch.tensor(list(weights) if weights else [1.0] * table.shape[1], dtype=table.dtype)
     if w.numel() != table.shape[1]:
         raise RewardError(f"--reward_weights has {w.numel()} values for {table.shape[1]} rewards")
-    return torch.nan_to_num(table * w, nan=0.0).sum(dim=1)
+    total = torch.nan_to_num(table * w, nan=0.0).sum(dim=1)
+    return torch.where(torch.isnan(table).all(dim=1), torch.full_like(total, float("nan")), total)
