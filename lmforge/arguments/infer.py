@@ -27,7 +27,7 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
 
     ckpt_dir: Optional[str] = field(None, "a training checkpoint; its args.json names the model, template and system")
     adapters: list[str] = field(default_factory=list, help="LoRA adapter folders (name=dir to name them)")
-    infer_backend: Literal["hf", "native", "vllm"] = field("hf", "generation engine")
+    infer_backend: Literal["hf", "native"] = field("hf", "generation engine: hf (any device) or native (CUDA)")
     max_batch_size: int = field(16, "requests generated together")
     result_path: Optional[str] = field(None, "batch mode output JSONL (default: <ckpt_dir or output>/infer_result/<time>.jsonl)")
     max_model_len: Optional[int] = field(None, "longest prompt + reply (default: the model's)")

@@ -40,8 +40,8 @@ class GrpoArguments:
 
     num_generations: int = field(8, "grpo: samples per prompt (the group G); per_device_train_batch_size counts "
                                     "prompts, so a micro-batch trains on batch x G completions")
-    max_completion_length: int = field(512, "grpo: most tokens generated per reply (per turn)")
-    temperature: float = field(1.0, "grpo: rollout sampling temperature")
+    max_completion_length: int = field(512, "grpo/gkd: most tokens generated per reply (per turn)")
+    temperature: float = field(1.0, "grpo/gkd: sampling temperature (gkd: also of both distributions in the JSD)")
     top_p: float = field(1.0, "grpo: rollout nucleus sampling mass")
     top_k: int = field(-1, "grpo: rollout top-k (-1: all)")
     repetition_penalty: float = field(1.0, "grpo: rollout repetition penalty")
@@ -80,8 +80,7 @@ class GrpoArguments:
                                         "to refill the batch (DAPO dynamic sampling)")
     max_resample_times: int = field(3, "grpo: with dynamic_sample, most extra rounds of prompts per micro-batch")
     infer_backend: Literal["hf", "native"] = field(
-        "hf", "grpo/gkd: rollout engine in this process: hf (any device, shares the training weights) or native "
-              "(CUDA)")
+        "hf", "grpo: rollout engine in this process: hf (any device, shares the training weights) or native (CUDA)")
     rollout_url: Optional[str] = field(None, "grpo: sample from a `lmforge rollout` server at this URL instead; "
                                              "weights are pushed to it after each optimizer step")
     rollout_api_key: Optional[str] = field(None, "grpo: API key of the rollout server")
@@ -101,7 +100,9 @@ class GrpoArguments:
 class GkdArguments:
     """Generalised knowledge distillation (rlhf_type gkd): the student learns the teacher's token distributions."""
 
-    teacher_model: Optional[str] = field(None, "gkd: the teacher (a checkpoint or hub id with the student's tokenizer)")
+    teacher_model: Optional[str] = field(None, "gkd: the teacher (a checkpoint or hub id with the student's "
+                                               "tokenizer); the student samples with --temperature and "
+                                               "--max_completion_length")
     lmbda: float = field(0.5, "gkd: fraction of micro-batches whose completions the student samples itself "
                               "(on-policy); the rest use the dataset's replies (or the teacher's, --seq_kd)")
     seq_kd: bool = field(False, "gkd: off-policy micro-batches use replies the teacher samples instead of the "
@@ -226,8 +227,11 @@ class RlhfArguments(TrainArguments, GrpoArguments, GkdArguments, RewardArguments
             raise ArgumentError(f"--max_completion_length must be >= 1, got {self.max_completion_length}")
         if self.temperature <= 0:
             raise ArgumentError(f"--temperature must be > 0 for gkd (the student samples), got {self.temperature}")
-        if self.ref_model or self.precompute_ref_log_probs:
+        if self.ref_model or self.precompute_ref_log_probs or self.sync_ref_model:
             raise ArgumentError("rlhf_type gkd has a teacher (--teacher_model), not a reference model")
+        if self.infer_backend != "hf" or self.rollout_url:
+            raise ArgumentError("rlhf_type gkd samples with the hf engine on the student itself (no --infer_backend "
+                                "native, no --rollout_url)")
 
     def _check_grpo(self) -> None:
         if self.loss_type is not None:  # --loss_type is the objective for grpo; see the module docstring
