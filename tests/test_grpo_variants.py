@@ -167,3 +167,138 @@ def test_off_policy_sequence_mask():
     mask, adv = torch.ones(2, 2), torch.tensor([-1.0, 1.0])
     assert G.off_policy_sequence_mask(logps, old, adv, mask, 0.4).tolist() == [False, True]
     assert G.off_policy_sequence_mask(logps, old, adv, mask, 0.6).tolist() == [True, True]
+
+
+# ----------------------------------------------------------------------------- in the trainer
+
+
+def _args(tmp_path, **kw):
+    from lmforge.arguments import RlhfArguments
+
+    base = dict(rlhf_type="grpo", model="builtin:tiny", dataset=["builtin:arith-rl#48"], reward_funcs=["scripted"],
+                train_type="full", num_generations=4, max_completion_length=6, per_device_train_batch_size=2,
+                gradient_accumulation_steps=1, max_steps=2, logging_steps=1, learning_rate=1e-3, beta=0.0,
+                output_dir=str(tmp_path), add_version=False, report_to=["none"], plot=False, save_steps=1000)
+    base.update(kw)
+    return RlhfArguments(**base)
+
+
+def _script(engine, request, k):
+    """Samples 0 and 3 say 7 (reward 1; sample 0 runs to the length limit), sample 1 says 3 (reward 0), sample 2
+    says x (no reward function scores it)."""
+    return [("77777", "length"), "3", "x", "7"][k]
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    from lmforge.model import get_model_tokenizer
+    from lmforge.registry import REWARDS
+    from test_grpo_support import ScriptedEngine
+
+    if "scripted" not in REWARDS:
+        REWARDS.register("scripted", lambda completions, **kw: [
+            None if c == "x" else float(c.startswith("7")) for c in completions])
+    tok = get_model_tokenizer("builtin:tiny", load_model=False)[1]
+    return lambda: ScriptedEngine(tok, _script)
+
+
+def test_unscored_and_truncated_completions_in_a_run(tmp_path, scripted):
+    from lmforge.pipelines.rlhf import grpo_main
+
+    result = grpo_main(_args(tmp_path, mask_truncated_completions=True, max_steps=1), engine=scripted())
+    log = [h for h in result["log_history"] if "loss" in h][0]
+    assert log["completions/unscored_ratio"] == 0.25  # sample 2 of every group
+    batch = result["trainer"]._step_batches[0]
+    adv, mask = batch["advantages"].view(-1, 4), batch["completion_mask"].view(2, 4, -1)
+    for g in range(2):  # rewards [1, 0, unscored, 1]: mean 2/3 -> A = [0.5772503, -1.1545006, 0, 0.5772503]
+        assert adv[g].tolist() == pytest.approx([0.5772503, -1.1545006, 0.0, 0.5772503], abs=1e-5)
+        assert mask[g, 0].sum() == 0 and (mask[g, 1:].sum(-1) > 0).all()  # only the truncated sample is masked
+    assert log["completions/clipped_ratio"] == 0.25
+
+
+def test_dapo_normaliser_counts_the_whole_step(tmp_path, scripted):
+    from lmforge.pipelines.rlhf import grpo_main
+
+    result = grpo_main(_args(tmp_path, grpo_loss_type="dapo", gradient_accumulation_steps=2, max_steps=1,
+                             learning_rate=0.0), engine=scripted())
+    trainer = result["trainer"]
+    assert trainer.loss_is_scaled_for_ga  # dapo divides by the step's tokens itself
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    trainer.model.train()
+    batches, n = trainer.get_batch_samples(iter([rows[:2], rows[2:]]), 2, trainer.args.device)
+    masks = [b["completion_mask"] for b in batches]
+    assert n.item() == sum(m.sum().item() for m in masks)  # one process: the step's trained tokens
+    # on-policy (ratio 1) the token loss is -A: the micro-batch losses add up to the mean over the step's tokens
+    total = sum(trainer.compute_loss(trainer.model, b, num_items_in_batch=n).item() for b in batches)
+    want = -sum((b["advantages"][:, None] * m).sum().item() for b, m in zip(batches, masks)) / n.item()
+    assert total == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("extra", [dict(grpo_loss_type="cispo", epsilon_high=4.0),
+                                   dict(grpo_loss_type="sapo"),
+                                   dict(importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
+                                   dict(top_entropy_quantile=0.5, delta=2.0, num_iterations=2,
+                                        off_policy_mask_threshold=0.0, reward_aggregation="normalize_then_sum",
+                                        scale_rewards="batch")])
+def test_variants_train(tmp_path, scripted, extra):
+    from lmforge.pipelines.rlhf import grpo_main
+
+    result = grpo_main(_args(tmp_path, **extra), engine=scripted())
+    logs = [h for h in result["log_history"] if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    if "top_entropy_quantile" in extra:
+        assert 0.3 <= logs[0]["entropy/threshold_frac_kept"] <= 0.7
+        assert "off_policy/masked_ratio" in logs[1]  # the reused step has a sampling policy to compare with
+
+
+def test_async_rollouts_lag_one_step(tmp_path, scripted):
+    """Step k trains on samples drawn (in the background) with the weights pushed after step k-2's update, i.e.
+    one optimizer step old; their old log-probs are the engine's, which the clipped ratio corrects for."""
+    from lmforge.pipelines.rlhf import grpo_main
+
+    engine = scripted()
+    result = grpo_main(_args(tmp_path, async_generate=True, max_steps=3), engine=engine)
+    # call 1 (step 0, in the training thread) after the first push; call k + 1 (for step k) in the background,
+    # after k pushes: the weights of the end of step k - 1
+    assert engine.calls[0] == ("MainThread", 1)
+    assert engine.calls[1:] == [("lmforge-async-rollouts", k) for k in range(1, len(engine.calls))]
+    assert len(engine.calls) == 4  # steps 0, 1, 2 and the one started for a step 3 that never came
+    batch = result["trainer"]._step_batches[0]
+    on = batch["completion_mask"] > 0
+    assert torch.all(batch["old_logps"][on] == -0.5)
+    assert result["trainer"]._pending is None  # the unused background rollout was waited for
+
+
+def test_async_hf_engine_gets_a_copy(tmp_path):
+    from lmforge.pipelines.rlhf import rlhf_main
+
+    result = rlhf_main(_args(tmp_path, reward_funcs=["accuracy"], async_generate=True, max_steps=2,
+                             learning_rate=1e-2))
+    trainer = result["trainer"]
+    engine = trainer._engine
+    assert engine.model is not trainer.model and not trainer._colocated
+    pushed = dict(engine.model.named_parameters())
+    # the copy got the weights of the policy as it was at the last push (after step 1's update, before step 2's)
+    assert set(pushed) == {n for n, _ in trainer.model.named_parameters()}
+    with pytest.raises(Exception, match="temperature 1"):
+        _args(tmp_path, async_generate=True, temperature=0.7)
+
+
+def test_grpo_sync_ref_model(tmp_path, scripted):
+    from lmforge.pipelines.rlhf import grpo_main
+
+    result = grpo_main(_args(tmp_path, beta=0.05, sync_ref_model=True, ref_model_mixup_alpha=1.0,
+                             ref_model_sync_steps=1, learning_rate=1e-2), engine=scripted())
+    trainer = result["trainer"]
+    ref = dict(trainer.ref_model.named_parameters())
+    assert all(torch.equal(ref[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_vllm_backend_is_not_offered():
+    from lmforge.arguments import InferArguments, parse_args
+    from lmforge.infer import get_engine
+
+    with pytest.raises(SystemExit):
+        parse_args(InferArguments, ["--model", "m", "--infer_backend", "vllm"])
+    with pytest.raises(ValueError, match="expected hf or native"):
+        get_engine("vllm")

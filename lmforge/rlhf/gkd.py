@@ -29,7 +29,7 @@ from torch import Tensor
 from lmforge.rlhf.collator import completion_start
 from lmforge.rlhf.grpo import selective_log_softmax
 from lmforge.rlhf.rollout import RolloutPrompt, run_rollouts
-from lmforge.rlhf.trainer import MetricStore
+from lmforge.rlhf.metrics import MetricStore
 from lmforge.trainers.trainer import LmforgeTrainer
 
 __all__ = ["GKDTrainer", "generalized_jsd", "split_prompt_completion", "collate_rows", "choose_on_policy"]
@@ -102,7 +102,7 @@ class GKDTrainer(LmforgeTrainer):
         self.beta = self.rlhf.resolved_beta
         self.loss_is_scaled_for_ga = False  # a token mean per micro-batch: the Trainer divides by the steps
         self.model_accepts_loss_kwargs = False
-        self.metric_store = MetricStore(self.accelerator)
+        self.metric_store = MetricStore(self.accelerator.device)
         self._student_engine: Any = None
         self._teacher_engine: Any = None
         self._micro = 0

@@ -41,7 +41,8 @@ from lmforge.rlhf.grpo import (BatchStd, entropy_mask, entropy_threshold, grpo_t
                                zero_std_groups)
 from lmforge.rlhf.rewards import score_completions, weighted_rewards
 from lmforge.rlhf.rollout import AsyncRollouts, Episode, RolloutPrompt, Sampled, policy_named_weights, run_rollouts
-from lmforge.rlhf.trainer import MetricStore, ReferenceMixin
+from lmforge.rlhf.metrics import MetricStore
+from lmforge.rlhf.trainer import ReferenceMixin
 from lmforge.trainers.trainer import LmforgeTrainer
 from lmforge.utils.distributed import collective_device, gather_objects, global_sum, world_size
 
@@ -168,7 +169,7 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         self.token_level = self.rlhf.resolved_grpo_loss_type in ("dapo", "cispo")
         self.loss_is_scaled_for_ga = self.token_level
         self.model_accepts_loss_kwargs = False
-        self.metric_store = MetricStore(self.accelerator)
+        self.metric_store = MetricStore(self.accelerator.device)
         self.beta = self.rlhf.resolved_beta
         self._set_reference(ref_model if self.beta else None)
         if self.beta and ref_model is None and not self._has_adapters():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from torch import Tensor
 from transformers import TrainerCallback
 
 from lmforge.rlhf import losses as L
+from lmforge.rlhf.metrics import MetricStore
 from lmforge.rlhf.scoring import (SequenceScores, TokenLogps, count_sequences, ld_weights, model_inputs,
                                   sequence_log_probs, split_batch, token_log_probs, whole_sequence_labels)
 
@@ -43,71 +43,6 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _model_inputs = model_inputs  # the name the tests and older callers use
-
-
-class MetricStore:
-    """Values logged between two Trainer logs, kept as exact reductions over every process: sums and counts
-    for means, sums of squares for standard deviations, running min/max (so uneven per-process subsets add
-    up right, and a std is the std of the global batch, not a mean of per-process stds)."""
-
-    def __init__(self, accelerator: Any):
-        self.accelerator = accelerator
-        self._data: dict[str, dict[str, list]] = {"train": {}, "eval": {}}
-
-    def add(self, split: str, key: str, value: Tensor | float, reduce: str = "mean") -> None:
-        """``reduce``: ``mean`` (over every value added), ``std`` (unbiased, over every value added), ``min`` or
-        ``max``. Every process must add the same keys in the same order (each add is a collective)."""
-        value = torch.as_tensor(value).detach().float().reshape(-1)
-        device = self.accelerator.device
-        if reduce in ("mean", "std"):
-            parts = [value.sum(), torch.tensor(float(value.numel()))]
-            if reduce == "std":
-                parts.append((value.double() ** 2).sum().float())
-            stat = global_sum(torch.stack([p.to(device) for p in parts]).double())
-        elif reduce in ("min", "max"):
-            if not value.numel():
-                value = torch.tensor([math.inf if reduce == "min" else -math.inf])
-            stat = (value.min() if reduce == "min" else value.max()).to(device)[None]
-            if self.accelerator.num_processes > 1:
-                stat = self.accelerator.gather(stat)
-                stat = stat.min()[None] if reduce == "min" else stat.max()[None]
-            if not math.isfinite(float(stat[0])):
-                return
-        else:
-            raise ValueError(f"MetricStore reduce must be mean, std, min or max, got {reduce!r}")
-        slot = self._data[split].get(key)
-        if reduce in ("mean", "std"):
-            new = [reduce, *[float(x) for x in stat]]
-            self._data[split][key] = new if slot is None else [reduce, *[a + b for a, b in zip(slot[1:], new[1:])]]
-        else:
-            v = float(stat[0])
-            pick = min if reduce == "min" else max
-            self._data[split][key] = [reduce, v] if slot is None else [reduce, pick(slot[1], v)]
-
-    def pop(self, split: str) -> dict[str, float]:
-        """The reduced values of ``split`` (rounded to 6 places), then forget them."""
-        out = {}
-        for key, slot in self._data[split].items():
-            if slot[0] == "mean":
-                if slot[2]:
-                    out[key] = round(slot[1] / slot[2], 6)
-            elif slot[0] == "std":
-                total, n, squares = slot[1:]
-                if n > 1:
-                    out[key] = round(math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)), 6)
-            else:
-                out[key] = round(slot[1], 6)
-        self._data[split] = {}
-        return out
-
-    def pop_into(self, logs: dict[str, float]) -> tuple[str, dict[str, float]]:
-        """Add the stored values of the split a Trainer ``logs`` dict belongs to (``eval_`` keys mean eval)
-        to it, prefixed like its keys; returns (split, the values)."""
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        stored = self.pop(split)
-        prefix = "eval_" if split == "eval" else ""
-        logs.update({f"{prefix}{k}": v for k, v in stored.items()})
-        return split, stored
 
 
 def mix_reference(ref_model: Any, policy_weights: Any, alpha: float) -> int:
@@ -208,7 +143,7 @@ class PreferenceTrainer(ReferenceMixin, LmforgeTrainer):
         # Sequence-level losses are means over pairs: let the Trainer divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
-        self.metric_store = MetricStore(self.accelerator)
+        self.metric_store = MetricStore(self.accelerator.device)
         if callable(ref_model) and not isinstance(ref_model, torch.nn.Module):
             ref_model = ref_model()
         self._set_reference(ref_model)
