@@ -34,10 +34,24 @@ def test_per_objective_defaults():
     assert RlhfArguments(rlhf_type="simpo").average_log_probs and not RlhfArguments(rlhf_type="cpo").average_log_probs
 
 
+def test_help_renders():
+    from lmforge.arguments.base import build_parser
+
+    text = build_parser(RlhfArguments, "lmforge rlhf").format_help()  # a stray % in a help text breaks it
+    assert "--teacher_model" in text and "--async_generate" in text and "--loss_weights" in text
+
+
 def test_cli_flags():
     args = parse_args(RlhfArguments, ["--rlhf_type", "dpo", "--model", "builtin:tiny", "--loss_type", "hinge",
                                       "--beta", "0.2", "--rpo_alpha", "1", "--dataset", "builtin:arith-preference"])
     assert (args.rlhf_type, args.pref_loss_type, args.beta, args.rpo_alpha) == ("dpo", ["hinge"], 0.2, 1.0)
+    args = parse_args(RlhfArguments, ["--model", "m", "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5"])
+    assert args.resolved_loss_types == ["sigmoid", "sft"] and args.resolved_loss_weights == [1.0, 0.5]
+    for bad, match in ((dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "2 --loss_type"),
+                       (dict(loss_type="sft"), "alone"), (dict(ld_alpha=2.0), "ld_alpha"),
+                       (dict(rlhf_type="cpo", loss_type=["sigmoid", "hinge"]), "a mix")):
+        with pytest.raises(ArgumentError, match=match):
+            RlhfArguments(model="m", **bad)
     with pytest.raises(SystemExit):
         parse_args(RlhfArguments, ["--rlhf_type", "ppo"])
 

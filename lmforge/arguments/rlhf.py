@@ -66,7 +66,7 @@ class GrpoArguments:
     sapo_temperature_neg: float = field(1.05, "grpo sapo: gate temperature where the advantage is negative")
     mask_truncated_completions: bool = field(False, "grpo: completions cut at max_completion_length do not train")
     top_entropy_quantile: float = field(1.0, "grpo: train only on the tokens whose entropy is in this top fraction "
-                                             "of the micro-batch (over every process); 1: all tokens, 0.2: the top 20%")
+                                             "of the micro-batch (over every process); 1: all tokens, 0.2: the top fifth")
     off_policy_mask_threshold: Optional[float] = field(
         None, "grpo: drop completions with a negative advantage whose mean log-ratio log(pi_old / pi) exceeds this "
               "(off-policy sequence masking)")
