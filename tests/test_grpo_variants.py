@@ -173,14 +173,9 @@ def test_off_policy_sequence_mask():
 
 
 def _args(tmp_path, **kw):
-    from lmforge.arguments import RlhfArguments
+    from test_grpo import _grpo_args
 
-    base = dict(rlhf_type="grpo", model="builtin:tiny", dataset=["builtin:arith-rl#48"], reward_funcs=["scripted"],
-                train_type="full", num_generations=4, max_completion_length=6, per_device_train_batch_size=2,
-                gradient_accumulation_steps=1, max_steps=2, logging_steps=1, learning_rate=1e-3, beta=0.0,
-                output_dir=str(tmp_path), add_version=False, report_to=["none"], plot=False, save_steps=1000)
-    base.update(kw)
-    return RlhfArguments(**base)
+    return _grpo_args(tmp_path, **{**dict(reward_funcs=["scripted"], per_device_train_batch_size=2, max_steps=2), **kw})
 
 
 def _script(engine, request, k):

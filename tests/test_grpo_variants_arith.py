@@ -58,7 +58,8 @@ def score(ckpt_or_model: Any, rows: list[dict], tokenizer: Any = None, template:
 
 
 def run_variant(ckpt: str, variant: str, workdir: str | Path, seed: int = 0, steps: int = 60,
-                rows: list[dict] | None = None, before: float | None = None) -> dict[str, Any]:
+                rows: list[dict] | None = None, before: float | None = None, lr: float = 1e-4,
+                temperature: float = 1.0) -> dict[str, Any]:
     """GRPO with ``VARIANTS[variant]`` from ``ckpt``; held-out exact match before and after."""
     import torch
 
@@ -69,9 +70,9 @@ def run_variant(ckpt: str, variant: str, workdir: str | Path, seed: int = 0, ste
     t0 = time.time()
     result = rlhf_main(RlhfArguments(
         model=ckpt, rlhf_type="grpo", dataset=["builtin:arith-rl#4000"], reward_funcs=["accuracy"],
-        reward_kwargs={"accuracy": {"strict": True}}, train_type="full", learning_rate=1e-4,
+        reward_kwargs={"accuracy": {"strict": True}}, train_type="full", learning_rate=lr,
         lr_scheduler_type="constant", warmup_ratio=0.0, beta=0.0, num_generations=8, max_completion_length=8,
-        temperature=1.0, max_steps=steps, save_steps=10 ** 6, logging_steps=10, seed=seed, data_seed=seed,
+        temperature=temperature, max_steps=steps, save_steps=10 ** 6, logging_steps=10, seed=seed, data_seed=seed,
         output_dir=str(Path(workdir) / f"{variant}-{seed}"), add_version=False, report_to=["none"], plot=False,
         **VARIANTS[variant]))
     seconds = time.time() - t0
@@ -79,7 +80,7 @@ def run_variant(ckpt: str, variant: str, workdir: str | Path, seed: int = 0, ste
     torch.manual_seed(0)
     after = score(trainer.model, rows, trainer.processing_class, trainer.template)
     logs = [h for h in result["log_history"] if "reward" in h]
-    return {"variant": variant, "seed": seed, "steps": steps, "before": before, "after": after,
+    return {"variant": variant, "seed": seed, "steps": steps, "lr": lr, "temperature": temperature, "before": before, "after": after,
             "lift": round(after - before, 3), "reward_first": logs[0]["reward"], "reward_last": logs[-1]["reward"],
             "grpo_seconds": round(seconds, 1)}
 
@@ -122,6 +123,8 @@ if __name__ == "__main__":
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--temperature", type=float, default=1.0)
     a = p.parse_args()
     import torch
 
@@ -130,4 +133,4 @@ if __name__ == "__main__":
     before = score(a.ckpt, rows)
     for v in a.variants:
         for s in a.seeds:
-            print(json.dumps(run_variant(a.ckpt, v, a.workdir, s, a.steps, rows, before)), flush=True)
+            print(json.dumps(run_variant(a.ckpt, v, a.workdir, s, a.steps, rows, before, a.lr, a.temperature)), flush=True)

@@ -18,7 +18,8 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from lmforge.model.builtin import TOKENIZER_DIR  # noqa: E402
-from lmforge.template import IGNORE_INDEX, get_template, jinja  # noqa: E402
+from lmforge.template import get_template, jinja  # noqa: E402
+from test_template_conformance import labelled_runs  # noqa: E402
 
 TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 
@@ -44,21 +45,6 @@ def _tok(base, name: str):
     tok = copy.deepcopy(base)
     tok.chat_template = (TEMPLATE_DIR / f"{name}.jinja").read_text()
     return tok
-
-
-def _runs(tok, enc) -> list[str]:
-    runs, cur = [], []
-    for t, lab in zip(enc["input_ids"], enc["labels"]):
-        if lab == IGNORE_INDEX:
-            if cur:
-                runs.append(cur)
-            cur = []
-        else:
-            assert lab == t
-            cur.append(t)
-    if cur:
-        runs.append(cur)
-    return [tok.decode(r, skip_special_tokens=False) for r in runs]
 
 
 def _jinja_messages(messages):
@@ -96,7 +82,7 @@ def test_every_reply_is_trained_the_final_one_as_rendered(base_tokenizer, caplog
     conv, want = CASES[case]
     tok = _tok(base_tokenizer, name)
     enc, warnings = _encode(tok, conv, caplog)
-    assert _runs(tok, enc) == want
+    assert labelled_runs(tok, enc) == want
     assert not any("not trained" in w for w in warnings), warnings
     text = tok.decode(enc["input_ids"])
     assert "Two plus two" not in text  # earlier reasoning is dropped in the full rendering: it cannot train
@@ -117,7 +103,7 @@ def test_qwen3_tool_call_turn_is_trained_whole(base_tokenizer, caplog):
     trained the single token ``<tool_call>``."""
     tok = _tok(base_tokenizer, "qwen3")
     enc, _ = _encode(tok, TOOLS, caplog)
-    assert _runs(tok, enc)[0] == CALL
+    assert labelled_runs(tok, enc)[0] == CALL
 
 
 @pytest.mark.parametrize("enable_thinking,want", [
@@ -129,10 +115,10 @@ def test_empty_think_prompt_labels_start_after_the_header(base_tokenizer, caplog
     labelled from its own think block (the parting point used to cut it to ``Three plus three...``)."""
     tok = _tok(base_tokenizer, "qwen3")
     enc, _ = _encode(tok, THINK, caplog, enable_thinking=enable_thinking)
-    assert _runs(tok, enc) == want
+    assert labelled_runs(tok, enc) == want
     plain_final = [*THINK[:3], {"role": "assistant", "content": "6"}]
     enc, _ = _encode(tok, plain_final, caplog, enable_thinking=False)
-    assert _runs(tok, enc)[-1] == "6<|im_end|>"  # the prompt's empty think block is prompt, as at inference
+    assert labelled_runs(tok, enc)[-1] == "6<|im_end|>"  # the prompt's empty think block is prompt, as at inference
 
 
 SYSTEM_ON_LAST_USER = (
@@ -150,5 +136,5 @@ def test_earlier_replies_are_trained_when_their_context_moves(base_tokenizer, ca
     tok.chat_template = SYSTEM_ON_LAST_USER
     conv = [*PLAIN, {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
     enc, warnings = _encode(tok, conv, caplog)
-    assert _runs(tok, enc) == ["Hello<|im_end|>", "4<|im_end|>", "6<|im_end|>"]
+    assert labelled_runs(tok, enc) == ["Hello<|im_end|>", "4<|im_end|>", "6<|im_end|>"]
     assert not any("not trained" in w for w in warnings)

@@ -18,11 +18,12 @@ import re
 from fractions import Fraction
 from typing import Any
 
-from lmforge.eval.metrics import answers_equal, extract_answer, parse_number
+from lmforge.eval.metrics import _last_boxed, answers_equal, extract_answer, parse_number
 
 __all__ = ["BOXED", "PERCENT_MODES", "boxed_content", "math_value", "final_answer", "math_answers_match"]
 
-BOXED = "last"  # which \boxed{} of a text is its answer: the last one (a reply may box intermediate results)
+BOXED = "last"  # which \boxed{} of a text is its answer: the last one (a reply may box intermediate results), as
+# lmforge eval reads it (lmforge.eval.metrics._last_boxed); change both together
 PERCENT_MODES = ("number", "fraction")  # 50\% is 50, or 0.5 (only when the task says so)
 
 _WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
@@ -36,18 +37,9 @@ _LAST_VALUE = re.compile(r"\\[dt]?frac\{[^{}]+\}\{[^{}]+\}"
 
 
 def boxed_content(text: str) -> str | None:
-    """Content of the :data:`BOXED` ``\\boxed{...}`` (or ``\\fbox{...}``) of ``text``, braces balanced; None
-    if there is none or it is not closed."""
-    starts = [m.start() for m in re.finditer(r"\\(?:boxed|fbox)\{", text)]
-    if not starts:
-        return None
-    start = starts[-1] if BOXED == "last" else starts[0]
-    i = text.index("{", start) + 1
-    depth, j = 1, i
-    while j < len(text) and depth:
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        j += 1
-    return text[i:j - 1] if depth == 0 else None
+    """Content of the :data:`BOXED` ``\\boxed{...}`` (or ``\\fbox{...}``) of ``text``, braces balanced; None if
+    there is none or it is not closed. The rule is ``lmforge eval``'s, so rewards and evaluation agree."""
+    return _last_boxed(text)
 
 
 def _unwrap(s: str) -> str:

@@ -29,6 +29,7 @@ from torch import Tensor
 from lmforge.rlhf.collator import completion_start
 from lmforge.rlhf.grpo import selective_log_softmax
 from lmforge.rlhf.rollout import RolloutPrompt, run_rollouts
+from lmforge.rlhf.scoring import prompt_completion_batch
 from lmforge.rlhf.metrics import MetricStore
 from lmforge.trainers.trainer import LmforgeTrainer
 
@@ -148,20 +149,7 @@ class GKDTrainer(LmforgeTrainer):
             parts = [(p, c, [1] * len(c)) for (p, _, _), c in zip(parts, sampled)]
             self.metric_store.add("train", "gkd/sample_seconds", seconds)
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
-        P = max(len(p) for p, _, _ in parts)
-        C = max(1, max(len(c) for _, c, _ in parts))
-        ids, attn, comp, cmask = [], [], [], []
-        for p, c, m in parts:
-            ids.append([pad] * (P - len(p)) + p + c + [pad] * (C - len(c)))
-            attn.append([0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)))
-            comp.append(c + [pad] * (C - len(c)))
-            cmask.append(m + [0] * (C - len(m)))
-        dev = self.args.device
-        attention_mask = torch.tensor(attn, device=dev)
-        return {"input_ids": torch.tensor(ids, device=dev), "attention_mask": attention_mask,
-                "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-                "completion_ids": torch.tensor(comp, device=dev),
-                "completion_mask": torch.tensor(cmask, device=dev, dtype=torch.float32)}
+        return prompt_completion_batch(parts, pad, self.args.device)
 
     def _prepare_inputs(self, inputs: Any) -> dict[str, Any]:
         if isinstance(inputs, dict):

@@ -41,6 +41,7 @@ from lmforge.rlhf.grpo import (BatchStd, entropy_mask, entropy_threshold, grpo_t
                                zero_std_groups)
 from lmforge.rlhf.rewards import score_completions, weighted_rewards
 from lmforge.rlhf.rollout import AsyncRollouts, Episode, RolloutPrompt, Sampled, policy_named_weights, run_rollouts
+from lmforge.rlhf.scoring import prompt_completion_batch
 from lmforge.rlhf.metrics import MetricStore
 from lmforge.rlhf.trainer import ReferenceMixin
 from lmforge.trainers.trainer import LmforgeTrainer
@@ -500,20 +501,9 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         """Left-padded prompts, then right-padded completions: ``[pad.. prompt | completion ..pad]``."""
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
         seqs = [self._sequence(e, prompts[e.prompt_index].tools) for e in episodes]
-        P = max(len(p) for p, _, _ in seqs)
-        C = max(1, max(len(c) for _, c, _ in seqs))
-        ids, attn, comp, cmask = [], [], [], []
-        for p, c, m in seqs:
-            ids.append([pad] * (P - len(p)) + p + c + [pad] * (C - len(c)))
-            attn.append([0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)))
-            comp.append(c + [pad] * (C - len(c)))
-            cmask.append(m + [0] * (C - len(m)))
         dev = self.args.device
-        attention_mask = torch.tensor(attn, device=dev)
-        out = {"input_ids": torch.tensor(ids, device=dev), "attention_mask": attention_mask,
-               "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-               "completion_ids": torch.tensor(comp, device=dev),
-               "completion_mask": torch.tensor(cmask, device=dev, dtype=torch.float32)}
+        out = prompt_completion_batch(seqs, pad, dev)
+        C = out["completion_ids"].shape[1]
         if all(e.sampling_logps is not None for e in episodes):
             if any(len(e.sampling_logps) != len(c) for e, (_, c, _) in zip(episodes, seqs)):
                 raise RuntimeError("the engine returned a log-prob count that differs from its token count")

@@ -17,7 +17,7 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 __all__ = ["SequenceScores", "TokenLogps", "token_log_probs", "sequence_log_probs", "whole_sequence_labels",
-           "ld_weights", "model_inputs", "split_batch", "count_sequences"]
+           "ld_weights", "model_inputs", "split_batch", "count_sequences", "prompt_completion_batch"]
 
 
 class SequenceScores(NamedTuple):
@@ -102,6 +102,26 @@ def ld_weights(tokens: TokenLogps, n_pairs: int, alpha: float) -> Tensor:
     rank = torch.arange(tokens.values.numel(), device=tokens.values.device) - starts[tokens.seq]
     ones = torch.ones_like(tokens.values)
     return torch.where(rank < public[tokens.seq], ones, ones * alpha)
+
+
+def prompt_completion_batch(parts: list[tuple[list[int], list[int], list[int]]], pad: int, device: Any
+                            ) -> dict[str, Tensor]:
+    """(prompt ids, completion ids, completion mask) per sequence -> left-padded prompts, then right-padded
+    completions, ``[pad.. prompt | completion ..pad]``: ``input_ids``, ``attention_mask``, ``position_ids``,
+    ``completion_ids``, ``completion_mask`` (GRPO rollouts and GKD batches)."""
+    P = max(len(p) for p, _, _ in parts)
+    C = max(1, max(len(c) for _, c, _ in parts))
+    ids, attn, comp, cmask = [], [], [], []
+    for p, c, m in parts:
+        ids.append([pad] * (P - len(p)) + p + c + [pad] * (C - len(c)))
+        attn.append([0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)))
+        comp.append(c + [pad] * (C - len(c)))
+        cmask.append(m + [0] * (C - len(m)))
+    attention_mask = torch.tensor(attn, device=device)
+    return {"input_ids": torch.tensor(ids, device=device), "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+            "completion_ids": torch.tensor(comp, device=device),
+            "completion_mask": torch.tensor(cmask, device=device, dtype=torch.float32)}
 
 
 def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
