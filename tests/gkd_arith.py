@@ -5,8 +5,8 @@ numbers are in docs/gkd.md. The fast mechanics (JSD values, on-/off-policy mixin
 batches) are tests/test_gkd.py.
 
 1. Teacher: a Qwen2 model twice as wide as builtin:tiny (hidden 256, 4 layers, the built-in tokenizer,
-   random weights from a fixed seed), SFT (full) on ``builtin:arith`` until its held-out greedy exact match
-   reaches ``--teacher_target`` (checked every 100 steps).
+   random weights from a fixed seed), SFT (full, constant lr) on ``builtin:arith`` until its held-out greedy
+   exact match reaches ``--teacher_target`` (checked every 100 steps).
 2. Student start: a half-trained builtin:tiny SFT checkpoint (``--student``; e.g. the one
    tests/test_grpo_variants_arith.py uses).
 3. The same data budget for both arms: ``--steps`` optimizer steps of ``--batch`` rows of ``builtin:arith``:
@@ -65,7 +65,7 @@ def train_teacher(workdir: Path, target: float, max_steps: int, lr: float) -> tu
     tok = get_model_tokenizer(str(init), load_model=False)[1]
     CALLBACKS.register("gkd_teacher_stop", stopper.callback(tok, get_template(tok)), overwrite=True)
     result = sft_main(TrainArguments(
-        model=str(init), dataset=["builtin:arith#20000"], train_type="full", learning_rate=lr,
+        model=str(init), dataset=["builtin:arith#20000"], train_type="full", learning_rate=lr, lr_scheduler_type="constant",
         per_device_train_batch_size=64, gradient_accumulation_steps=1, max_steps=max_steps, warmup_ratio=0.0,
         save_steps=10 ** 6, logging_steps=100, callbacks=["gkd_teacher_stop"], output_dir=str(workdir / "teacher"),
         add_version=False, report_to=["none"], plot=False))

@@ -285,6 +285,9 @@ class RlhfArguments(TrainArguments, GrpoArguments, GkdArguments, RewardArguments
         if self.async_generate and self.temperature != 1.0:
             raise ArgumentError("--async_generate takes the behaviour policy's log-probs from the engine, which "
                                 "reports them at temperature 1: use --temperature 1 with it")
+        if self.async_generate and self.num_iterations > 1:
+            raise ArgumentError("--async_generate with --num_iterations > 1: the repeated steps would sample again "
+                                "instead of reusing their rollouts; pick one")
         if self.async_generate and self.dynamic_sample:
             raise ArgumentError("--async_generate with --dynamic_sample: refilling a batch would wait for the engine "
                                 "the overlap is meant to free; pick one")
