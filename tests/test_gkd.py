@@ -1,7 +1,8 @@
 """GKD: the generalised JSD on numbers worked out by hand, the on-/off-policy mixing, and short runs on CPU.
 
 The full demonstration (a larger arith-trained teacher lifting builtin:tiny over SFT on the same data budget)
-does not fit a CI budget on CPU; it is ``tests/gkd_arith.py`` with its measured numbers in docs/gkd.md.
+does not fit a CI budget on CPU; it is the script ``tests/gkd_arith.py`` (docs/gkd.md says what was measured:
+with a same-size teacher, GKD did not beat SFT; the larger teacher was not trained here).
 """
 from __future__ import annotations
 
