@@ -40,7 +40,8 @@ from lmforge.rlhf.grpo import (BatchStd, entropy_mask, entropy_threshold, grpo_t
                                reward_advantages, scored, selective_log_softmax, token_entropy, truncated_mask,
                                zero_std_groups)
 from lmforge.rlhf.rewards import score_completions, weighted_rewards
-from lmforge.rlhf.rollout import AsyncRollouts, Episode, RolloutPrompt, Sampled, policy_named_weights, run_rollouts
+from lmforge.rlhf.rollout import (AsyncRollouts, Episode, RolloutPrompt, Sampled, policy_named_weights, run_rollouts,
+                                   stable_seed)
 from lmforge.rlhf.scoring import prompt_completion_batch
 from lmforge.rlhf.metrics import MetricStore
 from lmforge.rlhf.trainer import ReferenceMixin
@@ -371,6 +372,13 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         return RolloutPrompt(json.loads(row[PROMPT_COLUMN]), json.loads(tools) if tools else None,
                              list(row["input_ids"]), extra)
 
+    def _rollout_seeds(self, prompts: list[RolloutPrompt]) -> list[int]:
+        """Each prompt's sampling seed, from ``--seed``, the step and the prompt itself: the same prompt at the
+        same step samples the same completions on any process and in any batch, so N processes roll out
+        what one would (and a run can be repeated)."""
+        step = self.state.global_step
+        return [stable_seed(self.args.seed, step, p.messages, p.prompt_ids) for p in prompts]
+
     def _prepared_prompts(self, rows: list[dict[str, Any]]) -> list[RolloutPrompt]:
         return [self._rollout_prompt(r) for r in rows]
 
@@ -380,7 +388,7 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         log-probs of the sampled tokens come back as the behaviour policy's)."""
         t0 = time.perf_counter()
         episodes = run_rollouts(engine, prompts, self._request_config(logprobs=self._async),
-                                num_generations=self.G, scheduler=self.scheduler)
+                                num_generations=self.G, scheduler=self.scheduler, seeds=self._rollout_seeds(prompts))
         seconds = time.perf_counter() - t0
         columns: dict[str, list[Any]] = {k: [p.row.get(k) for p in prompts for _ in range(self.G)]
                                          for k in prompts[0].row}
