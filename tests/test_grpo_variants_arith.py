@@ -114,11 +114,9 @@ def rows_and_before(warm_ckpt):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("arith")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_lifts_the_warm_start(tmp_path, warm_ckpt, rows_and_before, variant):
-    import torch
-
-    torch.set_num_threads(1)
     rows, before = rows_and_before
     report = run_variant(warm_ckpt, variant, tmp_path, rows=rows, before=before)
     print(json.dumps(report))
