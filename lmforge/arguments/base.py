@@ -202,7 +202,10 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         if not _DESCRIBES_DEFAULT.search(help_text):  # a computed default is described in the help text itself
             help_text += f" (default: {_show_default(default)})"
         # Values stay strings here; conversion happens in _convert so errors name the flag our way.
-        groups[klass].add_argument(f"--{f.name}", nargs="+" if is_list else None, default=argparse.SUPPRESS,
+        # A bool flag alone means true (`--json`); `--json false` still works.
+        is_bool = _strip_optional(hints[f.name])[0] is bool and not is_list
+        groups[klass].add_argument(f"--{f.name}", nargs="+" if is_list else "?" if is_bool else None,
+                                   const="true" if is_bool else None, default=argparse.SUPPRESS,
                                    help=help_text.replace("%", "%%"), metavar=_metavar(hints[f.name], choices))
     return parser
 

@@ -32,6 +32,10 @@ ROUTES: dict[str, tuple[str, str, str]] = {
                "best-of-N / rejection sampling scored by reward functions and PRMs"),
     "rollout": ("lmforge.arguments:RolloutArguments", "lmforge.pipelines.rollout:rollout_main",
                 "generation server that a GRPO trainer pushes weights to and pulls samples from"),
+    "env": ("lmforge.arguments:EnvArguments", "lmforge.toolkit.env:env_main",
+            "check this machine: package versions and imports, GPUs, known-bad combinations, free disk"),
+    "presets": ("lmforge.arguments:PresetsArguments", "lmforge.toolkit.presets:presets_main",
+                "list the training presets (--preset NAME on pt/sft/rlhf)"),
 }
 
 
@@ -127,6 +131,8 @@ def _run(cmd: str, pipeline: Any, args: Any) -> int:
         return 2
     if isinstance(result, dict) and result.get("interrupted"):  # stopped cleanly by Ctrl-C, resumable
         return 130
+    if isinstance(result, dict) and isinstance(result.get("exit_code"), int):  # a check that failed (lmforge env)
+        return result["exit_code"]
     return 0
 
 
