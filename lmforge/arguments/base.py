@@ -175,6 +175,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage="%(prog)s [flags]")
     parser.add_argument("--config", metavar="FILE", help="a YAML or JSON file of arguments; flags override it")
+    if accepts_presets(cls):
+        parser.add_argument("--preset", nargs="+", metavar="NAME",
+                            help="named sets of flags (lmforge presets lists them; later ones, --config and flags "
+                                 "override earlier ones)")
     hints = _hints(cls)
     # One help section per argument group (ModelArguments, DataArguments, ...), in a stable order.
     owner: dict[str, type] = {}
@@ -229,8 +233,8 @@ def load_config_file(path: str) -> dict:
     return data
 
 
-def from_dict(cls: type[A], values: dict, source: str = "arguments", *, ignore_unknown: bool = False) -> A:
-    """Build ``cls`` from a mapping, converting and validating each value."""
+def convert_values(cls: type, values: dict, source: str = "arguments", *, ignore_unknown: bool = False) -> dict:
+    """Each value of a mapping converted and validated for its field of ``cls`` (no cross-field checks)."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for k, v in values.items():
@@ -239,6 +243,12 @@ def from_dict(cls: type[A], values: dict, source: str = "arguments", *, ignore_u
                 continue
             raise ArgumentError(f"{source}: unknown argument {k!r}.{suggest_flag(k, sorted(names))}")
         kwargs[k] = _convert(cls, k, v, source)
+    return kwargs
+
+
+def from_dict(cls: type[A], values: dict, source: str = "arguments", *, ignore_unknown: bool = False) -> A:
+    """Build ``cls`` from a mapping, converting and validating each value."""
+    kwargs = convert_values(cls, values, source, ignore_unknown=ignore_unknown)
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -256,12 +266,24 @@ def parse_args(cls: type[A], argv: list[str] | None = None, prog: str = "lmforge
         parser.error(f"unrecognized argument {flag!r}.{suggest_flag(flag.split('=')[0], valid)}")
     values: dict[str, Any] = {}
     try:
-        if getattr(ns, "config", None):
-            values.update(load_config_file(ns.config))
-        values.update({k: v for k, v in vars(ns).items() if k != "config"})
-        return from_dict(cls, values, "flags" if not getattr(ns, "config", None) else f"--config {ns.config} + flags")
+        config = load_config_file(ns.config) if getattr(ns, "config", None) else {}
+        config_presets = config.pop("preset", None) if accepts_presets(cls) else None  # a config may name presets
+        presets = getattr(ns, "preset", None) or config_presets
+        if presets and accepts_presets(cls):
+            from lmforge.presets import preset_values
+
+            values.update(preset_values([presets] if isinstance(presets, str) else list(presets), cls))
+        values.update(config)
+        values.update({k: v for k, v in vars(ns).items() if k not in ("config", "preset")})
+        source = " + ".join([*(["--preset"] if presets else []), *([f"--config {ns.config}"] if getattr(ns, "config", None) else []), "flags"])
+        return from_dict(cls, values, source)
     except ArgumentError as e:
         parser.error(str(e))
+
+
+def accepts_presets(cls: type) -> bool:
+    """Training commands (the classes with a ``train_type``) take ``--preset``."""
+    return any(f.name == "train_type" for f in dataclasses.fields(cls))
 
 
 def to_dict(args: Any) -> dict:

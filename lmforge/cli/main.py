@@ -34,7 +34,7 @@ ROUTES: dict[str, tuple[str, str, str]] = {
                 "generation server that a GRPO trainer pushes weights to and pulls samples from"),
     "env": ("lmforge.arguments:EnvArguments", "lmforge.toolkit.env:env_main",
             "check this machine: package versions and imports, GPUs, known-bad combinations, free disk"),
-    "presets": ("lmforge.arguments:PresetsArguments", "lmforge.toolkit.presets:presets_main",
+    "presets": ("lmforge.arguments:PresetsArguments", "lmforge.presets:presets_main",
                 "list the training presets (--preset NAME on pt/sft/rlhf)"),
 }
 
