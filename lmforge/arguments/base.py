@@ -167,13 +167,21 @@ def _show_default(value: Any) -> str:
     return str(value)
 
 
+class _Formatter(argparse.HelpFormatter):
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.nargs == "?" and action.const == "true":  # a bool flag: `--json` alone means true
+            return self._metavar_formatter(action, default_metavar)(1)[0]
+        return super()._format_args(action, default_metavar)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # exit code 2 as argparse does; a short usage line
         self.exit(2, f"usage: {self.prog} [flags]  (see {self.prog} --help)\n{self.prog}: error: {message}\n")
 
 
 def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage="%(prog)s [flags]")
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage="%(prog)s [flags]",
+                     formatter_class=_Formatter)
     parser.add_argument("--config", metavar="FILE", help="a YAML or JSON file of arguments; flags override it")
     if accepts_presets(cls):
         parser.add_argument("--preset", nargs="+", metavar="NAME",

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(_load(args_path), rest, prog=f"lmforge {cmd}")  # flag errors once, before any process starts
     try:
-        relaunch_under_torchrun(cmd, rest)
+        if not getattr(args, "dry_run", False):  # a dry run plans for NPROC_PER_NODE processes in this one
+            relaunch_under_torchrun(cmd, rest)
     except ValueError as e:
         print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
         return 2
