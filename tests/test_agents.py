@@ -82,6 +82,8 @@ def test_index_is_incremental_and_checks_its_embedder(tmp_path, minilm):
     folder = tmp_path / "idx"
     first = build_index(docs, folder, minilm)
     assert first["added"] == 12 and first["embedded"] == first["chunks"]
+    [skipped] = first["skipped"]  # named, not fatal: pypdf missing, or the file is not a real PDF
+    assert "notes.pdf" in skipped and ("pypdf" in skipped or "cannot read the PDF" in skipped)
     (docs / "water.md").write_text("# Water\n\nEach resident may use 55 litres a day.\n")
     (docs / "fire.md").unlink()
     second = build_index(docs, folder, minilm)
@@ -98,6 +100,23 @@ def test_index_is_incremental_and_checks_its_embedder(tmp_path, minilm):
     with pytest.raises(IndexFolderError, match="--rebuild"):
         build_index(docs, folder, other)
     assert build_index(docs, folder, other, rebuild=True)["embedded"] == second["chunks"]
+
+
+def test_plugin_agent(tmp_path, engine):
+    from lmforge.registry import AGENTS, load_plugins
+
+    plugin = tmp_path / "shout_agent.py"
+    plugin.write_text("from lmforge.agents import Agent, AgentReply\n"
+                      "from lmforge.registry import AGENTS\n\n"
+                      "@AGENTS.register('shout')\n"
+                      "class Shout(Agent):\n"
+                      "    name = 'shout'\n"
+                      "    def chat(self, messages):\n"
+                      "        return AgentReply(self._generate(messages)[0].upper())\n")
+    load_plugins([str(plugin)])
+    assert "shout" in AGENTS
+    reply = build_agent("shout", EngineGenerator(engine), max_tokens=6).chat([{"role": "user", "content": "hi"}])
+    assert reply.content == reply.content.upper()
 
 
 def test_chunking_keeps_paragraphs_and_cuts_long_ones():
@@ -268,3 +287,20 @@ def test_cli_rag_index_and_query(tmp_path, capsys, minilm):
     assert main(["rag", "query", "--index", str(tmp_path / "none"), "--query", "x", "--retrieve_only"]) == 2
     assert "no index there" in capsys.readouterr().err
     assert main(["rag"]) == 2
+
+
+def test_cli_builds_the_agents_it_serves(tmp_path, station_index, monkeypatch):
+    from lmforge.arguments import AgentArguments, parse_args
+    from lmforge.toolkit.agents_cli import build_agents
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    args = parse_args(AgentArguments, ["--agent", "rag", "preference", "medical-qa", "--model", "builtin:tiny",
+                                       "--index", str(station_index.folder), "--feedback_file", str(tmp_path / "f.jsonl"),
+                                       "--max_new_tokens", "4", "--api_key", "k"])
+    agents = build_agents(args)
+    assert list(agents) == ["rag", "preference", "medical-qa"]
+    assert agents["medical-qa"].info()["refuses"] == ["dosage", "emergency"]
+    assert agents["rag"].chat([{"role": "user", "content": "When is dinner?"}]).sources[0]["source"] == "food.md"
+    args.feedback_file = None
+    with pytest.raises(AgentError, match="--feedback_file"):
+        build_agents(args)

@@ -96,6 +96,8 @@ def test_world_size_plan_without_relaunch(monkeypatch, tmp_path):
     assert sharded["memory"]["weights"] < one["memory"]["weights"]
     monkeypatch.chdir(tmp_path)
     assert main(["sft", "--model", "builtin:tiny", "--dataset", "builtin:arith#64", "--dry_run"]) == 0
+    assert main(["pt", "--model", "builtin:tiny", "--dataset", "builtin:arith#64", "--dry_run"]) == 0
+    assert not (tmp_path / "output").exists()
 
 
 # ---------------------------------------------------------------------------- the memory estimator

@@ -41,7 +41,10 @@ def read_document(path: Path) -> str:
             from pypdf import PdfReader
         except ImportError:
             raise IndexFolderError(f"{path}: reading PDF needs pypdf (pip install pypdf)") from None
-        return "\n\n".join((page.extract_text() or "") for page in PdfReader(str(path)).pages)
+        try:
+            return "\n\n".join((page.extract_text() or "") for page in PdfReader(str(path)).pages)
+        except Exception as e:  # noqa: BLE001 - pypdf raises many types for damaged files
+            raise IndexFolderError(f"{path}: cannot read the PDF ({type(e).__name__}: {e})") from None
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

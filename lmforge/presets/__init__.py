@@ -21,7 +21,8 @@ from lmforge.arguments.base import ArgumentError
 
 SHIPPED_DIR = Path(__file__).parent
 # the argument class of each training command (presets name commands; the parser knows classes)
-COMMAND_OF_CLASS = {"TrainArguments": "sft", "PtArguments": "pt", "RlhfArguments": "rlhf"}
+COMMAND_OF_CLASS = {"TrainArguments": "sft", "PtArguments": "pt", "RlhfArguments": "rlhf",
+                    "PreferenceArguments": "rlhf"}
 _KEYS = {"description", "commands", "args"}
 
 

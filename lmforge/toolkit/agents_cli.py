@@ -93,14 +93,24 @@ def agent_main(args: Any) -> dict[str, Any]:
     """Serve the named agents over HTTP until stopped (see ``lmforge.agents.http``)."""
     import uvicorn
 
-    from lmforge.agents.base import build_agent
     from lmforge.agents.http import create_agent_app
-    from lmforge.registry import load_plugins
     from lmforge.utils.log import mask_secret, setup_logging
 
     setup_logging()
-    load_plugins(args.external_plugins)
     mask_secret(args.api_key)
+    agents = build_agents(args)
+    app = create_agent_app(agents, api_key=args.api_key)
+    logger.info("agents %s on http://%s:%d (POST /v1/agents/NAME/chat)", ", ".join(agents), args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return {"agents": list(agents)}
+
+
+def build_agents(args: Any) -> dict[str, Any]:
+    """The agents ``--agent`` names, answering with the model or server the flags give."""
+    from lmforge.agents.base import build_agent
+    from lmforge.registry import load_plugins
+
+    load_plugins(args.external_plugins)
     if not args.agent:
         raise ValueError("--agent is required: rag, preference, assistant configs (.yaml or a shipped name)")
     generator = build_generator(args)
@@ -114,10 +124,7 @@ def agent_main(args: Any) -> dict[str, Any]:
         else:
             agent = build_agent(name, generator, max_tokens=args.max_new_tokens, temperature=args.temperature)
         agents[agent.name] = agent
-    app = create_agent_app(agents, api_key=args.api_key)
-    logger.info("agents %s on http://%s:%d (POST /v1/agents/NAME/chat)", ", ".join(agents), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return {"agents": list(agents)}
+    return agents
 
 
 def preference_train_main(args: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ the run (``NPROC_PER_NODE`` x ``NNODES`` processes, or ``WORLD_SIZE``).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import math
@@ -276,6 +277,8 @@ def dry_run(args: Any, command: str) -> dict[str, Any]:
         check_machine(args, on_gpu=plan_gpu)
     except RuntimeError as e:
         notes.append(f"the training machine needs: {e}")
+    if args.train_type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        notes.append("the training machine needs: bitsandbytes for --train_type qlora (pip install 'lmforge[qlora]')")
     if plan_gpu and not has_gpu:
         notes.append("no GPU here: the plan and the memory estimate are for CUDA devices")
     args = copy.copy(args)
