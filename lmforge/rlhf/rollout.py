@@ -18,13 +18,14 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from lmforge.infer.base import InferEngine, infer_each
 from lmforge.infer.errors import InferRequestError
 from lmforge.infer.protocol import ChatCompletionResponse, InferRequest, RequestConfig
 
-__all__ = ["RolloutPrompt", "Episode", "run_rollouts", "policy_named_weights", "RolloutClient", "RolloutError",
+__all__ = ["RolloutPrompt", "Episode", "Sampled", "AsyncRollouts", "run_rollouts", "policy_named_weights",
+           "RolloutClient", "RolloutError",
            "tensors_to_bytes", "bytes_to_tensors"]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,49 @@ class Episode:
     turns: int = 1
     generated_tokens: int = 0
     multi_turn: bool = False
+    sampling_logps: list[float] | None = None  # the engine's log-probs of completion_ids, when asked for
+
+
+class Sampled(NamedTuple):
+    """One micro-batch of rollouts: prompts, ``G`` episodes per prompt, the reward table [N, F] (NaN: a function
+    did not score that completion), generation seconds and generated tokens."""
+
+    prompts: list[RolloutPrompt]
+    episodes: list[Episode]
+    table: Any
+    seconds: float
+    tokens: int
+
+
+class AsyncRollouts:
+    """Rollouts of one optimizer step's micro-batches, generated in a background thread (``--async_generate``).
+
+    ``sample(rows)`` must touch nothing the training thread changes: it runs against an engine with its own
+    copy of the weights (pushed before this starts), so the next step's samples are drawn while this step
+    trains. ``result()`` waits and returns one result per micro-batch, or raises what the thread raised.
+    """
+
+    def __init__(self, sample: Any, micro_batches: list[list[dict[str, Any]]]):
+        import threading
+
+        self._out: list[Any] = []
+        self._error: BaseException | None = None
+
+        def work() -> None:
+            try:
+                self._out = [sample(rows) for rows in micro_batches]
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread in result()
+                self._error = e
+
+        self._thread = threading.Thread(target=work, name="lmforge-async-rollouts", daemon=True)
+        self._thread.start()
+
+    def result(self) -> list[Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise RolloutError(f"background rollout failed: {type(self._error).__name__}: {self._error}") \
+                from self._error
+        return self._out
 
 
 def _first_request(p: RolloutPrompt, raw_ids: bool) -> InferRequest:
@@ -110,6 +154,10 @@ def run_rollouts(engine: InferEngine, prompts: Sequence[RolloutPrompt], config: 
                 raise RolloutError(f"the {type(engine).__name__} engine returns no token ids; GRPO needs them")
             e = Episode(k, list(p.messages), p.prompt_ids, list(choice.token_ids), choice.message.content or "",
                         choice.finish_reason, generated_tokens=len(choice.token_ids))
+            if config.logprobs:
+                if choice.logprobs is None or choice.logprobs.content is None:
+                    raise RolloutError(f"the {type(engine).__name__} engine returned no log-probs; asked for them")
+                e.sampling_logps = [t.logprob for t in choice.logprobs.content]
             episodes.append(e)
             live.append((e, choice))
     if scheduler is None:
