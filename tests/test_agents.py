@@ -263,6 +263,7 @@ def test_http_endpoints(tmp_path, engine, station_index):
         status, err = call("/v1/agents/rag/chat", {"messages": [{"role": "robot", "content": "x"}]})
         assert status == 400 and "messages[0]" in err["error"]["message"]
         assert call("/v1/agents/rag/chat", b"{not json")[0] == 400
+        assert call("/v1/agents/rag/chat", b"x" * (2 << 20))[0] == 413
         status, pair = call("/v1/agents/preference/compare", {"messages": q, "seed": 1})
         assert status == 200 and len(pair["answers"]) == 2
         status, rec = call("/v1/agents/preference/feedback", {"messages": q, "answers": ["one", "two"], "choice": 1})

@@ -7,7 +7,8 @@
     POST /v1/agents/{name}/feedback       {"messages", "answers", "choice"} or {"messages", "response", "rating"}
     GET  /v1/agents/{name}/feedback       counts of the feedback recorded so far                  (preference)
 
-Bodies are JSON of at most ``MAX_BODY`` bytes; a bad one is a 400 naming the field, an unknown agent a 404,
+Bodies are JSON of at most ``MAX_BODY`` bytes (413 beyond, refused unread when declared); a bad one is a 400
+naming the field, an unknown agent a 404,
 a route the agent lacks a 405. With ``api_key`` every route but /health needs ``Authorization: Bearer KEY``.
 Generation runs in a worker thread, one request at a time per agent (engines are not re-entrant).
 """
@@ -40,10 +41,18 @@ def create_agent_app(agents: dict[str, Agent], *, api_key: str | None = None) ->
         given = request.headers.get("authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
+    class TooLarge(AgentError):
+        pass
+
     async def body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise AgentError(f"request body of {len(raw)} bytes; at most {MAX_BODY}")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:  # refused before reading it
+            raise TooLarge(f"request body of {declared} bytes; at most {MAX_BODY}")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise TooLarge(f"request body over {MAX_BODY} bytes")
         try:
             data = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -70,6 +79,8 @@ def create_agent_app(agents: dict[str, Agent], *, api_key: str | None = None) ->
                     return fn(*args)
 
             out = await asyncio.to_thread(run)
+        except TooLarge as e:
+            return error(413, str(e))
         except AgentError as e:
             return error(400, str(e))
         except ConnectionError as e:  # the agent's model server

@@ -79,6 +79,11 @@ def validate_feedback(record: Any) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise AgentError("feedback: expected a JSON object")
     out = {k: v for k, v in record.items() if k in ("id", "time", "agent", "round", "meta")}
+    for key in ("id", "time", "agent"):
+        if key in out and not (isinstance(out[key], str) and 0 < len(out[key]) <= 100):
+            raise AgentError(f"feedback.{key}: expected a string of at most 100 characters")
+    if "meta" in out and not (isinstance(out["meta"], dict) and len(json.dumps(out["meta"])) <= 4096):
+        raise AgentError("feedback.meta: expected a JSON object of at most 4 KB")
     out["messages"] = check_messages(record.get("messages"))
     if "choice" in record or "answers" in record:
         answers = record.get("answers")

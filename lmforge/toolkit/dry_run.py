@@ -36,7 +36,7 @@ def _mode(command: str, args: Any) -> str:
     if command == "pt":
         return "pt"
     if command == "rlhf":
-        return {"kto": "train", "grpo": "infer", "rm": "rlhf"}.get(args.rlhf_type, "rlhf")
+        return {"kto": "train", "grpo": "infer", "gkd": "train", "rm": "rlhf"}.get(args.rlhf_type, "rlhf")
     return "train"
 
 
@@ -236,6 +236,9 @@ def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sam
         objective, rows = "grpo", rows * args.num_generations
         seq = longest + args.max_completion_length
         completion = rows * args.max_completion_length
+    elif rlhf_type == "gkd":  # student and teacher logits over sampled or dataset completions
+        objective, completion = "grpo", rows * args.max_completion_length
+        seq = longest + args.max_completion_length
     tokens = rows * seq
     share = sample["labelled"] / max(1, sample["tokens"]) if sample["has_labels"] else 1.0
     lean = switch(args.lean_layers)
@@ -244,6 +247,7 @@ def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sam
     if command == "rlhf":
         needs = args.needs_reference and not args.precompute_ref_log_probs
         reference = needs and (bool(args.ref_model) or not args.is_adapter)
+        reference = reference or rlhf_type == "gkd"  # the teacher, counted at the student's size
     plan = TrainPlan(
         train_type=args.train_type, trainable=params["trainable"], dtype_bytes=4 if args.torch_dtype == "float32" else 2,
         tokens=tokens, labelled_tokens=int(tokens * share), padded=not packing, objective=objective,

@@ -29,15 +29,12 @@ def sequence_log_prob(model: Any, template: Any, messages: list[dict[str, str]])
     """Summed log-probability of the last (assistant) message's labelled tokens."""
     import torch
 
+    from lmforge.rlhf.scoring import sequence_log_probs
+
     enc = template.encode({"messages": messages})
     ids = torch.tensor([enc["input_ids"]], device=next(model.parameters()).device)
-    labels = torch.tensor([enc["labels"]], device=ids.device)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, :-1].float()
-    target = labels[:, 1:]
-    mask = target != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return float((logp * mask).sum())
+        return float(sequence_log_probs(model(input_ids=ids).logits, torch.tensor([enc["labels"]], device=ids.device)).sums[0])
 
 
 def pair_accuracy(model_dir: str, pairs: list[dict[str, Any]]) -> float | None:
