@@ -6,6 +6,8 @@ from lmforge.arguments.eval import EvalArguments
 from lmforge.arguments.model import DataArguments, ModelArguments, TemplateArguments
 from lmforge.arguments.rlhf import GrpoArguments, RlhfArguments, RolloutArguments
 from lmforge.arguments.sample import RewardArguments, SampleArguments
+from lmforge.arguments.toolkit import (AgentArguments, EnvArguments, PreferenceArguments, PresetsArguments,
+                                      RagIndexArguments, RagQueryArguments)
 from lmforge.arguments.train import PtArguments, TrainArguments, TunerArguments
 
 __all__ = [
@@ -13,5 +15,6 @@ __all__ = [
     "ModelArguments", "DataArguments", "TemplateArguments", "TunerArguments", "TrainArguments", "PtArguments",
     "RlhfArguments", "GrpoArguments", "RewardArguments", "RolloutArguments", "SampleArguments",
     "GenerationArguments", "InferArguments", "DeployArguments", "ExportArguments",
-    "EvalArguments",
+    "EvalArguments", "EnvArguments", "PresetsArguments", "RagIndexArguments", "RagQueryArguments",
+    "AgentArguments", "PreferenceArguments",
 ]

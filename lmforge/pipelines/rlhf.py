@@ -192,6 +192,10 @@ def rlhf_main(args: RlhfArguments) -> dict[str, Any]:
     setup_logging()
     if args.beta is None and args.rlhf_type != "rm":
         args.beta = args.resolved_beta  # recorded in args.json
+    if args.dry_run:
+        from lmforge.toolkit.dry_run import dry_run  # the one import upward: the toolkit reads this module
+
+        return dry_run(args, "rlhf")
     if args.rlhf_type == "grpo":
         return grpo_main(args)
     if args.rlhf_type == "gkd":
