@@ -32,6 +32,10 @@ ROUTES: dict[str, tuple[str, str, str]] = {
                "best-of-N / rejection sampling scored by reward functions and PRMs"),
     "rollout": ("lmforge.arguments:RolloutArguments", "lmforge.pipelines.rollout:rollout_main",
                 "generation server that a GRPO trainer pushes weights to and pulls samples from"),
+    "app": ("lmforge.arguments:AppArguments", "lmforge.pipelines.ui:app_main",
+            "a chat page in the browser for a model or an OpenAI-compatible server"),
+    "web-ui": ("lmforge.arguments:WebUIArguments", "lmforge.pipelines.ui:webui_main",
+               "a browser page to train and watch runs, chat, evaluate and export"),
 }
 
 
