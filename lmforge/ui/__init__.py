@@ -12,7 +12,11 @@ from __future__ import annotations
 import importlib.util
 
 
+class MissingExtraError(RuntimeError):
+    """An optional dependency the command needs is not installed (the message says how to get it)."""
+
+
 def require_gradio() -> None:
     """A one-line error when gradio is missing, before anything loads."""
     if importlib.util.find_spec("gradio") is None:
-        raise RuntimeError("the browser pages need gradio: pip install 'lmforge[ui]'")
+        raise MissingExtraError("the browser pages need gradio: pip install 'lmforge[ui]'")

@@ -40,6 +40,21 @@ class ChatSettings:
     stream: bool = True
 
 
+def _whole(message: Any) -> Iterator[dict]:
+    """The events of a reply that came in one piece (``--stream false``)."""
+    if message.content:
+        yield {"text": message.content}
+    if message.tool_calls:
+        yield {"tool_calls": [c.model_dump() for c in message.tool_calls]}
+
+
+def _deltas(chunks: Any) -> Iterator[Any]:
+    """The first choice's delta of each streamed chunk (the last chunk may carry only usage)."""
+    for chunk in chunks:
+        if chunk.choices:
+            yield chunk.choices[0].delta
+
+
 def engine_responder(engine: Any) -> Responder:
     """Replies from an lmforge engine (``lmforge.infer``): streamed chunks, tool calls parsed by its template."""
 
@@ -51,17 +66,10 @@ def engine_responder(engine: Any) -> Responder:
                                repetition_penalty=settings.repetition_penalty, stop=list(settings.stop))
         request = InferRequest(messages=messages, tools=settings.tools or None, adapter=settings.adapter)
         if not settings.stream:
-            message = engine.infer([request], config, use_tqdm=False)[0].choices[0].message
-            if message.content:
-                yield {"text": message.content}
-            if message.tool_calls:
-                yield {"tool_calls": [c.model_dump() for c in message.tool_calls]}
+            yield from _whole(engine.infer([request], config, use_tqdm=False)[0].choices[0].message)
             return
         with closing(engine.infer_stream(request, config)) as chunks:  # closing it stops generation
-            for chunk in chunks:
-                if not chunk.choices:
-                    continue
-                delta = chunk.choices[0].delta
+            for delta in _deltas(chunks):
                 if delta.content:
                     yield {"text": delta.content}
                 if delta.tool_calls:
@@ -88,18 +96,11 @@ def openai_responder(client: Any, model: str) -> Responder:
             kwargs["extra_body"] = extra
         response = client.chat.completions.create(**kwargs)
         if not settings.stream:
-            message = response.choices[0].message
-            if message.content:
-                yield {"text": message.content}
-            if message.tool_calls:
-                yield {"tool_calls": [c.model_dump() for c in message.tool_calls]}
+            yield from _whole(response.choices[0].message)
             return
         calls: dict[int, dict] = {}
         try:
-            for chunk in response:
-                if not chunk.choices:
-                    continue
-                delta = chunk.choices[0].delta
+            for delta in _deltas(response):
                 if delta.content:
                     yield {"text": delta.content}
                 for piece in delta.tool_calls or []:  # OpenAI streams a call's name and arguments in pieces
@@ -304,5 +305,6 @@ def chat_panel(gr: Any, get_responder: Callable[[], Responder | None], *, prefix
     ]
     stop.click(None, cancels=events)
     clear.click(lambda: ([], [], ""), None, [chatbot, conv, message], cancels=events)
+    chatbot.clear(lambda: [], None, conv, cancels=events)  # the chat's own bin icon forgets the conversation too
     return {"chatbot": chatbot, "message": message, "conv": conv, "system": system, "temperature": temperature,
             "adapter": adapter}

@@ -123,9 +123,10 @@ def start_job(jobs_dir: str | Path, command: str, argv: list[str], *, display: s
 
 
 def load_job(jobs_dir: str | Path, job_id: str | None) -> Job | None:
-    if not job_id:
+    name = (job_id or "").split(" ", 1)[0]  # a dropdown label "id (state)" names it too
+    if not name or "/" in name or "\\" in name or name.startswith("."):  # a name from the browser: no other folder
         return None
-    folder = Path(jobs_dir) / job_id.split(" ", 1)[0]  # a dropdown label "id (state)" names it too
+    folder = Path(jobs_dir) / name
     try:
         return Job(folder, json.loads((folder / JOB_FILE).read_text()))
     except (OSError, ValueError):

@@ -112,7 +112,8 @@ def job_tab(gr: Any, *, command: str, cls: type, jobs_dir: str, main: list[str],
                 outputs += [loss_plot, lr_plot, last_checkpoint]
             if report:
                 report_md = gr.Markdown(elem_id=f"{command}-report")
-                report_png = gr.Image(type="filepath", label="chart", interactive=False, elem_id=f"{command}-chart")
+                report_png = gr.Image(type="filepath", label="chart", interactive=False, visible=False,
+                                      elem_id=f"{command}-chart")
                 outputs += [report_md, report_png]
             log = gr.Textbox(label="console", lines=12, max_lines=12, autoscroll=True, interactive=False,
                              elem_id=f"{command}-log")
@@ -138,7 +139,7 @@ def job_tab(gr: Any, *, command: str, cls: type, jobs_dir: str, main: list[str],
             out += [_frame(curves(history, LOSS_KEYS)), _frame(curves(history, LR_KEYS)), ckpts[0] if ckpts else ""]
         if report:
             md, png = report_files(job.run_dir if job and job.state == "finished" else None)
-            out += [md, png]
+            out += [md, gr.update(value=png, visible=png is not None)]  # eval draws a chart only when it says more
         return tuple(out)
 
     def start_job(*widget_values: Any) -> tuple:
