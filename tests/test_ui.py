@@ -280,6 +280,22 @@ def test_a_busy_port_is_one_line_before_anything_loads(command, capsys):
     assert not any("Loading" in line for line in err) and time.monotonic() - start < 5
 
 
+def test_tools_file_errors_name_the_file(tmp_path):
+    from lmforge.pipelines.ui import load_tools
+
+    f = tmp_path / "tools.json"
+    f.write_text('[{"type": "function", "function": {"name": "add"}}]')
+    assert load_tools(str(f))[0]["function"]["name"] == "add"
+    f.write_text('{"type": "function",')
+    with pytest.raises(ValueError, match=f"--tools {f}: tools: not JSON"):
+        load_tools(str(f))
+    f.write_text('["add"]')
+    with pytest.raises(ValueError, match="expected a list of objects"):
+        load_tools(str(f))
+    with pytest.raises(OSError, match="--tools .*missing.json: No such file"):
+        load_tools(str(tmp_path / "missing.json"))
+
+
 def test_app_arguments_need_something_to_chat_with():
     with pytest.raises(SystemExit):
         parse_args(AppArguments, [])
@@ -381,6 +397,12 @@ def test_openai_responder_over_lmforges_own_server(tiny_engine):
         # top_k and repetition_penalty are not OpenAI parameters: they travel in the body's extras
         sampled = list(run_turn(respond, conv, "", ChatSettings(max_new_tokens=12, top_k=1, repetition_penalty=1.0)))
         assert sampled[-1][1][-1]["content"] == want  # top_k 1 is greedy
+        from lmforge.pipelines.ui import _server_responder
+
+        _, name = _server_responder(AppArguments(base_url=srv.url + "/v1"))
+        assert name == "builtin:tiny"  # the server's first model when --model is not given
+    with pytest.raises(ConnectionError, match=f"--base_url {srv.url}/v1: cannot list the served models"):
+        _server_responder(AppArguments(base_url=srv.url + "/v1"))  # the server has gone: said before the page
 
 
 class _ToolCallServer(BaseHTTPRequestHandler):

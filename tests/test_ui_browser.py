@@ -128,26 +128,44 @@ def _find(driver, css: str, timeout: float = 30):
 
 
 def _text(driver, css: str) -> str:
-    from selenium.webdriver.common.by import By
+    """The element's text, read in one step in the page (gradio re-renders elements while they update)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : '';",
+                                 css)
 
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+
+def _retry_stale(action):
+    """Run ``action`` again if gradio re-rendered its element in between (a stale element reference)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for attempt in range(5):
+        try:
+            return action()
+        except StaleElementReferenceException:
+            if attempt == 4:
+                raise
+            time.sleep(0.3)
 
 
 def _type(driver, css: str, value: str, enter: bool = False) -> None:
     from selenium.webdriver.common.keys import Keys
 
-    box = _find(driver, css)
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.DELETE)
-    box.send_keys(value)
-    box.send_keys(Keys.ENTER if enter else Keys.TAB)
+    def act():
+        box = _find(driver, css)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        box.send_keys(value)
+        box.send_keys(Keys.ENTER if enter else Keys.TAB)
+
+    _retry_stale(act)
 
 
 def _click(driver, css: str) -> None:
-    el = _find(driver, css)
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
-    el.click()
+    def act():
+        el = _find(driver, css)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
+        el.click()
+
+    _retry_stale(act)
 
 
 def _line_points(driver, plot: str, series: str) -> int:
@@ -160,9 +178,8 @@ def _line_points(driver, plot: str, series: str) -> int:
 
 
 def _bots(driver, chatbot: str) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    return [b.text for b in driver.find_elements(By.CSS_SELECTOR, f"{chatbot} [data-testid='bot']")]
+    return driver.execute_script("return [...document.querySelectorAll(arguments[0])].map(e => e.innerText);",
+                                 f"{chatbot} [data-testid='bot']")
 
 
 def _chat_and_watch(driver, prefix: str, message: str) -> tuple[str, list[str]]:
@@ -172,14 +189,16 @@ def _chat_and_watch(driver, prefix: str, message: str) -> tuple[str, list[str]]:
     driver.execute_script(WATCH_JS, chatbot)
     _type(driver, f"#{prefix}-message textarea", message, enter=True)
     _wait(lambda: driver.execute_script("return window.__snaps.filter(s => s.trim()).length"), 60, "a reply")
-    # done when the text stops changing and the chat is not processing any more
-    last, stable = None, 0
-    while stable < 6:
-        snaps = driver.execute_script("return window.__snaps")
-        stable = stable + 1 if snaps == last else 0
-        last = snaps
-        time.sleep(0.25)
-    return _bots(driver, chatbot)[-1], [s for s in last if s.strip()]
+    _wait(lambda: _idle(driver, chatbot), 120, "the reply to finish")
+    snaps = driver.execute_script("return window.__snaps")
+    return _bots(driver, chatbot)[-1], [s for s in snaps if s.strip()]
+
+
+def _idle(driver, chatbot: str) -> bool:
+    """The chat's event has ended (gradio hides the component's status tracker then)."""
+    return driver.execute_script(
+        "const t = document.querySelector(arguments[0] + ' [data-testid=\"status-tracker\"]');"
+        "return !t || t.classList.contains('hide');", chatbot)
 
 
 def _assert_streamed(final: str, snaps: list[str]) -> None:
@@ -201,6 +220,7 @@ def test_app_chat_streams_regenerates_clears(browser, tmp_path):
         _click(browser, "#app-regenerate")  # answered again: one reply, sampled anew
         _wait(lambda: _bots(browser, "#app-chatbot") and _bots(browser, "#app-chatbot")[-1] != reply, 60,
               "a regenerated reply")
+        _wait(lambda: _idle(browser, "#app-chatbot"), 120, "the regenerated reply to finish")
         assert len(_bots(browser, "#app-chatbot")) == 1
         assert "Hello! Who are you?" in _text(browser, "#app-chatbot")
 
@@ -248,8 +268,8 @@ def test_webui_train_watch_reattach_and_chat(browser, tmp_path):
         assert _line_points(browser, "#sft-lr-plot", "learning_rate") == 20
 
         _click(browser, "#sft-chat")  # the run's checkpoint goes to the Chat tab
-        _wait(lambda: "checkpoint-20" in (_find(browser, "#chat-ckpt_dir input").get_attribute("value") or ""),
-              20, "the checkpoint in the Chat tab")
+        _wait(lambda: "checkpoint-20" in browser.execute_script(
+            "return document.querySelector('#chat-ckpt_dir input')?.value || ''"), 20, "the checkpoint in the Chat tab")
         _click(browser, "#chat-load")
         _wait(lambda: "Loaded" in _text(browser, "#chat-loaded"), 90, "the checkpoint to load")
         _type(browser, "#chat-temperature input[type=number]", "1")

@@ -59,9 +59,9 @@ def _server_responder(args: AppArguments) -> tuple[Any, str]:
     from lmforge.ui.chat import openai_responder
     from lmforge.utils.log import mask_secret
 
-    key = args.api_key or os.environ.get("OPENAI_API_KEY") or "none"
+    key = args.api_key or os.environ.get("OPENAI_API_KEY")
     mask_secret(key)
-    client = openai.OpenAI(base_url=args.base_url, api_key=key, max_retries=0)
+    client = openai.OpenAI(base_url=args.base_url, api_key=key or "unused", max_retries=0)  # the client wants one
     model = args.model
     if not model:
         try:
