@@ -1,7 +1,8 @@
 """The browser pages in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium).
 
-``lmforge app`` on builtin:tiny: a typed message gets a reply that streams in (the page is seen
-growing it), Regenerate answers again, Clear empties the chat. ``lmforge web-ui``: a 20-step
+``lmforge app`` on builtin:tiny behind ``--auth``: a wrong password is refused, then a typed message
+gets a reply that streams in (the page is seen growing it), Regenerate answers again, Clear empties
+the chat. ``lmforge web-ui``: a 20-step
 training of builtin:tiny on builtin:self-cognition started from the generated form, the loss
 curve drawn from ``logging.jsonl`` while it runs, the page reloaded and re-attached to the running
 job, the run finished, then a chat with its checkpoint in the Chat tab.
@@ -208,10 +209,23 @@ def _assert_streamed(final: str, snaps: list[str]) -> None:
         assert final.startswith(partial.rstrip()), (partial, final)  # it only grew
 
 
-def test_app_chat_streams_regenerates_clears(browser, tmp_path):
-    page = Page(["app", "--model", "builtin:tiny", "--temperature", "1.0", "--max_new_tokens", "48"], tmp_path)
+def _log_in(driver, user: str, password: str) -> None:
+    _type(driver, "input[data-testid='textbox']", user)
+    _type(driver, "input[data-testid='password']", password, enter=True)
+
+
+def test_app_login_then_chat_streams_regenerates_clears(browser, tmp_path):
+    users = tmp_path / "users"
+    users.write_text("# the page's logins\nann:s3cret-pass\n")
+    page = Page(["app", "--model", "builtin:tiny", "--temperature", "1.0", "--max_new_tokens", "48",
+                 "--auth", str(users)], tmp_path)
     try:
         browser.get(page.url)
+        _log_in(browser, "ann", "wrong-pass")
+        _wait(lambda: "Incorrect" in _text(browser, "body"), 20, "the wrong password refused")
+        assert not _text(browser, "#app-chatbot")
+        browser.get(page.url)
+        _log_in(browser, "ann", "s3cret-pass")
         reply, snaps = _chat_and_watch(browser, "app", "Hello! Who are you?")
         _assert_streamed(reply, snaps)
         browser.save_screenshot(str(_shots(tmp_path) / "app-chat.png"))
@@ -227,6 +241,7 @@ def test_app_chat_streams_regenerates_clears(browser, tmp_path):
         _click(browser, "#app-clear")
         _wait(lambda: not _bots(browser, "#app-chatbot") and "Hello!" not in _text(browser, "#app-chatbot"), 20,
               "an empty chat")
+        assert "s3cret-pass" not in page.log.read_text()
     finally:
         page.close()
 

@@ -221,12 +221,13 @@ def _component(gr: Any, flag: Flag, prefix: str, value: Any, choices: list[str] 
     return gr.Textbox(value=shown, type="password" if flag.secret else "text", **common)
 
 
-def build_form(gr: Any, flags: list[Flag], *, prefix: str, main: list[str], values: dict[str, Any] | None = None,
+def build_form(gr: Any, flags: list[Flag], *, prefix: str, main: list[str],
                choices: dict[str, list[str]] | None = None, skip: set[str] = frozenset(),
                per_row: int = 3) -> tuple[list[Flag], list[Any]]:
     """Components for ``flags`` inside the current gradio layout: the ``main`` ones first, the rest folded
-    into one accordion per ``--help`` section. Returns the flags shown and their components, in step."""
-    values, choices = values or {}, choices or {}
+    into one accordion per ``--help`` section (``choices``: suggestions for a text or list flag). Returns the
+    flags shown and their components, in step."""
+    choices = choices or {}
     by_name = {f.name: f for f in flags if f.name not in skip}
     shown: list[Flag] = []
     components: list[Any] = []
@@ -235,8 +236,7 @@ def build_form(gr: Any, flags: list[Flag], *, prefix: str, main: list[str], valu
         for i in range(0, len(group), per_row):
             with gr.Row():
                 for flag in group[i:i + per_row]:
-                    components.append(_component(gr, flag, prefix, values.get(flag.name, flag.default),
-                                                 choices.get(flag.name)))
+                    components.append(_component(gr, flag, prefix, flag.default, choices.get(flag.name)))
                     shown.append(flag)
 
     rows([by_name[n] for n in main if n in by_name])

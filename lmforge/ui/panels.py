@@ -29,9 +29,6 @@ class JobTab:
 
     command: str
     jobs: Any  # the job dropdown
-    components: list[Any]
-    refresh: Callable[..., tuple]
-    outputs: list[Any]
     last_checkpoint: Any  # a hidden textbox: the chosen run's newest checkpoint (training tabs)
     fields: dict[str, Any]  # flag name -> its component
 
@@ -83,12 +80,12 @@ def newest_job(jobs_dir: str, command: str) -> str | None:
 
 def job_tab(gr: Any, *, command: str, cls: type, jobs_dir: str, main: list[str], prepare: Prepare | None = None,
             choices: dict[str, list[str]] | None = None, skip: set[str] = frozenset(), plots: bool = False,
-            report: bool = False, values: dict[str, Any] | None = None) -> JobTab:
+            report: bool = False) -> JobTab:
     """Build the tab's contents in the current layout (see the module docstring)."""
     with gr.Row():
         with gr.Column(scale=5):
             flags, components = build_form(gr, flags_of(cls), prefix=command, main=main, choices=choices, skip=skip,
-                                           values=values, per_row=2)
+                                           per_row=2)
         with gr.Column(scale=4):
             preview = gr.Code(command_line(command, []), language="shell", label="command", interactive=False,
                               lines=2, wrap_lines=True, show_line_numbers=False, elem_id=f"{command}-command")
@@ -169,8 +166,7 @@ def job_tab(gr: Any, *, command: str, cls: type, jobs_dir: str, main: list[str],
     jobs.change(refresh, jobs, outputs, show_progress="hidden")
     refresh_button.click(tick, jobs, [jobs, *outputs], show_progress="hidden")
     gr.Timer(REFRESH_S).tick(tick, jobs, [jobs, *outputs], show_progress="hidden")
-    return JobTab(command, jobs, components, refresh, outputs, last_checkpoint,
-                  {f.name: c for f, c in zip(flags, components)})
+    return JobTab(command, jobs, last_checkpoint, {f.name: c for f, c in zip(flags, components)})
 
 
 def training_prepare(run_dir_of: Callable[[Any], str]) -> Prepare:
