@@ -6,6 +6,8 @@ from lmforge.arguments.eval import EvalArguments
 from lmforge.arguments.model import DataArguments, ModelArguments, TemplateArguments
 from lmforge.arguments.rlhf import GrpoArguments, RlhfArguments, RolloutArguments
 from lmforge.arguments.sample import RewardArguments, SampleArguments
+from lmforge.arguments.toolkit import (AgentArguments, EnvArguments, PreferenceArguments, PresetsArguments,
+                                      RagIndexArguments, RagQueryArguments)
 from lmforge.arguments.train import PtArguments, TrainArguments, TunerArguments
 from lmforge.arguments.ui import AppArguments, UIArguments, WebUIArguments
 
@@ -14,5 +16,7 @@ __all__ = [
     "ModelArguments", "DataArguments", "TemplateArguments", "TunerArguments", "TrainArguments", "PtArguments",
     "RlhfArguments", "GrpoArguments", "RewardArguments", "RolloutArguments", "SampleArguments",
     "GenerationArguments", "InferArguments", "DeployArguments", "ExportArguments",
-    "EvalArguments", "UIArguments", "AppArguments", "WebUIArguments",
+    "EvalArguments", "EnvArguments", "PresetsArguments", "RagIndexArguments", "RagQueryArguments",
+    "AgentArguments", "PreferenceArguments",
+    "UIArguments", "AppArguments", "WebUIArguments",
 ]

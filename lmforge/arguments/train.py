@@ -98,6 +98,9 @@ class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgu
     create_checkpoint_symlink: bool = field(False, "also link output_dir/last to the last checkpoint")
     plot: bool = field(True, "write PNG plots of loss and learning rate at the end")
     use_cpu: bool = field(False, "train on the CPU even if a GPU is there")
+    dry_run: bool = field(False, "check the flags, encode a sample of the data and print what the run would do "
+                                 "(lengths, truncation, labelled share, trainable parameters, steps, peak GPU memory "
+                                 "per device); train nothing")
 
     @property
     def is_adapter(self) -> bool:

@@ -65,7 +65,7 @@ class _Row:
 class _Sampler(LogitsProcessor):
     """Picks every next token itself (see the module docstring) and records its logprobs if asked."""
 
-    def __init__(self, cfg: RequestConfig, num_jobs: int, prompt_len: int, pad_lens: torch.Tensor,
+    def __init__(self, cfg: RequestConfig, seeds: list[int | None], prompt_len: int, pad_lens: torch.Tensor,
                  device: torch.device):
         self.n = cfg.n
         self.prompt_len = prompt_len
@@ -83,10 +83,11 @@ class _Sampler(LogitsProcessor):
                 self.warpers.append(TopPLogitsWarper(float(cfg.top_p)))
             if cfg.min_p > 0.0:
                 self.warpers.append(MinPLogitsWarper(float(cfg.min_p)))
-        # One generator per request: its n samples come from it in order, unaffected by other requests.
+        # One generator per seeded request (its own seed, else the config's): its n samples come from it in
+        # order, unaffected by other requests. Unseeded requests draw from torch's global generator.
         self.generators = None
-        if not self.greedy and cfg.seed is not None:
-            self.generators = [torch.Generator(device=device).manual_seed(cfg.seed) for _ in range(num_jobs)]
+        if not self.greedy and any(sd is not None for sd in seeds):
+            self.generators = [None if sd is None else torch.Generator(device=device).manual_seed(sd) for sd in seeds]
         self.top_k_logprobs = (cfg.top_logprobs or 0) if cfg.logprobs else -1
         self.records: list[tuple[torch.Tensor, ...]] = []  # per step: chosen id, its logprob, top ids, top logprobs
 
@@ -363,7 +364,8 @@ class HfEngine(InferEngine):
         attention_mask = (torch.arange(prompt_len, device=self.device)[None, :] >= pad_lens[:, None]).long()
         row_max = [j.max_tokens for j in jobs for _ in range(n)]
         stop = StopStrings([*cfg.stop, *self.stop_words])
-        sampler = _Sampler(cfg, len(jobs), prompt_len, pad_lens, self.device)
+        sampler = _Sampler(cfg, [j.request.seed if j.request.seed is not None else cfg.seed for j in jobs],
+                           prompt_len, pad_lens, self.device)
         eos_ids = [] if cfg.ignore_eos else self.stop_token_ids
         criteria = _StopCriteria(prompt_len, row_max, self.device, stop, set(eos_ids), self._decode, cancel)
         if streamer is not None:

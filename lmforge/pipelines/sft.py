@@ -48,8 +48,9 @@ def resolve_output_dir(args: TrainArguments) -> str:
     return str(root / f"v{max(versions, default=-1) + 1}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _apply_defaults(args: TrainArguments, on_gpu: bool) -> None:
-    """Fill what the user left unset with values that train well for the chosen tuner."""
+def _apply_defaults(args: TrainArguments, on_gpu: bool, world: int | None = None) -> None:
+    """Fill what the user left unset with values that train well for the chosen tuner (``world``: the number of
+    processes, default ``WORLD_SIZE``)."""
     if args.learning_rate is None:
         args.learning_rate = 1e-4 if args.is_adapter else 1e-5
     if args.per_device_train_batch_size is None:
@@ -57,7 +58,7 @@ def _apply_defaults(args: TrainArguments, on_gpu: bool) -> None:
     if args.per_device_eval_batch_size is None:
         args.per_device_eval_batch_size = args.per_device_train_batch_size
     if args.gradient_accumulation_steps is None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world or int(os.environ.get("WORLD_SIZE", "1"))
         args.gradient_accumulation_steps = max(1, 16 // (args.per_device_train_batch_size * world))
     if args.eval_steps is None:
         args.eval_steps = args.save_steps
@@ -146,14 +147,21 @@ def load_training_data(args: TrainArguments, template: Any, *, pack: bool | None
         return _load_training_data(args, template, pack, transform)
 
 
-def _load_training_data(args: TrainArguments, template: Any, pack: bool | None, transform: Any) -> tuple[Any, Any]:
-    from lmforge.dataset import encode_dataset, load_dataset
+def load_rows(args: TrainArguments) -> tuple[Any, Any]:
+    """The canonical train and validation rows the data flags name (before encoding)."""
+    from lmforge.dataset import load_dataset
 
-    train, val = load_dataset(
+    return load_dataset(
         args.dataset, val_dataset=args.val_dataset or None, split_dataset_ratio=args.split_dataset_ratio,
         seed=args.data_seed, columns=args.columns or None, strict=args.strict, streaming=args.streaming,
         num_proc=args.dataset_num_proc, model_name=args.model_name or None, model_author=args.model_author or None,
         hub=args.hub)
+
+
+def _load_training_data(args: TrainArguments, template: Any, pack: bool | None, transform: Any) -> tuple[Any, Any]:
+    from lmforge.dataset import encode_dataset
+
+    train, val = load_rows(args)
     if transform is not None:
         train, val = transform(train), (transform(val) if val is not None else None)
     train = encode_dataset(train, template, num_proc=args.dataset_num_proc, strict=args.strict, desc="Encoding train")
@@ -203,27 +211,13 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
     import torch
     from transformers import set_seed
 
-    from lmforge.dataset.loader import check_datasets
     from lmforge.model import get_model_tokenizer
-    from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, load_plugins
-    from lmforge.template import get_template
-    from lmforge.trainers.distributed import parallel_training_kwargs
     from lmforge.tuners.prepare import qlora_quantization_config
     from lmforge.utils.distributed import init_distributed
 
-    load_plugins(args.external_plugins)
-    if not args.model:
-        raise ValueError("no model: pass --model (a hub id, a local folder, or builtin:tiny)")
     on_gpu = torch.cuda.is_available() and not args.use_cpu
-    if args.train_type == "qlora" and not on_gpu:
-        raise RuntimeError("--train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
-    for name, reg, value in (("--loss_type", LOSSES, args.loss_type), ("--eval_metric", METRICS, args.eval_metric),
-                             ("--optimizer", OPTIMIZERS, args.optimizer)):
-        if value and value not in reg:
-            raise ValueError(f"{name}: {reg.unknown_message(value)}")
-    _check_optimizer(args)
-    check_datasets(args.dataset, args.val_dataset)  # a missing file fails now, not after the model loaded
-    parallel_training_kwargs(args, on_gpu)  # a bad --fsdp/--deepspeed fails here, before anything loads
+    check_arguments(args)
+    check_machine(args, on_gpu)
     init_distributed(on_gpu, args.ddp_backend, args.ddp_timeout)
     if not dist.is_main_process():
         logging.getLogger("lmforge").setLevel(logging.WARNING)  # one process speaks for the run
@@ -239,11 +233,45 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
         args.model, hub=args.hub, revision=args.revision, torch_dtype=args.torch_dtype, attn_impl=args.attn_impl,
         device_map=args.device_map, model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
         quantization_config=quant, device="cuda" if on_gpu else "cpu")
+    return TrainingSetup(args, output_dir, model, tokenizer, training_template(args, tokenizer, mode), on_gpu,
+                         model.dtype)
+
+
+def check_arguments(args: TrainArguments) -> None:
+    """Checks that need no model and no device: plugins, a model named, registered names, dataset paths."""
+    from lmforge.dataset.loader import check_datasets
+    from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, load_plugins
+
+    load_plugins(args.external_plugins)
+    if not args.model:
+        raise ValueError("no model: pass --model (a hub id, a local folder, or builtin:tiny)")
+    for name, reg, value in (("--loss_type", LOSSES, args.loss_type), ("--eval_metric", METRICS, args.eval_metric),
+                             ("--optimizer", OPTIMIZERS, args.optimizer)):
+        if value and value not in reg:
+            raise ValueError(f"{name}: {reg.unknown_message(value)}")
+    check_datasets(args.dataset, args.val_dataset)  # a missing file fails now, not after the model loaded
+
+
+def check_machine(args: TrainArguments, on_gpu: bool) -> None:
+    """What the flags need from this machine (a GPU for qlora/DeepSpeed, bitsandbytes, deepspeed): RuntimeError
+    naming it; a bad --fsdp/--deepspeed value is a ValueError."""
+    from lmforge.trainers.distributed import parallel_training_kwargs
+
+    if args.train_type == "qlora" and not on_gpu:
+        raise RuntimeError("--train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
+    _check_optimizer(args)
+    parallel_training_kwargs(args, on_gpu)  # a bad --fsdp/--deepspeed fails here, before anything loads
+
+
+def training_template(args: TrainArguments, tokenizer: Any, mode: str) -> Any:
+    """The template the training flags describe, in ``mode``."""
+    from lmforge.template import get_template
+
     template = get_template(tokenizer, args.template, system=args.system, max_length=args.max_length,
                             truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale,
                             enable_thinking=args.enable_thinking, agent_template=args.agent_template)
     template.set_mode(mode)
-    return TrainingSetup(args, output_dir, model, tokenizer, template, on_gpu, model.dtype)
+    return template
 
 
 def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cls: Any = None,
@@ -312,7 +340,12 @@ def _command_of(args: Any) -> str:
 
 
 def sft_main(args: TrainArguments) -> dict[str, Any]:
-    """Train, checkpoint, and return ``{"output_dir", "last_checkpoint", "log_history", "metrics", ...}``."""
+    """Train, checkpoint, and return ``{"output_dir", "last_checkpoint", "log_history", "metrics", ...}``.
+    With ``--dry_run`` nothing trains: the plan (data, parameters, steps, memory) is printed and returned."""
+    if args.dry_run:
+        from lmforge.toolkit.dry_run import dry_run  # the one import upward: the toolkit reads this module
+
+        return dry_run(args, _command_of(args))
     setup = prepare_training(args, "pt" if isinstance(args, PtArguments) else "train")
     train_ds, val_ds = load_training_data(args, setup.template)
     return run_training(setup, train_ds, val_ds)

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .jinja import SpanLocator, probe_end_of_turn, render_chat, warn_once
+from .jinja import SpanLocator, probe_assistant_header, probe_end_of_turn, render_chat, warn_once
 from .loss_scale import LossScale, get_loss_scale
 
 IGNORE_INDEX = -100
@@ -24,7 +24,7 @@ MODES = ("train", "infer", "rlhf", "pt")
 TRUNCATION_STRATEGIES = ("left", "right", "delete", "raise")
 ROLES = ("system", "user", "assistant", "tool_call", "tool_response")
 # Bump when the encoding of the same inputs changes, so cached datasets are rebuilt.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 
 # Which canonical role may follow which ("start" = beginning, after an optional system prompt).
 _FOLLOWS = {
@@ -201,6 +201,7 @@ class Template:
             self.template_kwargs["enable_thinking"] = enable_thinking
         self.mode = "train"
         self.end_of_turn = probe_end_of_turn(lambda m: self._render(m))
+        self.assistant_header = probe_assistant_header(lambda m: self._render(m))
         eos = getattr(tokenizer, "eos_token", None)
         self.stop_words: list[str] = list(dict.fromkeys(w for w in (self.end_of_turn, *stop_words, eos) if w))
         self.stop_token_ids: list[int] = self._stop_token_ids()
@@ -422,7 +423,8 @@ class Template:
         scale = self.loss_scale
         background = 1.0 if scale.all_tokens else 0.0
         char_w = [background] * len(full)
-        locator = SpanLocator(lambda m, gen: self._render(m, tools, gen), msgs, full, self.end_of_turn, self.name)
+        locator = SpanLocator(lambda m, gen: self._render(m, tools, gen), msgs, full, self.end_of_turn, self.name,
+                              self.assistant_header)
         for k, (turn, w) in enumerate(zip(turns, weights)):
             rules = w > 0 and turn.role == "assistant" and scale.has_span_rules
             if w == background and not rules:

@@ -7,7 +7,6 @@ launcher that sets ``WORLD_SIZE`` is enough.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,14 @@ PRESET_DIR = Path(__file__).with_name("ds_configs")
 
 def _json_arg(value: str | None, flag: str) -> dict[str, Any]:
     """A JSON object given inline or as a path to a .json file."""
+    from lmforge.arguments.base import _parse_dict
+
     if not value:
         return {}
-    text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag}: neither a .json file nor JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{flag}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+        return _parse_dict(Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value)
+    except ValueError as e:
+        raise ValueError(f"{flag}: neither a .json file nor {e}") from None
 
 
 def fsdp_kwargs(fsdp: str, fsdp_config: str | None) -> dict[str, Any]:

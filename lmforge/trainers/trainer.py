@@ -101,6 +101,14 @@ class LmforgeTrainer(Trainer):
             loss = loss * self.global_token_scale(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the peak GPU memory so far (this process) to every training log line on CUDA."""
+        import torch
+
+        if "loss" in logs and self.args.device.type == "cuda":
+            logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.args.device) / 2 ** 30, 2)
+        super().log(logs, start_time)
+
     def global_token_scale(self, num_items_in_batch: Any) -> int:
         """The factor that makes a loss normalised by the global batch's labelled tokens survive DDP/FSDP.
 

@@ -188,7 +188,8 @@ def parse_flags(cls: type, argv: list[str], secrets: dict[str, Any] | None = Non
         raise ArgumentError(f"cannot parse the flags {shlex.join(argv)}") from None
     if unknown:
         raise ArgumentError(f"unrecognized argument {unknown[0]!r}")
-    return from_dict(cls, {**(secrets or {}), **{k: v for k, v in vars(ns).items() if k != "config"}}, "flags")
+    flags = {k: v for k, v in vars(ns).items() if k not in ("config", "preset")}  # the form has neither
+    return from_dict(cls, {**(secrets or {}), **flags}, "flags")
 
 
 def form_values(flags: list[Flag], widget_values: list[Any]) -> dict[str, Any]:

@@ -176,7 +176,8 @@ def training_prepare(run_dir_of: Callable[[Any], str]) -> Prepare:
 
     def prepare(args: Any, values: dict) -> tuple[dict, str]:
         run_dir = run_dir_of(dataclasses.replace(args))
-        Path(run_dir).mkdir(parents=True, exist_ok=bool(args.resume_from_checkpoint))  # claimed: no two jobs share it
+        if not getattr(args, "dry_run", False):  # claimed now, so no two jobs share it (a dry run writes nothing)
+            Path(run_dir).mkdir(parents=True, exist_ok=bool(args.resume_from_checkpoint))
         return {**values, "output_dir": run_dir, "add_version": False}, run_dir
 
     return prepare
