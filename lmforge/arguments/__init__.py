@@ -1,5 +1,5 @@
 """Argument dataclasses, grouped as the data path is: model, data, template, tuner, train, rlhf, infer, deploy,
-sample, rollout, export."""
+sample, rollout, export, and the browser pages."""
 from lmforge.arguments.base import ArgumentError, from_dict, parse_args, read_args_json, save_args, to_dict
 from lmforge.arguments.infer import DeployArguments, ExportArguments, GenerationArguments, InferArguments
 from lmforge.arguments.eval import EvalArguments
@@ -9,6 +9,7 @@ from lmforge.arguments.sample import RewardArguments, SampleArguments
 from lmforge.arguments.toolkit import (AgentArguments, EnvArguments, PreferenceArguments, PresetsArguments,
                                       RagIndexArguments, RagQueryArguments)
 from lmforge.arguments.train import PtArguments, TrainArguments, TunerArguments
+from lmforge.arguments.ui import AppArguments, UIArguments, WebUIArguments
 
 __all__ = [
     "ArgumentError", "from_dict", "parse_args", "read_args_json", "save_args", "to_dict",
@@ -17,4 +18,5 @@ __all__ = [
     "GenerationArguments", "InferArguments", "DeployArguments", "ExportArguments",
     "EvalArguments", "EnvArguments", "PresetsArguments", "RagIndexArguments", "RagQueryArguments",
     "AgentArguments", "PreferenceArguments",
+    "UIArguments", "AppArguments", "WebUIArguments",
 ]

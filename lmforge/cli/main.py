@@ -44,6 +44,10 @@ ROUTES: dict[str, tuple[str, str, str]] = {
               "serve agents (rag, preference, domain assistants) over HTTP"),
     "preference train": ("lmforge.arguments:PreferenceArguments", "lmforge.toolkit.agents_cli:preference_train_main",
                          "one dpo/kto round on recorded feedback, evaluated against the last round"),
+    "app": ("lmforge.arguments:AppArguments", "lmforge.pipelines.ui:app_main",
+            "a chat page in the browser for a model or an OpenAI-compatible server"),
+    "web-ui": ("lmforge.arguments:WebUIArguments", "lmforge.pipelines.ui:webui_main",
+               "a browser page to train and watch runs, chat, evaluate and export"),
 }
 
 
