@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.registry import Registry
+from lmforge.utils.errors import SetupError
 
 EMBEDDERS: Registry[Any] = Registry("embedder")
 MINILM_HUB = "sentence-transformers/all-MiniLM-L6-v2"
@@ -57,7 +58,7 @@ class SentenceTransformerEmbedder(Embedder):
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
-            raise RuntimeError("the sentence-transformers embedder needs pip install 'lmforge[rag]'") from None
+            raise SetupError("the sentence-transformers embedder needs pip install 'lmforge[rag]'") from None
         self.model = model
         self._st = SentenceTransformer(model, device=device or "cpu")
         self.batch_size = batch_size

@@ -19,6 +19,7 @@ from typing import Any
 from lmforge.arguments import PtArguments, TrainArguments, save_args
 from lmforge.utils import distributed as dist
 from lmforge.utils.command import command_name, model_slug, print_output
+from lmforge.utils.errors import SetupError
 from lmforge.utils.log import setup_logging
 
 logger = logging.getLogger("lmforge")
@@ -130,7 +131,7 @@ def _check_optimizer(args: TrainArguments) -> None:
         logger.warning("--optim %s is ignored: --optimizer %s builds the optimizer", args.optim, args.optimizer)
     name = (args.optim or "").lower()
     if ("bnb" in name or name in _BNB_OPTIMS) and importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(f"--optim {args.optim} needs bitsandbytes (pip install 'lmforge[qlora]')")
+        raise SetupError(f"--optim {args.optim} needs bitsandbytes (pip install 'lmforge[qlora]')")
 
 
 def load_training_data(args: TrainArguments, template: Any, *, pack: bool | None = None,
@@ -258,7 +259,7 @@ def check_machine(args: TrainArguments, on_gpu: bool) -> None:
     from lmforge.trainers.distributed import parallel_training_kwargs
 
     if args.train_type == "qlora" and not on_gpu:
-        raise RuntimeError("--train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
+        raise SetupError("--train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
     _check_optimizer(args)
     parallel_training_kwargs(args, on_gpu)  # a bad --fsdp/--deepspeed fails here, before anything loads
 

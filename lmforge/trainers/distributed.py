@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmforge.utils.errors import SetupError
+
 FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard")
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 PRESET_DIR = Path(__file__).with_name("ds_configs")
@@ -94,8 +96,8 @@ def parallel_training_kwargs(args: Any, on_gpu: bool) -> dict[str, Any]:
         raise ValueError("--fsdp_config without --fsdp: pass --fsdp full_shard (or shard_grad_op, hybrid_shard)")
     if ds:
         if importlib.util.find_spec("deepspeed") is None:
-            raise RuntimeError(f"--deepspeed {ds} needs DeepSpeed: pip install 'lmforge[deepspeed]'")
+            raise SetupError(f"--deepspeed {ds} needs DeepSpeed: pip install 'lmforge[deepspeed]'")
         if not on_gpu:
-            raise RuntimeError(f"--deepspeed {ds} needs CUDA GPUs; on CPU use --fsdp full_shard or plain DDP")
+            raise SetupError(f"--deepspeed {ds} needs CUDA GPUs; on CPU use --fsdp full_shard or plain DDP")
         kw["deepspeed"] = deepspeed_config(ds)
     return kw

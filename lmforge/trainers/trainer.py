@@ -23,6 +23,7 @@ from typing import Any, Callable
 from transformers import Trainer
 
 from lmforge.utils.checkpoint import COMPLETE_MARKER, describe_files, disk_full_error, find_last_checkpoint, folder_size
+from lmforge.utils.errors import SetupError
 from lmforge.utils.io import atomic_write_text, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class LmforgeTrainer(Trainer):
 
         state = self.accelerator.state
         if state.distributed_type != DistributedType.MULTI_CPU:
-            raise RuntimeError(f"--fsdp was not applied (accelerate chose {state.distributed_type})")
+            raise SetupError(f"--fsdp was not applied (accelerate chose {state.distributed_type})")
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
         state.distributed_type = DistributedType.FSDP
         self.is_fsdp_enabled = True
@@ -155,7 +156,7 @@ class LmforgeTrainer(Trainer):
             why = check_output_head(self.model, head)
         if why:
             if mode:
-                raise RuntimeError(f"--fused_ce true: cannot apply: {why}")
+                raise SetupError(f"--fused_ce true: cannot apply: {why}")
             logger.warning("fused cross-entropy: off (%s); the loss uses full logits", why)
             return None
         liger = bool(getattr(a, "use_liger_kernel", False)) and on_cuda

@@ -12,6 +12,7 @@ import re
 from typing import Any, Iterator
 
 from lmforge.registry import TUNERS
+from lmforge.utils.errors import SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -136,11 +137,11 @@ def qlora_quantization_config(args: Any) -> Any:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
+        raise SetupError("train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise RuntimeError("train_type qlora needs bitsandbytes: pip install 'lmforge[qlora]'") from None
+        raise SetupError("train_type qlora needs bitsandbytes: pip install 'lmforge[qlora]'") from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

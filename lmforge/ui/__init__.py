@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 
+from lmforge.utils.errors import SetupError
 
-class MissingExtraError(RuntimeError):
+
+class MissingExtraError(SetupError):
     """An optional dependency the command needs is not installed (the message says how to get it)."""
 
 
