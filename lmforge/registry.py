@@ -105,3 +105,4 @@ TUNERS: Registry[Callable] = Registry("tuner", "lmforge.tuners.prepare")
 REWARDS: Registry[Callable] = Registry("reward", "lmforge.rlhf.rewards")
 MULTI_TURN: Registry[Any] = Registry("multi-turn scheduler", "lmforge.rlhf.multi_turn")
 PRMS: Registry[Any] = Registry("process reward model", "lmforge.rlhf.prm")  # step scores, for lmforge sample
+MODEL_FAMILIES: Registry[Any] = Registry("model family", "lmforge.model.vision")  # vision-language parts
