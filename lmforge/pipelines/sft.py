@@ -244,7 +244,9 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
     if args.gradient_checkpointing:
         logger.info(enable_gradient_checkpointing(model, args.gradient_checkpointing_every))
     hf_args = _hf_training_arguments(args, output_dir, val_ds is not None, setup.dtype)
-    optimizers = (OPTIMIZERS.get(args.optimizer)(model, args), None) if args.optimizer else (None, None)
+    optimizer = args.optimizer or ("multimodal" if getattr(args, "vit_lr", None) or getattr(args, "aligner_lr", None)
+                                   else None)
+    optimizers = (OPTIMIZERS.get(optimizer)(model, args), None) if optimizer else (None, None)
     if val_ds is not None and "compute_metrics" not in trainer_kwargs:
         metric = METRICS.get(args.eval_metric or "token_accuracy")
         metric = metric() if isinstance(metric, type) else metric
