@@ -151,8 +151,10 @@ def _processor_class(cls: type) -> type:
                 getattr(self, part).save_pretrained(save_directory)
         return [str(save_directory)]
 
+    pad_token_id = property(lambda self: self.tokenizer.pad_token_id)  # the Trainer counts tokens with it
     return type(cls.__name__, (cls,), {"check_argument_for_proper_class": check_argument_for_proper_class,
-                                       "save_pretrained": save_pretrained, "__module__": cls.__module__})
+                                       "save_pretrained": save_pretrained, "pad_token_id": pad_token_id,
+                                       "__module__": cls.__module__})
 
 
 def _video_processor(model_dir: Path) -> Any:
@@ -227,3 +229,37 @@ def get_processor(model: str, config: Any, tokenizer: Any, *, hub: str = "hf", r
 
     return load_processor(resolve_model_dir(model, hub=hub, revision=revision), config, tokenizer,
                           min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code)
+
+
+def mrope_position_ids(input_ids: Any, text_positions: Any, image_grid_thw: Any, image_token_id: int,
+                       merge_size: int) -> Any:
+    """Qwen2-VL's rotary positions ``[3, L]`` (time, height, width) for a flat sequence of packed rows.
+
+    Each row (where ``text_positions`` restarts at 0) is laid out as the model lays out one sequence:
+    text tokens advance all three axes by one; an image's tokens take its grid's row and column
+    (offset by the position before it) and the text after it resumes past the image's larger side. The
+    images' grids are consumed in order. For packing, where the model cannot compute this itself.
+    """
+    import torch
+
+    ids = input_ids.tolist()
+    out = torch.zeros(3, len(ids), dtype=torch.long)
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    k, pos = 0, 0
+    restarts = text_positions.tolist()
+    while k < len(ids):
+        if restarts[k] == 0:
+            pos = 0
+        if ids[k] != image_token_id:
+            out[:, k] = pos
+            pos, k = pos + 1, k + 1
+            continue
+        t, h, w = next(grids)
+        gh, gw = h // merge_size, w // merge_size
+        n = t * gh * gw
+        if ids[k:k + n] != [image_token_id] * n:
+            raise ValueError(f"an image of grid {t}x{h}x{w} needs {n} consecutive image tokens at position {k}")
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        out[:, k:k + n] = torch.stack([tt, hh, ww]).reshape(3, -1) + pos
+        pos, k = pos + max(gh, gw), k + n
+    return out

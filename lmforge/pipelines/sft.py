@@ -182,6 +182,7 @@ class TrainingSetup:
     template: Any
     on_gpu: bool
     dtype: Any
+    processor: Any = None  # a vision-language model's (tokenizer + image processor); None for text models
 
 
 def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup:
@@ -217,11 +218,34 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
         args.model, hub=args.hub, revision=args.revision, torch_dtype=args.torch_dtype, attn_impl=args.attn_impl,
         device_map=args.device_map, model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
         quantization_config=quant, device="cuda" if on_gpu else "cpu")
+    from lmforge.model.vision import get_processor
+
+    processor = get_processor(args.model, model.config, tokenizer, hub=args.hub, revision=args.revision,
+                              min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                              trust_remote_code=args.trust_remote_code)
     template = get_template(tokenizer, args.template, system=args.system, max_length=args.max_length,
                             truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale,
-                            enable_thinking=args.enable_thinking, agent_template=args.agent_template)
+                            enable_thinking=args.enable_thinking, agent_template=args.agent_template,
+                            processor=processor)
     template.set_mode(mode)
-    return TrainingSetup(args, output_dir, model, tokenizer, template, on_gpu, model.dtype)
+    return TrainingSetup(args, output_dir, model, tokenizer, template, on_gpu, model.dtype, processor)
+
+
+def default_collator(setup: TrainingSetup, model: Any) -> Any:
+    """Padded or padding-free batches of token ids, plus pixels for a vision-language model."""
+    from lmforge.trainers.collator import Collator
+
+    pad, packing = setup.tokenizer.pad_token_id, setup.args.packing
+    vision = getattr(setup.template, "vision", None)
+    if vision is None:
+        return Collator(pad, padding_free=packing)
+    from lmforge.model.vision import require_family
+    from lmforge.trainers.vision_collator import VisionCollator
+
+    family = require_family(model)
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 2)
+    return VisionCollator(pad, vision, family, merge_size=merge, padding_free=packing)
 
 
 def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cls: Any = None,
@@ -231,7 +255,6 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
 
     from lmforge.model.patches import configure_for_training, enable_gradient_checkpointing
     from lmforge.registry import LOSSES, METRICS, OPTIMIZERS
-    from lmforge.trainers.collator import Collator
     from lmforge.trainers.trainer import LmforgeTrainer
     from lmforge.tuners import prepare_model
 
@@ -253,8 +276,8 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
         trainer_kwargs.update(compute_metrics=metric.compute, preprocess_logits_for_metrics=metric.preprocess)
     trainer = (trainer_cls or LmforgeTrainer)(
         model=model, args=hf_args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=data_collator or Collator(setup.tokenizer.pad_token_id, padding_free=args.packing),
-        processing_class=setup.tokenizer, callbacks=_callbacks(args), optimizers=optimizers,
+        data_collator=data_collator or default_collator(setup, model),
+        processing_class=setup.processor or setup.tokenizer, callbacks=_callbacks(args), optimizers=optimizers,
         loss_fn=LOSSES.get(args.loss_type) if args.loss_type else None, lmforge_args=args, **trainer_kwargs,
     )
     for cb in (ProgressCallback, PrinterCallback):  # our progress callback replaces both
