@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["IMAGE_TAG", "VIDEO_TAG", "MediaError", "count_tags", "data_url", "image_size", "normalize_image",
-           "normalize_video", "open_image", "source_dir"]
+           "normalize_video", "open_image", "openai_messages", "source_dir"]
 
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
@@ -189,3 +189,24 @@ def open_image(ref: str):
         raise
     except Exception as e:  # noqa: BLE001
         raise MediaError(f"cannot read image {ref[:80]!r}: {type(e).__name__}: {e}") from None
+
+
+def openai_messages(messages: list[dict], images: list[str]) -> list[dict]:
+    """Messages with ``<image>`` tags as OpenAI content parts (images sent as base64 data: URLs), for a server."""
+    it = iter(images)
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, str) or IMAGE_TAG not in content:
+            out.append(m)
+            continue
+        parts: list[dict] = []
+        for k, piece in enumerate(content.split(IMAGE_TAG)):
+            if k:
+                ref = next(it)
+                url = ref if ref.startswith("data:") else data_url(open_image(ref))
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        out.append({**m, "content": parts})
+    return out
