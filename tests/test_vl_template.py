@@ -104,3 +104,46 @@ def test_rows_without_tags_and_bad_rows(processor, tiny_tokenizer):
     cut = get_template(processor.tokenizer, processor=processor, max_length=8, truncation_strategy="left")
     with pytest.raises(MaxLengthError, match="cut an image"):
         cut.encode(tagged)
+
+
+def test_llava_template_collator_and_forward_through_the_same_path(tmp_path, tiny_tokenizer):
+    """A tiny random LLaVA (CLIP tower, fixed-size images): ids equal LlavaProcessor's, the batch runs."""
+    import json
+
+    from transformers import (AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              Qwen2Config)
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from lmforge.model.builtin import _RENDER_PARTS
+    from lmforge.model.builtin.build_tokenizer import CHATML_TEMPLATE
+    from lmforge.model.vision import family_of, load_processor
+    from lmforge.trainers.vision_collator import VisionCollator
+
+    tok = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = _RENDER_PARTS.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>") + \
+        CHATML_TEMPLATE.replace("message['content']", "render(message['content'])")
+    model = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1),
+        image_token_id=tok.convert_tokens_to_ids("<image>")))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps(
+        {"patch_size": 14, "vision_feature_select_strategy": "full", "num_additional_image_tokens": 0}))
+    processor = load_processor(tmp_path, AutoConfig.from_pretrained(tmp_path), tok)
+    tpl = get_template(tok, processor=processor)
+    image = _img(50, 60)
+    row = {"messages": [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "yo"}],
+           "images": [image]}
+    enc = tpl.encode(row)
+    ref = processor.apply_chat_template(_parts(row["messages"], [image]), tokenize=True, return_dict=True)
+    assert enc["input_ids"] == list(ref["input_ids"][0])
+    assert enc["input_ids"].count(processor.image_token_id) == 4  # (28 / 14) ** 2, whatever the image size
+    batch = VisionCollator(tok.pad_token_id, tpl.vision, family_of(model.config))([enc, enc])
+    assert batch["pixel_values"].shape == (2, 3, 28, 28) and "mm_token_type_ids" not in batch
+    labels = batch.pop("labels")
+    assert model(**batch).logits.shape[:2] == labels.shape
