@@ -76,3 +76,32 @@ def test_tiny_vl_learns_shapes_and_deploy_answers_images(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_lora_on_images_trains_merges_and_serves_the_same_answers(tmp_path):
+    """sft --train_type lora (the language model only) -> export --merge_lora -> the merged folder answers
+    like base + adapter. About 40 seconds."""
+    import torch
+
+    from lmforge import sft_main
+    from lmforge.arguments import TrainArguments
+    from lmforge.dataset.shapes import generate_shapes
+    from lmforge.export import merge_lora
+    from lmforge.infer import InferRequest, RequestConfig
+    from lmforge.infer.hf import HfEngine
+
+    torch.set_num_threads(2)
+    result = sft_main(TrainArguments(model="builtin:tiny-vl", dataset=["builtin:shapes#32"], train_type="lora",
+                                     lora_rank=4, max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+                                     max_pixels=56 * 56, output_dir=str(tmp_path / "run"), report_to=["none"],
+                                     plot=False, add_version=False))
+    ckpt = result["last_checkpoint"]
+    merged = merge_lora(ckpt_dir=ckpt, output_dir=str(tmp_path / "merged"))
+    rows = generate_shapes("test", n=4)
+    reqs = [InferRequest(messages=[{"role": "user", "content": r["messages"][0]["content"]}], images=r["images"])
+            for r in rows]
+    cfg = RequestConfig(max_tokens=4, ignore_eos=True)
+    adapter = [r.choices[0].token_ids for r in HfEngine(ckpt_dir=ckpt, device="cpu").infer(reqs, cfg)]
+    whole = HfEngine(merged, device="cpu")
+    assert whole.processor.image_processor.size.longest_edge == 56 * 56  # --max_pixels travels with the model
+    assert [r.choices[0].token_ids for r in whole.infer(reqs, cfg)] == adapter

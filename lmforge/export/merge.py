@@ -103,6 +103,13 @@ def merge_lora(*, model: str | None = None, ckpt_dir: str | None = None,
     try:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
+        from lmforge.model.vision import get_processor
+
+        processor = get_processor(src.model, merged.config, tokenizer, hub=hub, revision=revision,
+                                  min_pixels=src.train_args.get("min_pixels"),
+                                  max_pixels=src.train_args.get("max_pixels"), trust_remote_code=trust_remote_code)
+        if processor is not None:  # a vision-language model needs its image processor beside the weights
+            processor.image_processor.save_pretrained(tmp)
         _write_v4_tokenizer_class(tmp)
         from lmforge.utils.io import atomic_write_text
 
