@@ -95,3 +95,22 @@ def test_native_engine_says_it_does_not_support_vision_models():
 
     with pytest.raises(NotImplementedError, match="does not support vision-language models"):
         NativeEngine("builtin:tiny-vl", allow_cpu=True, device="cpu")
+
+
+def test_eval_on_images_locally_and_through_a_server(engine, tmp_path):
+    from lmforge.arguments import EvalArguments
+    from lmforge.pipelines.eval import eval_main
+
+    common = dict(eval_dataset=["builtin:shapes#4"], max_new_tokens=3, plot=False)
+    local = eval_main(EvalArguments(model="builtin:tiny-vl", output_dir=str(tmp_path / "a"), **common), engine=engine)
+    with ServerThread(create_app(engine, DeployArguments(max_new_tokens=3))) as srv:
+        served = eval_main(EvalArguments(eval_url=srv.url, output_dir=str(tmp_path / "b"), **common))
+
+    def answers(report, folder):
+        import json
+
+        path = tmp_path / folder / report["datasets"]["builtin:shapes#4"]["predictions"]
+        return [json.loads(line)["response"] for line in path.read_text().splitlines()]
+
+    assert local["datasets"]["builtin:shapes#4"]["source"] == "builtin:shapes:test#4"  # the held-out split
+    assert answers(local, "a") == answers(served, "b") and all(answers(local, "a"))
