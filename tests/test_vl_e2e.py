@@ -1,9 +1,9 @@
 """builtin:tiny-vl learns builtin:shapes, then `deploy` answers an image question from the openai client.
 
-A shorter run of examples/tiny-vl-shapes.yaml (SHORT_STEPS steps instead of two epochs), scored by
-`lmforge eval` on held-out images, must clear LEARNING_BAR exact match: a model that ignores the image
-can only guess per question type (about 30%). Then the checkpoint is served by `lmforge deploy` and
-asked with a base64 image through the official openai client. About 4 minutes on two idle cores.
+A shorter run of examples/tiny-vl-shapes.yaml (SHORT_STEPS steps instead of four epochs), scored by
+`lmforge eval` on 150 held-out images, must clear LEARNING_BAR exact match: a model that ignores the
+image can only guess per question type (about 30%). Then the checkpoint is served by `lmforge deploy`
+and asked with base64 images through the official openai client. About 3 minutes on one core.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT_STEPS = 150
-LEARNING_BAR = 0.6  # exact match on 60 held-out rows; see the docstring and the run notes in docs/vision.md
+SHORT_STEPS = 500
+LEARNING_BAR = 0.5  # exact match on 150 held-out rows; measured over seeds in docs/vision.md
 
 
 def _free_port() -> int:
@@ -39,18 +39,19 @@ def test_tiny_vl_learns_shapes_and_deploy_answers_images(tmp_path):
     from lmforge.dataset.shapes import generate_shapes
     from lmforge.pipelines.eval import eval_main
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     recipe = load_config_file(str(ROOT / "examples" / "tiny-vl-shapes.yaml"))
-    recipe.update(max_steps=SHORT_STEPS, output_dir=str(tmp_path / "run"), plot=False)
+    recipe.update(max_steps=SHORT_STEPS, output_dir=str(tmp_path / "run"), plot=False, seed=int(
+        os.environ.get("LMFORGE_TEST_SEED", "42")))
     result = sft_main(from_dict(TrainArguments, recipe))
     ckpt = result["last_checkpoint"]
-    report = eval_main(EvalArguments(ckpt_dir=ckpt, eval_dataset=["builtin:shapes#60"], max_new_tokens=8,
+    report = eval_main(EvalArguments(ckpt_dir=ckpt, eval_dataset=["builtin:shapes#150"], max_new_tokens=8,
                                      output_dir=str(tmp_path / "eval"), plot=False))
-    metrics = report["datasets"]["builtin:shapes#60"]["metrics"]
+    metrics = report["datasets"]["builtin:shapes#150"]["metrics"]
     assert metrics["exact_match"] >= LEARNING_BAR, metrics
 
     port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli.main", "deploy", "--ckpt_dir", ckpt, "--port",
                              str(port), "--max_new_tokens", "8"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -72,7 +73,7 @@ def test_tiny_vl_learns_shapes_and_deploy_answers_images(tmp_path):
                 {"type": "image_url", "image_url": {"url": row["images"][0]}},
                 {"type": "text", "text": question}]}])
             right += reply.choices[0].message.content.strip() == row["solution"]
-        assert right >= 5, f"{right}/10 answers right through the server"
+        assert right >= 4, f"{right}/10 answers right through the server"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -90,7 +91,7 @@ def test_lora_on_images_trains_merges_and_serves_the_same_answers(tmp_path):
     from lmforge.infer import InferRequest, RequestConfig
     from lmforge.infer.hf import HfEngine
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     result = sft_main(TrainArguments(model="builtin:tiny-vl", dataset=["builtin:shapes#32"], train_type="lora",
                                      lora_rank=4, max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
                                      max_pixels=56 * 56, output_dir=str(tmp_path / "run"), report_to=["none"],

@@ -1,8 +1,8 @@
-"""``builtin:shapes``: coloured shapes on plain backgrounds, with questions about colour, shape and count.
+"""``builtin:shapes``: coloured shapes on a plain background, with questions about colour, shape and count.
 
 Every image holds one to three shapes of one kind (circle, square, triangle) and one colour on a
-plain background; its question asks for the colour, the kind or the number, answered in one word
-(``solution`` holds it). Images are drawn here with PIL from a seeded generator and stored as PNG
+plain white background, each shape in its own cell of a 3 x 3 grid; its question asks for the
+colour, the kind or the number, answered in one word (``solution`` holds it). Images are drawn here with PIL from a seeded generator and stored as PNG
 ``data:`` URLs, so the set is the same everywhere and needs no files. A row belongs to the held-out
 ``test`` split by a hash of what its image shows, so the splits never share an image.
 """
@@ -17,26 +17,33 @@ from lmforge.registry import DATASETS
 __all__ = ["SHAPES_SIZES", "draw_shapes", "generate_shapes"]
 
 IMAGE_SIZE = 84  # 6 x 6 patches of 14 pixels: 9 tokens after Qwen2-VL's 2 x 2 merge
+CELL = 28  # one merged token's square
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 20)}
-BACKGROUNDS = ((255, 255, 255), (20, 20, 20), (128, 128, 128))
+BACKGROUNDS = ((255, 255, 255),)
 KINDS = ("circle", "square", "triangle")
 QUESTIONS = {
     "colour": ("What colour are the shapes?", "Which colour do you see?"),
     "shape": ("What shape are they?", "Which shape is in the picture?"),
     "count": ("How many shapes are there?", "Count the shapes."),
 }
-SHAPES_SIZES = {"train": 3000, "test": 300}
+SHAPES_SIZES = {"train": 8000, "test": 300}
 TEST_PER_MILLE = 100
 
 
 def _layout(rng: random.Random, n: int) -> list[tuple[int, int, int]]:
-    """``n`` non-overlapping boxes ``(x, y, size)`` inside the image."""
-    boxes: list[tuple[int, int, int]] = []
-    while len(boxes) < n:
-        size = rng.randint(18, 26)
-        x, y = rng.randint(2, IMAGE_SIZE - size - 2), rng.randint(2, IMAGE_SIZE - size - 2)
-        if all(x + size + 3 < bx or bx + bs + 3 < x or y + size + 3 < by or by + bs + 3 < y for bx, by, bs in boxes):
-            boxes.append((x, y, size))
+    """``n`` boxes ``(x, y, size)``, each inside its own cell of a 3 x 3 grid of 28-pixel cells.
+
+    A cell is what one image token of Qwen2-VL sees (2 x 2 patches of 14 pixels), so a small model can
+    tell shapes apart from one token and count the tokens that hold one; sizes and places within the
+    cells vary.
+    """
+    cells = rng.sample(range(9), n)
+    boxes = []
+    for c in sorted(cells):
+        size = rng.randint(16, 24)
+        x = (c % 3) * CELL + rng.randint(1, CELL - size - 1)
+        y = (c // 3) * CELL + rng.randint(1, CELL - size - 1)
+        boxes.append((x, y, size))
     return boxes
 
 
@@ -62,7 +69,7 @@ def _in_test(key: str) -> bool:
 
 
 def generate_shapes(split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
-    """``n`` rows of ``split`` (default 3,000 train, 300 test): ``<image>`` + a question, a one-word answer."""
+    """``n`` rows of ``split`` (default 8,000 train, 300 test): ``<image>`` + a question, a one-word answer."""
     from lmforge.dataset.media import data_url
 
     if split not in SHAPES_SIZES:
@@ -96,7 +103,7 @@ DATASETS.register(
         "shapes",
         _load_shapes,
         splits=("train", "test"),
-        description="coloured circles, squares and triangles on plain backgrounds (84x84 PNG data URLs) with "
-                    "one-word questions on colour, shape and count; test is 300 held-out images",
+        description="1-3 coloured circles, squares or triangles on white (84x84 PNG data URLs) with one-word "
+                    "questions on colour, shape and count; 8,000 train rows, test is 300 held-out images",
     ),
 )

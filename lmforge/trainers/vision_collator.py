@@ -38,13 +38,13 @@ class VisionCollator(Collator):
             text = out["position_ids"][0]
             rope = mrope_position_ids(ids[0], text, out.get("image_grid_thw"), self.vision.image_token_id,
                                       self.merge_size)
-            out["position_ids"] = torch_cat_positions(text, rope)
+            out["position_ids"] = _packed_positions(text, rope)
         elif self.family is not None and self.family.token_type_ids:
             out["mm_token_type_ids"] = self.vision.token_type_ids(ids)
         return out
 
 
-def torch_cat_positions(text: Any, rope: Any) -> Any:
+def _packed_positions(text: Any, rope: Any) -> Any:
     """``[4, 1, L]``: the restarting text positions (they mark the packed rows) over the three rotary axes."""
     import torch
 
