@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_STEPS = 500
-LEARNING_BAR = 0.5  # exact match on 150 held-out rows; measured over seeds in docs/vision.md
+LEARNING_BAR = 0.45  # exact match on 150 held-out rows; measured 0.53-0.57 over data seeds (docs/vision.md)
 
 
 def _free_port() -> int:
@@ -37,17 +37,20 @@ def test_tiny_vl_learns_shapes_and_deploy_answers_images(tmp_path):
     from lmforge.arguments import EvalArguments, TrainArguments, from_dict
     from lmforge.arguments.base import load_config_file
     from lmforge.dataset.shapes import generate_shapes
+    from lmforge.infer import InferRequest, RequestConfig
+    from lmforge.infer.hf import HfEngine
     from lmforge.pipelines.eval import eval_main
 
     torch.set_num_threads(1)
     recipe = load_config_file(str(ROOT / "examples" / "tiny-vl-shapes.yaml"))
-    recipe.update(max_steps=SHORT_STEPS, output_dir=str(tmp_path / "run"), plot=False, seed=int(
-        os.environ.get("LMFORGE_TEST_SEED", "42")))
+    seed = int(os.environ.get("LMFORGE_TEST_SEED", "42"))  # the data order (the built-in weights are fixed)
+    recipe.update(max_steps=SHORT_STEPS, output_dir=str(tmp_path / "run"), plot=False, seed=seed, data_seed=seed)
     result = sft_main(from_dict(TrainArguments, recipe))
     ckpt = result["last_checkpoint"]
     report = eval_main(EvalArguments(ckpt_dir=ckpt, eval_dataset=["builtin:shapes#150"], max_new_tokens=8,
                                      output_dir=str(tmp_path / "eval"), plot=False))
     metrics = report["datasets"]["builtin:shapes#150"]["metrics"]
+    print(f"tiny-vl after {SHORT_STEPS} steps: {metrics}")
     assert metrics["exact_match"] >= LEARNING_BAR, metrics
 
     port = _free_port()
@@ -66,14 +69,19 @@ def test_tiny_vl_learns_shapes_and_deploy_answers_images(tmp_path):
                 assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
                 time.sleep(1)
         rows = generate_shapes("test", n=10)
-        right = 0
+        engine = HfEngine(ckpt_dir=ckpt, device="cpu")
+        want = engine.infer([InferRequest(messages=[{"role": "user", "content": r["messages"][0]["content"]}],
+                                          images=r["images"]) for r in rows], RequestConfig(max_tokens=8))
+        got = []
         for row in rows:
             question = row["messages"][0]["content"].removeprefix("<image>")
             reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": row["images"][0]}},
                 {"type": "text", "text": question}]}])
-            right += reply.choices[0].message.content.strip() == row["solution"]
-        assert right >= 4, f"{right}/10 answers right through the server"
+            got.append(reply.choices[0].message.content)
+        right = sum(g.strip() == r["solution"] for g, r in zip(got, rows))
+        print(f"deploy: {right}/10 answers right")
+        assert got == [w.choices[0].message.content for w in want]  # the served model is the trained one
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -81,9 +81,6 @@ def builtin_model_dir(name: str) -> Path:
 
 
 def _write_builtin(key: str, out: Path) -> None:
-    import tempfile
-
-    import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     if key == "tiny-vl":
@@ -101,19 +98,25 @@ def _write_builtin(key: str, out: Path) -> None:
         torch_dtype="float32",
         **spec,
     )
-    # Seeded CPU generator: the same weights on every machine.
+    _save_atomically(key, out, _seeded(Qwen2ForCausalLM, config, seed, tok), tok)
+
+
+def _seeded(model_cls, config, seed: int, tok):
+    """``model_cls(config)`` from a seeded CPU generator (the same weights on every machine), stopping at
+    ChatML's end of turn."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = model_cls(config)
     model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"),
                                             tok.convert_tokens_to_ids("<|endoftext|>")]
     model.generation_config.pad_token_id = tok.pad_token_id
-    _save_atomically(key, out, model, tok)
+    return model
 
 
 def _build_tiny_vl(spec: dict):
     """The random-init Qwen2-VL model, its tokenizer and its image processor."""
-    import torch
     from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -140,13 +143,8 @@ def _build_tiny_vl(spec: dict):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
         tie_word_embeddings=spec["tie_word_embeddings"], torch_dtype="float32")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"),
-                                            tok.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok, Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    return (_seeded(Qwen2VLForConditionalGeneration, config, seed, tok), tok,
+            Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels))
 
 
 def _save_atomically(key: str, out: Path, *parts) -> None:
