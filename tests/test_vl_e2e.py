@@ -1,12 +1,14 @@
 """builtin:tiny-vl learns builtin:shapes, then `deploy` answers an image question from the openai client.
 
-A shorter run of examples/tiny-vl-shapes.yaml (SHORT_STEPS steps instead of four epochs), scored by
-`lmforge eval` on 150 held-out images, must clear LEARNING_BAR exact match: a model that ignores the
-image can only guess per question type (about 30%). Then the checkpoint is served by `lmforge deploy`
-and asked with base64 images through the official openai client. About 3 minutes on one core.
+A shorter run of examples/tiny-vl-shapes.yaml (SHORT_STEPS steps instead of 2,000), scored by
+`lmforge eval` on 150 held-out images, must answer the colour questions well above chance (COLOUR_BAR).
+Then the checkpoint is served by `lmforge deploy` and asked with base64 images through the official
+openai client; its answers must be the engine's. About 2 minutes of CPU time (one thread): under 4
+minutes on two idle cores.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,7 +22,11 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_STEPS = 500
-LEARNING_BAR = 0.45  # exact match on 150 held-out rows; measured 0.53-0.57 over data seeds (docs/vision.md)
+# Exact match on 150 held-out rows. After 500 steps colour is learned on every data order tried, while
+# shape and count may still be at chance (they are learned later, see docs/vision.md); a model that
+# ignores the image gets a quarter of the colours right and about 30% overall.
+COLOUR_BAR = 0.6
+LEARNING_BAR = 0.33
 
 
 def _free_port() -> int:
@@ -36,7 +42,7 @@ def test_tiny_vl_learns_shapes_and_deploy_answers_images(tmp_path):
     from lmforge import sft_main
     from lmforge.arguments import EvalArguments, TrainArguments, from_dict
     from lmforge.arguments.base import load_config_file
-    from lmforge.dataset.shapes import generate_shapes
+    from lmforge.dataset.shapes import COLOURS, generate_shapes
     from lmforge.infer import InferRequest, RequestConfig
     from lmforge.infer.hf import HfEngine
     from lmforge.pipelines.eval import eval_main
@@ -49,9 +55,13 @@ def test_tiny_vl_learns_shapes_and_deploy_answers_images(tmp_path):
     ckpt = result["last_checkpoint"]
     report = eval_main(EvalArguments(ckpt_dir=ckpt, eval_dataset=["builtin:shapes#150"], max_new_tokens=8,
                                      output_dir=str(tmp_path / "eval"), plot=False))
-    metrics = report["datasets"]["builtin:shapes#150"]["metrics"]
-    print(f"tiny-vl after {SHORT_STEPS} steps: {metrics}")
-    assert metrics["exact_match"] >= LEARNING_BAR, metrics
+    data = report["datasets"]["builtin:shapes#150"]
+    colour = [json.loads(line) for line in (tmp_path / "eval" / data["predictions"]).read_text().splitlines()]
+    colour = [r for r in colour if r["reference"] in COLOURS]
+    colour_em = sum(r["response"].strip() == r["reference"] for r in colour) / len(colour)
+    print(f"tiny-vl after {SHORT_STEPS} steps: {data['metrics']}, colour {colour_em:.3f}")
+    assert colour_em >= COLOUR_BAR, (colour_em, data["metrics"])
+    assert data["metrics"]["exact_match"] >= LEARNING_BAR, data["metrics"]
 
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
