@@ -1,7 +1,7 @@
 """builtin:tiny-vl learns builtin:shapes, then `deploy` answers an image question from the openai client.
 
 A shorter run of examples/tiny-vl-shapes.yaml (SHORT_STEPS steps instead of 2,000), scored by
-`lmforge eval` on 150 held-out images, must answer the colour questions well above chance (COLOUR_BAR).
+`lmforge eval` on 150 held-out images, must answer well above what an image-blind model can (LEARNING_BAR).
 Then the checkpoint is served by `lmforge deploy` and asked with base64 images through the official
 openai client; its answers must be the engine's. About 2 minutes of CPU time (one thread): under 4
 minutes on two idle cores.
@@ -22,11 +22,11 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_STEPS = 500
-# Exact match on 150 held-out rows. After 500 steps colour is learned on every data order tried, while
-# shape and count may still be at chance (they are learned later, see docs/vision.md); a model that
-# ignores the image gets a quarter of the colours right and about 30% overall.
-COLOUR_BAR = 0.6
-LEARNING_BAR = 0.33
+# Exact match on 150 held-out rows; a model that ignores the image gets about 30% (a quarter of the
+# colours, a third of shapes and counts). When reading the image starts within 500 steps depends on the
+# data order: 0.573 (data_seed 42, the same in two runs: CPU training is deterministic here), 0.48, 0.48
+# and 0.353 over data seeds 2, 3 and 1. So the order is pinned and the bar sits below its score.
+LEARNING_BAR = 0.5
 
 
 def _free_port() -> int:
@@ -56,11 +56,9 @@ def test_tiny_vl_learns_shapes_and_deploy_answers_images(tmp_path):
     report = eval_main(EvalArguments(ckpt_dir=ckpt, eval_dataset=["builtin:shapes#150"], max_new_tokens=8,
                                      output_dir=str(tmp_path / "eval"), plot=False))
     data = report["datasets"]["builtin:shapes#150"]
-    colour = [json.loads(line) for line in (tmp_path / "eval" / data["predictions"]).read_text().splitlines()]
-    colour = [r for r in colour if r["reference"] in COLOURS]
-    colour_em = sum(r["response"].strip() == r["reference"] for r in colour) / len(colour)
-    print(f"tiny-vl after {SHORT_STEPS} steps: {data['metrics']}, colour {colour_em:.3f}")
-    assert colour_em >= COLOUR_BAR, (colour_em, data["metrics"])
+    rows = [json.loads(line) for line in (tmp_path / "eval" / data["predictions"]).read_text().splitlines()]
+    colour = [r["response"].strip() == r["reference"] for r in rows if r["reference"] in COLOURS]
+    print(f"tiny-vl after {SHORT_STEPS} steps: {data['metrics']}, colour {sum(colour) / len(colour):.3f}")
     assert data["metrics"]["exact_match"] >= LEARNING_BAR, data["metrics"]
 
     port = _free_port()
