@@ -95,7 +95,7 @@ def load_plugins(paths: list[str] | None) -> None:
 TEMPLATES: Registry[Any] = Registry("template", "lmforge.template.registered")
 AGENT_TEMPLATES: Registry[Any] = Registry("agent template", "lmforge.template.agent")
 LOSS_SCALES: Registry[Any] = Registry("loss scale", "lmforge.template.loss_scale")
-DATASETS: Registry[Any] = Registry("dataset", ("lmforge.dataset.builtin", "lmforge.rlhf.data"))
+DATASETS: Registry[Any] = Registry("dataset", ("lmforge.dataset.builtin", "lmforge.dataset.shapes", "lmforge.rlhf.data"))
 LOSSES: Registry[Callable] = Registry("loss", "lmforge.trainers.losses")
 METRICS: Registry[Callable] = Registry("metric", "lmforge.trainers.metrics")
 EVAL_METRICS: Registry[Any] = Registry("eval metric", "lmforge.eval.metrics")  # lmforge eval (not training)
@@ -107,3 +107,4 @@ MULTI_TURN: Registry[Any] = Registry("multi-turn scheduler", "lmforge.rlhf.multi
 PRMS: Registry[Any] = Registry("process reward model", "lmforge.rlhf.prm")  # step scores, for lmforge sample
 AGENTS: Registry[Any] = Registry("agent", ("lmforge.agents.rag", "lmforge.agents.preference",
                                            "lmforge.agents.assistant"))  # lmforge agent / app --agent
+MODEL_FAMILIES: Registry[Any] = Registry("model family", "lmforge.model.vision")  # vision-language parts

@@ -72,6 +72,8 @@ class DeployArguments(InferArguments):
     shutdown_timeout: float = field(30.0, "on SIGTERM/Ctrl-C, seconds running requests get to finish before "
                                           "they are cancelled")
     stream: bool = field(False, "unused by the server (clients ask for streaming per request)")
+    allow_local_media: bool = field(False, "let requests name image files on this machine (path or file://); "
+                                           "off: only base64 data: URLs are accepted")
 
 
 @dataclass

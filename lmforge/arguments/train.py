@@ -24,6 +24,11 @@ class TunerArguments:
     trainable_parameters: list[str] = field(default_factory=list,
                                             help="name prefixes or regexes that train even if frozen above")
     quant_bits: int = field(4, "bits for qlora (bitsandbytes)")
+    freeze_vit: bool = field(True, "vision models: freeze the vision tower (no LoRA on it either)")
+    freeze_aligner: bool = field(True, "vision models: freeze the aligner (the projector into the language model)")
+    freeze_llm: bool = field(False, "vision models: freeze the language model (train only vision parts)")
+    vit_lr: Optional[float] = field(None, "vision models: learning rate of the vision tower (default: --learning_rate)")
+    aligner_lr: Optional[float] = field(None, "vision models: learning rate of the aligner (default: --learning_rate)")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -50,6 +50,7 @@ class _Job:
     request: InferRequest
     input_ids: list[int]
     max_tokens: int
+    images: list[str] = field(default_factory=list)  # image references of a vision-language prompt, in order
 
 
 @dataclass
@@ -202,7 +203,7 @@ class HfEngine(InferEngine):
                  hub: str = "hf", revision: str | None = None, attn_impl: str | None = None,
                  model_kwargs: dict | None = None, trust_remote_code: bool = False,
                  enable_thinking: bool | None = None, model_name: str | None = None,
-                 agent_template: str | None = None):
+                 agent_template: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if model_obj is not None:
@@ -230,6 +231,7 @@ class HfEngine(InferEngine):
         self.device = getattr(self.model, "device", None) or next(self.model.parameters()).device
         self.model_name = model_name or (Path(src.model).name if Path(src.model).exists() else src.model)
         self.max_batch_size = max_batch_size
+        self.processor = self._processor(src, hub, revision, min_pixels, max_pixels, trust_remote_code)
         self.template = self._make_template(template, src, enable_thinking, agent_template)
         self.max_model_len = max_model_len or self._default_max_model_len()
         self.stop_token_ids = self._stop_ids()
@@ -252,13 +254,39 @@ class HfEngine(InferEngine):
 
             tpl = get_template(self.tokenizer, src.template, system=src.system, max_length=None,
                                enable_thinking=enable_thinking if enable_thinking is not None else src.enable_thinking,
-                               agent_template=agent_template or getattr(src, "agent_template", None))
+                               agent_template=agent_template or getattr(src, "agent_template", None),
+                               processor=self.processor)
         else:
             tpl = copy.copy(template)  # a caller's template (a trainer's, say) keeps its own mode
             if src.system is not None:
                 tpl.system = src.system
         tpl.set_mode("infer")
         return tpl
+
+    def _processor(self, src: Any, hub: str, revision: str | None, min_pixels: int | None,
+                   max_pixels: int | None, trust_remote_code: bool) -> Any:
+        """A vision-language model's processor (None for a text model); pixel bounds default to training's."""
+        from lmforge.model.vision import family_of, get_processor, is_vision_config
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.vision_family = family_of(base.config)
+        if not is_vision_config(base.config):
+            return None
+        train = src.train_args
+        return get_processor(src.model, base.config, self.tokenizer, hub=hub, revision=revision,
+                             min_pixels=min_pixels or train.get("min_pixels"),
+                             max_pixels=max_pixels or train.get("max_pixels"), trust_remote_code=trust_remote_code)
+
+    def _vision_inputs(self, jobs: list[_Job], n: int, input_ids: torch.Tensor) -> dict[str, Any]:
+        """Pixels (and token types) for a batch whose prompts hold images; each prompt repeated ``n`` times."""
+        images = [ref for j in jobs for _ in range(n) for ref in j.images]
+        vision = getattr(self.template, "vision", None)
+        if not images or vision is None:
+            return {}
+        out = {k: v.to(self.device) for k, v in vision.pixel_inputs(images).items()}
+        if self.vision_family is not None and self.vision_family.token_type_ids:
+            out["mm_token_type_ids"] = vision.token_type_ids(input_ids)
+        return out
 
     def _stop_ids(self) -> list[int]:
         """The template's stop tokens plus the model's own eos ids (chat models often list several)."""
@@ -285,15 +313,19 @@ class HfEngine(InferEngine):
         A request with a ``prompt`` (text or token ids, as /v1/completions sends) skips the chat
         template: the text is tokenized as it is, with no special tokens added.
         """
+        return self._encode(request, index)[0]
+
+    def _encode(self, request: InferRequest | dict, index: int | None) -> tuple[list[int], list[str]]:
+        """Prompt ids and the prompt's image references."""
         prompt = getattr(request, "prompt", None)
         if prompt is not None:
-            return self._encode_prompt(prompt, index)
+            return self._encode_prompt(prompt, index), []
         row = to_canonical_row(request, index=index)
         try:
             encoded = self.template.encode(row)
-        except ValueError as e:  # TemplateError / MaxLengthError: the template's message says why
+        except ValueError as e:  # TemplateError / MaxLengthError / MediaError: the message says why
             raise InferRequestError(str(e), index=index) from e
-        return [int(i) for i in encoded["input_ids"]]
+        return [int(i) for i in encoded["input_ids"]], list(encoded.get("images") or [])
 
     def _encode_prompt(self, prompt: str | list[int], index: int | None) -> list[int]:
         if isinstance(prompt, str):
@@ -317,11 +349,11 @@ class HfEngine(InferEngine):
         if request.adapter and request.adapter not in self.adapters:  # None: the default; "": the base
             known = ", ".join(self.adapters) or "none were loaded (pass --adapters)"
             raise InferRequestError(f"unknown adapter {request.adapter!r}; known adapters: {known}", index=index)
-        ids = self.encode(request, index=index)
+        ids, images = self._encode(request, index)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(len(ids), self.max_model_len, index=index)
         room = self.max_model_len - len(ids)
-        return _Job(index, request, ids, min(cfg.max_tokens or room, room))
+        return _Job(index, request, ids, min(cfg.max_tokens or room, room), images)
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -370,9 +402,10 @@ class HfEngine(InferEngine):
         criteria = _StopCriteria(prompt_len, row_max, self.device, stop, set(eos_ids), self._decode, cancel)
         if streamer is not None:
             streamer.sampler = sampler
+        vision = self._vision_inputs(jobs, n, input_ids)
         with self._lock, self._adapter(jobs[0].request.adapter), torch.inference_mode():
             sequences = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask,
+                input_ids=input_ids, attention_mask=attention_mask, **vision,
                 generation_config=self._generation_config(max(row_max), eos_ids),
                 logits_processor=LogitsProcessorList([sampler]), stopping_criteria=StoppingCriteriaList([criteria]),
                 streamer=streamer)

@@ -73,6 +73,19 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False):
     return tok
 
 
+def _auto_class(config: Any):
+    """Causal LMs through AutoModelForCausalLM; vision-language models that are not one through
+    AutoModelForImageTextToText (Qwen2-VL, LLaVA, ...)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from lmforge.model.vision import is_vision_config
+
+    if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and is_vision_config(config):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def get_model_tokenizer(
     model: str,
     *,
@@ -92,7 +105,7 @@ def get_model_tokenizer(
     ``device`` picks where the model goes when ``device_map`` is not given (default: CUDA if there
     is one). With ``load_model=False`` the model is ``None`` (tokenizer-only commands).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     trust_remote_code, model_kwargs = resolve_trust_remote_code(trust_remote_code, model_kwargs)
     model_dir = resolve_model_dir(model, hub=hub, revision=revision, need_weights=load_model)
@@ -113,7 +126,7 @@ def get_model_tokenizer(
         kwargs["device_map"] = device_map
     kwargs.update(model_kwargs)
     logger.info("Loading %s (%s) from %s", model, dtype, model_dir)
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    m = _auto_class(config).from_pretrained(str(model_dir), **kwargs)
     if not device_map:
         m.to(device)
     # Remember the user-facing name (builtin:tiny, a hub id) beside the folder it came from.

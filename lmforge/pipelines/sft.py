@@ -203,6 +203,7 @@ class TrainingSetup:
     template: Any
     on_gpu: bool
     dtype: Any
+    processor: Any = None  # a vision-language model's (tokenizer + image processor); None for text models
 
 
 def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup:
@@ -234,8 +235,13 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
         args.model, hub=args.hub, revision=args.revision, torch_dtype=args.torch_dtype, attn_impl=args.attn_impl,
         device_map=args.device_map, model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
         quantization_config=quant, device="cuda" if on_gpu else "cpu")
-    return TrainingSetup(args, output_dir, model, tokenizer, training_template(args, tokenizer, mode), on_gpu,
-                         model.dtype)
+    from lmforge.model.vision import get_processor
+
+    processor = get_processor(args.model, model.config, tokenizer, hub=args.hub, revision=args.revision,
+                              min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                              trust_remote_code=args.trust_remote_code)
+    return TrainingSetup(args, output_dir, model, tokenizer, training_template(args, tokenizer, mode, processor),
+                         on_gpu, model.dtype, processor)
 
 
 def check_arguments(args: TrainArguments) -> None:
@@ -264,15 +270,33 @@ def check_machine(args: TrainArguments, on_gpu: bool) -> None:
     parallel_training_kwargs(args, on_gpu)  # a bad --fsdp/--deepspeed fails here, before anything loads
 
 
-def training_template(args: TrainArguments, tokenizer: Any, mode: str) -> Any:
-    """The template the training flags describe, in ``mode``."""
+def training_template(args: TrainArguments, tokenizer: Any, mode: str, processor: Any = None) -> Any:
+    """The template the training flags describe, in ``mode`` (rendering images through ``processor``)."""
     from lmforge.template import get_template
 
     template = get_template(tokenizer, args.template, system=args.system, max_length=args.max_length,
                             truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale,
-                            enable_thinking=args.enable_thinking, agent_template=args.agent_template)
+                            enable_thinking=args.enable_thinking, agent_template=args.agent_template,
+                            processor=processor)
     template.set_mode(mode)
     return template
+
+
+def default_collator(setup: TrainingSetup, model: Any) -> Any:
+    """Padded or padding-free batches of token ids, plus pixels for a vision-language model."""
+    from lmforge.trainers.collator import Collator
+
+    pad, packing = setup.tokenizer.pad_token_id, setup.args.packing
+    vision = getattr(setup.template, "vision", None)
+    if vision is None:
+        return Collator(pad, padding_free=packing)
+    from lmforge.model.vision import require_family
+    from lmforge.trainers.vision_collator import VisionCollator
+
+    family = require_family(model)
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 2)
+    return VisionCollator(pad, vision, family, merge_size=merge, padding_free=packing)
 
 
 def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cls: Any = None,
@@ -283,7 +307,6 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
     from lmforge.model.patches import configure_for_training, enable_gradient_checkpointing
     from lmforge.registry import LOSSES, METRICS, OPTIMIZERS
     from lmforge.trainers.callbacks import InterruptCallback
-    from lmforge.trainers.collator import Collator
     from lmforge.trainers.trainer import LmforgeTrainer
     from lmforge.tuners import prepare_model
 
@@ -299,7 +322,9 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
     if args.gradient_checkpointing:
         logger.info(enable_gradient_checkpointing(model, args.gradient_checkpointing_every))
     hf_args = _hf_training_arguments(args, output_dir, val_ds is not None, setup.dtype)
-    optimizers = (OPTIMIZERS.get(args.optimizer)(model, args), None) if args.optimizer else (None, None)
+    optimizer = args.optimizer or ("multimodal" if getattr(args, "vit_lr", None) or getattr(args, "aligner_lr", None)
+                                   else None)
+    optimizers = (OPTIMIZERS.get(optimizer)(model, args), None) if optimizer else (None, None)
     if val_ds is not None and "compute_metrics" not in trainer_kwargs:
         metric = METRICS.get(args.eval_metric or "token_accuracy")
         metric = metric() if isinstance(metric, type) else metric
@@ -307,8 +332,9 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
     interrupt = InterruptCallback(resume_from=args.resume_from_checkpoint)
     trainer = (trainer_cls or LmforgeTrainer)(
         model=model, args=hf_args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=data_collator or Collator(setup.tokenizer.pad_token_id, padding_free=args.packing),
-        processing_class=setup.tokenizer, callbacks=[*_callbacks(args), interrupt], optimizers=optimizers,
+        data_collator=data_collator or default_collator(setup, model),
+        processing_class=setup.processor or setup.tokenizer, callbacks=[*_callbacks(args), interrupt],
+        optimizers=optimizers,
         loss_fn=LOSSES.get(args.loss_type) if args.loss_type else None, lmforge_args=args, **trainer_kwargs,
     )
     for cb in (ProgressCallback, PrinterCallback):  # our progress callback replaces both

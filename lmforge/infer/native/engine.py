@@ -56,6 +56,9 @@ class NativeEngine(HfEngine):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         owns_model = kwargs.get("model_obj") is None
         super().__init__(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **kwargs)
+        if self.processor is not None:
+            raise NotImplementedError(f"the native engine does not support vision-language models "
+                                      f"({self.model.config.model_type}) yet; use --infer_backend hf")
         from lmforge.infer.native import attention
 
         on_cuda = self.device.type == "cuda"
