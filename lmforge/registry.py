@@ -95,8 +95,8 @@ def load_plugins(paths: list[str] | None) -> None:
 TEMPLATES: Registry[Any] = Registry("template", "lmforge.template.registered")
 AGENT_TEMPLATES: Registry[Any] = Registry("agent template", "lmforge.template.agent")
 LOSS_SCALES: Registry[Any] = Registry("loss scale", "lmforge.template.loss_scale")
-DATASETS: Registry[Any] = Registry("dataset", ("lmforge.dataset.builtin", "lmforge.dataset.task_data",
-                                               "lmforge.rlhf.data"))
+DATASETS: Registry[Any] = Registry("dataset", ("lmforge.dataset.builtin", "lmforge.dataset.shapes",
+                                               "lmforge.dataset.task_data", "lmforge.rlhf.data"))
 LOSSES: Registry[Callable] = Registry("loss", "lmforge.trainers.losses")
 TASK_LOSSES: Registry[Any] = Registry("task loss", "lmforge.trainers.tasks.losses")  # embedding, rerankers
 METRICS: Registry[Callable] = Registry("metric", "lmforge.trainers.metrics")
@@ -108,3 +108,6 @@ TUNERS: Registry[Callable] = Registry("tuner", "lmforge.tuners.prepare")
 REWARDS: Registry[Callable] = Registry("reward", "lmforge.rlhf.rewards")
 MULTI_TURN: Registry[Any] = Registry("multi-turn scheduler", "lmforge.rlhf.multi_turn")
 PRMS: Registry[Any] = Registry("process reward model", "lmforge.rlhf.prm")  # step scores, for lmforge sample
+AGENTS: Registry[Any] = Registry("agent", ("lmforge.agents.rag", "lmforge.agents.preference",
+                                           "lmforge.agents.assistant"))  # lmforge agent / app --agent
+MODEL_FAMILIES: Registry[Any] = Registry("model family", "lmforge.model.vision")  # vision-language parts

@@ -13,11 +13,15 @@ rather than by a step count that only suits one machine. Not a test module itsel
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-RECIPE = dict(model="builtin:tiny", dataset=["builtin:arith#20000"], train_type="full", learning_rate=1e-3,
+# LMFORGE_TEST_SEED varies the data order and the trainer's seed of every learning test (the flakiness check
+# runs the slow tests under several seeds); 42 otherwise.
+SEED = int(os.environ.get("LMFORGE_TEST_SEED", "42"))
+RECIPE = dict(seed=SEED, data_seed=SEED, model="builtin:tiny", dataset=["builtin:arith#20000"], train_type="full", learning_rate=1e-3,
               warmup_ratio=0.05, num_train_epochs=6, per_device_train_batch_size=64, gradient_accumulation_steps=1,
               save_steps=10 ** 6, logging_steps=100, report_to=["none"], plot=False, add_version=False)
 WARM_LOW = 0.4        # the warm copy is taken at the first probe at or above this accuracy

@@ -16,20 +16,64 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-STEPS = int(os.environ.get("LMFORGE_AGENT_E2E_STEPS", "1500"))
-# 1500 steps: 93% held-out tool-call accuracy on the machine it was calibrated on (600 steps gave only 26%;
-# with a 5% warm-up, 73%: the recipe is calibrated without one).
+# Trained until a probe on 50 other held-out questions (every 250 steps from step 1,000) gets PROBE_BAR of the
+# calls right, with a cap of CAP_STEPS. At a fixed 1,500 steps the held-out accuracy depended on the seed and the
+# CPU (93% on the machine the recipe was calibrated on; 92% and 75% for seeds 3 and 5 on an H200 host's CPU,
+# 2026-11-29), so the test measures instead of counting steps. The recipe is calibrated without warm-up
+# (600 steps gave 26%; a 5% warm-up, 73%).
 # --agent_template hermes: its short tools prompt keeps rows ~270 tokens (the ChatML template's own is ~420),
 # and the checkpoint's args.json carries it to the engine.
-RECIPE = dict(model="builtin:tiny", dataset=["builtin:tool-calls"], agent_template="hermes", train_type="full",
-              learning_rate=2e-3, warmup_ratio=0.0, max_steps=STEPS, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-              save_steps=100_000, logging_steps=100, report_to=["none"], plot=False)
+CAP_STEPS = int(os.environ.get("LMFORGE_AGENT_E2E_STEPS", "2500"))
+PROBE_BAR = 0.9
+SEED = int(os.environ.get("LMFORGE_TEST_SEED", "42"))  # the flakiness check varies it
+RECIPE = dict(seed=SEED, data_seed=SEED, model="builtin:tiny", dataset=["builtin:tool-calls"], agent_template="hermes",
+              train_type="full", learning_rate=2e-3, warmup_ratio=0.0, max_steps=CAP_STEPS,
+              per_device_train_batch_size=8, gradient_accumulation_steps=1, save_steps=100_000, logging_steps=100,
+              report_to=["none"], plot=False)
 GREEDY = {"temperature": 0}
 
 
 def _tool_result(row: dict) -> str:
     """The held-out row's own tool result (what the real tool returned when the row was made)."""
     return next(m["content"] for m in row["messages"] if m["role"] == "tool_response")
+
+
+def _right_calls(engine, rows) -> list[dict]:
+    """The held-out rows whose question the engine answers (greedily) with exactly the expected tool call."""
+    from lmforge.infer import InferRequest, RequestConfig
+
+    reqs = [InferRequest(messages=[r["messages"][0]], tools=json.loads(r["tools"])) for r in rows]
+    outs = engine.infer(reqs, RequestConfig(max_tokens=40, **GREEDY), use_tqdm=False)
+    right = []
+    for out, row in zip(outs, rows):
+        calls, want = out.choices[0].message.tool_calls or [], json.loads(row["solution"])
+        if (len(calls) == 1 and calls[0].function.name == want["name"]
+                and json.loads(calls[0].function.arguments) == want["arguments"]):
+            right.append(row)
+    return right
+
+
+def _probe(rows: list[dict], history: list):
+    """Stop training once the probe rows' tool calls are PROBE_BAR right (every 250 steps from step 1,000)."""
+    from transformers import TrainerCallback
+
+    from lmforge.infer.hf import HfEngine
+    from lmforge.template import get_template
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+            if state.global_step < 1000 or state.global_step % 250:
+                return
+            was_training = model.training
+            engine = HfEngine(model_obj=model, tokenizer=processing_class, max_batch_size=50,
+                              template=get_template(processing_class, agent_template="hermes"))
+            try:
+                history.append((state.global_step, len(_right_calls(engine, rows)) / len(rows)))
+            finally:
+                model.train(was_training)
+            control.should_training_stop = history[-1][1] >= PROBE_BAR
+
+    return Probe()
 
 
 def _fact(row: dict) -> str:
@@ -50,27 +94,26 @@ def test_tool_calling_sft_serve_and_loop(tmp_path):
     from lmforge.serve import create_app
     from lmforge.serve.server import ServerThread
 
+    from lmforge.registry import CALLBACKS
+
     start = time.time()
+    rows = list(load_dataset(["builtin:tool-calls:test#150"], shuffle=False)[0])
+    rows, probe_rows = rows[:100], rows[100:]
+    history: list = []
     ckpt = os.environ.get("LMFORGE_AGENT_E2E_CKPT")  # reuse a trained checkpoint (debugging the serving half)
     if not ckpt:
-        ckpt = sft_main(TrainArguments(**RECIPE, output_dir=str(tmp_path)))["last_checkpoint"]
+        CALLBACKS.register("agent_probe", _probe(probe_rows, history), overwrite=True)
+        ckpt = sft_main(TrainArguments(**RECIPE, callbacks=["agent_probe"], output_dir=str(tmp_path)))["last_checkpoint"]
     trained = time.time() - start
     engine = HfEngine(ckpt_dir=ckpt, device="cpu", max_batch_size=50)
     assert engine.template.agent_template.name == "hermes" and engine.template.agent_render
 
     # held-out questions: the right tool with the right arguments
-    rows = list(load_dataset(["builtin:tool-calls:test#100"], shuffle=False)[0])
-    reqs = [InferRequest(messages=[r["messages"][0]], tools=json.loads(r["tools"])) for r in rows]
-    outs = engine.infer(reqs, RequestConfig(max_tokens=40, **GREEDY), use_tqdm=False)
-    right_rows = []
-    for out, row in zip(outs, rows):
-        calls, want = out.choices[0].message.tool_calls or [], json.loads(row["solution"])
-        if (len(calls) == 1 and calls[0].function.name == want["name"]
-                and json.loads(calls[0].function.arguments) == want["arguments"]):
-            right_rows.append(row)
+    right_rows = _right_calls(engine, rows)
     accuracy = len(right_rows) / len(rows)
-    print(f"tool-call accuracy on 100 held-out questions after {STEPS} steps ({trained:.0f}s training): "
+    print(f"tool-call accuracy on 100 held-out questions ({trained:.0f}s training; probes {history}): "
           f"{accuracy:.0%}")
+    assert not history or history[-1][1] >= PROBE_BAR, f"not learnt within {CAP_STEPS} steps: {history}"
     assert accuracy >= 0.8
 
     # full loops through the server on up to 20 of the questions the engine answered right

@@ -137,8 +137,16 @@ def test_sharegpt_function_call_and_observation():
     assert preprocess_row(raw) == TOOL_ROW
 
 
-def test_canonical_rows_map_to_themselves():
-    for row in (CHAT, TOOL_ROW, canonical(text="abc"), {**CHAT, "solution": "4", "images": ["a.png"]}):
+def _png(path):
+    from PIL import Image
+
+    Image.new("RGB", (4, 3), (9, 9, 9)).save(path)
+    return str(path)
+
+
+def test_canonical_rows_map_to_themselves(tmp_path):
+    image = _png(tmp_path / "a.png")
+    for row in (CHAT, TOOL_ROW, canonical(text="abc"), {**CHAT, "solution": "4", "images": [image]}):
         assert preprocess_row(row) == row
 
 
@@ -148,14 +156,17 @@ def test_extra_columns_pass_through_and_columns_rename():
     assert out == canonical([msg("user", Q), msg("assistant", A)], solution="4", meta={"k": [1, 2]})
 
 
-def test_images_and_image_parts():
-    raw = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "b.png"}},
+def test_images_and_image_parts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, b = _png(tmp_path / "a.png"), _png(tmp_path / "b.png")
+    raw = {"messages": [{"role": "user", "content": [{"type": "text", "text": "<image>"},
+                                                      {"type": "image_url", "image_url": {"url": "b.png"}},
                                                       {"type": "text", "text": "What is this?"}]},
                         {"role": "assistant", "content": "A cat."}],
            "images": "a.png"}
     out = preprocess_row(raw)
-    assert out["images"] == ["a.png", "b.png"]
-    assert out["messages"][0]["content"] == "<image>What is this?"
+    assert out["images"] == [a, b]  # the images column first, then the content parts' images
+    assert out["messages"][0]["content"] == "<image><image>What is this?"
 
 
 def test_loss_and_weight():

@@ -215,3 +215,44 @@ def test_dpo_on_two_processes_matches_one(tmp_path):
     assert one[-1][2] != 0  # the adapters moved: the margins are not trivially equal
     _assert_same_weights(_weights(tmp_path / "one" / "checkpoint-3"), _weights(tmp_path / "two" / "checkpoint-3"),
                          atol=5e-5)
+
+
+SPREAD_REWARD = '''
+from lmforge.registry import REWARDS
+
+
+@REWARDS.register("distinct_chars")
+def distinct_chars(completions, **kwargs):
+    """Distinct characters of each reply / 10: an untrained model's replies differ, so groups have spread."""
+    return [len(set(c)) / 10 for c in completions]
+'''
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes_matches_one(tmp_path):
+    """Each prompt's samples are seeded by (seed, step, prompt), so the 2 processes roll out what one does;
+    group advantages, the loss and the update then agree."""
+    plugin = tmp_path / "spread_reward.py"
+    plugin.write_text(SPREAD_REWARD)
+    grpo = ["--rlhf_type", "grpo", "--model", "builtin:tiny", "--dataset", "builtin:arith-rl#64",
+            "--external_plugins", str(plugin), "--reward_funcs", "distinct_chars", "--num_generations", "4",
+            "--max_completion_length", "8", "--train_type", "full", "--learning_rate", "1e-3", "--warmup_ratio", "0",
+            "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3", "--report_to", "none", "--plot", "false",
+            "--add_version", "false", "--gradient_accumulation_steps", "1", "--temperature", "1.0", "--seed", "3"]
+
+    def rlhf(args: list[str]) -> list[str]:
+        return [sys.executable, "-m", "lmforge.cli.main", "rlhf", *grpo, *args]
+
+    _run(rlhf(["--per_device_train_batch_size", "4", "--output_dir", "one"]), tmp_path)
+    _run(rlhf(["--per_device_train_batch_size", "2", "--output_dir", "two"]), tmp_path, nproc=2)
+
+    def logs(run: str) -> list[tuple]:
+        lines = [json.loads(x) for x in (tmp_path / run / "logging.jsonl").read_text().splitlines()]
+        return [(x["loss"], x["reward"], x["reward_std"]) for x in lines if "loss" in x]
+
+    one, two = logs("one"), logs("two")
+    assert len(one) == len(two) == 3 and all(r[2] > 0 for r in one)  # groups with spread: a real signal
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    _assert_same_weights(_weights(tmp_path / "one" / "checkpoint-3"), _weights(tmp_path / "two" / "checkpoint-3"),
+                         atol=5e-5)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 
-from arith_probe import RECIPE, WarmStartProbe, exact_match, held_out_rows  # noqa: E402
+from arith_probe import RECIPE, SEED, WarmStartProbe, exact_match, held_out_rows  # noqa: E402
 
 
 def held_out(n_eval: int, n_stop: int = 100) -> tuple[list[dict], list[dict]]:
@@ -52,7 +52,8 @@ def run_experiment(workdir: str | Path, warm_target: float = 0.4, max_sft_steps:
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    common = dict(add_version=False, report_to=["none"], plot=False, gradient_accumulation_steps=1)
+    common = dict(add_version=False, report_to=["none"], plot=False, gradient_accumulation_steps=1, seed=SEED,
+                  data_seed=SEED)
     test, stop_rows = held_out(n_eval)
     stopper = WarmStartProbe(stop_rows, warm_target, workdir / "warm", stop=True)
     t0 = time.time()
@@ -77,7 +78,7 @@ def run_experiment(workdir: str | Path, warm_target: float = 0.4, max_sft_steps:
         infer_backend=infer_backend, output_dir=str(workdir / "grpo"), **common))
     t_grpo = time.time() - t1
     trainer = grpo["trainer"]
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     after = exact_match(trainer.model, tok, trainer.template, test)
     logs = [h for h in grpo["log_history"] if "reward" in h]
     return {"sft_checkpoint": sft_ckpt, "sft_stop_checks": stopper.history, "grpo_steps": grpo_steps,

@@ -98,7 +98,7 @@ def test_multi_turn_grpo_trains_only_the_model_turns(tmp_path):
     log = [h for h in result["log_history"] if "loss" in h][0]
     assert log["rewards/used_tool/mean"] == 0.5 and log["completions/mean_turns"] == 1.5
     assert engine.requests[0][0].tools  # the row's tools went with the prompt
-    batch = result["trainer"]._buffer[0]
+    batch = result["trainer"]._step_batches[0]
     ids, mask = batch["completion_ids"], batch["completion_mask"]
     trained = tok.decode([t for t, m in zip(ids[0].tolist(), mask[0].tolist()) if m])
     untrained = tok.decode([t for t, m, a in zip(ids[0].tolist(), mask[0].tolist(), batch["attention_mask"][0][-ids.shape[1]:])

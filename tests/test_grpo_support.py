@@ -5,7 +5,8 @@ import re
 from typing import Any, Callable
 
 from lmforge.infer.base import InferEngine
-from lmforge.infer.protocol import ChatCompletionResponse, ChatMessage, Choice, Function, ToolCall, Usage
+from lmforge.infer.protocol import (ChatCompletionResponse, ChatMessage, Choice, ChoiceLogprobs, Function, TokenLogprob,
+                                    ToolCall, Usage)
 
 QUESTION = re.compile(r"What is (\d+) ([+\-*]) (\d+)\?")
 
@@ -20,8 +21,10 @@ def question_of(engine: "ScriptedEngine", request: Any) -> tuple[int, str, int] 
 
 
 class ScriptedEngine(InferEngine):
-    """``script(engine, request, k) -> str | dict``: the k-th sample's text, or ``{"tool": name, "arguments": {...}}``
-    for a tool call. Token ids are the text's ids plus ``<|im_end|>``. Records requests and weight updates."""
+    """``script(engine, request, k) -> str | dict | (str, "length")``: the k-th sample's text, a tool call
+    ``{"tool": name, "arguments": {...}}``, or a text cut at the length limit (no ``<|im_end|>``). Token ids are
+    the text's ids plus ``<|im_end|>``. Asked for log-probs, it reports ``logprob`` for every token. Records
+    requests, weight updates, and for each infer call the thread and the number of updates so far."""
 
     supports_raw_prompt = True
 
@@ -31,8 +34,13 @@ class ScriptedEngine(InferEngine):
         self.requests: list[list[Any]] = []
         self.updates: list[dict[str, Any]] = []
         self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.logprob = -0.5
+        self.calls: list[tuple[str, int]] = []
 
     def infer(self, requests, request_config=None, *, use_tqdm=None):
+        import threading
+
+        self.calls.append((threading.current_thread().name, len(self.updates)))
         self.requests.append(list(requests))
         out = []
         for r in requests:
@@ -44,10 +52,16 @@ class ScriptedEngine(InferEngine):
                     msg = ChatMessage(role="assistant", content=None, tool_calls=[ToolCall(function=Function(
                         name=said["tool"], arguments=__import__("json").dumps(said["arguments"])))])
                     reason = "tool_calls"
+                elif isinstance(said, tuple):
+                    text, msg, reason = said[0], ChatMessage(role="assistant", content=said[0]), said[1]
                 else:
                     text, msg, reason = said, ChatMessage(role="assistant", content=said), "stop"
-                ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.end]
-                choices.append(Choice(index=k, message=msg, finish_reason=reason, token_ids=ids))
+                ids = self.tokenizer.encode(text, add_special_tokens=False) + ([self.end] if reason != "length" else [])
+                logprobs = None
+                if request_config.logprobs:
+                    logprobs = ChoiceLogprobs(content=[TokenLogprob(token="t", logprob=self.logprob, bytes=None)
+                                                       for _ in ids])
+                choices.append(Choice(index=k, message=msg, finish_reason=reason, token_ids=ids, logprobs=logprobs))
             out.append(ChatCompletionResponse(model="scripted", choices=choices, usage=Usage()))
         return out
 

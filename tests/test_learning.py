@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from arith_probe import held_out_rows
+from arith_probe import SEED, held_out_rows
 from lmforge import TrainArguments, sft_main
 from lmforge.dataset import arith_answer_correct, load_dataset
 from lmforge.infer import InferRequest, RequestConfig
@@ -35,15 +35,15 @@ def test_arith_sft_reaches_90_percent(arith_sft):
 
 
 def test_self_cognition_learns_its_name(tmp_path):
-    """Every question of the set, answered greedily, names the model: 0 misses in 5 seeded runs of 24
-    questions (the bar allows 2)."""
+    """The set's English questions (43), answered greedily, name the model: an aggregate over every
+    question rather than one sampled reply (the bar allows 4 misses)."""
     from lmforge.infer.hf import HfEngine
 
     result = sft_main(TrainArguments(
         model="builtin:tiny", dataset=["builtin:self-cognition#400"], model_name=["Forge"], model_author=["Lab"],
         train_type="full", learning_rate=2e-3, num_train_epochs=6, per_device_train_batch_size=16,
         gradient_accumulation_steps=1, save_steps=10_000, logging_steps=20, report_to=["none"], plot=False,
-        output_dir=str(tmp_path)))
+        seed=SEED, data_seed=SEED, output_dir=str(tmp_path)))
     rows = list(load_dataset(["builtin:self-cognition"], shuffle=False, model_name=["Forge"], model_author=["Lab"])[0])
     questions = sorted({r["messages"][0]["content"] for r in rows if r["messages"][0]["content"].isascii()})
     engine = HfEngine(ckpt_dir=result["last_checkpoint"], device="cpu")
@@ -52,4 +52,4 @@ def test_self_cognition_learns_its_name(tmp_path):
         RequestConfig(max_tokens=40, temperature=0), use_tqdm=False)]
     missing = [(q, r) for q, r in zip(questions, replies) if "Forge" not in r]
     print(f"{len(questions) - len(missing)}/{len(questions)} replies name the model; misses: {missing}")
-    assert len(missing) <= max(2, len(questions) // 10)
+    assert len(missing) <= len(questions) // 10

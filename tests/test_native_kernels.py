@@ -4,8 +4,15 @@ from __future__ import annotations
 import importlib
 import os
 
+import torch
+
 _PREV = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the interpreter patches it at import
+# Without a GPU, before triton is imported (the interpreter patches it at import). With one, never at
+# collection: a module-level setting outlived this module when its tests were deselected (`pytest -m gpu`)
+# and turned every later kernel, the GPU tests' included, into interpreted ones. The fixture below sets it
+# for this module's tests only.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
@@ -26,8 +33,6 @@ def interpreter():
         os.environ["TRITON_INTERPRET"] = _PREV
     importlib.reload(k)
 
-
-import torch  # noqa: E402
 
 from lmforge.infer.native.model import _rotate_half, rms_norm  # noqa: E402
 

@@ -173,3 +173,31 @@ def test_lora_reward_model_checkpoint_as_reward(tmp_path):
                                       return_dict=True)["input_ids"]
         with torch.no_grad():
             assert value == pytest.approx(trained(input_ids=torch.tensor([ids])).logits[0, 0].item(), abs=1e-4)
+
+
+def test_latex_solutions_are_read_whole():
+    """Issue #18: a bare-LaTeX solution was read as its last number, so the right \\boxed{\\frac{3}{4}} scored 0
+    and the wrong \\boxed{4} scored 1."""
+    acc = REWARDS.get("accuracy")()
+    for solution in ("\\frac{3}{4}", "$\\frac{3}{4}$", "\\dfrac{3}{4}", "0.75", "3/4"):
+        assert acc(["so \\boxed{\\frac{3}{4}}", "so \\boxed{4}"], solution=[solution] * 2) == [1.0, 0.0], solution
+    assert answers_match("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}") and answers_match("The answer is \\frac{3}{4}.", "0.75")
+    assert answers_match("\\boxed{x = 5}", "5") and answers_match("y = 5", "\\boxed{5}")
+    assert answers_match("\\boxed{1000}", "10^{3}") and answers_match("\\boxed{10^{-2}}", "0.01")
+    assert answers_match("\\boxed{2 \\times 10^{3}}", "2000") and not answers_match("\\boxed{10^{3}}", "30")
+
+
+def test_percentages_only_as_fractions_when_asked():
+    assert answers_match("\\boxed{50\\%}", "50") and not answers_match("\\boxed{50\\%}", "0.5")
+    frac = REWARDS.get("accuracy")(percent="fraction")
+    assert frac(["\\boxed{50\\%}", "\\boxed{50}"], solution=["0.5", "0.5"]) == [1.0, 0.0]
+    with pytest.raises(RewardError, match="percent"):
+        REWARDS.get("accuracy")(percent="ratio")
+
+
+def test_which_boxed_counts():
+    from lmforge.rlhf.answers import BOXED, final_answer
+
+    assert BOXED == "last"  # one rule, the one lmforge eval uses
+    assert final_answer("try \\boxed{2}, no: \\boxed{3}") == "3"
+    assert answers_match("try \\boxed{2}, no: \\boxed{3}", "3") and not answers_match("\\boxed{2} then \\boxed{3}", "2")

@@ -15,7 +15,7 @@ from lmforge.arguments import ArgumentError, RlhfArguments, parse_args
 
 def test_loss_type_names_the_preference_variant():
     args = RlhfArguments(model="m", loss_type="ipo")
-    assert args.pref_loss_type == "ipo" and args.loss_type is None  # the sft LOSSES registry never sees "ipo"
+    assert args.pref_loss_type == ["ipo"] and args.loss_type is None  # the sft LOSSES registry never sees "ipo"
     assert args.average_log_probs  # IPO works on length-averaged log-probs
     assert RlhfArguments(model="m").resolved_loss_type == "sigmoid"
     with pytest.raises(ArgumentError, match="must be one of"):
@@ -34,10 +34,24 @@ def test_per_objective_defaults():
     assert RlhfArguments(rlhf_type="simpo").average_log_probs and not RlhfArguments(rlhf_type="cpo").average_log_probs
 
 
+def test_help_renders():
+    from lmforge.arguments.base import build_parser
+
+    text = build_parser(RlhfArguments, "lmforge rlhf").format_help()  # a stray % in a help text breaks it
+    assert "--teacher_model" in text and "--async_generate" in text and "--loss_weights" in text
+
+
 def test_cli_flags():
     args = parse_args(RlhfArguments, ["--rlhf_type", "dpo", "--model", "builtin:tiny", "--loss_type", "hinge",
                                       "--beta", "0.2", "--rpo_alpha", "1", "--dataset", "builtin:arith-preference"])
-    assert (args.rlhf_type, args.pref_loss_type, args.beta, args.rpo_alpha) == ("dpo", "hinge", 0.2, 1.0)
+    assert (args.rlhf_type, args.pref_loss_type, args.beta, args.rpo_alpha) == ("dpo", ["hinge"], 0.2, 1.0)
+    args = parse_args(RlhfArguments, ["--model", "m", "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5"])
+    assert args.resolved_loss_types == ["sigmoid", "sft"] and args.resolved_loss_weights == [1.0, 0.5]
+    for bad, match in ((dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "2 --loss_type"),
+                       (dict(loss_type="sft"), "alone"), (dict(ld_alpha=2.0), "ld_alpha"),
+                       (dict(rlhf_type="cpo", loss_type=["sigmoid", "hinge"]), "a mix")):
+        with pytest.raises(ArgumentError, match=match):
+            RlhfArguments(model="m", **bad)
     with pytest.raises(SystemExit):
         parse_args(RlhfArguments, ["--rlhf_type", "ppo"])
 
@@ -289,3 +303,103 @@ def test_reward_model(tmp_path):
     assert any("score" in n and p.requires_grad for n, p in trainer.model.named_parameters())
     cfg = json.loads((Path(result["last_checkpoint"]) / "adapter_config.json").read_text())
     assert "score" in cfg["modules_to_save"]
+
+
+# ----------------------------------------------------------------------------- issue #18: losses in the trainer
+
+
+def _batch_and_scores(trainer, n=4, rows=None):
+    rows = rows or [trainer.train_dataset[i] for i in range(n)]
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    with torch.no_grad():
+        scores, weighted, full = trainer._pair_scores(trainer.model, batch, whole=True)
+    return batch, scores, weighted, full
+
+
+def test_cpo_ipo_and_orpo_prompt_loss_in_the_trainer(tmp_path):
+    """CPO-ipo feeds the loss length-averaged log-probs; ORPO's NLL covers prompt and reply unless told not to."""
+    from lmforge.rlhf import losses as L
+
+    result = _run(tmp_path / "cpo", rlhf_type="cpo", loss_type="ipo", max_steps=1, learning_rate=0.0, cpo_alpha=0.0)
+    trainer = result["trainer"]
+    batch, scores, _, _ = _batch_and_scores(trainer)
+    avg = scores.logps(average=True)
+    want = L.cpo_loss(avg[:4], avg[4:], beta=0.1, loss_type="ipo").losses.mean()
+    with torch.no_grad():
+        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(want.item(), abs=1e-5)
+
+    result = _run(tmp_path / "orpo", rlhf_type="orpo", max_steps=1, learning_rate=0.0)
+    trainer = result["trainer"]
+    batch, scores, _, full = _batch_and_scores(trainer)
+    assert (full.counts[:4] > scores.counts[:4]).all()  # the prompt's tokens count too
+    avg = scores.logps(average=True)
+    odds = L.orpo_loss(avg[:4], avg[4:], beta=0.1).losses.mean()
+    for prompt_loss, own in ((True, full), (False, scores)):
+        trainer.rlhf.orpo_prompt_loss = prompt_loss
+        nll = -own.sums[:4].sum() / own.counts[:4].sum()
+        with torch.no_grad():
+            assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx((odds + nll).item(), abs=1e-5)
+
+
+def test_dpo_loss_mix_ld_alpha_and_bco(tmp_path):
+    """--loss_type sigmoid sft --loss_weights 1 0.5 is DPO + 0.5 x the chosen NLL; --ld_alpha damps the longer
+    reply's excess tokens in policy and reference alike; bco_pair's delta is the running mean reward."""
+    from lmforge.rlhf import losses as L
+
+    result = _run(tmp_path / "mix", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], max_steps=2,
+                  learning_rate=1e-3, logging_steps=1, train_type="full")
+    logs = _train_logs(result)
+    assert {"loss/sigmoid", "nll_loss"} <= set(logs[0])
+    assert logs[0]["loss"] == pytest.approx(logs[0]["loss/sigmoid"] + 0.5 * logs[0]["nll_loss"], abs=1e-4)
+
+    trainer = result["trainer"]  # the same trained policy and frozen reference, other settings
+    args = trainer.rlhf
+    args.pref_loss_type, args.loss_weights, args.ld_alpha = ["sigmoid"], [], 0.5
+
+    def n_labels(row, side):
+        return sum(t != -100 for t in row[f"{side}_labels"])
+
+    ds = trainer.train_dataset
+    uneven = [ds[i] for i in range(len(ds)) if n_labels(ds[i], "chosen") != n_labels(ds[i], "rejected")]
+    even = [ds[i] for i in range(len(ds)) if n_labels(ds[i], "chosen") == n_labels(ds[i], "rejected")]
+    batch, scores, weighted, _ = _batch_and_scores(trainer, rows=uneven[:2] + even[:2])
+    counts = scores.counts
+    assert torch.equal(weighted.sums[:4] == scores.sums[:4], counts[:4] <= counts[4:])  # only the longer one moves
+    with torch.no_grad():
+        pc, pr = trainer._pair_logps(trainer.model, batch)
+        rc, rr = trainer._pair_logps(trainer.ref_model, batch)
+        assert pc.tolist() == pytest.approx(weighted.sums[:4].tolist(), abs=1e-5)
+        want = L.dpo_loss(pc, pr, rc, rr, beta=0.1).losses.mean()
+        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(want.item(), abs=1e-5)
+
+    args.pref_loss_type, args.ld_alpha = ["bco_pair"], None
+    trainer.model.train()
+    for _ in range(2):  # training updates the running mean over chosen and rejected rewards
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch)
+    total, count = trainer._bco_stats.tolist()
+    with torch.no_grad():
+        pc, pr = trainer._pair_logps(trainer.model, batch)
+        rc, rr = trainer._pair_logps(trainer.ref_model, batch)
+    rewards = 0.1 * torch.cat([pc - rc, pr - rr])
+    assert count == 16 and total == pytest.approx(2 * rewards.sum().item(), abs=1e-4)
+    trainer.model.eval()  # evaluation reads it without adding to it
+    with torch.no_grad():
+        want = L.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="bco_pair", bco_delta=total / count).losses.mean()
+        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(want.item(), abs=1e-5)
+    assert trainer._bco_stats.tolist()[1] == 16
+
+
+def test_sync_ref_model_with_lora(tmp_path):
+    """TR-DPO on a LoRA policy: the reference is a merged frozen copy; alpha 1 every step makes it the policy."""
+    from lmforge.rlhf.rollout import policy_named_weights
+
+    result = _run(tmp_path, sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=1, max_steps=2,
+                  learning_rate=1e-2)
+    trainer = result["trainer"]
+    ref = dict(trainer.ref_model.named_parameters())
+    merged = dict(policy_named_weights(trainer.model))
+    assert set(merged) == set(ref)
+    assert all(torch.allclose(ref[n], merged[n]) for n in merged)
+    with pytest.raises(ArgumentError, match="sync_ref_model"):
+        RlhfArguments(rlhf_type="kto", sync_ref_model=True)

@@ -104,7 +104,10 @@ def run_experiment(workdir: str | Path, sft_steps: int = 800, dpo_steps: int = 3
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    common = dict(add_version=False, report_to=["none"], plot=False, logging_steps=25, gradient_accumulation_steps=1)
+    from arith_probe import SEED
+
+    common = dict(add_version=False, report_to=["none"], plot=False, logging_steps=25, gradient_accumulation_steps=1,
+                  seed=SEED, data_seed=SEED)
     t0 = time.time()
     if sft_ckpt is None:
         sft = sft_main(TrainArguments(model="builtin:tiny", dataset=["builtin:arith"], train_type="full",

@@ -99,9 +99,11 @@ def test_dpo_unknown_variant():
 
 
 def test_dpo_loss_types_match_the_arguments_list():
-    from lmforge.arguments.rlhf import CPO_LOSS_TYPES, DPO_LOSS_TYPES
+    from lmforge.arguments.rlhf import AVERAGED_LOSS_TYPES, CPO_LOSS_TYPES, DPO_LOSS_TYPES, GRPO_LOSS_TYPES
+    from lmforge.rlhf.grpo import GRPO_LOSS_TYPES as GRPO_TYPES
 
     assert DPO_LOSS_TYPES == L.DPO_LOSS_TYPES and CPO_LOSS_TYPES == L.CPO_LOSS_TYPES
+    assert AVERAGED_LOSS_TYPES == L.AVERAGED_LOSS_TYPES and GRPO_LOSS_TYPES == GRPO_TYPES
 
 
 def test_cpo():
@@ -170,3 +172,71 @@ def test_losses_have_gradients_where_expected():
     L.dpo_loss(pc, PR, RC, RR, beta=BETA).losses.sum().backward()
     # d/d pi_c of -log sigma(beta h) = -beta (1 - sigma(beta h))
     assert pc.grad.tolist() == pytest.approx([-0.5 * (1 - sigmoid(0.75)), -0.5 * (1 - sigmoid(-0.5))], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- issue #18 additions
+
+
+def test_cpo_ipo_on_length_averaged_log_probs():
+    """Issue #18: CPO-ipo applied its 1/(2 beta) target to summed log-probs (470.3 where 35.7 was right).
+
+    A chosen reply of 10 tokens summing to -27.96875 (average -2.796875) and a rejected one of 30 tokens summing
+    to -54.65475 (average -1.821825), beta = 0.1 (target 5):
+    sums:     (-27.96875 + 54.65475 - 5)^2 = 21.686^2      = 470.28
+    averages: (-2.796875 + 1.821825 - 5)^2 = (-5.97505)^2 = 35.70
+    """
+    from lmforge.arguments import RlhfArguments
+
+    args = RlhfArguments(rlhf_type="cpo", loss_type="ipo")
+    assert args.averages("ipo") and args.average_log_probs and not RlhfArguments(rlhf_type="cpo").averages()
+    summed = L.cpo_loss(torch.tensor([-27.96875]), torch.tensor([-54.65475]), beta=0.1, loss_type="ipo")
+    averaged = L.cpo_loss(torch.tensor([-2.796875]), torch.tensor([-1.821825]), beta=0.1, loss_type="ipo")
+    assert summed.losses.item() == pytest.approx(470.28, abs=0.01)
+    assert averaged.losses.item() == pytest.approx(35.70, abs=0.01)
+
+
+def test_new_dpo_variants_by_hand():
+    # sigmoid_norm is DPO's formula (the trainer averages the log-probs first): as test_dpo_sigmoid
+    assert dpo("sigmoid_norm") == pytest.approx([0.3868710061, 0.9740769842], abs=1e-6)
+    # bco_pair, delta 0.1: -log sigma(beta a - 0.1) - log sigma(-(beta b - 0.1))
+    # pair 1: beta a = 0.5, beta b = -0.25 -> log(1 + e^-0.4) + log(1 + e^-0.35) = 1.0463974
+    # pair 2: beta a = -0.25, beta b = 0.25 -> log(1 + e^0.35) + log(1 + e^0.15) = 1.6543392
+    out = L.dpo_loss(PC, PR, RC, RR, beta=BETA, loss_type="bco_pair", bco_delta=0.1).losses.tolist()
+    assert out == pytest.approx([1.0463974078, 1.6543392032], abs=1e-6)
+    # aot: sort(pi_c - pi_r) = sort([2, -1]) = [-1, 2]; sort(ref_c - ref_r) = sort([0.5, 0]) = [0, 0.5];
+    # differences [-1, 1.5] -> -log sigma(0.5 x .) = [log(1 + e^0.5), log(1 + e^-0.75)]
+    assert dpo("aot") == pytest.approx([0.9740769842, 0.3868710061], abs=1e-6)
+    # aot_pair: sort(a) = [-0.5, 1], sort(b) = [-0.5, 0.5] -> [0, 0.5] -> [log 2, log(1 + e^-0.25)]
+    assert dpo("aot_pair") == pytest.approx([0.6931471806, 0.5759394199], abs=1e-6)
+    # discopop, tau 0.05: rho = beta h = [0.75, -0.5], s = sigma(rho / 0.05) = [sigma(15), sigma(-10)]
+    # pair 1: (1 - 0.9999997) x 0.3868710 + 0.9999997 x e^-0.75 = 0.4723665
+    # pair 2: (1 - 0.0000454) x 0.9740770 + 0.0000454 x e^0.5 = 0.9741076
+    assert dpo("discopop") == pytest.approx([0.4723665266, 0.9741076116], abs=1e-6)
+
+
+def test_ld_dpo_weights():
+    """LD-DPO: tokens past the pair's shorter reply count alpha times. Pairs: (2 tokens, 4 tokens), (3, 1)."""
+    from lmforge.rlhf.scoring import TokenLogps, ld_weights
+
+    seq = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 3])  # chosen 0, 1 then rejected 2, 3; public lengths 2 and 1
+    tokens = TokenLogps(torch.full((10,), -1.0), seq, 4)
+    w = ld_weights(tokens, 2, 0.25)
+    assert w.tolist() == [1, 1, 1, 0.25, 0.25, 1, 1, 0.25, 0.25, 1]
+    # sums: [-2, -1 - 0.5, -2 - 0.5, -1]: the excess of each longer reply is damped
+    assert tokens.scores(w).sums.tolist() == [-2.0, -1.5, -2.5, -1.0]
+    assert tokens.scores().counts.tolist() == [2.0, 3.0, 4.0, 1.0]
+
+
+def test_tr_dpo_mix_reference():
+    from lmforge.rlhf.trainer import mix_reference
+
+    ref = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([[1.0, 3.0]]))
+    # alpha 0.25: 0.25 x [5, -1] + 0.75 x [1, 3] = [2, 2]
+    assert mix_reference(ref, [("weight", torch.tensor([[5.0, -1.0]]))], 0.25) == 1
+    assert ref.weight.tolist() == [[2.0, 2.0]]
+    mix_reference(ref, [("weight", torch.tensor([[5.0, -1.0]]))], 1.0)  # hard update: a copy
+    assert ref.weight.tolist() == [[5.0, -1.0]]
+    with pytest.raises(KeyError, match="no parameter"):
+        mix_reference(ref, [("bias", torch.zeros(1))], 0.5)

@@ -51,6 +51,8 @@ CASES = [
      "messages[0].content"),
     ("user-content-null", chat(messages=[{"role": "user", "content": None}]), 400, "needs 'content'", "messages[0]"),
     ("image-part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     400, "allow_local_media", "messages[0].content[0]"),
+    ("audio-part", chat(messages=[{"role": "user", "content": [{"type": "input_audio", "text": "x"}]}]),
      400, "not supported", "messages[0].content[0]"),
     ("negative-max-tokens", chat(max_tokens=-5), 400, "greater than or equal to 1", "max_tokens"),
     ("max-tokens-string", chat(max_tokens="10"), 400, "valid integer", "max_tokens"),

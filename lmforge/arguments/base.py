@@ -167,14 +167,26 @@ def _show_default(value: Any) -> str:
     return str(value)
 
 
+class _Formatter(argparse.HelpFormatter):
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.nargs == "?" and action.const == "true":  # a bool flag: `--json` alone means true
+            return self._metavar_formatter(action, default_metavar)(1)[0]
+        return super()._format_args(action, default_metavar)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # exit code 2 as argparse does; a short usage line
         self.exit(2, f"usage: {self.prog} [flags]  (see {self.prog} --help)\n{self.prog}: error: {message}\n")
 
 
 def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage="%(prog)s [flags]")
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage="%(prog)s [flags]",
+                     formatter_class=_Formatter)
     parser.add_argument("--config", metavar="FILE", help="a YAML or JSON file of arguments; flags override it")
+    if accepts_presets(cls):
+        parser.add_argument("--preset", nargs="+", metavar="NAME",
+                            help="named sets of flags (lmforge presets lists them; later ones, --config and flags "
+                                 "override earlier ones)")
     hints = _hints(cls)
     # One help section per argument group (ModelArguments, DataArguments, ...), in a stable order.
     owner: dict[str, type] = {}
@@ -202,7 +214,10 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         if not _DESCRIBES_DEFAULT.search(help_text):  # a computed default is described in the help text itself
             help_text += f" (default: {_show_default(default)})"
         # Values stay strings here; conversion happens in _convert so errors name the flag our way.
-        groups[klass].add_argument(f"--{f.name}", nargs="+" if is_list else None, default=argparse.SUPPRESS,
+        # A bool flag alone means true (`--json`); `--json false` still works.
+        is_bool = _strip_optional(hints[f.name])[0] is bool and not is_list
+        groups[klass].add_argument(f"--{f.name}", nargs="+" if is_list else "?" if is_bool else None,
+                                   const="true" if is_bool else None, default=argparse.SUPPRESS,
                                    help=help_text.replace("%", "%%"), metavar=_metavar(hints[f.name], choices))
     return parser
 
@@ -226,8 +241,8 @@ def load_config_file(path: str) -> dict:
     return data
 
 
-def from_dict(cls: type[A], values: dict, source: str = "arguments", *, ignore_unknown: bool = False) -> A:
-    """Build ``cls`` from a mapping, converting and validating each value."""
+def convert_values(cls: type, values: dict, source: str = "arguments", *, ignore_unknown: bool = False) -> dict:
+    """Each value of a mapping converted and validated for its field of ``cls`` (no cross-field checks)."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for k, v in values.items():
@@ -236,6 +251,12 @@ def from_dict(cls: type[A], values: dict, source: str = "arguments", *, ignore_u
                 continue
             raise ArgumentError(f"{source}: unknown argument {k!r}.{suggest_flag(k, sorted(names))}")
         kwargs[k] = _convert(cls, k, v, source)
+    return kwargs
+
+
+def from_dict(cls: type[A], values: dict, source: str = "arguments", *, ignore_unknown: bool = False) -> A:
+    """Build ``cls`` from a mapping, converting and validating each value."""
+    kwargs = convert_values(cls, values, source, ignore_unknown=ignore_unknown)
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -253,12 +274,24 @@ def parse_args(cls: type[A], argv: list[str] | None = None, prog: str = "lmforge
         parser.error(f"unrecognized argument {flag!r}.{suggest_flag(flag.split('=')[0], valid)}")
     values: dict[str, Any] = {}
     try:
-        if getattr(ns, "config", None):
-            values.update(load_config_file(ns.config))
-        values.update({k: v for k, v in vars(ns).items() if k != "config"})
-        return from_dict(cls, values, "flags" if not getattr(ns, "config", None) else f"--config {ns.config} + flags")
+        config = load_config_file(ns.config) if getattr(ns, "config", None) else {}
+        config_presets = config.pop("preset", None) if accepts_presets(cls) else None  # a config may name presets
+        presets = getattr(ns, "preset", None) or config_presets
+        if presets and accepts_presets(cls):
+            from lmforge.presets import preset_values
+
+            values.update(preset_values([presets] if isinstance(presets, str) else list(presets), cls))
+        values.update(config)
+        values.update({k: v for k, v in vars(ns).items() if k not in ("config", "preset")})
+        source = " + ".join([*(["--preset"] if presets else []), *([f"--config {ns.config}"] if getattr(ns, "config", None) else []), "flags"])
+        return from_dict(cls, values, source)
     except ArgumentError as e:
         parser.error(str(e))
+
+
+def accepts_presets(cls: type) -> bool:
+    """Training commands (the classes with a ``train_type``) take ``--preset``."""
+    return any(f.name == "train_type" for f in dataclasses.fields(cls))
 
 
 def to_dict(args: Any) -> dict:

@@ -31,7 +31,7 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
 
     ckpt_dir: Optional[str] = field(None, "a training checkpoint; its args.json names the model, template and system")
     adapters: list[str] = field(default_factory=list, help="LoRA adapter folders (name=dir to name them)")
-    infer_backend: Literal["hf", "native", "vllm"] = field("hf", "generation engine")
+    infer_backend: Literal["hf", "native"] = field("hf", "generation engine: hf (any device) or native (CUDA)")
     max_batch_size: int = field(16, "requests generated together")
     data_parallel_size: int = field(1, "engine replicas, one per GPU (requests spread over them; one server in "
                                        "front of all with deploy)")
@@ -73,6 +73,8 @@ class DeployArguments(InferArguments):
     shutdown_timeout: float = field(30.0, "on SIGTERM/Ctrl-C, seconds running requests get to finish before "
                                           "they are cancelled")
     stream: bool = field(False, "unused by the server (clients ask for streaming per request)")
+    allow_local_media: bool = field(False, "let requests name image files on this machine (path or file://); "
+                                           "off: only base64 data: URLs are accepted")
 
 
 @dataclass

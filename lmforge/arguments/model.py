@@ -55,3 +55,6 @@ class TemplateArguments:
     loss_scale: str = field("default", "which tokens carry loss: 'default' (assistant turns), last_round, all, ...")
     enable_thinking: Optional[bool] = field(None, "thinking on/off for templates that support it")
     agent_template: Optional[str] = field(None, "agent template for tool calls (hermes, react_en, ...)")
+    max_pixels: Optional[int] = field(None, "vision models: most pixels per image; larger images are scaled down "
+                                            "(Qwen2-VL: e.g. 602112 = 768*28*28); default: the processor's")
+    min_pixels: Optional[int] = field(None, "vision models: fewest pixels per image; smaller ones are scaled up")

@@ -25,6 +25,11 @@ class TunerArguments:
     trainable_parameters: list[str] = field(default_factory=list,
                                             help="name prefixes or regexes that train even if frozen above")
     quant_bits: int = field(4, "bits for qlora (bitsandbytes)")
+    freeze_vit: bool = field(True, "vision models: freeze the vision tower (no LoRA on it either)")
+    freeze_aligner: bool = field(True, "vision models: freeze the aligner (the projector into the language model)")
+    freeze_llm: bool = field(False, "vision models: freeze the language model (train only vision parts)")
+    vit_lr: Optional[float] = field(None, "vision models: learning rate of the vision tower (default: --learning_rate)")
+    aligner_lr: Optional[float] = field(None, "vision models: learning rate of the aligner (default: --learning_rate)")
 
 
 @dataclass
@@ -103,6 +108,9 @@ class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgu
     create_checkpoint_symlink: bool = field(False, "also link output_dir/last to the last checkpoint")
     plot: bool = field(True, "write PNG plots of loss and learning rate at the end")
     use_cpu: bool = field(False, "train on the CPU even if a GPU is there")
+    dry_run: bool = field(False, "check the flags, encode a sample of the data and print what the run would do "
+                                 "(lengths, truncation, labelled share, trainable parameters, steps, peak GPU memory "
+                                 "per device); train nothing")
 
     @property
     def is_adapter(self) -> bool:

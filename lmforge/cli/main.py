@@ -32,6 +32,22 @@ ROUTES: dict[str, tuple[str, str, str]] = {
                "best-of-N / rejection sampling scored by reward functions and PRMs"),
     "rollout": ("lmforge.arguments:RolloutArguments", "lmforge.pipelines.rollout:rollout_main",
                 "generation server that a GRPO trainer pushes weights to and pulls samples from"),
+    "env": ("lmforge.arguments:EnvArguments", "lmforge.toolkit.env:env_main",
+            "check this machine: package versions and imports, GPUs, known-bad combinations, free disk"),
+    "presets": ("lmforge.arguments:PresetsArguments", "lmforge.presets:presets_main",
+                "list the training presets (--preset NAME on pt/sft/rlhf)"),
+    "rag index": ("lmforge.arguments:RagIndexArguments", "lmforge.toolkit.agents_cli:rag_index_main",
+                  "index a folder of documents into a local vector index (incremental)"),
+    "rag query": ("lmforge.arguments:RagQueryArguments", "lmforge.toolkit.agents_cli:rag_query_main",
+                  "answer questions from an index, citing the documents"),
+    "agent": ("lmforge.arguments:AgentArguments", "lmforge.toolkit.agents_cli:agent_main",
+              "serve agents (rag, preference, domain assistants) over HTTP"),
+    "preference train": ("lmforge.arguments:PreferenceArguments", "lmforge.toolkit.agents_cli:preference_train_main",
+                         "one dpo/kto round on recorded feedback, evaluated against the last round"),
+    "app": ("lmforge.arguments:AppArguments", "lmforge.pipelines.ui:app_main",
+            "a chat page in the browser for a model or an OpenAI-compatible server"),
+    "web-ui": ("lmforge.arguments:WebUIArguments", "lmforge.pipelines.ui:webui_main",
+               "a browser page to train and watch runs, chat, evaluate and export"),
 }
 
 
@@ -55,7 +71,7 @@ def _usage() -> str:
     lines = [f"lmforge {__version__}: fine-tune, align, serve, evaluate and export LLMs", "",
              "usage: lmforge <command> [flags]    lmforge <command> --help", "", "commands:"]
     for name, (_, _, desc) in available_routes().items():
-        lines.append(f"  {name:<11} {desc}")
+        lines.append(f"  {name:<17} {desc}")
     lines += ["", "Every command also reads --config file.yaml (flags override it)."]
     return "\n".join(lines)
 
@@ -72,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     routes = available_routes()
     cmd, rest = argv[0], argv[1:]
+    if rest and f"{cmd} {rest[0]}" in routes:  # two-word commands: rag index, rag query, preference train
+        cmd, rest = f"{cmd} {rest[0]}", rest[1:]
     if cmd not in routes:
+        subs = [r.split(" ", 1)[1] for r in routes if r.startswith(f"{cmd} ")]
+        if subs:
+            print(f"lmforge {cmd}: expected one of: {', '.join(subs)} (lmforge {cmd} {subs[0]} --help)", file=sys.stderr)
+            return 2
         import difflib
 
         close = difflib.get_close_matches(cmd, list(routes), n=1)
@@ -86,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(_load(args_path), rest, prog=f"lmforge {cmd}")  # flag errors once, before any process starts
     try:
-        relaunch_under_torchrun(cmd, rest)
+        if not getattr(args, "dry_run", False):  # a dry run plans for NPROC_PER_NODE processes in this one
+            relaunch_under_torchrun(cmd, rest)
     except ValueError as e:
         print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
         return 2
@@ -127,6 +150,8 @@ def _run(cmd: str, pipeline: Any, args: Any) -> int:
         return 2
     if isinstance(result, dict) and result.get("interrupted"):  # stopped cleanly by Ctrl-C, resumable
         return 130
+    if isinstance(result, dict) and isinstance(result.get("exit_code"), int):  # a check that failed (lmforge env)
+        return result["exit_code"]
     return 0
 
 

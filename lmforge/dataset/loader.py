@@ -424,6 +424,7 @@ def _canonical_types() -> dict[str, pa.DataType]:
         "messages": message,
         "tools": pa.string(),
         "images": pa.list_(pa.string()),
+        "videos": pa.list_(pa.list_(pa.string())),
         "rejected_response": pa.string(),
         "rejected_messages": message,
         "label": pa.bool_(),
@@ -522,7 +523,7 @@ def _code_version() -> str:
     """Changes to the mapping code must invalidate fingerprints (and so cached encodings)."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for name in ("preprocess.py", "loader.py", "builtin.py"):
+    for name in ("preprocess.py", "loader.py", "builtin.py", "media.py", "shapes.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 

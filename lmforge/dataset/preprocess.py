@@ -5,7 +5,8 @@ trainers only ever see one shape::
 
     {"messages": [{"role": ..., "content": str, "loss": bool | None}, ...] | None,
      "tools": str | None,              # JSON list of OpenAI tool schemas
-     "images": list[str] | None,
+     "images": list[str] | None,      # absolute paths or data: URLs (see media.py)
+     "videos": list[list[str]] | None,  # each video a list of frame images
      "rejected_response": str | None,  # preference pairs
      "rejected_messages": list | None,
      "label": bool | None,             # KTO
@@ -35,7 +36,7 @@ __all__ = [
     "preprocess_row",
 ]
 
-CANONICAL_COLUMNS = ("messages", "tools", "images", "rejected_response", "rejected_messages", "label", "text")
+CANONICAL_COLUMNS = ("messages", "tools", "images", "videos", "rejected_response", "rejected_messages", "label", "text")
 # Where a loaded row came from ("file:line"), added by the loader and dropped by encoding.
 ORIGIN_COLUMN = "_origin"
 ROLES = ("system", "user", "assistant", "tool_call", "tool_response")
@@ -143,8 +144,9 @@ def _required(value: Any, field: str, what: str) -> str:
 # ----------------------------------------------------------------------------- messages
 
 
-def _content_text(content: Any, field: str, images: list[str]) -> str | None:
-    """Content may be a string or OpenAI content parts; image parts become ``<image>`` tags."""
+def _content_text(content: Any, field: str, images: list) -> str | None:
+    """Content may be a string or OpenAI content parts; image parts become ``<image>`` tags (video parts
+    ``<video>`` tags; ``images`` collects both in order, a video as ``("video", value)``)."""
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -164,10 +166,15 @@ def _content_text(content: Any, field: str, images: list[str]) -> str | None:
             url = part.get(kind)
             if isinstance(url, dict):
                 url = url.get("url")
-            images.append(_as_str(url, f"{f}.{kind}"))
+            images.append(url if not isinstance(url, str) else _as_str(url, f"{f}.{kind}"))
             pieces.append("<image>")
+        elif kind in ("video", "video_url"):
+            url = part.get(kind)
+            images.append(("video", url.get("url") if isinstance(url, dict) else url))
+            pieces.append("<video>")
         else:
-            raise _FieldError(f"{f}.type", f"unsupported content part type {kind!r} (expected text, image_url, image)")
+            raise _FieldError(f"{f}.type", f"unsupported content part type {kind!r} "
+                                           "(expected text, image_url, image, video)")
     return "".join(pieces)
 
 
@@ -385,17 +392,56 @@ def _tools(value: Any) -> str | None:
     return _json_dumps(out) if out else None
 
 
-def _images(value: Any, found: list[str]) -> list[str] | None:
-    """A path, a list of paths (or its JSON text), plus images found in content parts."""
+def _media_list(value: Any, field: str) -> list:
+    """One reference, a list of them, or that list as JSON text (CSV cells)."""
     if value is None or value == "":
-        images = []
-    elif isinstance(value, str) and not value.lstrip().startswith("["):
-        images = [value]
+        return []
+    if isinstance(value, str) and not value.lstrip().startswith("["):
+        return [value]
+    if isinstance(value, (str, list, tuple)):
+        return _as_list(value, field, "a list of image paths or URLs")
+    return [value]  # one PIL image, bytes or Image-feature dict
+
+
+def _media(row: dict, found: list, source: str) -> tuple[list[str] | None, list[list[str]] | None]:
+    """``images``/``videos`` (or LLaVA's ``image``/``video``) plus media found in content parts, normalised
+    and checked to open (see :mod:`lmforge.dataset.media`)."""
+    from lmforge.dataset import media
+
+    base = media.source_dir(source)
+    image_key = "images" if row.get("images") is not None else "image"
+    video_key = "videos" if row.get("videos") is not None else "video"
+    raw_images = _media_list(row.get(image_key), image_key) + [v for v in found if not isinstance(v, tuple)]
+    if video_key == "video":  # one video: its frames, or a file
+        raw_videos = [row["video"]] if row.get("video") not in (None, "", []) else []
     else:
-        images = _as_list(value, "images", "a list of image paths or URLs")
-    for i, img in enumerate(images):
-        _as_str(img, f"images[{i}]")
-    return [*images, *found] or None
+        raw_videos = _as_list(row["videos"], "videos", "a list of videos (each a list of frame images)")
+    raw_videos += [v[1] for v in found if isinstance(v, tuple)]
+    images, videos = [], []
+    for i, img in enumerate(raw_images):
+        try:
+            images.append(media.normalize_image(img, base))
+        except media.MediaError as e:
+            raise _FieldError(f"{image_key}[{i}]", str(e)) from None
+    for i, vid in enumerate(raw_videos):
+        try:
+            videos.append(media.normalize_video(vid, base))
+        except media.MediaError as e:
+            raise _FieldError(f"{video_key}[{i}]", str(e)) from None
+    return images or None, videos or None
+
+
+def _check_tags(out: dict) -> None:
+    """``<image>``/``<video>`` tags in the messages must not outnumber the row's images/videos; with no tags
+    at all, the template puts them before the first user message."""
+    from lmforge.dataset.media import IMAGE_TAG, VIDEO_TAG, count_tags
+
+    for tag, key in ((IMAGE_TAG, "images"), (VIDEO_TAG, "videos")):
+        have = len(out.get(key) or [])
+        for msgs_key in ("messages", "rejected_messages"):
+            tags = sum(count_tags(m["content"], tag) for m in out.get(msgs_key) or [])
+            if tags and tags != have:
+                raise _FieldError(msgs_key, f"the messages hold {tags} {tag} tag(s) but the row has {have} {key}")
 
 
 _LABELS = {"true": True, "1": True, "false": False, "0": False}
@@ -443,6 +489,7 @@ def preprocess_row(raw: dict, *, source: str = "<row>", columns: dict | None = N
             "messages": None,
             "tools": _tools(row.get("tools")),
             "images": None,
+            "videos": None,
             "rejected_response": None if row.get("rejected_response") is None
             else _required(row["rejected_response"], "rejected_response", "rejected response"),
             "rejected_messages": None,
@@ -452,16 +499,18 @@ def preprocess_row(raw: dict, *, source: str = "<row>", columns: dict | None = N
         if row.get("rejected_messages") is not None:
             out["rejected_messages"] = _normalize_messages(row["rejected_messages"], "rejected_messages", [])
         out.update(mapped)
-        out["images"] = _images(row.get("images"), found_images)
+        out["images"], out["videos"] = _media(row, found_images, source)
         system = _as_str(row.get("system"), "system", optional=True)
         for key in ("messages", "rejected_messages"):
             msgs = out[key]
             if system and msgs and msgs[0]["role"] != "system":
                 out[key] = [_message("system", system), *msgs]
+        _check_tags(out)
     except _FieldError as e:
         raise DatasetError(f"{source}: field {e.field!r}: {e.reason}", source=source, field=e.field) from None
+    media_aliases = {k for k in ("image", "video") if row.get(f"{k}s") is None}  # LLaVA's singular columns
     for k, v in row.items():  # extra columns pass through unchanged
-        if k not in _NOT_EXTRA and k not in consumed:
+        if k not in _NOT_EXTRA and k not in consumed and k not in media_aliases:
             out[k] = v
     return out
 

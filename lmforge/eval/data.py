@@ -21,7 +21,7 @@ from typing import Any
 REFERENCE_COLUMNS = ("reference", "solution", "answer")
 QUESTION_COLUMNS = ("question", "query", "problem", "prompt", "input")
 # Built-in datasets whose eval default is their held-out split.
-HELD_OUT = {"arith": "test", "arith-preference": "test", "arith-rl": "test", "tool-calls": "test",
+HELD_OUT = {"arith": "test", "arith-preference": "test", "arith-rl": "test", "tool-calls": "test", "shapes": "test",
             "arith-retrieval": "test", "intents": "test", "intent-retrieval": "test"}
 
 

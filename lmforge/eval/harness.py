@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmforge.utils.errors import SetupError
+
 logger = logging.getLogger("lmforge.eval")
 
 KEY_ENV = "LMFORGE_EVAL_API_KEY"
@@ -208,7 +210,7 @@ def run_harness(args: Any, engine: Any = None) -> dict:
             cmd = evalscope_command(url, model, list(args.eval_dataset), work_dir=out, limit=args.eval_limit,
                                     extra=args.eval_backend_args)
             if api_key and _EVALSCOPE_SHIM not in cmd:
-                raise RuntimeError("evalscope takes an API key only on its command line, where other users of this "
+                raise SetupError("evalscope takes an API key only on its command line, where other users of this "
                                    "machine could read it; install evalscope in this Python environment "
                                    f"({sys.executable}) so lmforge can hand it the key privately")
             _run(cmd, {KEY_ENV: api_key} if api_key else {})

@@ -43,7 +43,8 @@ class EngineAnswerer:
     def _request(self, item: EvalItem) -> Any:
         from lmforge.infer.convert import parse_request
 
-        return parse_request({"messages": item.messages, "adapter": self.adapter})
+        return parse_request({"messages": item.messages, "images": item.row.get("images") or [],
+                              "adapter": self.adapter})
 
     def _generate(self, items: list[EvalItem]) -> dict[int, dict]:
         from lmforge.infer.errors import InferRequestError
@@ -85,6 +86,10 @@ class EngineAnswerer:
 
         for it in items:
             choices = choice_list(it.row["choices"])
+            if it.row.get("images"):
+                on_result(it, {"error": "log-likelihood scoring of image rows is not supported; "
+                                        "use --eval_mc_mode generate"})
+                continue
             try:
                 lps = continuation_logprobs(self.engine, self._request(it), [text for _, text in choices],
                                             adapter=self.adapter)
@@ -128,7 +133,12 @@ class ServerAnswerer:
         return models
 
     def _one(self, item: EvalItem) -> dict:
-        body = {**self.payload, "messages": item.messages}
+        messages = item.messages
+        if item.row.get("images"):
+            from lmforge.dataset.media import openai_messages
+
+            messages = openai_messages(messages, item.row["images"])
+        body = {**self.payload, "messages": messages}
         for attempt in range(self.retries + 1):
             try:
                 data = self._call("POST", "/v1/chat/completions", body)

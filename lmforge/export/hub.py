@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lmforge.utils.errors import SetupError
+
 logger = logging.getLogger(__name__)
 
 _ENDPOINTS = {"hf": ("HF_ENDPOINT", "https://huggingface.co"),
@@ -54,12 +56,12 @@ def check_push(hub: str, hub_model_id: str | None) -> None:
             raise ImportError("--push_to_hub --hub modelscope needs the modelscope package: "
                               "pip install 'lmforge[modelscope]'")
     elif _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
-        raise RuntimeError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or "
+        raise SetupError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or "
                            "export without --push_to_hub")
     env, default = _ENDPOINTS[hub]
     why = _reachable(os.environ.get(env) or default)
     if why:
-        raise RuntimeError(f"--push_to_hub: cannot reach the {hub} hub ({why}); check the network, or export "
+        raise SetupError(f"--push_to_hub: cannot reach the {hub} hub ({why}); check the network, or export "
                            f"without --push_to_hub and upload later")
 
 

@@ -217,5 +217,12 @@ def merge_lora(*, model: str | None = None, ckpt_dir: str | None = None,
     with build_dir(out) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         save_tokenizer_and_args(tmp, tokenizer, src, out)
+        from lmforge.model.vision import get_processor
+
+        processor = get_processor(src.model, merged.config, tokenizer, hub=hub, revision=revision,
+                                  min_pixels=src.train_args.get("min_pixels"),
+                                  max_pixels=src.train_args.get("max_pixels"), trust_remote_code=trust_remote_code)
+        if processor is not None:  # a vision-language model needs its image processor beside the weights
+            processor.image_processor.save_pretrained(tmp)
     logger.info("Merged model saved to %s", out)
     return out

@@ -17,6 +17,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lmforge.utils.errors import SetupError
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("gguf", "bnb", "fp8", "int4", "int8", "gptq", "awq")
@@ -24,6 +26,9 @@ _PACKAGES = {"gguf": ("gguf", "pip install 'lmforge[export]'"),
              "bnb": ("bitsandbytes", "pip install 'lmforge[qlora]'"),
              "int8": ("torchao", "pip install 'lmforge[export]'"),
              "int4": ("torchao", "pip install 'lmforge[export]'")}
+# transformers' fine-grained FP8 runs its matmuls through the `kernels` package (seen on an H200 with
+# transformers 5.17: "finegrained-fp8 kernel unavailable" without it); checked after the GPU is
+_FP8_PACKAGE = ("kernels", "pip install 'kernels>=0.16,<0.17'")
 _NOT_BUILT = {
     "gptq": "GPTQ needs calibration passes over data on a CUDA GPU through gptqmodel (pip install gptqmodel), "
             "which lmforge does not drive yet",
@@ -63,15 +68,17 @@ def check_quant_request(method: str | None, quant_type: str | None, quant_bits: 
             raise ImportError(f"--quant_method {method} needs the {module} package: {pip}")
     if method == "fp8":
         if not _cuda():
-            raise RuntimeError("--quant_method fp8 needs a CUDA GPU with FP8 support (compute capability 8.9+: "
+            raise SetupError("--quant_method fp8 needs a CUDA GPU with FP8 support (compute capability 8.9+: "
                                "L4, L40, H100, H200, B200); this machine has none")
         import torch
 
         if torch.cuda.get_device_capability() < (8, 9):
-            raise RuntimeError(f"--quant_method fp8 needs compute capability 8.9+; this GPU is "
+            raise SetupError(f"--quant_method fp8 needs compute capability 8.9+; this GPU is "
                                f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
+        if importlib.util.find_spec(_FP8_PACKAGE[0]) is None:
+            raise ImportError(f"--quant_method fp8 needs the {_FP8_PACKAGE[0]} package: {_FP8_PACKAGE[1]}")
     if method == "int4" and not _cuda():
-        raise RuntimeError("--quant_method int4 needs a CUDA GPU: torchao's int4 weight-only kernels (tinygemm) "
+        raise SetupError("--quant_method int4 needs a CUDA GPU: torchao's int4 weight-only kernels (tinygemm) "
                            "run only there; on CPU use --quant_method int8 or --quant_method gguf "
                            "--quant_type q4_k_m")
 

@@ -1,4 +1,4 @@
-"""Generation: protocol types, the engine interface, and engines (hf; native on CUDA; vllm optional)."""
+"""Generation: protocol types, the engine interface, and engines (hf; native on CUDA)."""
 from lmforge.infer.convert import to_canonical_row
 from lmforge.infer.errors import InferRequestError, PromptTooLongError
 from lmforge.infer.protocol import (ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage, Choice,
@@ -10,7 +10,7 @@ __all__ = ["ChatCompletionResponse", "ChatCompletionStreamResponse", "ChatMessag
 
 
 def get_engine(backend: str = "hf", **kwargs):
-    """Build an engine by name (``hf``, ``native``, ``vllm``); kwargs go to its constructor."""
+    """Build an engine by name (``hf``, ``native``); kwargs go to its constructor."""
     if backend == "hf":
         from lmforge.infer.hf import HfEngine
 
@@ -19,8 +19,4 @@ def get_engine(backend: str = "hf", **kwargs):
         from lmforge.infer.native import NativeEngine
 
         return NativeEngine(**kwargs)
-    if backend == "vllm":
-        from lmforge.infer.vllm import VllmEngine
-
-        return VllmEngine(**kwargs)
-    raise ValueError(f"unknown --infer_backend {backend!r}; expected hf, native or vllm")
+    raise ValueError(f"unknown --infer_backend {backend!r}; expected hf or native")

@@ -1,4 +1,4 @@
-"""The engine interface every backend implements (hf, native, vllm).
+"""The engine interface every backend implements (hf, native).
 
 Engines are synchronous at heart; the async twins let the server await generation without
 blocking its event loop. A backend may override them with a native async path.

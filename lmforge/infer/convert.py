@@ -6,13 +6,16 @@ the same tokens whichever way it arrives:
 - an assistant message with ``tool_calls`` becomes one ``tool_call`` message per call, its content
   the JSON ``{"name": ..., "arguments": {...}}`` (arguments parsed from OpenAI's JSON text);
 - a ``tool`` message becomes a ``tool_response`` message;
-- ``content`` given as a list of parts keeps its text parts (joined by newlines).
+- ``content`` given as a list of parts keeps its text parts (joined by newlines); an image part
+  (``image_url`` with a data URL or a local path, or ``image``) becomes an ``<image>`` tag where it
+  stood and its reference joins the row's ``images`` (after the request's own ``images``).
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from lmforge.dataset.media import IMAGE_TAG
 from lmforge.infer.errors import InferRequestError
 from lmforge.infer.protocol import ChatMessage, InferRequest
 
@@ -38,17 +41,28 @@ def parse_request(data: InferRequest | dict[str, Any], *, index: int | None = No
         raise InferRequestError("; ".join(problems), index=index) from None
 
 
-def _content_text(msg: ChatMessage, i: int) -> str | None:
+def _content_text(msg: ChatMessage, i: int, images: list[str]) -> str | None:
     content = msg.content
     if content is None or isinstance(content, str):
         return content
-    texts = []
-    for part in content:
+    text, prev_text = "", False
+    for j, part in enumerate(content):
         kind = part.get("type", "text")
-        if kind != "text":
-            raise InferRequestError(f"messages.{i}: content part type {kind!r} is not supported yet (text only)")
-        texts.append(str(part.get("text", "")))
-    return "\n".join(texts)
+        if kind == "text":
+            text += ("\n" if prev_text else "") + str(part.get("text", ""))
+            prev_text = True
+        elif kind in ("image_url", "image"):
+            url = part.get(kind)
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url:
+                raise InferRequestError(f"messages.{i}.content.{j}.{kind}: expected a URL string")
+            images.append(url)
+            text += IMAGE_TAG
+            prev_text = False
+        else:
+            raise InferRequestError(f"messages.{i}.content.{j}: content part type {kind!r} is not supported "
+                                    "(text, image_url)")
+    return text
 
 
 def _tool_call_content(call: Any) -> str:
@@ -70,9 +84,10 @@ def to_canonical_row(request: InferRequest | dict[str, Any], *, index: int | Non
     if not request.messages:
         raise InferRequestError("messages must not be empty", index=index)
     messages: list[dict[str, Any]] = []
+    images: list[str] = list(request.images)
     try:
         for i, m in enumerate(request.messages):
-            text = _content_text(m, i)
+            text = _content_text(m, i, images)
             if m.role == "assistant" and m.tool_calls:
                 if text:
                     messages.append({"role": "assistant", "content": text})
@@ -92,6 +107,19 @@ def to_canonical_row(request: InferRequest | dict[str, Any], *, index: int | Non
         raise InferRequestError(f"the last message is from {last!r}; the model replies to a user or tool message",
                                 index=index)
     row: dict[str, Any] = {"messages": messages, "tools": request.tools or None}
-    if request.images:
-        row["images"] = list(request.images)
+    if images:
+        row["images"] = _normalize_images(images, index)
     return row
+
+
+def _normalize_images(images: list[str], index: int | None) -> list[str]:
+    """Each image checked to open (data: URLs, local paths and file:// URLs; remote URLs are refused)."""
+    from lmforge.dataset.media import MediaError, normalize_image
+
+    out = []
+    for k, ref in enumerate(images):
+        try:
+            out.append(normalize_image(ref))
+        except MediaError as e:
+            raise InferRequestError(f"image {k}: {e}", index=index) from None
+    return out

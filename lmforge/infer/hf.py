@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -50,6 +50,7 @@ class _Job:
     request: InferRequest
     input_ids: list[int]
     max_tokens: int
+    images: list[str] = field(default_factory=list)  # image references of a vision-language prompt, in order
 
 
 @dataclass
@@ -65,7 +66,7 @@ class _Row:
 class _Sampler(LogitsProcessor):
     """Picks every next token itself (see the module docstring) and records its logprobs if asked."""
 
-    def __init__(self, cfg: RequestConfig, num_jobs: int, prompt_len: int, pad_lens: torch.Tensor,
+    def __init__(self, cfg: RequestConfig, seeds: list[int | None], prompt_len: int, pad_lens: torch.Tensor,
                  device: torch.device):
         self.n = cfg.n
         self.prompt_len = prompt_len
@@ -83,10 +84,11 @@ class _Sampler(LogitsProcessor):
                 self.warpers.append(TopPLogitsWarper(float(cfg.top_p)))
             if cfg.min_p > 0.0:
                 self.warpers.append(MinPLogitsWarper(float(cfg.min_p)))
-        # One generator per request: its n samples come from it in order, unaffected by other requests.
+        # One generator per seeded request (its own seed, else the config's): its n samples come from it in
+        # order, unaffected by other requests. Unseeded requests draw from torch's global generator.
         self.generators = None
-        if not self.greedy and cfg.seed is not None:
-            self.generators = [torch.Generator(device=device).manual_seed(cfg.seed) for _ in range(num_jobs)]
+        if not self.greedy and any(sd is not None for sd in seeds):
+            self.generators = [None if sd is None else torch.Generator(device=device).manual_seed(sd) for sd in seeds]
         self.top_k_logprobs = (cfg.top_logprobs or 0) if cfg.logprobs else -1
         self.records: list[tuple[torch.Tensor, ...]] = []  # per step: chosen id, its logprob, top ids, top logprobs
 
@@ -201,7 +203,7 @@ class HfEngine(InferEngine):
                  hub: str = "hf", revision: str | None = None, attn_impl: str | None = None,
                  model_kwargs: dict | None = None, trust_remote_code: bool = False,
                  enable_thinking: bool | None = None, model_name: str | None = None,
-                 agent_template: str | None = None):
+                 agent_template: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if model_obj is not None:
@@ -229,6 +231,7 @@ class HfEngine(InferEngine):
         self.device = getattr(self.model, "device", None) or next(self.model.parameters()).device
         self.model_name = model_name or (Path(src.model).name if Path(src.model).exists() else src.model)
         self.max_batch_size = max_batch_size
+        self.processor = self._processor(src, hub, revision, min_pixels, max_pixels, trust_remote_code)
         self.template = self._make_template(template, src, enable_thinking, agent_template)
         self.max_model_len = max_model_len or self._default_max_model_len()
         self.stop_token_ids = self._stop_ids()
@@ -251,13 +254,39 @@ class HfEngine(InferEngine):
 
             tpl = get_template(self.tokenizer, src.template, system=src.system, max_length=None,
                                enable_thinking=enable_thinking if enable_thinking is not None else src.enable_thinking,
-                               agent_template=agent_template or getattr(src, "agent_template", None))
+                               agent_template=agent_template or getattr(src, "agent_template", None),
+                               processor=self.processor)
         else:
             tpl = copy.copy(template)  # a caller's template (a trainer's, say) keeps its own mode
             if src.system is not None:
                 tpl.system = src.system
         tpl.set_mode("infer")
         return tpl
+
+    def _processor(self, src: Any, hub: str, revision: str | None, min_pixels: int | None,
+                   max_pixels: int | None, trust_remote_code: bool) -> Any:
+        """A vision-language model's processor (None for a text model); pixel bounds default to training's."""
+        from lmforge.model.vision import family_of, get_processor, is_vision_config
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.vision_family = family_of(base.config)
+        if not is_vision_config(base.config):
+            return None
+        train = src.train_args
+        return get_processor(src.model, base.config, self.tokenizer, hub=hub, revision=revision,
+                             min_pixels=min_pixels or train.get("min_pixels"),
+                             max_pixels=max_pixels or train.get("max_pixels"), trust_remote_code=trust_remote_code)
+
+    def _vision_inputs(self, jobs: list[_Job], n: int, input_ids: torch.Tensor) -> dict[str, Any]:
+        """Pixels (and token types) for a batch whose prompts hold images; each prompt repeated ``n`` times."""
+        images = [ref for j in jobs for _ in range(n) for ref in j.images]
+        vision = getattr(self.template, "vision", None)
+        if not images or vision is None:
+            return {}
+        out = {k: v.to(self.device) for k, v in vision.pixel_inputs(images).items()}
+        if self.vision_family is not None and self.vision_family.token_type_ids:
+            out["mm_token_type_ids"] = vision.token_type_ids(input_ids)
+        return out
 
     def _stop_ids(self) -> list[int]:
         """The template's stop tokens plus the model's own eos ids (chat models often list several)."""
@@ -284,15 +313,19 @@ class HfEngine(InferEngine):
         A request with a ``prompt`` (text or token ids, as /v1/completions sends) skips the chat
         template: the text is tokenized as it is, with no special tokens added.
         """
+        return self._encode(request, index)[0]
+
+    def _encode(self, request: InferRequest | dict, index: int | None) -> tuple[list[int], list[str]]:
+        """Prompt ids and the prompt's image references."""
         prompt = getattr(request, "prompt", None)
         if prompt is not None:
-            return self._encode_prompt(prompt, index)
+            return self._encode_prompt(prompt, index), []
         row = to_canonical_row(request, index=index)
         try:
             encoded = self.template.encode(row)
-        except ValueError as e:  # TemplateError / MaxLengthError: the template's message says why
+        except ValueError as e:  # TemplateError / MaxLengthError / MediaError: the message says why
             raise InferRequestError(str(e), index=index) from e
-        return [int(i) for i in encoded["input_ids"]]
+        return [int(i) for i in encoded["input_ids"]], list(encoded.get("images") or [])
 
     def _encode_prompt(self, prompt: str | list[int], index: int | None) -> list[int]:
         if isinstance(prompt, str):
@@ -316,11 +349,11 @@ class HfEngine(InferEngine):
         if request.adapter and request.adapter not in self.adapters:  # None: the default; "": the base
             known = ", ".join(self.adapters) or "none were loaded (pass --adapters)"
             raise InferRequestError(f"unknown adapter {request.adapter!r}; known adapters: {known}", index=index)
-        ids = self.encode(request, index=index)
+        ids, images = self._encode(request, index)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(len(ids), self.max_model_len, index=index)
         room = self.max_model_len - len(ids)
-        return _Job(index, request, ids, min(cfg.max_tokens or room, room))
+        return _Job(index, request, ids, min(cfg.max_tokens or room, room), images)
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -363,14 +396,16 @@ class HfEngine(InferEngine):
         attention_mask = (torch.arange(prompt_len, device=self.device)[None, :] >= pad_lens[:, None]).long()
         row_max = [j.max_tokens for j in jobs for _ in range(n)]
         stop = StopStrings([*cfg.stop, *self.stop_words])
-        sampler = _Sampler(cfg, len(jobs), prompt_len, pad_lens, self.device)
+        sampler = _Sampler(cfg, [j.request.seed if j.request.seed is not None else cfg.seed for j in jobs],
+                           prompt_len, pad_lens, self.device)
         eos_ids = [] if cfg.ignore_eos else self.stop_token_ids
         criteria = _StopCriteria(prompt_len, row_max, self.device, stop, set(eos_ids), self._decode, cancel)
         if streamer is not None:
             streamer.sampler = sampler
+        vision = self._vision_inputs(jobs, n, input_ids)
         with self._lock, self._adapter(jobs[0].request.adapter), torch.inference_mode():
             sequences = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask,
+                input_ids=input_ids, attention_mask=attention_mask, **vision,
                 generation_config=self._generation_config(max(row_max), eos_ids),
                 logits_processor=LogitsProcessorList([sampler]), stopping_criteria=StoppingCriteriaList([criteria]),
                 streamer=streamer)

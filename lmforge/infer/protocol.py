@@ -43,6 +43,9 @@ class InferRequest(BaseModel):
     tools: Optional[list[dict[str, Any]]] = None
     images: list[str] = Field(default_factory=list)
     adapter: Optional[str] = None
+    # This request's own sampling seed (over RequestConfig.seed): its samples come from its own generator,
+    # whatever else shares the batch, so work spread differently over processes samples the same.
+    seed: Optional[int] = None
 
     @field_validator("messages")
     @classmethod

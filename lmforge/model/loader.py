@@ -73,6 +73,19 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False):
     return tok
 
 
+def _auto_class(config: Any):
+    """Causal LMs through AutoModelForCausalLM; vision-language models that are not one through
+    AutoModelForImageTextToText (Qwen2-VL, LLaVA, ...)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from lmforge.model.vision import is_vision_config
+
+    if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and is_vision_config(config):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def get_model_tokenizer(
     model: str,
     *,
@@ -86,14 +99,15 @@ def get_model_tokenizer(
     quantization_config: Any = None,
     load_model: bool = True,
     device: str | None = None,
-    auto_class: str = "AutoModelForCausalLM",
+    auto_class: str | None = None,
 ):
     """Return ``(model, tokenizer)`` for a hub id, local folder or ``builtin:NAME``.
 
     ``device`` picks where the model goes when ``device_map`` is not given (default: CUDA if there
-    is one). With ``load_model=False`` the model is ``None`` (tokenizer-only commands). ``auto_class`` names
-    the transformers class that loads it (``AutoModel`` for an embedding model, ``AutoModelForSequenceClassification``
-    for a classifier or reranker: :func:`lmforge.model.tasks.task_auto_class`).
+    is one). With ``load_model=False`` the model is ``None`` (tokenizer-only commands). ``auto_class``
+    names the transformers class that loads it (``AutoModel`` for an embedding model,
+    ``AutoModelForSequenceClassification`` for a classifier or reranker:
+    :func:`lmforge.model.tasks.task_auto_class`); None: a causal LM or a vision-language model's class.
     """
     import transformers
     from transformers import AutoConfig
@@ -117,7 +131,8 @@ def get_model_tokenizer(
         kwargs["device_map"] = device_map
     kwargs.update(model_kwargs)
     logger.info("Loading %s (%s) from %s", model, dtype, model_dir)
-    m = getattr(transformers, auto_class).from_pretrained(str(model_dir), **kwargs)
+    cls = getattr(transformers, auto_class) if auto_class else _auto_class(config)
+    m = cls.from_pretrained(str(model_dir), **kwargs)
     if not device_map:
         m.to(device)
     # Remember the user-facing name (builtin:tiny, a hub id) beside the folder it came from.

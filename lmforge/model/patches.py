@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lmforge.arguments.train import switch
+from lmforge.utils.errors import SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def enable_varlen_attention(model: Any, *, required: bool = False) -> str:
     why = _probe_varlen(model, original)
     if why is not None:
         if required:
-            raise RuntimeError(f"--varlen_attention true: cannot use variable-length attention: {why}")
+            raise SetupError(f"--varlen_attention true: cannot use variable-length attention: {why}")
         return f"attention: {original} with a block-diagonal mask for packed rows (varlen attention off: {why})"
     kernels = ", ".join(va.chosen_kernels()) or "chosen on first use"
     return f"attention: variable-length ({kernels}) for packed rows, {original} otherwise"
@@ -94,7 +95,7 @@ def apply_liger(model: Any) -> str:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
-        raise RuntimeError("--use_liger_kernel: liger-kernel is not installed (pip install 'lmforge[liger]')") from None
+        raise SetupError("--use_liger_kernel: liger-kernel is not installed (pip install 'lmforge[liger]')") from None
     model_type = getattr(model.config, "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"liger: no kernels for model type {model_type!r}; plain layers"
@@ -120,7 +121,7 @@ def configure_for_training(model: Any, args: Any, on_gpu: bool) -> list[str]:
     lines = []
     if args.use_liger_kernel:
         if not on_gpu:
-            raise RuntimeError("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton); drop the flag on CPU")
+            raise SetupError("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton); drop the flag on CPU")
         lines.append(apply_liger(model))
     lean = switch(getattr(args, "lean_layers", "auto"))
     if lean or (lean is None and on_gpu and not args.use_liger_kernel):
@@ -133,7 +134,7 @@ def configure_for_training(model: Any, args: Any, on_gpu: bool) -> list[str]:
     if args.packing and (varlen or (varlen is None and on_gpu)):
         if attn not in (None, "sdpa", "eager"):
             if varlen:
-                raise RuntimeError(f"--varlen_attention true conflicts with --attn_impl {attn}")
+                raise SetupError(f"--varlen_attention true conflicts with --attn_impl {attn}")
             lines.append(f"attention: {attn} as asked (--attn_impl); varlen attention off")
         else:
             lines.append(enable_varlen_attention(model, required=bool(varlen)))

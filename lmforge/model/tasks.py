@@ -22,7 +22,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 TASK_AUTO_CLASS = {
-    "causal_lm": "AutoModelForCausalLM",
+    "causal_lm": None,  # the loader's choice: a causal LM, or a vision-language model's own class
     "generative_reranker": "AutoModelForCausalLM",
     "embedding": "AutoModel",
     "seq_cls": "AutoModelForSequenceClassification",
@@ -36,8 +36,8 @@ ST_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_t
 POSITIVE_TOKEN, NEGATIVE_TOKEN = "yes", "no"
 
 
-def task_auto_class(task: str | None) -> str:
-    """The transformers class that loads a model of ``task`` (None: causal_lm)."""
+def task_auto_class(task: str | None) -> str | None:
+    """The transformers class that loads a model of ``task`` (None: the loader's default for a chat model)."""
     try:
         return TASK_AUTO_CLASS[task or "causal_lm"]
     except KeyError:

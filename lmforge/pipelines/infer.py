@@ -28,6 +28,7 @@ _CANONICAL = ("tools", "images", "rejected_response", "rejected_messages", "labe
 CHAT_HELP = ("Enter sends a message. End a line with \\ to go on with the next one, or put \"\"\" on a line "
              "to start and end a multi-line message.\n'clear' (or 'reset') forgets the conversation, 'exit' or "
              "Ctrl-D quits, Ctrl-C stops a reply.")
+IMAGE_HELP = "Put <image> in a message to attach an image: you are asked for its path (or data: URL)."
 
 
 def build_engine(args: InferArguments) -> Any:
@@ -43,7 +44,7 @@ def build_engine(args: InferArguments) -> Any:
         system=args.system, torch_dtype=args.torch_dtype, max_batch_size=args.max_batch_size,
         max_model_len=args.max_model_len, hub=args.hub, revision=args.revision, attn_impl=args.attn_impl,
         device_map=args.device_map, model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
-        enable_thinking=args.enable_thinking)
+        enable_thinking=args.enable_thinking, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.agent_template:
         kwargs["agent_template"] = args.agent_template
     if args.infer_backend == "native":
@@ -169,8 +170,11 @@ def chat(engine: Any, config: Any, *, adapter: str | None = None, stream: bool =
         out.flush()
 
     each = "" if keep_history else " Each message is answered on its own (--keep_history true keeps the conversation)."
-    write(f"Chatting with {engine.model_name}{f' (adapter {adapter})' if adapter else ''}. {CHAT_HELP}{each}\n")
+    vision = getattr(getattr(engine, "template", None), "vision", None) is not None
+    write(f"Chatting with {engine.model_name}{f' (adapter {adapter})' if adapter else ''}. {CHAT_HELP}{each}\n"
+          + (f"{IMAGE_HELP}\n" if vision else ""))
     history: list[dict] = []
+    images: list[str] = []  # of the whole conversation, in order
     while True:
         try:
             text = _read_message(read_line, write)
@@ -185,13 +189,20 @@ def chat(engine: Any, config: Any, *, adapter: str | None = None, stream: bool =
         if command in ("exit", "quit"):
             break
         if command in ("clear", "reset"):
-            history = []
+            history, images = [], []
             write("(conversation cleared)\n")
             continue
         if not keep_history:
-            history = []
+            history, images = [], []
+        asked = []
+        try:
+            for k in range(text.count("<image>") if vision else 0):
+                asked.append(read_line(f"image {k + 1} path <<< ").strip())
+        except EOFError:
+            break
         history.append({"role": "user", "content": text})
-        request = InferRequest(messages=history, adapter=adapter)
+        images += asked
+        request = InferRequest(messages=history, images=images, adapter=adapter)
         write(">>> ")
         reply = ""
         try:
@@ -211,6 +222,7 @@ def chat(engine: Any, config: Any, *, adapter: str | None = None, stream: bool =
         except InferRequestError as e:
             write(f"\n(error: {e.reason})\n")
             history.pop()
+            del images[len(images) - len(asked):]
             continue
         history.append({"role": "assistant", "content": reply})
     return history
@@ -279,6 +291,10 @@ def row_to_request(row: dict, adapter: str | None = None) -> tuple[Any, dict[str
             from lmforge.infer.errors import InferRequestError
 
             raise InferRequestError("nothing to answer: the row's only message is an assistant reply")
+    if row.get("videos"):
+        from lmforge.infer.errors import InferRequestError
+
+        raise InferRequestError("videos are not supported by the engines yet")
     tools = row.get("tools")
     if isinstance(tools, str):
         tools = json.loads(tools) if tools.strip() else None

@@ -13,6 +13,9 @@ data into the shape each objective wants, chooses the reference model, and swaps
 :class:`lmforge.rlhf.grpo_trainer.GRPOTrainer` over prompt-only rows, with its rewards and
 multi-turn scheduler; see docs/grpo.md).
 
+For gkd, :class:`lmforge.rlhf.gkd.GKDTrainer` trains on the rows' prompts with completions the student
+samples, the dataset's, or the teacher's (``--teacher_model``, loaded frozen).
+
 ``--packing`` means padding-free batches here (all ``2B`` chosen and rejected sequences of a batch
 flattened into one row); pairs are never bin-packed across batches, since a pair must stay in one
 batch. ``rm`` always uses padded rows (its head pools each row's last token).
@@ -98,6 +101,10 @@ def _reference_model(args: RlhfArguments, setup: TrainingSetup) -> Any:
         return None
     if args.ref_model:
         return _load_reference(args, setup)
+    if args.is_adapter and args.sync_ref_model:  # a reference that moves cannot be the adapter-free base
+        logger.info("Reference: a frozen copy of the starting model (--sync_ref_model moves it)")
+        ref = copy.deepcopy(setup.model)
+        return ref.merge_and_unload() if hasattr(ref, "merge_and_unload") else ref
     if args.is_adapter:
         logger.info("Reference: the base model with the %s adapters disabled (no second copy)", args.train_type)
         return None
@@ -105,17 +112,19 @@ def _reference_model(args: RlhfArguments, setup: TrainingSetup) -> Any:
     return copy.deepcopy(setup.model)
 
 
-def _load_reference(args: RlhfArguments, setup: TrainingSetup) -> Any:
+def _load_reference(args: RlhfArguments, setup: TrainingSetup, path: str | None = None,
+                    flag: str = "--ref_model") -> Any:
     from lmforge.model import get_model_tokenizer
 
+    path = path or args.ref_model
     ref, tok = get_model_tokenizer(
-        args.ref_model, hub=args.hub, torch_dtype=args.torch_dtype, attn_impl=args.attn_impl,
+        path, hub=args.hub, torch_dtype=args.torch_dtype, attn_impl=args.attn_impl,
         model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
         device="cuda" if setup.on_gpu else "cpu")
     if len(tok) != len(setup.tokenizer):
-        raise ValueError(f"--ref_model {args.ref_model}: its vocabulary ({len(tok)}) differs from the model's "
+        raise ValueError(f"{flag} {path}: its vocabulary ({len(tok)}) differs from the model's "
                          f"({len(setup.tokenizer)}); log-probs would not be comparable")
-    logger.info("Reference: %s, loaded separately", args.ref_model)
+    logger.info("%s: %s, loaded separately", "Reference" if flag == "--ref_model" else "Teacher", path)
     return ref
 
 
@@ -159,6 +168,21 @@ def grpo_main(args: RlhfArguments, engine: Any = None) -> dict[str, Any]:
                         engine=engine)
 
 
+def gkd_main(args: RlhfArguments) -> dict[str, Any]:
+    """GKD: the rows' prompts (and replies, for the off-policy batches) with a teacher of the same tokenizer."""
+    from lmforge.rlhf.gkd import GKDTrainer, collate_rows
+
+    setup = prepare_training(args, "train")
+    if args.packing:
+        logger.warning("rlhf_type gkd: --packing ignored (completions are sampled and padded per micro-batch)")
+    teacher = _load_reference(args, setup, args.teacher_model, "--teacher_model")
+    train, val = load_training_data(args, setup.template, pack=False)
+    logger.info("GKD: lmbda %.2f (on-policy share), beta %.2f, %s off-policy replies", args.lmbda, args.resolved_beta,
+                "teacher-sampled" if args.seq_kd else "dataset")
+    return run_training(setup, train, val, trainer_cls=GKDTrainer, data_collator=collate_rows, compute_metrics=None,
+                        teacher_model=teacher, rlhf_args=args, template=setup.template)
+
+
 def rlhf_main(args: RlhfArguments) -> dict[str, Any]:
     """Train a preference objective or GRPO; returns what ``sft_main`` returns (``output_dir``, ``last_checkpoint``, ...)."""
     from lmforge.rlhf.collator import PreferenceCollator
@@ -168,8 +192,14 @@ def rlhf_main(args: RlhfArguments) -> dict[str, Any]:
     setup_logging()
     if args.beta is None and args.rlhf_type != "rm":
         args.beta = args.resolved_beta  # recorded in args.json
+    if args.dry_run:
+        from lmforge.toolkit.dry_run import dry_run  # the one import upward: the toolkit reads this module
+
+        return dry_run(args, "rlhf")
     if args.rlhf_type == "grpo":
         return grpo_main(args)
+    if args.rlhf_type == "gkd":
+        return gkd_main(args)
     kto, rm = args.rlhf_type == "kto", args.rlhf_type == "rm"
     if kto:
         _check_kto_batch(args)  # the user's value, before the model loads

@@ -19,6 +19,7 @@ from typing import Any
 from lmforge.arguments import PtArguments, TrainArguments, save_args
 from lmforge.utils import distributed as dist
 from lmforge.utils.command import command_name, model_slug, print_output
+from lmforge.utils.errors import SetupError
 from lmforge.utils.log import setup_logging
 
 logger = logging.getLogger("lmforge")
@@ -48,8 +49,9 @@ def resolve_output_dir(args: TrainArguments) -> str:
     return str(root / f"v{max(versions, default=-1) + 1}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _apply_defaults(args: TrainArguments, on_gpu: bool) -> None:
-    """Fill what the user left unset with values that train well for the chosen tuner."""
+def _apply_defaults(args: TrainArguments, on_gpu: bool, world: int | None = None) -> None:
+    """Fill what the user left unset with values that train well for the chosen tuner (``world``: the number of
+    processes, default ``WORLD_SIZE``)."""
     if args.learning_rate is None:
         args.learning_rate = 1e-4 if args.is_adapter else 1e-5
     if args.per_device_train_batch_size is None:
@@ -57,7 +59,7 @@ def _apply_defaults(args: TrainArguments, on_gpu: bool) -> None:
     if args.per_device_eval_batch_size is None:
         args.per_device_eval_batch_size = args.per_device_train_batch_size
     if args.gradient_accumulation_steps is None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world or int(os.environ.get("WORLD_SIZE", "1"))
         args.gradient_accumulation_steps = max(1, 16 // (args.per_device_train_batch_size * world))
     if args.eval_steps is None:
         args.eval_steps = args.save_steps
@@ -129,7 +131,7 @@ def _check_optimizer(args: TrainArguments) -> None:
         logger.warning("--optim %s is ignored: --optimizer %s builds the optimizer", args.optim, args.optimizer)
     name = (args.optim or "").lower()
     if ("bnb" in name or name in _BNB_OPTIMS) and importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(f"--optim {args.optim} needs bitsandbytes (pip install 'lmforge[qlora]')")
+        raise SetupError(f"--optim {args.optim} needs bitsandbytes (pip install 'lmforge[qlora]')")
 
 
 def load_training_data(args: TrainArguments, template: Any, *, pack: bool | None = None,
@@ -146,14 +148,21 @@ def load_training_data(args: TrainArguments, template: Any, *, pack: bool | None
         return _load_training_data(args, template, pack, transform)
 
 
-def _load_training_data(args: TrainArguments, template: Any, pack: bool | None, transform: Any) -> tuple[Any, Any]:
-    from lmforge.dataset import encode_dataset, load_dataset
+def load_rows(args: TrainArguments) -> tuple[Any, Any]:
+    """The canonical train and validation rows the data flags name (before encoding)."""
+    from lmforge.dataset import load_dataset
 
-    train, val = load_dataset(
+    return load_dataset(
         args.dataset, val_dataset=args.val_dataset or None, split_dataset_ratio=args.split_dataset_ratio,
         seed=args.data_seed, columns=args.columns or None, strict=args.strict, streaming=args.streaming,
         num_proc=args.dataset_num_proc, model_name=args.model_name or None, model_author=args.model_author or None,
         hub=args.hub, task=_task_of(args))
+
+
+def _load_training_data(args: TrainArguments, template: Any, pack: bool | None, transform: Any) -> tuple[Any, Any]:
+    from lmforge.dataset import encode_dataset
+
+    train, val = load_rows(args)
     if transform is not None:
         train, val = transform(train), (transform(val) if val is not None else None)
     train = encode_dataset(train, template, num_proc=args.dataset_num_proc, strict=args.strict, desc="Encoding train")
@@ -194,6 +203,7 @@ class TrainingSetup:
     template: Any
     on_gpu: bool
     dtype: Any
+    processor: Any = None  # a vision-language model's (tokenizer + image processor); None for text models
 
 
 def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup:
@@ -203,32 +213,14 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
     import torch
     from transformers import set_seed
 
-    from lmforge.dataset.loader import check_datasets
     from lmforge.model import get_model_tokenizer
     from lmforge.model.tasks import task_load_kwargs
-    from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, TASK_LOSSES, load_plugins
-    from lmforge.template import get_template
-    from lmforge.trainers.distributed import parallel_training_kwargs
     from lmforge.tuners.prepare import qlora_quantization_config
     from lmforge.utils.distributed import init_distributed
 
-    load_plugins(args.external_plugins)
-    if not args.model:
-        raise ValueError("no model: pass --model (a hub id, a local folder, or builtin:tiny)")
     on_gpu = torch.cuda.is_available() and not args.use_cpu
-    if args.train_type == "qlora" and not on_gpu:
-        raise RuntimeError("--train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
-    task = _task_of(args)
-    if task and _command_of(args) != "sft":
-        raise ValueError(f"--task_type {task} trains with lmforge sft, not lmforge {_command_of(args)}")
-    losses = TASK_LOSSES if task else LOSSES  # a task's losses are checked against it by its pipeline
-    for name, reg, value in (("--loss_type", losses, args.loss_type), ("--eval_metric", METRICS, args.eval_metric),
-                             ("--optimizer", OPTIMIZERS, args.optimizer)):
-        if value and value not in reg:
-            raise ValueError(f"{name}: {reg.unknown_message(value)}")
-    _check_optimizer(args)
-    check_datasets(args.dataset, args.val_dataset)  # a missing file fails now, not after the model loaded
-    parallel_training_kwargs(args, on_gpu)  # a bad --fsdp/--deepspeed fails here, before anything loads
+    check_arguments(args)
+    check_machine(args, on_gpu)
     init_distributed(on_gpu, args.ddp_backend, args.ddp_timeout)
     if not dist.is_main_process():
         logging.getLogger("lmforge").setLevel(logging.WARNING)  # one process speaks for the run
@@ -240,17 +232,78 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
     set_seed(args.seed)
 
     quant = qlora_quantization_config(args) if args.train_type == "qlora" else None
-    auto_class, task_kwargs = task_load_kwargs(args)  # AutoModelForCausalLM unless --task_type says otherwise
+    auto_class, task_kwargs = task_load_kwargs(args)  # the chat model's class unless --task_type says otherwise
     model, tokenizer = get_model_tokenizer(
         args.model, hub=args.hub, revision=args.revision, torch_dtype=args.torch_dtype, attn_impl=args.attn_impl,
         device_map=args.device_map, model_kwargs={**task_kwargs, **args.model_kwargs},
         trust_remote_code=args.trust_remote_code, quantization_config=quant, device="cuda" if on_gpu else "cpu",
         auto_class=auto_class)
+    from lmforge.model.vision import get_processor
+
+    processor = get_processor(args.model, model.config, tokenizer, hub=args.hub, revision=args.revision,
+                              min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                              trust_remote_code=args.trust_remote_code)
+    return TrainingSetup(args, output_dir, model, tokenizer, training_template(args, tokenizer, mode, processor),
+                         on_gpu, model.dtype, processor)
+
+
+def check_arguments(args: TrainArguments) -> None:
+    """Checks that need no model and no device: plugins, a model named, registered names, dataset paths."""
+    from lmforge.dataset.loader import check_datasets
+    from lmforge.registry import LOSSES, METRICS, OPTIMIZERS, TASK_LOSSES, load_plugins
+
+    load_plugins(args.external_plugins)
+    if not args.model:
+        raise ValueError("no model: pass --model (a hub id, a local folder, or builtin:tiny)")
+    task = _task_of(args)
+    if task and _command_of(args) != "sft":
+        raise ValueError(f"--task_type {task} trains with lmforge sft, not lmforge {_command_of(args)}")
+    losses = TASK_LOSSES if task else LOSSES  # a task's losses are checked against it by its pipeline
+    for name, reg, value in (("--loss_type", losses, args.loss_type), ("--eval_metric", METRICS, args.eval_metric),
+                             ("--optimizer", OPTIMIZERS, args.optimizer)):
+        if value and value not in reg:
+            raise ValueError(f"{name}: {reg.unknown_message(value)}")
+    check_datasets(args.dataset, args.val_dataset)  # a missing file fails now, not after the model loaded
+
+
+def check_machine(args: TrainArguments, on_gpu: bool) -> None:
+    """What the flags need from this machine (a GPU for qlora/DeepSpeed, bitsandbytes, deepspeed): RuntimeError
+    naming it; a bad --fsdp/--deepspeed value is a ValueError."""
+    from lmforge.trainers.distributed import parallel_training_kwargs
+
+    if args.train_type == "qlora" and not on_gpu:
+        raise SetupError("--train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
+    _check_optimizer(args)
+    parallel_training_kwargs(args, on_gpu)  # a bad --fsdp/--deepspeed fails here, before anything loads
+
+
+def training_template(args: TrainArguments, tokenizer: Any, mode: str, processor: Any = None) -> Any:
+    """The template the training flags describe, in ``mode`` (rendering images through ``processor``)."""
+    from lmforge.template import get_template
+
     template = get_template(tokenizer, args.template, system=args.system, max_length=args.max_length,
                             truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale,
-                            enable_thinking=args.enable_thinking, agent_template=args.agent_template)
+                            enable_thinking=args.enable_thinking, agent_template=args.agent_template,
+                            processor=processor)
     template.set_mode(mode)
-    return TrainingSetup(args, output_dir, model, tokenizer, template, on_gpu, model.dtype)
+    return template
+
+
+def default_collator(setup: TrainingSetup, model: Any) -> Any:
+    """Padded or padding-free batches of token ids, plus pixels for a vision-language model."""
+    from lmforge.trainers.collator import Collator
+
+    pad, packing = setup.tokenizer.pad_token_id, setup.args.packing
+    vision = getattr(setup.template, "vision", None)
+    if vision is None:
+        return Collator(pad, padding_free=packing)
+    from lmforge.model.vision import require_family
+    from lmforge.trainers.vision_collator import VisionCollator
+
+    family = require_family(model)
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 2)
+    return VisionCollator(pad, vision, family, merge_size=merge, padding_free=packing)
 
 
 def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cls: Any = None,
@@ -261,7 +314,6 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
     from lmforge.model.patches import configure_for_training, enable_gradient_checkpointing
     from lmforge.registry import LOSSES, METRICS, OPTIMIZERS
     from lmforge.trainers.callbacks import InterruptCallback
-    from lmforge.trainers.collator import Collator
     from lmforge.trainers.trainer import LmforgeTrainer
     from lmforge.tuners import prepare_model
 
@@ -277,7 +329,9 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
     if args.gradient_checkpointing:
         logger.info(enable_gradient_checkpointing(model, args.gradient_checkpointing_every))
     hf_args = _hf_training_arguments(args, output_dir, val_ds is not None, setup.dtype)
-    optimizers = (OPTIMIZERS.get(args.optimizer)(model, args), None) if args.optimizer else (None, None)
+    optimizer = args.optimizer or ("multimodal" if getattr(args, "vit_lr", None) or getattr(args, "aligner_lr", None)
+                                   else None)
+    optimizers = (OPTIMIZERS.get(optimizer)(model, args), None) if optimizer else (None, None)
     if val_ds is not None and "compute_metrics" not in trainer_kwargs:
         metric = METRICS.get(args.eval_metric or "token_accuracy")
         metric = metric() if isinstance(metric, type) else metric
@@ -287,8 +341,9 @@ def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cl
     interrupt = InterruptCallback(resume_from=args.resume_from_checkpoint)
     trainer = (trainer_cls or LmforgeTrainer)(
         model=model, args=hf_args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=data_collator or Collator(setup.tokenizer.pad_token_id, padding_free=args.packing),
-        processing_class=setup.tokenizer, callbacks=[*_callbacks(args), interrupt], optimizers=optimizers,
+        data_collator=data_collator or default_collator(setup, model),
+        processing_class=setup.processor or setup.tokenizer, callbacks=[*_callbacks(args), interrupt],
+        optimizers=optimizers,
         lmforge_args=args, **trainer_kwargs,
     )
     for cb in (ProgressCallback, PrinterCallback):  # our progress callback replaces both
@@ -327,7 +382,12 @@ def _command_of(args: Any) -> str:
 
 
 def sft_main(args: TrainArguments) -> dict[str, Any]:
-    """Train, checkpoint, and return ``{"output_dir", "last_checkpoint", "log_history", "metrics", ...}``."""
+    """Train, checkpoint, and return ``{"output_dir", "last_checkpoint", "log_history", "metrics", ...}``.
+    With ``--dry_run`` nothing trains: the plan (data, parameters, steps, memory) is printed and returned."""
+    if args.dry_run:
+        from lmforge.toolkit.dry_run import dry_run  # the one import upward: the toolkit reads this module
+
+        return dry_run(args, _command_of(args))
     if _task_of(args):  # an embedding model, reranker or classifier: lmforge.pipelines.task
         from lmforge.pipelines.task import task_main
 

@@ -36,11 +36,17 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
-from lmforge.rlhf.grpo import group_advantages, grpo_token_loss, selective_log_softmax, zero_std_groups
+from lmforge.rlhf.grpo import (BatchStd, entropy_mask, entropy_threshold, grpo_token_loss, off_policy_sequence_mask,
+                               reward_advantages, scored, selective_log_softmax, token_entropy, truncated_mask,
+                               zero_std_groups)
 from lmforge.rlhf.rewards import score_completions, weighted_rewards
-from lmforge.rlhf.rollout import Episode, RolloutPrompt, policy_named_weights, run_rollouts
-from lmforge.rlhf.trainer import MetricStore, ReferenceMixin
+from lmforge.rlhf.rollout import (AsyncRollouts, Episode, RolloutPrompt, Sampled, policy_named_weights, run_rollouts,
+                                   stable_seed)
+from lmforge.rlhf.scoring import prompt_completion_batch
+from lmforge.rlhf.metrics import MetricStore
+from lmforge.rlhf.trainer import ReferenceMixin
 from lmforge.trainers.trainer import LmforgeTrainer
+from lmforge.utils.distributed import collective_device, gather_objects, global_sum, world_size
 
 __all__ = ["GRPOTrainer", "RepeatBlockSampler", "PROMPT_COLUMN", "TOOLS_COLUMN", "prompt_rows", "collate_prompts"]
 
@@ -160,9 +166,12 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
             raise ValueError("GRPOTrainer needs reward_funcs (--reward_funcs / --reward_model)")
         if template is None:
             raise ValueError("GRPOTrainer needs the template")
-        self.loss_is_scaled_for_ga = False  # per-micro-batch means: the Trainer divides by the accumulation steps
+        # Per-micro-batch means: the Trainer divides by the accumulation steps. dapo/cispo divide by the tokens
+        # of the whole step themselves (get_batch_samples counts them), so the Trainer must not divide again.
+        self.token_level = self.rlhf.resolved_grpo_loss_type in ("dapo", "cispo")
+        self.loss_is_scaled_for_ga = self.token_level
         self.model_accepts_loss_kwargs = False
-        self.metric_store = MetricStore(self.accelerator)
+        self.metric_store = MetricStore(self.accelerator.device)
         self.beta = self.rlhf.resolved_beta
         self._set_reference(ref_model if self.beta else None)
         if self.beta and ref_model is None and not self._has_adapters():
@@ -179,15 +188,17 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         self.mu = self.rlhf.num_iterations
         self._engine = engine
         self._colocated = engine is None and not self.rlhf.rollout_url and self.rlhf.infer_backend == "hf"
+        self._async = bool(getattr(self.rlhf, "async_generate", False))
+        if self._async and engine is None and not self.rlhf.rollout_url and self.rlhf.infer_backend == "hf":
+            self._colocated = False  # async hf: the engine gets its own copy of the policy (see _get_engine)
         self._synced_step = -1  # a separate engine gets the policy's weights before its first rollout
-        self._buffer: list[dict[str, Any] | None] = [None] * self.args.gradient_accumulation_steps
-        self._step_seen, self._slot = -1, 0
+        self._step_batches: list[dict[str, Any]] | None = None  # the last step's rollouts (num_iterations reuse)
+        self._pending: AsyncRollouts | None = None  # async: the next step's rollouts, being generated
         self._resample: Iterator[dict[str, Any]] | None = None
-        self._tokens_last = 0
-        self._flops_inputs: dict[str, Tensor] = {}
         self._logits_to_keep_ok = True
         self._last_group: dict[str, Any] | None = None
         self.add_callback(RolloutProgress())
+        self._setup_reference_sync()
         if (self.mu > 1 or self.rlhf.dynamic_sample) and not hasattr(self.train_dataset, "__len__"):
             raise ValueError("--num_iterations > 1 and --dynamic_sample need a map-style dataset (drop --streaming)")
 
@@ -200,31 +211,77 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         block = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return RepeatBlockSampler(len(ds), block, self.mu, seed=self.args.data_seed or self.args.seed)
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """One optimizer step's micro-batches as rollout batches, sampled up front (before the first backward).
+
+        So the step's trained tokens can be counted over every micro-batch and process (dapo/cispo's
+        normaliser, returned as ``num_items_in_batch``); with ``--num_iterations`` > 1 a step that repeats
+        the last one's prompts reuses its rollouts; with ``--async_generate`` the step trains on rollouts
+        generated while the previous step trained, and hands the engine its successor's prompts.
+        """
+        rows, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._async:
+            batches = self._async_batches(rows, epoch_iterator, num_batches, device)
+        elif self.state.global_step % self.mu != 0 and self._step_batches is not None \
+                and len(self._step_batches) == len(rows):
+            batches = self._step_batches
+        else:
+            batches = [self._rollout(r, "train") for r in rows]
+        self._step_batches = batches
+        return batches, self._step_tokens(batches) if self.token_level else None
+
+    def _step_tokens(self, batches: list[dict[str, Any]]) -> Tensor:
+        """Trained completion tokens of the step over every process, divided by the number of processes (DDP
+        averages gradients over them): sum over the step of ``loss_micro`` is then the global token mean."""
+        local = sum(float(b["completion_mask"].sum()) for b in batches)
+        total = global_sum(torch.tensor(local, dtype=torch.float64, device=collective_device()))
+        return (total / world_size()).to(self.args.device, torch.float32)
+
+    def _async_batches(self, rows: list, epoch_iterator: Any, num_batches: int, device: Any) -> list:
+        """Train on the rollouts started one step ago; start the next step's with the current weights.
+
+        At the first step of an epoch nothing is pending: this step's rows are sampled now and the next
+        step's rows are fetched early (every later call fetches one step ahead, so the last call of the
+        epoch fetches nothing and starts nothing)."""
+        if self._pending is None:
+            batches = [self._rollout(r, "train") for r in rows]
+            upcoming, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        else:
+            batches = [self._finish_rollout(part) for part in self._pending.result()]
+            upcoming = rows
+        self._pending = None
+        if upcoming:
+            engine = self._get_engine()
+            self._sync_weights(engine)
+            self._pending = AsyncRollouts(lambda r: self._sample_prepared(self._prepared_prompts(r), engine), upcoming)
+        return batches
+
     def _prepare_inputs(self, inputs: Any) -> dict[str, Any]:
         if isinstance(inputs, dict):  # already a rollout batch
             return inputs
-        if not self.model.training:
-            return self._rollout(inputs, "eval")
-        if self.state.global_step != self._step_seen:
-            self._step_seen, self._slot = self.state.global_step, 0
-        slot = min(self._slot, len(self._buffer) - 1)
-        self._slot += 1
-        if self.state.global_step % self.mu == 0 or self._buffer[slot] is None:
-            self._buffer[slot] = self._rollout(inputs, "train")
-        batch = self._buffer[slot]
-        self._tokens_last = int(batch["attention_mask"].sum())
-        self._flops_inputs = {"input_ids": batch["input_ids"]}
-        return batch
+        return self._rollout(inputs, "train" if self.model.training else "eval")
 
     def _track_num_input_tokens(self, inputs: Any) -> None:
-        """Tokens trained on (prompt + completion, no padding) of the last rollout batch, not the prompt rows."""
-        if self.args.include_num_input_tokens_seen == "no":
+        """Tokens trained on (prompt + completion, no padding) of the rollout batch, not the prompt rows."""
+        if self.args.include_num_input_tokens_seen == "no" or not isinstance(inputs, dict):
             return
-        n = torch.tensor(self._tokens_last, device=self.args.device)
-        self.state.num_input_tokens_seen += int(self.accelerator.gather(n).sum())
+        n = inputs["attention_mask"].sum()
+        self.state.num_input_tokens_seen += int(global_sum(n.to(collective_device())))
 
     def floating_point_ops(self, inputs: Any) -> int:
-        return super().floating_point_ops(self._flops_inputs)
+        return super().floating_point_ops({"input_ids": inputs["input_ids"]} if isinstance(inputs, dict) else {})
+
+    def _wait_pending(self) -> None:
+        """Let a background rollout finish (its results are dropped): training ended before it was used."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._wait_pending()
 
     def _resample_rows(self, n: int) -> list[dict[str, Any]]:
         """``n`` more prompt rows, drawn at random from the training set (dynamic sampling)."""
@@ -272,9 +329,16 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         else:
             from lmforge.infer.hf import HfEngine
 
-            self._engine = HfEngine(model_obj=policy, tokenizer=self.processing_class, template=self.template,
-                                    max_batch_size=batch)
-            logger.info("GRPO rollouts: the hf engine on the training model itself (no weight copy)")
+            if self._async:  # generation overlaps training: the engine needs weights of its own
+                copy_ = copy.deepcopy(policy)
+                copy_ = copy_.merge_and_unload() if hasattr(copy_, "merge_and_unload") else copy_
+                self._engine = HfEngine(model_obj=copy_.eval().requires_grad_(False), tokenizer=self.processing_class,
+                                        template=self.template, max_batch_size=batch)
+                logger.info("GRPO rollouts: the hf engine on a copy of the policy (async; weights pushed each step)")
+            else:
+                self._engine = HfEngine(model_obj=policy, tokenizer=self.processing_class, template=self.template,
+                                        max_batch_size=batch)
+                logger.info("GRPO rollouts: the hf engine on the training model itself (no weight copy)")
         return self._engine
 
     def _sync_weights(self, engine: Any) -> None:
@@ -291,12 +355,12 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
 
     # ----------------------------------------------------------------------------- rollouts
 
-    def _request_config(self) -> Any:
+    def _request_config(self, logprobs: bool = False) -> Any:
         from lmforge.infer.protocol import RequestConfig
 
         a = self.rlhf
         return RequestConfig(max_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
-                             top_k=a.top_k, repetition_penalty=a.repetition_penalty)
+                             top_k=a.top_k, repetition_penalty=a.repetition_penalty, logprobs=logprobs)
 
     @staticmethod
     def _rollout_prompt(row: dict[str, Any]) -> RolloutPrompt:
@@ -308,20 +372,23 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         return RolloutPrompt(json.loads(row[PROMPT_COLUMN]), json.loads(tools) if tools else None,
                              list(row["input_ids"]), extra)
 
-    def _sample(self, rows: list[dict[str, Any]]) -> tuple[list[RolloutPrompt], list[Episode], Tensor, float]:
-        """Rollouts of ``rows`` and their reward table [B*G, F]; also the generation seconds."""
-        policy = self._policy()
-        was_training = policy.training  # before the engine is built: HfEngine puts its model in eval mode
-        engine = self._get_engine()
-        self._sync_weights(engine)
-        prompts = [self._rollout_prompt(r) for r in rows]
-        policy.eval()
+    def _rollout_seeds(self, prompts: list[RolloutPrompt]) -> list[int]:
+        """Each prompt's sampling seed, from ``--seed``, the step and the prompt itself: the same prompt at the
+        same step samples the same completions on any process and in any batch, so N processes roll out
+        what one would (and a run can be repeated)."""
+        step = self.state.global_step
+        return [stable_seed(self.args.seed, step, p.messages, p.prompt_ids) for p in prompts]
+
+    def _prepared_prompts(self, rows: list[dict[str, Any]]) -> list[RolloutPrompt]:
+        return [self._rollout_prompt(r) for r in rows]
+
+    def _sample_prepared(self, prompts: list[RolloutPrompt], engine: Any) -> Sampled:
+        """Rollouts of ``prompts`` from ``engine`` and their reward table [B*G, F] (NaN: not scored). Touches no
+        training state, so it may run in a background thread (``--async_generate``: then the engine's own
+        log-probs of the sampled tokens come back as the behaviour policy's)."""
         t0 = time.perf_counter()
-        try:
-            episodes = run_rollouts(engine, prompts, self._request_config(), num_generations=self.G,
-                                    scheduler=self.scheduler)
-        finally:
-            policy.train(was_training)
+        episodes = run_rollouts(engine, prompts, self._request_config(logprobs=self._async),
+                                num_generations=self.G, scheduler=self.scheduler, seeds=self._rollout_seeds(prompts))
         seconds = time.perf_counter() - t0
         columns: dict[str, list[Any]] = {k: [p.row.get(k) for p in prompts for _ in range(self.G)]
                                          for k in prompts[0].row}
@@ -329,39 +396,69 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
                        messages=[e.messages for e in episodes],
                        completion_lengths=[e.generated_tokens for e in episodes])
         table = score_completions(self.reward_funcs, [e.completion for e in episodes], columns)
-        return prompts, episodes, table, seconds
+        return Sampled(prompts, episodes, table, seconds, sum(e.generated_tokens for e in episodes))
+
+    def _sample(self, rows: list[dict[str, Any]]) -> Sampled:
+        """Rollouts of ``rows`` now, from the engine with the policy's current weights."""
+        policy = self._policy()
+        was_training = policy.training  # before the engine is built: HfEngine puts its model in eval mode
+        engine = self._get_engine()
+        self._sync_weights(engine)
+        prompts = self._prepared_prompts(rows)
+        if self._colocated:
+            policy.eval()
+        try:
+            return self._sample_prepared(prompts, engine)
+        finally:
+            policy.train(was_training)
 
     def _rollout(self, rows: list[dict[str, Any]], split: str) -> dict[str, Any]:
-        prompts, episodes, table, seconds = self._sample(rows)
-        total = weighted_rewards(table, self.reward_weights)
-        all_seconds, all_tokens = seconds, sum(e.generated_tokens for e in episodes)
+        sampled = self._sample(rows)
         if self.rlhf.dynamic_sample and split == "train":
-            prompts, episodes, table, total, extra = self._dynamic_sample(rows, prompts, episodes, table, total)
-            all_seconds += extra[0]
-            all_tokens += extra[1]
-        batch_std = None
-        if self.rlhf.scale_rewards == "batch":
-            everything = self.accelerator.gather_for_metrics(total.to(self.args.device)) \
-                if self.accelerator.num_processes > 1 else total
-            batch_std = everything.float().std().cpu() if everything.numel() > 1 else torch.zeros(())
-        advantages = group_advantages(total, self.G, self.rlhf.scale_rewards, batch_std)
+            sampled = self._dynamic_sample(rows, sampled)
+        return self._finish_rollout(sampled, split)
+
+    def _advantages(self, table: Tensor) -> Tensor:
+        """Advantages of a reward table; the batch std (``--scale_rewards batch``) is that of every process's
+        scored rewards, reduced before it divides anything."""
+        a = self.rlhf
+        w = torch.tensor(self.reward_weights, dtype=table.dtype)
+        stds = None
+        if a.scale_rewards == "batch":
+            if a.reward_aggregation == "sum":
+                cols = [weighted_rewards(table, self.reward_weights)]
+            else:
+                cols = [table[:, j] for j in range(table.shape[1])]
+            stds = torch.tensor([BatchStd(*global_sum(BatchStd.local(c).to(collective_device())).tolist()).std()
+                                 for c in cols])
+        return reward_advantages(table, w, self.G, a.scale_rewards, a.reward_aggregation, stds)
+
+    def _finish_rollout(self, sampled: Sampled, split: str = "train") -> dict[str, Any]:
+        """Advantages, tensors, old and reference log-probs and metrics of sampled rollouts (main thread)."""
+        prompts, episodes, table = sampled.prompts, sampled.episodes, sampled.table
+        total = weighted_rewards(table, self.reward_weights)
+        advantages = self._advantages(table)
         batch = self._tensorize(prompts, episodes)
         batch["advantages"] = advantages.to(self.args.device)
+        truncated = torch.tensor([e.finish_reason == "length" for e in episodes], device=self.args.device)
+        if self.rlhf.mask_truncated_completions:
+            batch["completion_mask"] = truncated_mask(batch["completion_mask"], truncated)
         model = self.model
         with torch.no_grad():
-            if self.mu > 1 and split == "train":
+            if "sampling_logps" in batch:  # async: the engine's log-probs are the behaviour policy's
+                batch["old_logps"] = batch.pop("sampling_logps")
+            elif self.mu > 1 and split == "train":
                 batch["old_logps"] = self._completion_logps(model, batch)
             if self.beta:
                 with self._reference(model) as ref:
                     batch["ref_logps"] = self._completion_logps(ref, batch)
-        self._log_rollout(split, episodes, table, total, all_seconds, all_tokens)
-        self._last_group = {"prompt": prompts[0].messages, "completions": [e.messages[len(prompts[0].messages):]
-                                                                            for e in episodes[:self.G]],
+        self._log_rollout(split, episodes, table, total, sampled.seconds, sampled.tokens)
+        first = prompts[0].messages
+        self._last_group = {"prompt": first, "completions": [e.messages[len(first):] for e in episodes[:self.G]],
                             "rewards": total[:self.G].tolist(), "advantages": advantages[:self.G].tolist()}
         return batch
 
-    def _dynamic_sample(self, rows: list[dict[str, Any]], prompts: list[RolloutPrompt], episodes: list[Episode],
-                        table: Tensor, total: Tensor) -> tuple[Any, ...]:
+    def _dynamic_sample(self, rows: list[dict[str, Any]], sampled: Sampled) -> Sampled:
         """Keep groups whose rewards differ; sample more prompts (up to ``--max_resample_times`` rounds) until
         there are as many groups as prompts asked for. When none differ, the batch is kept as it is (its
         advantages are all 0: only the KL term trains)."""
@@ -369,31 +466,31 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         keep_p: list[RolloutPrompt] = []
         keep_e: list[Episode] = []
         keep_t: list[Tensor] = []
-        keep_r: list[Tensor] = []
-        extra_seconds, extra_tokens, rounds = 0.0, 0, 0
+        seconds, tokens, rounds = sampled.seconds, sampled.tokens, 0
 
-        def take(ps: list[RolloutPrompt], es: list[Episode], tb: Tensor, tot: Tensor) -> None:
-            for k in (~zero_std_groups(tot, G)).nonzero().flatten().tolist():
+        def take(s: Sampled) -> None:
+            total = weighted_rewards(s.table, self.reward_weights)
+            for k in (~zero_std_groups(total, G)).nonzero().flatten().tolist():
                 if len(keep_p) < want:
-                    keep_p.append(ps[k])
-                    keep_e.extend(es[k * G:(k + 1) * G])
-                    keep_t.append(tb[k * G:(k + 1) * G])
-                    keep_r.append(tot[k * G:(k + 1) * G])
+                    keep_p.append(s.prompts[k])
+                    keep_e.extend(s.episodes[k * G:(k + 1) * G])
+                    keep_t.append(s.table[k * G:(k + 1) * G])
 
-        take(prompts, episodes, table, total)
+        take(sampled)
         while len(keep_p) < want and rounds < self.rlhf.max_resample_times:
             rounds += 1
-            ps, es, tb, secs = self._sample(self._resample_rows(want))
-            extra_seconds += secs
-            extra_tokens += sum(e.generated_tokens for e in es)
-            take(ps, es, tb, weighted_rewards(tb, self.reward_weights))
+            more = self._sample(self._resample_rows(want))
+            seconds, tokens = seconds + more.seconds, tokens + more.tokens
+            take(more)
         self.metric_store.add("train", "dynamic_sample/kept_groups", len(keep_p) / want)
         self.metric_store.add("train", "dynamic_sample/rounds", rounds)
         if not keep_p:
             logger.warning("dynamic_sample: every group of this micro-batch had equal rewards after %d extra "
                            "rounds; training on it with zero advantages", rounds)
-            return prompts, episodes, table, total, (extra_seconds, extra_tokens)
-        return keep_p, keep_e, torch.cat(keep_t), torch.cat(keep_r), (extra_seconds, extra_tokens)
+            return sampled._replace(seconds=seconds, tokens=tokens)
+        for i, e in enumerate(keep_e):  # the kept groups' prompts are renumbered 0..n-1
+            e.prompt_index = i // G
+        return Sampled(keep_p, keep_e, torch.cat(keep_t), seconds, tokens)
 
     def _sequence(self, e: Episode, tools: Any) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, completion ids, completion mask): the sampled ids, or for a multi-turn trajectory its
@@ -412,23 +509,18 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         """Left-padded prompts, then right-padded completions: ``[pad.. prompt | completion ..pad]``."""
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
         seqs = [self._sequence(e, prompts[e.prompt_index].tools) for e in episodes]
-        P = max(len(p) for p, _, _ in seqs)
-        C = max(1, max(len(c) for _, c, _ in seqs))
-        ids, attn, comp, cmask = [], [], [], []
-        for p, c, m in seqs:
-            ids.append([pad] * (P - len(p)) + p + c + [pad] * (C - len(c)))
-            attn.append([0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)))
-            comp.append(c + [pad] * (C - len(c)))
-            cmask.append(m + [0] * (C - len(m)))
         dev = self.args.device
-        attention_mask = torch.tensor(attn, device=dev)
-        return {"input_ids": torch.tensor(ids, device=dev), "attention_mask": attention_mask,
-                "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-                "completion_ids": torch.tensor(comp, device=dev),
-                "completion_mask": torch.tensor(cmask, device=dev, dtype=torch.float32)}
+        out = prompt_completion_batch(seqs, pad, dev)
+        C = out["completion_ids"].shape[1]
+        if all(e.sampling_logps is not None for e in episodes):
+            if any(len(e.sampling_logps) != len(c) for e, (_, c, _) in zip(episodes, seqs)):
+                raise RuntimeError("the engine returned a log-prob count that differs from its token count")
+            out["sampling_logps"] = torch.tensor([e.sampling_logps + [0.0] * (C - len(e.sampling_logps))
+                                                  for e in episodes], device=dev, dtype=torch.float32)
+        return out
 
-    def _completion_logps(self, model: Any, batch: dict[str, Tensor]) -> Tensor:
-        """[B, C] log-probs of the completion tokens under ``model`` at the sampling temperature."""
+    def _completion_logits(self, model: Any, batch: dict[str, Tensor]) -> Tensor:
+        """[B, C, V] logits that predict the completion tokens, at the sampling temperature."""
         C = batch["completion_ids"].shape[1]
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
         logits = None
@@ -442,20 +534,50 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         logits = logits[:, :-1]
         if self.rlhf.temperature not in (0, 1):
             logits = logits / self.rlhf.temperature
-        return selective_log_softmax(logits, batch["completion_ids"])
+        return logits
+
+    def _completion_logps(self, model: Any, batch: dict[str, Tensor]) -> Tensor:
+        """[B, C] log-probs of the completion tokens under ``model`` at the sampling temperature."""
+        return selective_log_softmax(self._completion_logits(model, batch), batch["completion_ids"])
 
     # ----------------------------------------------------------------------------- loss
 
+    def _pg_mask(self, logps: Tensor, entropies: Tensor | None, inputs: dict[str, Any], split: str) -> Tensor | None:
+        """Which trained tokens the policy term covers: the top-entropy ones (``--top_entropy_quantile``, the
+        threshold taken over every process's tokens) and not the off-policy negative sequences
+        (``--off_policy_mask_threshold``); None when neither is on."""
+        a, mask = self.rlhf, inputs["completion_mask"]
+        out = None
+        if entropies is not None:
+            local = entropies.detach()[mask > 0].float().cpu()
+            pooled = torch.cat(gather_objects(local))
+            out = entropy_mask(entropies.detach(), mask, entropy_threshold(pooled, a.top_entropy_quantile))
+            self.metric_store.add(split, "entropy/threshold_frac_kept", out.sum() / mask.sum().clamp(min=1))
+        if a.off_policy_mask_threshold is not None and "old_logps" in inputs:
+            keep = off_policy_sequence_mask(logps, inputs["old_logps"], inputs["advantages"], mask,
+                                            a.off_policy_mask_threshold)
+            self.metric_store.add(split, "off_policy/masked_ratio", (~keep).float())
+            rows = keep.to(mask.dtype)[:, None].expand_as(mask)
+            out = rows if out is None else out * rows
+        return out
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
-        logps = self._completion_logps(model, inputs)
-        mask = inputs["completion_mask"]
         a = self.rlhf
+        logits = self._completion_logits(model, inputs)
+        logps = selective_log_softmax(logits, inputs["completion_ids"])
+        entropies = token_entropy(logits.detach()) if a.top_entropy_quantile < 1.0 else None
+        del logits
+        mask = inputs["completion_mask"]
+        split = "train" if model.training else "eval"
         out = grpo_token_loss(logps, inputs.get("old_logps", logps.detach()), inputs["advantages"], mask,
                               epsilon_low=a.epsilon, epsilon_high=a.epsilon_high, beta=self.beta,
                               ref_logps=inputs.get("ref_logps"), loss_type=a.resolved_grpo_loss_type,
-                              max_completion_length=a.max_completion_length)
-        split = "train" if model.training else "eval"
+                              max_completion_length=a.max_completion_length,
+                              importance_sampling_level=a.importance_sampling_level, delta=a.delta,
+                              sapo_temperatures=(a.sapo_temperature_pos, a.sapo_temperature_neg),
+                              pg_mask=self._pg_mask(logps, entropies, inputs, split),
+                              normalizer=num_items_in_batch if model.training and self.token_level else None)
         n = mask.sum().clamp(min=1)
         store = self.metric_store
         if out.kl is not None:
@@ -478,17 +600,23 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
 
     def _log_rollout(self, split: str, episodes: list[Episode], table: Tensor, total: Tensor, seconds: float,
                      tokens: int) -> None:
+        """Rollout metrics, each reduced over every process (means from sums and counts, stds from sums of
+        squares). ``reward`` and its spreads cover the scored completions; ``completions/unscored_ratio`` counts
+        the ones no reward function could judge (advantage 0, left out of the group statistics)."""
         store, G = self.metric_store, self.G
-        store.add(split, "reward", total)
+        ok = scored(total)
+        store.add(split, "reward", total[ok])
+        store.add(split, "completions/unscored_ratio", (~ok).float())
         groups = total.view(-1, G)
-        store.add(split, "reward_std", groups.std(dim=1))
+        stds = [g[~g.isnan()].std() for g in groups if int((~g.isnan()).sum()) > 1]
+        store.add(split, "reward_std", torch.stack(stds) if stds else torch.zeros(0))
         store.add(split, "frac_reward_zero_std", zero_std_groups(total, G).float())
         store.add(split, "rollout/groups", float(groups.shape[0]), reduce="sum")  # the progress line counts them
         for j, (name, _) in enumerate(self.reward_funcs):
             col = table[:, j]
-            ok = col[~col.isnan()]
-            store.add(split, f"rewards/{name}/mean", ok)
-            store.add(split, f"rewards/{name}/std", ok.std() if ok.numel() > 1 else torch.zeros(()))
+            done = col[~col.isnan()]
+            store.add(split, f"rewards/{name}/mean", done)
+            store.add(split, f"rewards/{name}/std", done, reduce="std")
         lengths = torch.tensor([float(e.generated_tokens) for e in episodes])
         store.add(split, "completions/mean_length", lengths)
         store.add(split, "completions/min_length", lengths, reduce="min")

@@ -2,7 +2,8 @@
 
 A reward is a callable ``fn(completions, **kwargs) -> list[float | None]``: one value per
 completion, ``None`` where it does not apply (left out of that function's mean; it counts as 0
-in the weighted sum). The keyword lists, one entry per completion, are every extra column of the
+in the weighted sum). A completion that *no* function scored is unscored: GRPO gives it advantage 0
+and leaves it out of its group's statistics. The keyword lists, one entry per completion, are every extra column of the
 dataset (``solution``, say) plus:
 
 - ``prompts``: the conversation the model answered (canonical messages);
@@ -47,22 +48,18 @@ class RewardError(ValueError):
 # ----------------------------------------------------------------------------- answers
 
 
-def answers_match(completion: str | None, solution: Any) -> bool:
+def answers_match(completion: str | None, solution: Any, percent: str = "number") -> bool:
     """Do the final answers of ``completion`` and ``solution`` agree?
 
-    The final answer is found as ``lmforge eval`` finds it (the last ``\\boxed{}``, else what follows
-    ``####``, else the last number) and compared as numbers (``1,000`` = ``1000.0``, ``3/4`` =
-    ``\\frac{3}{4}``); when either has no number the whole texts are compared, whitespace- and
-    case-normalised.
+    See :mod:`lmforge.rlhf.answers`: each text is first read whole as a math value (a solution written as
+    ``\\frac{3}{4}`` is 3/4, not its last number), else its answer is its last ``\\boxed{}``, what follows
+    ``####``, or its last number; answers are compared as numbers (``1,000`` = ``1000.0``, ``3/4`` =
+    ``\\frac{3}{4}``, ``10^{3}`` = ``1000``, ``x = 5`` = ``5``), else as whitespace- and case-normalised text.
+    ``percent="fraction"`` reads ``50\\%`` as 0.5 (for tasks whose answers are fractions).
     """
-    from lmforge.eval.metrics import answers_equal, extract_answer
+    from lmforge.rlhf.answers import math_answers_match
 
-    if completion is None or solution is None:
-        return False
-    pred, gold = extract_answer(completion), extract_answer(str(solution))
-    if pred is None or gold is None:
-        pred, gold = completion, str(solution)
-    return answers_equal(pred, gold)
+    return math_answers_match(completion, solution, percent)
 
 
 # ----------------------------------------------------------------------------- built-in rewards
@@ -73,11 +70,16 @@ class AccuracyReward:
     """1 when the reply's final answer equals the ``solution`` column's, else 0.
 
     See :func:`answers_match` for how answers are found and compared. ``strict: true`` asks for the
-    whole reply (stripped) to equal the solution (the exact-match metric of ``builtin:arith``).
+    whole reply (stripped) to equal the solution (the exact-match metric of ``builtin:arith``);
+    ``percent: "fraction"`` reads ``50\\%`` as 0.5, for tasks that say so (default: as 50).
     """
 
-    def __init__(self, strict: bool = False, column: str = "solution"):
-        self.strict, self.column = strict, column
+    def __init__(self, strict: bool = False, column: str = "solution", percent: str = "number"):
+        from lmforge.rlhf.answers import PERCENT_MODES
+
+        if percent not in PERCENT_MODES:
+            raise RewardError(f"reward 'accuracy': percent must be one of {', '.join(PERCENT_MODES)}, got {percent!r}")
+        self.strict, self.column, self.percent = strict, column, percent
 
     def __call__(self, completions: list[str], **kwargs: Any) -> list[float | None]:
         solutions = kwargs.get(self.column)
@@ -91,7 +93,7 @@ class AccuracyReward:
             elif self.strict:
                 out.append(float(c is not None and c.strip() == str(s).strip()))
             else:
-                out.append(float(answers_match(c, s)))
+                out.append(float(answers_match(c, s, self.percent)))
         return out
 
 
@@ -364,10 +366,12 @@ def score_completions(reward_funcs: Sequence[tuple[str, RewardFn]], completions:
 
 
 def weighted_rewards(table: Any, weights: Sequence[float] | None) -> Any:
-    """[N]: the weighted sum over functions, NaN (not applicable) counted as 0."""
+    """[N]: the weighted sum over functions, a NaN (not applicable) counted as 0; NaN where no function
+    scored the completion at all (GRPO leaves such a completion out of its group's statistics)."""
     import torch
 
     w = torch.tensor(list(weights) if weights else [1.0] * table.shape[1], dtype=table.dtype)
     if w.numel() != table.shape[1]:
         raise RewardError(f"--reward_weights has {w.numel()} values for {table.shape[1]} rewards")
-    return torch.nan_to_num(table * w, nan=0.0).sum(dim=1)
+    total = torch.nan_to_num(table * w, nan=0.0).sum(dim=1)
+    return torch.where(torch.isnan(table).all(dim=1), torch.full_like(total, float("nan")), total)

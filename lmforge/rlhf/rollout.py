@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -18,13 +19,14 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from lmforge.infer.base import InferEngine, infer_each
 from lmforge.infer.errors import InferRequestError
 from lmforge.infer.protocol import ChatCompletionResponse, InferRequest, RequestConfig
 
-__all__ = ["RolloutPrompt", "Episode", "run_rollouts", "policy_named_weights", "RolloutClient", "RolloutError",
+__all__ = ["RolloutPrompt", "Episode", "Sampled", "AsyncRollouts", "run_rollouts", "policy_named_weights",
+           "RolloutClient", "RolloutError",
            "tensors_to_bytes", "bytes_to_tensors"]
 
 logger = logging.getLogger(__name__)
@@ -63,14 +65,64 @@ class Episode:
     turns: int = 1
     generated_tokens: int = 0
     multi_turn: bool = False
+    sampling_logps: list[float] | None = None  # the engine's log-probs of completion_ids, when asked for
+    sample_index: int = 0  # which of its prompt's samples this is
 
 
-def _first_request(p: RolloutPrompt, raw_ids: bool) -> InferRequest:
+class Sampled(NamedTuple):
+    """One micro-batch of rollouts: prompts, ``G`` episodes per prompt, the reward table [N, F] (NaN: a function
+    did not score that completion), generation seconds and generated tokens."""
+
+    prompts: list[RolloutPrompt]
+    episodes: list[Episode]
+    table: Any
+    seconds: float
+    tokens: int
+
+
+class AsyncRollouts:
+    """Rollouts of one optimizer step's micro-batches, generated in a background thread (``--async_generate``).
+
+    ``sample(rows)`` must touch nothing the training thread changes: it runs against an engine with its own
+    copy of the weights (pushed before this starts), so the next step's samples are drawn while this step
+    trains. ``result()`` waits and returns one result per micro-batch, or raises what the thread raised.
+    """
+
+    def __init__(self, sample: Any, micro_batches: list[list[dict[str, Any]]]):
+        import threading
+
+        self._out: list[Any] = []
+        self._error: BaseException | None = None
+
+        def work() -> None:
+            try:
+                self._out = [sample(rows) for rows in micro_batches]
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread in result()
+                self._error = e
+
+        self._thread = threading.Thread(target=work, name="lmforge-async-rollouts", daemon=True)
+        self._thread.start()
+
+    def result(self) -> list[Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise RolloutError(f"background rollout failed: {type(self._error).__name__}: {self._error}") \
+                from self._error
+        return self._out
+
+
+def _first_request(p: RolloutPrompt, raw_ids: bool, seed: int | None) -> InferRequest:
     if p.prompt_ids is not None and raw_ids:
         from lmforge.serve.schemas import PromptRequest
 
-        return PromptRequest(prompt=list(p.prompt_ids), tools=p.tools or None)
-    return InferRequest(messages=p.messages, tools=p.tools or None)
+        return PromptRequest(prompt=list(p.prompt_ids), tools=p.tools or None, seed=seed)
+    return InferRequest(messages=p.messages, tools=p.tools or None, seed=seed)
+
+
+def stable_seed(*parts: Any) -> int:
+    """A sampling seed from ``parts`` (step, prompt, ...) that any process computes alike."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1  # 31 bits: engines may derive further seeds from it
 
 
 def _infer_tolerant(engine: InferEngine, requests: list[InferRequest], cfg: RequestConfig
@@ -87,17 +139,18 @@ def _infer_tolerant(engine: InferEngine, requests: list[InferRequest], cfg: Requ
 
 
 def run_rollouts(engine: InferEngine, prompts: Sequence[RolloutPrompt], config: RequestConfig, *,
-                 num_generations: int, scheduler: Any = None) -> list[Episode]:
+                 num_generations: int, scheduler: Any = None, seeds: Sequence[int] | None = None) -> list[Episode]:
     """``num_generations`` trajectories per prompt, grouped by prompt (prompt 0's first).
 
     Without a scheduler each trajectory is one reply. With one, every trajectory goes on turn by
     turn (``n=1`` requests, all live trajectories in one ``infer`` call per turn) until the scheduler
-    says it is finished.
+    says it is finished. ``seeds`` (one per prompt) make each prompt's samples its own, whatever batch
+    or process it is sampled in; later turns get seeds derived from it.
     """
     from lmforge.rlhf.multi_turn import reply_messages
 
     raw_ids = getattr(engine, "supports_raw_prompt", True)
-    first = engine.infer([_first_request(p, raw_ids) for p in prompts],
+    first = engine.infer([_first_request(p, raw_ids, seeds[k] if seeds else None) for k, p in enumerate(prompts)],
                          config.model_copy(update={"n": num_generations}), use_tqdm=False)
     episodes: list[Episode] = []
     live: list[tuple[Episode, Any]] = []  # trajectories and the reply they just got
@@ -105,11 +158,15 @@ def run_rollouts(engine: InferEngine, prompts: Sequence[RolloutPrompt], config: 
         if len(resp.choices) != num_generations:
             raise RolloutError(f"the engine returned {len(resp.choices)} samples for prompt {k}; asked for "
                                f"{num_generations}")
-        for choice in resp.choices:
+        for g, choice in enumerate(resp.choices):
             if choice.token_ids is None:
                 raise RolloutError(f"the {type(engine).__name__} engine returns no token ids; GRPO needs them")
             e = Episode(k, list(p.messages), p.prompt_ids, list(choice.token_ids), choice.message.content or "",
-                        choice.finish_reason, generated_tokens=len(choice.token_ids))
+                        choice.finish_reason, generated_tokens=len(choice.token_ids), sample_index=g)
+            if config.logprobs:
+                if choice.logprobs is None or choice.logprobs.content is None:
+                    raise RolloutError(f"the {type(engine).__name__} engine returned no log-probs; asked for them")
+                e.sampling_logps = [t.logprob for t in choice.logprobs.content]
             episodes.append(e)
             live.append((e, choice))
     if scheduler is None:
@@ -128,7 +185,9 @@ def run_rollouts(engine: InferEngine, prompts: Sequence[RolloutPrompt], config: 
                 e.messages.extend(nxt)
                 e.multi_turn = True
                 follow.append(e)
-        requests = [InferRequest(messages=e.messages, tools=prompts[e.prompt_index].tools or None) for e in follow]
+        requests = [InferRequest(messages=e.messages, tools=prompts[e.prompt_index].tools or None,
+                                 seed=stable_seed(seeds[e.prompt_index], e.sample_index, e.turns) if seeds else None)
+                    for e in follow]
         live = []
         for e, resp in zip(follow, _infer_tolerant(engine, requests, turn_cfg) if follow else []):
             if resp is None:  # too long to go on: the trajectory ends on the tool/user turn

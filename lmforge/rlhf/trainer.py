@@ -24,138 +24,56 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import TrainerCallback
 
 from lmforge.rlhf import losses as L
+from lmforge.rlhf.metrics import MetricStore
+from lmforge.rlhf.scoring import (SequenceScores, TokenLogps, count_sequences, ld_weights, model_inputs,
+                                  sequence_log_probs, split_batch, token_log_probs, whole_sequence_labels)
+
+__all__ = ["PreferenceTrainer", "MetricStore", "ReferenceMixin", "mix_reference", "sequence_log_probs"]
 from lmforge.trainers.trainer import LmforgeTrainer, LossOnlyEvaluation
+from lmforge.utils.distributed import global_sum
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+_model_inputs = model_inputs  # the name the tests and older callers use
 
 
-class SequenceScores(NamedTuple):
-    """Per-sequence sums of labelled-token log-probs and the number of labelled tokens, both [n]."""
+def mix_reference(ref_model: Any, policy_weights: Any, alpha: float) -> int:
+    """TR-DPO's soft update ``ref <- alpha * policy + (1 - alpha) * ref`` (``alpha = 1``: a hard copy), in place.
 
-    sums: Tensor
-    counts: Tensor
-
-    def logps(self, average: bool) -> Tensor:
-        return self.sums / self.counts.clamp(min=1) if average else self.sums
-
-
-def sequence_log_probs(logits: Tensor, labels: Tensor, position_ids: Tensor | None = None) -> SequenceScores:
-    """Summed log-probs of each sequence's labelled tokens.
-
-    ``labels`` are unshifted (``labels[t]`` is predicted by ``logits[t-1]``). Padded batches hold
-    one sequence per row; with ``position_ids`` (padding-free) the sequences are the runs that
-    start where the position is 0, and a token that starts a sequence is never a target.
+    ``policy_weights`` are ``(name, tensor)`` pairs under the reference's own parameter names (for a LoRA
+    policy, :func:`lmforge.rlhf.rollout.policy_named_weights` gives the merged weights). Gorbatovski et al.
+    2024, "Learn Your Reference Model for Real Good Alignment", eq. 5 (soft) and 6 (hard). Returns the
+    number of tensors updated; a policy weight the reference lacks is an error (the two would drift apart).
     """
-    logits, targets = logits[:, :-1], labels[:, 1:]
-    if position_ids is None:
-        n = labels.shape[0]
-        seg = torch.arange(n, device=labels.device)[:, None].expand_as(targets)
-    else:
-        starts = position_ids == 0
-        seg_all = starts.reshape(-1).long().cumsum(0).reshape(starts.shape) - 1
-        n = int(starts.sum())
-        seg = seg_all[:, 1:]
-        targets = targets.masked_fill(starts[:, 1:], IGNORE_INDEX)
-    mask = targets != IGNORE_INDEX
-    picked = logits[mask].float()                                     # [N, V], labelled rows only
-    tgt = targets[mask]
-    token_logps = picked.gather(-1, tgt[:, None]).squeeze(-1) - picked.logsumexp(-1)
-    idx = seg[mask]
-    zeros = torch.zeros(n, dtype=torch.float32, device=logits.device)
-    return SequenceScores(zeros.index_add(0, idx, token_logps), zeros.index_add(0, idx, torch.ones_like(token_logps)))
+    params = dict(ref_model.named_parameters())
+    n = 0
+    with torch.no_grad():
+        for name, value in policy_weights:
+            if name not in params:
+                raise KeyError(f"sync_ref_model: the reference has no parameter {name!r}")
+            p = params[name]
+            p.mul_(1.0 - alpha).add_(value.to(device=p.device, dtype=p.dtype), alpha=alpha)
+            n += 1
+    return n
 
 
-def _model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {"input_ids": batch[f"{prefix}input_ids"]}
-    for key in ("attention_mask", "position_ids"):
-        if batch.get(f"{prefix}{key}") is not None:
-            out[key] = batch[f"{prefix}{key}"]
-    return out
+class _SyncReference(TrainerCallback):
+    """Calls ``sync()`` every ``every`` optimizer steps."""
 
+    def __init__(self, sync: Any, every: int):
+        self.sync, self.every = sync, every
 
-def split_batch(batch: dict[str, Any], n_first: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The first ``n_first`` sequences and the rest, for a padded or a padding-free batch."""
-    keys = [k for k in ("input_ids", "labels", "attention_mask", "position_ids") if batch.get(k) is not None]
-    if batch.get("position_ids") is not None and batch["input_ids"].shape[0] == 1:
-        starts = (batch["position_ids"][0] == 0).nonzero().squeeze(1)
-        cut = int(starts[n_first])
-        return {k: batch[k][:, :cut] for k in keys}, {k: batch[k][:, cut:] for k in keys}
-    return {k: batch[k][:n_first] for k in keys}, {k: batch[k][n_first:] for k in keys}
-
-
-def count_sequences(batch: dict[str, Any], prefix: str = "") -> int:
-    pos = batch.get(f"{prefix}position_ids")
-    if pos is not None and batch[f"{prefix}input_ids"].shape[0] == 1:
-        return int((pos == 0).sum())
-    return batch[f"{prefix}input_ids"].shape[0]
-
-
-class MetricStore:
-    """Values logged between two Trainer logs, kept as exact reductions: sums and counts for means, or
-    running min/max; reduced over every process (so uneven per-process subsets add up right)."""
-
-    def __init__(self, accelerator: Any):
-        self.accelerator = accelerator
-        self._data: dict[str, dict[str, list]] = {"train": {}, "eval": {}}
-
-    def add(self, split: str, key: str, value: Tensor | float, reduce: str = "mean") -> None:
-        """``reduce``: ``mean`` (over every value added), ``sum`` (a count), ``min`` or ``max``."""
-        value = torch.as_tensor(value).detach().float().reshape(-1)
-        device = self.accelerator.device
-        if reduce in ("mean", "sum"):
-            count = float(value.numel()) if reduce == "mean" else 0.0
-            stat = torch.stack([value.sum(), torch.tensor(count)]).to(device)
-            if self.accelerator.num_processes > 1:
-                stat = self.accelerator.reduce(stat, reduction="sum")
-        elif reduce in ("min", "max"):
-            if not value.numel():
-                return
-            stat = (value.min() if reduce == "min" else value.max()).to(device)[None]
-            if self.accelerator.num_processes > 1:
-                stat = self.accelerator.gather(stat)
-                stat = stat.min()[None] if reduce == "min" else stat.max()[None]
-        else:
-            raise ValueError(f"MetricStore reduce must be mean, sum, min or max, got {reduce!r}")
-        slot = self._data[split].get(key)
-        if reduce == "sum":
-            total = float(stat[0])
-            self._data[split][key] = ["sum", total] if slot is None else ["sum", slot[1] + total]
-        elif reduce == "mean":
-            total, count = float(stat[0]), int(stat[1])
-            self._data[split][key] = ["mean", total, count] if slot is None else ["mean", slot[1] + total, slot[2] + count]
-        else:
-            v = float(stat[0])
-            pick = min if reduce == "min" else max
-            self._data[split][key] = [reduce, v] if slot is None else [reduce, pick(slot[1], v)]
-
-    def pop(self, split: str) -> dict[str, float]:
-        """The reduced values of ``split`` (means rounded to 6 places), then forget them."""
-        out = {}
-        for key, slot in self._data[split].items():
-            if slot[0] == "mean":
-                if slot[2]:
-                    out[key] = round(slot[1] / slot[2], 6)
-            else:
-                out[key] = round(slot[1], 6)
-        self._data[split] = {}
-        return out
-
-    def pop_into(self, logs: dict[str, float]) -> tuple[str, dict[str, float]]:
-        """Add the stored values of the split a Trainer ``logs`` dict belongs to (``eval_`` keys mean eval)
-        to it, prefixed like its keys; returns (split, the values)."""
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        stored = self.pop(split)
-        prefix = "eval_" if split == "eval" else ""
-        logs.update({f"{prefix}{k}": v for k, v in stored.items()})
-        return split, stored
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if state.global_step % self.every == 0:
+            self.sync()
 
 
 class ReferenceMixin:
@@ -171,6 +89,24 @@ class ReferenceMixin:
 
     def _has_adapters(self) -> bool:
         return hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter")
+
+    def _setup_reference_sync(self) -> None:
+        """``--sync_ref_model``: a callback that moves the reference towards the policy (TR-DPO)."""
+        args = self.rlhf
+        if not getattr(args, "sync_ref_model", False):
+            return
+        if self.ref_model is None:
+            raise ValueError("--sync_ref_model needs a reference model apart from the policy (--ref_model, or the "
+                             "frozen copy rlhf_main makes); LoRA's adapters-off reference cannot move")
+        self.add_callback(_SyncReference(self.sync_reference, args.ref_model_sync_steps))
+
+    def sync_reference(self) -> None:
+        from lmforge.rlhf.rollout import policy_named_weights
+
+        n = mix_reference(self.ref_model, policy_named_weights(self.accelerator.unwrap_model(self.model)),
+                          self.rlhf.ref_model_mixup_alpha)
+        logger.info("sync_ref_model: reference <- %.3g x policy + %.3g x reference (%d tensors) at step %d",
+                    self.rlhf.ref_model_mixup_alpha, 1 - self.rlhf.ref_model_mixup_alpha, n, self.state.global_step)
 
     @contextlib.contextmanager
     def _reference(self, model: Any):
@@ -207,7 +143,7 @@ class PreferenceTrainer(LossOnlyEvaluation, ReferenceMixin, LmforgeTrainer):
         # Sequence-level losses are means over pairs: let the Trainer divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
-        self.metric_store = MetricStore(self.accelerator)
+        self.metric_store = MetricStore(self.accelerator.device)
         if callable(ref_model) and not isinstance(ref_model, torch.nn.Module):
             ref_model = ref_model()
         self._set_reference(ref_model)
@@ -215,6 +151,8 @@ class PreferenceTrainer(LossOnlyEvaluation, ReferenceMixin, LmforgeTrainer):
         if self.rlhf.needs_reference and ref_model is None and not precompute and not self._has_adapters():
             raise ValueError(f"rlhf_type {self.kind} needs a reference model: pass --ref_model, train with LoRA "
                              "(the adapters are switched off for the reference), or use --precompute_ref_log_probs")
+        self._bco_stats = torch.zeros(2, dtype=torch.float64)  # bco_pair: sum and count of the rewards seen
+        self._setup_reference_sync()
         if precompute:
             self.train_dataset = self.precompute_reference_log_probs(self.train_dataset, "train")
             self.eval_dataset = self.precompute_reference_log_probs(self.eval_dataset, "eval")
@@ -253,21 +191,34 @@ class PreferenceTrainer(LossOnlyEvaluation, ReferenceMixin, LmforgeTrainer):
 
     # ----------------------------------------------------------------------------- scoring
 
-    def _score(self, model: Any, batch: dict[str, Any], prefix: str = "") -> SequenceScores:
-        logits = model(**_model_inputs(batch, prefix), use_cache=False).logits
-        return sequence_log_probs(logits, batch[f"{prefix}labels"], batch.get(f"{prefix}position_ids"))
+    def _score(self, model: Any, batch: dict[str, Any], prefix: str = "", whole: bool = False
+               ) -> tuple[TokenLogps, TokenLogps | None]:
+        """Labelled-token log-probs of ``batch``'s sequences and, with ``whole``, of every real token (one pass)."""
+        logits = model(**model_inputs(batch, prefix), use_cache=False).logits
+        pos = batch.get(f"{prefix}position_ids")
+        tokens = token_log_probs(logits, batch[f"{prefix}labels"], pos)
+        return tokens, token_log_probs(logits, whole_sequence_labels(batch, prefix), pos) if whole else None
 
-    def _pair_scores(self, model: Any, batch: dict[str, Any]) -> SequenceScores:
-        """Scores of the 2B sequences (chosen first): one forward pass, or two with ``concat_forward false``."""
+    def _pair_scores(self, model: Any, batch: dict[str, Any], whole: bool = False
+                     ) -> tuple[SequenceScores, SequenceScores, SequenceScores | None]:
+        """(scores, LD-weighted scores, whole-sequence scores or None) of the 2B sequences (chosen first): one
+        forward pass, or two with ``concat_forward false``. Without ``--ld_alpha`` the first two are the same."""
         if self.rlhf.concat_forward:
-            return self._score(model, batch)
-        n = count_sequences(batch) // 2
-        first, second = split_batch(batch, n)
-        a, b = self._score(model, first), self._score(model, second)
-        return SequenceScores(torch.cat([a.sums, b.sums]), torch.cat([a.counts, b.counts]))
+            tokens, full = self._score(model, batch, whole=whole)
+        else:
+            first, second = split_batch(batch, count_sequences(batch) // 2)
+            (ta, fa), (tb, fb) = self._score(model, first, whole=whole), self._score(model, second, whole=whole)
+            tokens = TokenLogps.cat(ta, tb)
+            full = TokenLogps.cat(fa, fb) if whole else None
+        scores = tokens.scores()
+        alpha = getattr(self.rlhf, "ld_alpha", None)
+        weighted = tokens.scores(ld_weights(tokens, tokens.n // 2, alpha)) if alpha is not None else scores
+        return scores, weighted, full.scores() if full is not None else None
 
     def _pair_logps(self, model: Any, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        logps = self._pair_scores(model, batch).logps(self.average)
+        """Chosen and rejected log-probs of the main loss variant's kind (summed, LD-weighted or averaged)."""
+        _, weighted, _ = self._pair_scores(model, batch)
+        logps = weighted.logps(self.average)
         n = logps.shape[0] // 2
         return logps[:n], logps[n:]
 
@@ -285,48 +236,84 @@ class PreferenceTrainer(LossOnlyEvaluation, ReferenceMixin, LmforgeTrainer):
         return (loss, {}) if return_outputs else loss
 
     def _pair_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        scores = self._pair_scores(model, batch)
-        logps = scores.logps(self.average)
-        n = logps.shape[0] // 2
-        pc, pr = logps[:n], logps[n:]
         args, beta = self.rlhf, self.beta
+        whole = self.kind == "orpo" and args.orpo_prompt_loss
+        scores, weighted, full = self._pair_scores(model, batch, whole=whole)
+        n = scores.sums.shape[0] // 2
+
+        def halves(x: Tensor) -> tuple[Tensor, Tensor]:
+            return x[:n], x[n:]
+
+        types = args.resolved_loss_types if self.kind in ("dpo", "cpo") else [self.kind]
+        weights = args.resolved_loss_weights if self.kind in ("dpo", "cpo") else [1.0]
+        ref = None
         if self.kind == "dpo":
-            if "ref_chosen_logps" in batch:
-                rc, rr = batch["ref_chosen_logps"].to(pc.dtype), batch["ref_rejected_logps"].to(pc.dtype)
+            if "ref_chosen_logps" in batch:  # precomputed: one kind of log-prob, the main variant's (args check)
+                rc, rr = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+                ref = {self.average: (rc, rr)}
             else:
-                with self._reference(model) as ref:
-                    rc, rr = self._pair_logps(ref, batch)
-            out = L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=args.resolved_loss_type,
-                             label_smoothing=args.label_smoothing)
-        elif self.kind == "cpo":
-            out = L.cpo_loss(pc, pr, beta=beta, loss_type=args.resolved_loss_type, label_smoothing=args.label_smoothing)
-        elif self.kind == "simpo":
-            out = L.simpo_loss(pc, pr, beta=beta, gamma=args.simpo_gamma, label_smoothing=args.label_smoothing)
-        elif self.kind == "orpo":
-            out = L.orpo_loss(pc, pr, beta=beta)
-        else:
-            raise ValueError(f"unknown rlhf_type {self.kind!r}")
-        loss = out.losses.mean()
-        metrics = self._reward_metrics(out.chosen_rewards, out.rejected_rewards)
+                with self._reference(model) as ref_model:
+                    _, ref_weighted, _ = self._pair_scores(ref_model, batch)
+                ref = {avg: halves(ref_weighted.logps(avg)) for avg in (False, True)}
+        loss = torch.zeros((), device=scores.sums.device)
+        metrics: dict[str, Tensor] = {}
+        main = None
+        for loss_type, w in zip(types, weights):
+            if loss_type == "sft":
+                continue  # added with the other NLL terms below
+            avg = args.averages(loss_type)
+            pc, pr = halves(weighted.logps(avg))
+            if self.kind == "dpo":
+                rc, rr = ref[avg]
+                out = L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=args.label_smoothing,
+                                 bco_delta=self._bco_delta(pc - rc, pr - rr) if loss_type == "bco_pair" else 0.0,
+                                 discopop_tau=args.discopop_tau)
+            elif self.kind == "cpo":
+                out = L.cpo_loss(pc, pr, beta=beta, loss_type=loss_type, label_smoothing=args.label_smoothing)
+            elif self.kind == "simpo":
+                out = L.simpo_loss(pc, pr, beta=beta, gamma=args.simpo_gamma, label_smoothing=args.label_smoothing)
+            elif self.kind == "orpo":
+                out = L.orpo_loss(pc, pr, beta=beta)
+            else:
+                raise ValueError(f"unknown rlhf_type {self.kind!r}")
+            term = out.losses.mean()
+            loss = loss + w * term
+            if main is None:
+                main = (out, pc, pr)
+            if len(types) > 1:
+                metrics[f"loss/{loss_type}"] = term.detach()[None]
+        out, pc, pr = main
+        metrics.update(self._reward_metrics(out.chosen_rewards, out.rejected_rewards))
         metrics.update({"logps/chosen": pc.detach(), "logps/rejected": pr.detach()})
-        weight = args.nll_weight
-        if weight:
-            # token-mean NLL of the chosen replies: the SFT term of RPO, ORPO and CPO
-            nll = -scores.sums[:n].sum() / scores.counts[:n].sum().clamp(min=1)
-            loss = loss + weight * nll
+        nll_weight = args.nll_weight + sum(w for t, w in zip(types, weights) if t == "sft")
+        if nll_weight:
+            # token-mean NLL of the chosen sequences: the SFT term of RPO, ORPO, CPO and the sft loss type;
+            # ORPO's covers the prompt too unless --orpo_prompt_loss false (see RlhfArguments)
+            own = full if full is not None else scores
+            nll = -own.sums[:n].sum() / own.counts[:n].sum().clamp(min=1)
+            loss = loss + nll_weight * nll
             metrics["nll_loss"] = nll.detach()[None]
         return loss, metrics
 
+    def _bco_delta(self, chosen_logratios: Tensor, rejected_logratios: Tensor) -> float:
+        """BCO's reward shift: the running mean of every implicit reward seen in training so far, on every process
+        (this batch's included, so the first batch is centred on itself)."""
+        rewards = self.beta * torch.cat([chosen_logratios, rejected_logratios]).detach().float()
+        if self.model.training:
+            stat = global_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()),
+                                                                       device=rewards.device)]).double())
+            self._bco_stats = self._bco_stats + stat.cpu()
+        total, count = self._bco_stats.tolist()
+        return total / count if count else 0.0
+
     def _kto_loss(self, model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        policy = self._score(model, batch).sums
+        policy = self._score(model, batch)[0].scores().sums
         with torch.no_grad():
-            policy_kl = self._score(model, batch, "kl_").sums
+            policy_kl = self._score(model, batch, "kl_")[0].scores().sums
         with self._reference(model) as ref:
-            ref_logps = self._score(ref, batch).sums
-            ref_kl = self._score(ref, batch, "kl_").sums
-        kl = L.kto_kl_estimate(policy_kl, ref_kl)
-        if self.accelerator.num_processes > 1:  # the paper's estimate is over the whole (global) batch
-            kl = self.accelerator.gather(kl[None]).mean()
+            ref_logps = self._score(ref, batch)[0].scores().sums
+            ref_kl = self._score(ref, batch, "kl_")[0].scores().sums
+        kl = L.kto_kl_estimate(policy_kl, ref_kl)  # mean over every process's rows, then clamped at 0
         desirable = batch["label"]
         losses, rewards = L.kto_loss(policy, ref_logps, desirable, kl, beta=self.beta,
                                      desirable_weight=self.rlhf.desirable_weight,

@@ -37,7 +37,8 @@ from lmforge.serve.errors import APIError, from_validation_error, install_error_
 from lmforge.serve.limiter import ConcurrencyLimiter, Slot
 from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.serve.pooling import add_pooling_routes, generation_only
-from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest, PromptRequest, SamplingFields
+from lmforge.serve.schemas import (ChatCompletionRequest, CompletionRequest, MediaRefused, PromptRequest,
+                                   SamplingFields, check_media)
 from lmforge.serve.streaming import EventStreamResponse, StreamAborted, merge_streams, sse
 
 logger = logging.getLogger("lmforge.serve")
@@ -69,6 +70,7 @@ class ServeConfig:
     top_k: int = -1
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
+    allow_local_media: bool = False  # requests may name image files on this machine
 
     @classmethod
     def from_args(cls, args: Any) -> "ServeConfig":
@@ -454,6 +456,10 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         adapter = state.resolve(req.model)
         info.model, info.stream = req.model, req.stream
         state.bound.check(chat_texts(req.messages, req.tools), "messages")
+        try:
+            check_media(req.messages, cfg.allow_local_media)
+        except MediaRefused as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_image") from None
         try:
             infer_req = InferRequest(messages=[m.to_engine() for m in req.messages], tools=req.engine_tools(),
                                      adapter=adapter)

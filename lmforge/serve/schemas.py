@@ -54,17 +54,55 @@ class ToolCallIn(_Strict):
     function: FunctionCall
 
 
+class ImageURL(_Strict):
+    url: str = Field(min_length=1)
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
 class ContentPart(_Strict):
     type: Literal["text", "image_url", "input_audio", "file"]
     text: Optional[str] = None
+    image_url: Optional[ImageURL] = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> "ContentPart":
+    def _supported(self) -> "ContentPart":
+        if self.type == "image_url":
+            if self.image_url is None:
+                raise ValueError("an image_url content part needs an 'image_url' object with a 'url'")
+            return self
         if self.type != "text":
-            raise ValueError(f"content parts of type {self.type!r} are not supported by this server; send text")
+            raise ValueError(f"content parts of type {self.type!r} are not supported by this server; send text "
+                             "or image_url")
         if self.text is None:
             raise ValueError("a text content part needs a 'text' string")
         return self
+
+
+class MediaRefused(ValueError):
+    """An image the server does not read; ``param`` names the content part."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_media(messages: list["Message"], allow_local: bool) -> None:
+    """Images must be base64 ``data:`` URLs, or (``--allow_local_media``) files on this machine; the server
+    never fetches remote URLs. Raises :class:`MediaRefused` naming the part."""
+    for i, m in enumerate(messages):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type != "image_url":
+                continue
+            url = part.image_url.url
+            if url.startswith("data:"):
+                continue
+            where = f"messages[{i}].content[{j}]"
+            if url.lower().startswith(("http://", "https://")):
+                raise MediaRefused("remote image URLs are not fetched by this server; send the image as a base64 "
+                                   "data: URL", where)
+            if not allow_local:
+                raise MediaRefused("local image files are not accepted (start the server with --allow_local_media "
+                                   "to allow them); send a base64 data: URL", where)
 
 
 class Message(_Strict):
@@ -89,11 +127,14 @@ class Message(_Strict):
         return self.content
 
     def to_engine(self) -> ChatMessage:
+        content: Any = self.text()
+        if isinstance(self.content, list) and any(p.type == "image_url" for p in self.content):
+            content = [p.model_dump(exclude_none=True) for p in self.content]  # images: see infer/convert.py
         calls = None
         if self.tool_calls:
             calls = [ToolCall(**({"id": c.id} if c.id else {}), function=c.function.model_dump())
                      for c in self.tool_calls]
-        return ChatMessage(role="system" if self.role == "developer" else self.role, content=self.text(),
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=content,
                            name=self.name, tool_calls=calls, tool_call_id=self.tool_call_id,
                            reasoning_content=self.reasoning_content)
 

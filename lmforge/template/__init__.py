@@ -19,7 +19,7 @@ __all__ = ["get_template", "AgentTemplate", "get_agent_template", "Template", "T
 def get_template(tokenizer: Any, template: str | None = None, *, system: str | None = None,
                  max_length: int | None = None, truncation_strategy: str = "right",
                  loss_scale: str | LossScale = "default", enable_thinking: bool | None = None,
-                 agent_template: Any = None) -> Template:
+                 agent_template: Any = None, processor: Any = None) -> Template:
     """The Template for ``tokenizer``.
 
     ``template`` None (or ``"auto"``) uses the tokenizer's chat template, or the registered
@@ -28,11 +28,14 @@ def get_template(tokenizer: Any, template: str | None = None, *, system: str | N
     (``AGENT_TEMPLATES``: hermes, react_en, llama3, glm4, mistral) that renders tools, tool calls and
     tool results as plain text; None keeps a chat template's own tool rendering where it has one
     (``template.agent_template`` is then the matching parser) and uses ``hermes`` where it has none.
+    ``processor`` (a vision-language model's) makes ``<image>`` tags and ``images`` work (``vision.py``).
     """
     from lmforge.registry import TEMPLATES
 
     options = dict(system=system, max_length=max_length, truncation_strategy=truncation_strategy,
                    loss_scale=loss_scale, enable_thinking=enable_thinking, agent_template=agent_template)
+    if processor is not None:
+        options["processor"] = processor
     if template in (None, "auto"):
         if getattr(tokenizer, "chat_template", None):
             return Template(tokenizer, name="auto", **options)

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .jinja import SpanLocator, probe_end_of_turn, render_chat, warn_once
+from .jinja import SpanLocator, probe_assistant_header, probe_end_of_turn, render_chat, warn_once
 from .loss_scale import LossScale, get_loss_scale
 
 IGNORE_INDEX = -100
@@ -24,7 +24,7 @@ MODES = ("train", "infer", "rlhf", "pt")
 TRUNCATION_STRATEGIES = ("left", "right", "delete", "raise")
 ROLES = ("system", "user", "assistant", "tool_call", "tool_response")
 # Bump when the encoding of the same inputs changes, so cached datasets are rebuilt.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 
 # Which canonical role may follow which ("start" = beginning, after an optional system prompt).
 _FOLLOWS = {
@@ -179,7 +179,8 @@ class Template:
     def __init__(self, tokenizer: Any, *, name: str = "auto", chat_template: str | None = None,
                  system: str | None = None, max_length: int | None = None, truncation_strategy: str = "right",
                  loss_scale: str | LossScale = "default", enable_thinking: bool | None = None,
-                 stop_words: Sequence[str] = (), template_kwargs: dict | None = None, agent_template: Any = None):
+                 stop_words: Sequence[str] = (), template_kwargs: dict | None = None, agent_template: Any = None,
+                 processor: Any = None):
         if truncation_strategy not in TRUNCATION_STRATEGIES:
             raise ValueError(f"truncation_strategy must be one of {', '.join(TRUNCATION_STRATEGIES)}, "
                              f"got {truncation_strategy!r}")
@@ -201,10 +202,18 @@ class Template:
             self.template_kwargs["enable_thinking"] = enable_thinking
         self.mode = "train"
         self.end_of_turn = probe_end_of_turn(lambda m: self._render(m))
+        self.assistant_header = probe_assistant_header(lambda m: self._render(m))
         eos = getattr(tokenizer, "eos_token", None)
         self.stop_words: list[str] = list(dict.fromkeys(w for w in (self.end_of_turn, *stop_words, eos) if w))
         self.stop_token_ids: list[int] = self._stop_token_ids()
         self.agent_template, self.agent_render = self._resolve_agent(agent_template)
+        # A vision-language processor: <image> tags render through it (template/vision.py).
+        self.vision = None
+        if processor is not None and getattr(processor, "image_processor", None) is not None:
+            from .vision import VisionEncoder
+
+            self.vision = VisionEncoder(processor, TemplateError)
+            self.vision.check_renders(lambda m: self._render(m))
 
     # ----------------------------------------------------------------------------- public API
 
@@ -228,7 +237,7 @@ class Template:
             return self._encode_infer(row)
         if self.mode == "rlhf":
             return self._encode_rlhf(row)
-        enc = self._encode_train(row.get("messages"), row.get("tools"))
+        enc = self._encode_train(row.get("messages"), row.get("tools"), media=self._media(row))
         return self._finish(enc)
 
     def decode(self, generated_ids: Sequence[int]) -> str:
@@ -291,6 +300,8 @@ class Template:
             "template_kwargs": self.template_kwargs,
             "agent_template": [getattr(self.agent_template, "name", None), self.agent_render],
         }
+        if self.vision is not None:
+            payload["vision"] = self.vision.cache_key()
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
@@ -411,18 +422,33 @@ class Template:
             k = j
         return ids, weights
 
-    def _encode_train(self, messages: Any, tools: Any, *, require_reply: bool = True) -> dict:
+    def _media(self, row: dict) -> tuple[list[str], list] | None:
+        """The row's images and videos when the template has a processor (None otherwise; a row with
+        images for a text model is an error rather than silently text-only)."""
+        images, videos = list(row.get("images") or []), list(row.get("videos") or [])
+        if self.vision is None:
+            if images or videos:
+                raise TemplateError(f"the row has {len(images)} image(s) and {len(videos)} video(s) but "
+                                    f"{getattr(self.tokenizer, 'name_or_path', 'the model')!r} has no image processor "
+                                    "(not a vision-language model)")
+            return None
+        return images, videos
+
+    def _encode_train(self, messages: Any, tools: Any, *, require_reply: bool = True, media: Any = None) -> dict:
         turns, tools = self._turns(messages, tools)
         if require_reply and turns[-1].role != "assistant":
             raise TemplateError(f"{self.mode} rows must end with an assistant message (the reply to learn); "
                                 f"the last message is {turns[-1].role!r}")
         msgs = [t.message for t in turns]
+        if media is not None:
+            msgs = self.vision.to_parts(msgs, *media)
         full = self._render_checked(msgs, tools)
         weights = self._message_weights(turns)
         scale = self.loss_scale
         background = 1.0 if scale.all_tokens else 0.0
         char_w = [background] * len(full)
-        locator = SpanLocator(lambda m, gen: self._render(m, tools, gen), msgs, full, self.end_of_turn, self.name)
+        locator = SpanLocator(lambda m, gen: self._render(m, tools, gen), msgs, full, self.end_of_turn, self.name,
+                              self.assistant_header)
         for k, (turn, w) in enumerate(zip(turns, weights)):
             rules = w > 0 and turn.role == "assistant" and scale.has_span_rules
             if w == background and not rules:
@@ -435,10 +461,16 @@ class Template:
             if rules:
                 for a, b, x in scale.span_weights(turn.role, full[s:e]):
                     char_w[s + a:s + b] = [x] * (b - a)
+        if media is not None:
+            full, char_w = self.vision.expand(full, char_w, media[0])
         ids, tok_w = self._tokenize(full, char_w)
-        labels = [t if w > 0 else IGNORE_INDEX for t, w in zip(ids, tok_w)]
+        media_ids = self.vision.token_ids if media is not None else ()
+        labels = [t if w > 0 and t not in media_ids else IGNORE_INDEX for t, w in zip(ids, tok_w)]
         binary = all(w in (0.0, 1.0) for w in tok_w)
-        return {"input_ids": ids, "labels": labels, "loss_scale": None if binary else [max(w, 0.0) for w in tok_w]}
+        enc = {"input_ids": ids, "labels": labels, "loss_scale": None if binary else [max(w, 0.0) for w in tok_w]}
+        if media is not None:
+            enc["images"] = media[0]
+        return enc
 
     def _message_weights(self, turns: list[Turn]) -> list[float]:
         weights = self.loss_scale.message_weights([t.role for t in turns])
@@ -458,11 +490,18 @@ class Template:
         if not cont and last not in ("user", "tool"):
             raise TemplateError(f"infer mode: the last message must be from the user or a tool_response, got {last!r}"
                                 " (set continue_final_message: true to continue an assistant message)")
-        text = self._render_checked([t.message for t in turns], tools, add_generation_prompt=not cont, continue_final_message=cont)
-        ids, _ = self._tokenize(text)
-        return self._finish({"input_ids": ids})
+        msgs, media = [t.message for t in turns], self._media(row)
+        if media is not None:
+            msgs = self.vision.to_parts(msgs, *media)
+        text = self._render_checked(msgs, tools, add_generation_prompt=not cont, continue_final_message=cont)
+        if media is None:
+            return self._finish({"input_ids": self._tokenize(text)[0]})
+        text, _ = self.vision.expand(text, [0.0] * len(text), media[0])
+        return self._finish({"input_ids": self._tokenize(text)[0], "images": media[0]})
 
     def _encode_rlhf(self, row: dict) -> dict | None:
+        if row.get("images") or row.get("videos"):
+            raise TemplateError("preference training on rows with images is not supported yet")
         messages = row.get("messages")
         rejected = row.get("rejected_messages")
         if rejected is None:
@@ -484,8 +523,11 @@ class Template:
     def _encode_pt(self, row: dict) -> dict | None:
         text = row.get("text")
         if text is None:
-            enc = self._encode_train(row.get("messages"), row.get("tools"), require_reply=False)
+            enc = self._encode_train(row.get("messages"), row.get("tools"), require_reply=False, media=self._media(row))
             ids = enc["input_ids"]
+            if "images" in enc:  # image tokens are inputs, never targets
+                return self._finish({**enc, "labels": [IGNORE_INDEX if t in self.vision.token_ids else t
+                                                       for t in ids], "loss_scale": None})
         else:
             if not isinstance(text, str) or not text:
                 raise TemplateError(f"pt mode: 'text' must be a non-empty string, got {text!r:.40}")
@@ -507,7 +549,12 @@ class Template:
             if strategy == "delete":
                 return None
             cut = slice(0, limit) if strategy == "right" else slice(n - limit, n)
-            enc = {k: (v[cut] if isinstance(v, list) else v) for k, v in enc.items()}
+            if enc.get("images"):  # cutting through an image leaves tokens without their features
+                media_ids = self.vision.token_ids
+                if sum(t in media_ids for t in enc["input_ids"][cut]) != sum(t in media_ids for t in enc["input_ids"]):
+                    raise MaxLengthError(f"encoded length {n} exceeds max_length {limit} and truncating it would cut "
+                                         "an image; raise --max_length or lower --max_pixels")
+            enc = {k: (v[cut] if isinstance(v, list) and k != "images" else v) for k, v in enc.items()}
         enc["length"] = len(enc["input_ids"])
         return enc
 

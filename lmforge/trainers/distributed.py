@@ -7,10 +7,11 @@ launcher that sets ``WORLD_SIZE`` is enough.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from lmforge.utils.errors import SetupError
 
 FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard")
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
@@ -19,16 +20,14 @@ PRESET_DIR = Path(__file__).with_name("ds_configs")
 
 def _json_arg(value: str | None, flag: str) -> dict[str, Any]:
     """A JSON object given inline or as a path to a .json file."""
+    from lmforge.arguments.base import _parse_dict
+
     if not value:
         return {}
-    text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag}: neither a .json file nor JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{flag}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+        return _parse_dict(Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value)
+    except ValueError as e:
+        raise ValueError(f"{flag}: neither a .json file nor {e}") from None
 
 
 def fsdp_kwargs(fsdp: str, fsdp_config: str | None) -> dict[str, Any]:
@@ -97,8 +96,8 @@ def parallel_training_kwargs(args: Any, on_gpu: bool) -> dict[str, Any]:
         raise ValueError("--fsdp_config without --fsdp: pass --fsdp full_shard (or shard_grad_op, hybrid_shard)")
     if ds:
         if importlib.util.find_spec("deepspeed") is None:
-            raise RuntimeError(f"--deepspeed {ds} needs DeepSpeed: pip install 'lmforge[deepspeed]'")
+            raise SetupError(f"--deepspeed {ds} needs DeepSpeed: pip install 'lmforge[deepspeed]'")
         if not on_gpu:
-            raise RuntimeError(f"--deepspeed {ds} needs CUDA GPUs; on CPU use --fsdp full_shard or plain DDP")
+            raise SetupError(f"--deepspeed {ds} needs CUDA GPUs; on CPU use --fsdp full_shard or plain DDP")
         kw["deepspeed"] = deepspeed_config(ds)
     return kw

@@ -120,3 +120,24 @@ def multi_lr(model: nn.Module, args: Any) -> torch.optim.Optimizer:
     rates = {"base": lr, "lora_B": lr * b_ratio, "embedding": lr * emb_ratio}
     groups = [g for key, params in buckets.items() for g in split_decay(key, params, rates[key], wd)]
     return adamw(groups, args)
+
+
+@OPTIMIZERS.register("multimodal")
+def multimodal(model: nn.Module, args: Any) -> torch.optim.Optimizer:
+    """AdamW with the vision tower at ``--vit_lr`` and the aligner at ``--aligner_lr`` (each default
+    ``--learning_rate``), the rest at ``--learning_rate``; the parts come from the model's family
+    (``lmforge.model.vision``). Chosen by default when either rate is set."""
+    from lmforge.model.vision import require_family
+
+    family = require_family(model)
+    if family is None:
+        raise ValueError("--vit_lr/--aligner_lr (optimizer multimodal) need a vision-language model")
+    lr = resolve_lr(args)
+    rates = {"vision_tower": getattr(args, "vit_lr", None) or lr, "aligner": getattr(args, "aligner_lr", None) or lr}
+    buckets: dict[str, NamedParams] = {"base": [], "vision_tower": [], "aligner": []}
+    for n, p in trainable(model):
+        group = family.group_of(n)
+        buckets[group if group in rates else "base"].append((n, p))
+    wd = getattr(args, "weight_decay", 0.0)
+    groups = [g for key, params in buckets.items() for g in split_decay(key, params, rates.get(key, lr), wd)]
+    return adamw(groups, args)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from transformers import Trainer
 
 from lmforge.utils.checkpoint import COMPLETE_MARKER, describe_files, disk_full_error, find_last_checkpoint, folder_size
+from lmforge.utils.errors import SetupError
 from lmforge.utils.io import atomic_write_text, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class LmforgeTrainer(Trainer):
 
         state = self.accelerator.state
         if state.distributed_type != DistributedType.MULTI_CPU:
-            raise RuntimeError(f"--fsdp was not applied (accelerate chose {state.distributed_type})")
+            raise SetupError(f"--fsdp was not applied (accelerate chose {state.distributed_type})")
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
         state.distributed_type = DistributedType.FSDP
         self.is_fsdp_enabled = True
@@ -113,6 +114,14 @@ class LmforgeTrainer(Trainer):
         if model.training:
             loss = loss * self.global_token_scale(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the peak GPU memory so far (this process) to every training log line on CUDA."""
+        import torch
+
+        if "loss" in logs and self.args.device.type == "cuda":
+            logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.args.device) / 2 ** 30, 2)
+        super().log(logs, start_time)
 
     def global_token_scale(self, num_items_in_batch: Any) -> int:
         """The factor that makes a loss normalised by the global batch's labelled tokens survive DDP/FSDP.
@@ -160,7 +169,7 @@ class LmforgeTrainer(Trainer):
             why = check_output_head(self.model, head)
         if why:
             if mode:
-                raise RuntimeError(f"--fused_ce true: cannot apply: {why}")
+                raise SetupError(f"--fused_ce true: cannot apply: {why}")
             logger.warning("fused cross-entropy: off (%s); the loss uses full logits", why)
             return None
         liger = bool(getattr(a, "use_liger_kernel", False)) and on_cuda

@@ -12,6 +12,7 @@ import re
 from typing import Any, Iterator
 
 from lmforge.registry import TUNERS
+from lmforge.utils.errors import SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,42 @@ def peft_checkpointing_query() -> Iterator[None]:
         PreTrainedModel.is_gradient_checkpointing = old
 
 
-def _target_modules(args: Any) -> Any:
+def _target_modules(args: Any, model: Any = None) -> Any:
     targets = list(args.target_modules or ["all-linear"])
+    regex = len(targets) == 1 and any(c in targets[0] for c in "^$*+?[]()|\\")
+    family = _vision_family(model) if model is not None else None
+    if family is not None and not regex:
+        # Vision-language models: the linear layers (all, or those named) of the parts not frozen by
+        # --freeze_vit/--freeze_aligner/--freeze_llm: all-linear means the language model by default.
+        from lmforge.model.vision import GROUPS, frozen_groups, linear_targets
+
+        names = None if targets == ["all-linear"] else targets
+        return linear_targets(model, family, set(GROUPS) - frozen_groups(args), names)
     if targets == ["all-linear"]:
         return "all-linear"
-    if len(targets) == 1 and any(c in targets[0] for c in "^$*+?[]()|\\"):
+    if regex:
         return targets[0]  # peft treats a string as a full-match regex
     return targets
+
+
+def _vision_family(model: Any) -> Any:
+    from lmforge.model.vision import require_family
+
+    return require_family(model)
+
+
+def _freeze_vision_parts(model: Any, args: Any) -> None:
+    """``--freeze_vit/--freeze_aligner/--freeze_llm`` on a vision-language model (no-op for a text model)."""
+    family = _vision_family(model)
+    if family is None:
+        return
+    from lmforge.model.vision import frozen_groups
+
+    frozen = frozen_groups(args)
+    for name, p in model.named_parameters():
+        if family.group_of(name) in frozen:
+            p.requires_grad_(False)
+    logger.info("%s model: %s frozen", family.name, ", ".join(sorted(frozen)) or "no part")
 
 
 def _lora(model: Any, args: Any, *, use_dora: bool = False) -> Any:
@@ -72,7 +102,7 @@ def _lora(model: Any, args: Any, *, use_dora: bool = False) -> Any:
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=_target_modules(args),
+        target_modules=_target_modules(args, model),
         modules_to_save=list(args.modules_to_save) or None,
         use_dora=use_dora,
     )
@@ -118,6 +148,9 @@ def qlora(model: Any, args: Any) -> Any:
 def full(model: Any, args: Any) -> Any:
     for p in model.parameters():
         p.requires_grad_(True)
+    _freeze_vision_parts(model, args)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("train_type full: --freeze_vit/--freeze_aligner/--freeze_llm froze every parameter")
     return model
 
 
@@ -132,6 +165,7 @@ def freeze(model: Any, args: Any) -> Any:
         freeze_it = _matches(name, args.freeze_parameters) if args.freeze_parameters else True
         p.requires_grad_(not freeze_it)
         frozen += int(freeze_it)
+    _freeze_vision_parts(model, args)
     _apply_trainable_patterns(model, args)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("train_type freeze: the patterns froze every parameter; nothing would train")
@@ -143,11 +177,11 @@ def qlora_quantization_config(args: Any) -> Any:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
+        raise SetupError("train_type qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --train_type lora")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise RuntimeError("train_type qlora needs bitsandbytes: pip install 'lmforge[qlora]'") from None
+        raise SetupError("train_type qlora needs bitsandbytes: pip install 'lmforge[qlora]'") from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

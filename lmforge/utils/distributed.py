@@ -11,6 +11,8 @@ import contextlib
 import os
 from typing import Any, Iterator
 
+from lmforge.utils.errors import SetupError
+
 
 def _dist() -> Any:
     import torch.distributed as dist
@@ -114,10 +116,10 @@ def init_distributed(on_gpu: bool, backend: str | None = None, timeout_s: int = 
     from accelerate import PartialState
 
     if on_gpu and backend in (None, "nccl") and not torch.distributed.is_nccl_available():
-        raise RuntimeError("several GPU processes need NCCL, and this torch build has none: install a CUDA build "
+        raise SetupError("several GPU processes need NCCL, and this torch build has none: install a CUDA build "
                            "of torch with NCCL, or pass --ddp_backend gloo (slow)")
     if not on_gpu and backend == "nccl":
-        raise RuntimeError("--ddp_backend nccl needs CUDA GPUs; on CPU the backend is gloo")
+        raise SetupError("--ddp_backend nccl needs CUDA GPUs; on CPU the backend is gloo")
     PartialState(cpu=not on_gpu, backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 

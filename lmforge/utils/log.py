@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
 _SECRETS: set[str] = set()
@@ -18,11 +19,24 @@ _MIN_SECRET_LEN = 4  # masking "a" or "" would mangle every line without protect
 MASK = "***"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream it was created with: a
+    notebook, a test's capture or a UI may swap stderr, and a handler holding the old (closed) one fails."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: str | int | None = None) -> None:
     root = logging.getLogger("lmforge")
     if root.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[%(levelname)s:%(name)s] %(message)s"))
     root.addHandler(handler)
     root.setLevel(level or os.environ.get("LMFORGE_LOG_LEVEL", "INFO"))

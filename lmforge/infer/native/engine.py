@@ -56,6 +56,9 @@ class NativeEngine(HfEngine):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         owns_model = kwargs.get("model_obj") is None
         super().__init__(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **kwargs)
+        if self.processor is not None:
+            raise NotImplementedError(f"the native engine does not support vision-language models "
+                                      f"({self.model.config.model_type}) yet; use --infer_backend hf")
         from lmforge.infer.native import attention
 
         on_cuda = self.device.type == "cuda"
@@ -205,10 +208,11 @@ class NativeEngine(HfEngine):
     def _sequences(self, job: _Job, cfg: RequestConfig, on_token: Callable[[Sequence], None]) -> list[Sequence]:
         stop = StopStrings([*cfg.stop, *self.stop_words])
         seqs = []
+        seed = job.request.seed if job.request.seed is not None else cfg.seed
         for k in range(cfg.n):
             gen = None
-            if cfg.seed is not None and cfg.temperature > 0:
-                gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + k)
+            if seed is not None and cfg.temperature > 0:
+                gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
             params = SamplingParams(
                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
                 repetition_penalty=cfg.repetition_penalty, presence_penalty=cfg.presence_penalty,

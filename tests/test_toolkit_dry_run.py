@@ -1,0 +1,200 @@
+"""``--dry_run``: every shipped preset plans without training; the plan's numbers are the ones training and
+encoding really produce (steps, trainable parameters, lengths, truncation, labelled share); the memory
+estimator's activation table is re-measured here, and it reproduces the GPU peaks recorded in
+benchmarks/RESULTS.md."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.arguments import RlhfArguments, TrainArguments
+from lmforge.cli.main import main
+from lmforge.presets import list_presets
+from lmforge.toolkit.memory import ACT_COEF, DROPOUT_COEF, GiB, ModelShape, TrainPlan, estimate
+
+DATA = {"dpo": "builtin:arith-preference#64", "kto": "builtin:arith-preference#64", "orpo": "builtin:arith-preference#64",
+        "grpo-math": "builtin:arith-rl#64"}
+QUIET = dict(report_to=["none"], plot=False, save_steps=100_000, logging_steps=100)
+
+
+@pytest.mark.parametrize("preset", [p for p in list_presets()], ids=lambda p: p["name"])
+def test_every_shipped_preset_dry_runs(preset, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = preset["commands"][-1] if preset["name"] in DATA else preset["commands"][0]
+    argv = [command, "--preset", preset["name"], "--model", "builtin:tiny", "--dry_run",
+            "--dataset", DATA.get(preset["name"], "builtin:arith#64")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"{command} --dry_run: ok, nothing trained or written")
+    assert "trainable of" in out and "peak GPU memory per device" in out
+    assert not (tmp_path / "output").exists()  # nothing written
+
+
+def _dry(**kw) -> dict:
+    from lmforge.pipelines.sft import sft_main
+
+    return sft_main(TrainArguments(model="builtin:tiny", dry_run=True, **QUIET, **kw))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_steps_and_parameters_are_what_training_does(tmp_path, packing):
+    from lmforge.pipelines.sft import sft_main
+
+    kw = dict(dataset=["builtin:arith#50"], per_device_train_batch_size=4, gradient_accumulation_steps=2,
+              num_train_epochs=2, packing=packing, max_length=64 if packing else 2048, train_type="lora")
+    plan = _dry(**kw)
+    done = sft_main(TrainArguments(model="builtin:tiny", output_dir=str(tmp_path), **QUIET, **kw))
+    assert plan["steps"]["steps"] == done["trainer"].state.global_step
+    model = done["trainer"].model
+    assert plan["parameters"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+def _rows(path, n: int) -> None:
+    with path.open("w") as fh:
+        for i in range(n):
+            q = "add these numbers " * (1 + i % 7)
+            fh.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                              {"role": "assistant", "content": "sum " * (1 + 3 * (i % 5))}]}) + "\n")
+
+
+def test_lengths_truncation_and_labelled_share(tmp_path, tiny_tokenizer, capsys):
+    from lmforge.dataset import encode_dataset, load_dataset
+    from lmforge.template import get_template
+
+    data = tmp_path / "rows.jsonl"
+    _rows(data, 40)
+    free = get_template(tiny_tokenizer)
+    rows, _ = load_dataset([str(data)], shuffle=False)
+    lengths = [free.encode(r)["length"] for r in rows]
+    limit = sorted(lengths)[len(lengths) // 2]
+    over = sum(n > limit for n in lengths)
+    assert 0 < over < len(lengths)
+    for strategy in ("right", "delete"):
+        plan = _dry(dataset=[str(data)], max_length=limit, truncation_strategy=strategy)
+        assert plan["sample"]["over_max_length"] == over and plan["length"]["max"] == max(lengths)
+        enc = encode_dataset(rows, get_template(tiny_tokenizer, max_length=limit, truncation_strategy=strategy),
+                             cache=False)
+        assert plan["sample"]["dropped"] == len(rows) - len(enc)
+        tokens = sum(len(x) for x in enc["input_ids"])
+        labelled = sum(sum(t != -100 for t in x) for x in enc["labels"])
+        assert plan["labelled_share"] == pytest.approx(labelled / tokens, abs=1e-4)
+    capsys.readouterr()
+    code = main(["sft", "--model", "builtin:tiny", "--dataset", str(data), "--max_length", str(limit),
+                 "--truncation_strategy", "raise", "--dry_run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "rows.jsonl:" in err and f"over --max_length {limit}" in err
+
+
+def test_world_size_plan_without_relaunch(monkeypatch, tmp_path):
+    monkeypatch.setenv("NPROC_PER_NODE", "4")  # a dry run plans for 4 processes in this one (no torchrun)
+    one = _dry(dataset=["builtin:arith#64"], train_type="full", per_device_train_batch_size=2)
+    assert one["steps"]["world_size"] == 4 and one["steps"]["gradient_accumulation"] == 2  # 16 rows a step
+    sharded = _dry(dataset=["builtin:arith#64"], train_type="full", per_device_train_batch_size=2, fsdp="full_shard")
+    assert sharded["memory"]["optimizer"] == pytest.approx(one["memory"]["optimizer"] / 4)
+    assert sharded["memory"]["weights"] < one["memory"]["weights"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["sft", "--model", "builtin:tiny", "--dataset", "builtin:arith#64", "--dry_run"]) == 0
+    assert main(["pt", "--model", "builtin:tiny", "--dataset", "builtin:arith#64", "--dry_run"]) == 0
+    assert not (tmp_path / "output").exists()
+
+
+# ---------------------------------------------------------------------------- the memory estimator
+
+def _saved_bytes_per_token_per_layer(lean: bool, tuner: str, dropout: float) -> float:
+    """Bytes autograd keeps per token per decoder layer on lmforge's training path (bf16, autocast, fused loss),
+    measured by saved-tensor hooks: two depths and two lengths, so per-layer and per-token constants cancel."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lmforge.model.patches import apply_lean_layers
+    from lmforge.trainers.fused_ce import fused_linear_cross_entropy
+
+    def saved(layers: int, T: int) -> int:
+        cfg = Qwen2Config(hidden_size=192, intermediate_size=640, num_hidden_layers=layers, num_attention_heads=3,
+                          num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+        if lean:
+            apply_lean_layers(model)
+        if tuner == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, target_modules="all-linear"))
+        base = model.get_base_model() if tuner == "lora" else model
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen.setdefault(ptr, t.untyped_storage().nbytes())
+            return t
+
+        ids = torch.randint(0, 512, (2, T), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = base.model(input_ids=ids).last_hidden_state
+            fused_linear_cross_entropy(hidden[:, :-1], base.lm_head.weight, ids[:, 1:])
+        return sum(seen.values())
+
+    return (saved(2, 64) - saved(1, 64) - saved(2, 32) + saved(1, 32)) / (2 * 32)
+
+
+@pytest.mark.parametrize("lean,tuner,dropout", [(True, "full", 0.0), (False, "full", 0.0), (True, "lora", 0.05)])
+def test_activation_table_matches_saved_tensors(lean, tuner, dropout):
+    measured = _saved_bytes_per_token_per_layer(lean, tuner, dropout)
+    ch, ckv, ci = ACT_COEF[("adapter" if tuner == "lora" else "full", lean)]
+    if dropout:
+        ch, ckv, ci = ch + DROPOUT_COEF[0], ckv + DROPOUT_COEF[1], ci + DROPOUT_COEF[2]
+    table = ch * 192 + ckv * 64 + ci * 640
+    assert table == pytest.approx(measured, rel=0.06)
+
+
+def _qwen_shape(spec: dict) -> ModelShape:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    with torch.device("meta"):
+        return ModelShape.from_model(AutoModelForCausalLM.from_config(Qwen2Config(**spec), dtype=torch.bfloat16))
+
+
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+
+
+def test_estimates_match_recorded_gpu_peaks():
+    """benchmarks/RESULTS.md, 2026-11-23 (H100, lmforge's path: packed bins, varlen attention, fused loss, Liger
+    RMSNorm/SwiGLU, which keep what the lean layers keep; LoRA r16 without dropout): measured peak GiB."""
+    small, big = _qwen_shape(QWEN25_05B), _qwen_shape(QWEN25_7B)
+    lora16 = 28 * 16 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))
+    cases = [(small, dict(train_type="full", trainable=small.params, head_trainable=True, tokens=16384), 18.1),
+             (small, dict(train_type="full", trainable=small.params, head_trainable=True, tokens=16384,
+                          checkpointing=True, checkpoint_every=4), 14.6),
+             (big, dict(train_type="lora", trainable=lora16, tokens=8192), 56.0),
+             (big, dict(train_type="lora", trainable=lora16, tokens=8192, checkpointing=True, checkpoint_every=2), 36.7)]
+    for shape, kw, measured in cases:
+        peak = estimate(shape, TrainPlan(padded=False, **kw))["peak"] / GiB
+        assert peak == pytest.approx(measured, rel=0.1), (kw, peak, measured)
+
+
+def test_estimator_terms():
+    shape = _qwen_shape(QWEN25_7B)
+    base = dict(train_type="lora", trainable=20_000_000, tokens=4096)
+    lora = estimate(shape, TrainPlan(**base))
+    assert lora["weights"] == pytest.approx(shape.params * 2 + 4 * 20_000_000)
+    assert lora["optimizer"] == 2 * 4 * 20_000_000 and lora["gradients"] == 4 * 20_000_000
+    qlora = estimate(shape, TrainPlan(**{**base, "train_type": "qlora"}))
+    # 4-bit decoder weights, float32 embeddings, head and norms (peft's k-bit preparation), float32 adapters
+    assert qlora["weights"] == pytest.approx(0.516 * shape.linear_params + 4 * (shape.params - shape.linear_params)
+                                             + 4 * 20_000_000)
+    ckpt = estimate(shape, TrainPlan(**base, checkpointing=True))
+    assert ckpt["activations"] < 0.1 * lora["activations"]
+    eight = estimate(shape, TrainPlan(**{**base, "optim": "paged_adamw_8bit"}))
+    assert eight["optimizer"] == 2 * 20_000_000
+    offload = estimate(shape, TrainPlan(**base, world=8, deepspeed="zero3_offload"))
+    assert offload["optimizer"] == 0 and offload["weights"] < lora["weights"] / 4
+    assert RlhfArguments(rlhf_type="dpo", dry_run=True).dry_run
