@@ -21,7 +21,8 @@ one thread each (training CPU seconds in brackets):
 - reranker NDCG@10 0.949, 0.982, 0.909, 0.999 (110-118 s): the cross-encoder's start is a plateau it
   leaves after a varying number of steps, so the seeds spread wider than the others.
 The three trainings share module fixtures; the whole file took 3 min 39 s on this 2-core machine (one
-process, 2 threads, otherwise lightly loaded): reranker training 115 s, embedding 72 s, classifier 11 s.
+process, 2 threads, otherwise lightly loaded: reranker training 115 s, embedding 72 s, classifier 11 s),
+4 min 54 s while other jobs shared the cores.
 """
 from __future__ import annotations
 
