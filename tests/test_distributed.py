@@ -196,25 +196,32 @@ DPO = ["--rlhf_type", "dpo", "--model", "builtin:tiny", "--dataset", "builtin:ar
        "--add_version", "false", "--gradient_accumulation_steps", "1"]
 
 
-@pytest.mark.slow
-def test_dpo_on_two_processes_matches_one(tmp_path):
+def _rlhf_one_vs_two(tmp_path: Path, flags: list[str], keys: tuple[str, ...], rel: float) -> list[tuple]:
+    """``lmforge rlhf`` with 1 process x batch 4 and 2 processes x batch 2: the logged ``keys`` agree at every
+    step and the runs end at the same weights; returns the one-process run's values."""
     def rlhf(args: list[str]) -> list[str]:
-        return [sys.executable, "-m", "lmforge.cli.main", "rlhf", *DPO, *args]
+        return [sys.executable, "-m", "lmforge.cli.main", "rlhf", *flags, *args]
 
     _run(rlhf(["--per_device_train_batch_size", "4", "--output_dir", "one"]), tmp_path)
     _run(rlhf(["--per_device_train_batch_size", "2", "--output_dir", "two"]), tmp_path, nproc=2)
 
     def logs(run: str) -> list[tuple]:
         lines = [json.loads(x) for x in (tmp_path / run / "logging.jsonl").read_text().splitlines()]
-        return [(x["loss"], x["rewards/accuracies"], x["rewards/margins"]) for x in lines if "loss" in x]
+        return [tuple(x[k] for k in keys) for x in lines if "loss" in x]
 
     one, two = logs("one"), logs("two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
-        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
-    assert one[-1][2] != 0  # the adapters moved: the margins are not trivially equal
+        assert b == pytest.approx(a, rel=rel, abs=1e-6)
     _assert_same_weights(_weights(tmp_path / "one" / "checkpoint-3"), _weights(tmp_path / "two" / "checkpoint-3"),
                          atol=5e-5)
+    return one
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_matches_one(tmp_path):
+    one = _rlhf_one_vs_two(tmp_path, DPO, ("loss", "rewards/accuracies", "rewards/margins"), rel=1e-5)
+    assert one[-1][2] != 0  # the adapters moved: the margins are not trivially equal
 
 
 SPREAD_REWARD = '''
@@ -240,19 +247,5 @@ def test_grpo_on_two_processes_matches_one(tmp_path):
             "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3", "--report_to", "none", "--plot", "false",
             "--add_version", "false", "--gradient_accumulation_steps", "1", "--temperature", "1.0", "--seed", "3"]
 
-    def rlhf(args: list[str]) -> list[str]:
-        return [sys.executable, "-m", "lmforge.cli.main", "rlhf", *grpo, *args]
-
-    _run(rlhf(["--per_device_train_batch_size", "4", "--output_dir", "one"]), tmp_path)
-    _run(rlhf(["--per_device_train_batch_size", "2", "--output_dir", "two"]), tmp_path, nproc=2)
-
-    def logs(run: str) -> list[tuple]:
-        lines = [json.loads(x) for x in (tmp_path / run / "logging.jsonl").read_text().splitlines()]
-        return [(x["loss"], x["reward"], x["reward_std"]) for x in lines if "loss" in x]
-
-    one, two = logs("one"), logs("two")
-    assert len(one) == len(two) == 3 and all(r[2] > 0 for r in one)  # groups with spread: a real signal
-    for a, b in zip(one, two):
-        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
-    _assert_same_weights(_weights(tmp_path / "one" / "checkpoint-3"), _weights(tmp_path / "two" / "checkpoint-3"),
-                         atol=5e-5)
+    one = _rlhf_one_vs_two(tmp_path, grpo, ("loss", "reward", "reward_std"), rel=1e-4)
+    assert all(r[2] > 0 for r in one)  # groups with spread: a real signal
