@@ -263,8 +263,9 @@ def _lora_run(tmp_path, **kwargs) -> str:
 
 
 def test_lora_embedding_checkpoint_serves_and_exports(tmp_path):
-    """A LoRA embedding checkpoint (peft FEATURE_EXTRACTION on the bare body) loads merged in the engine, and its
-    sentence-transformers export (merged again, prompts kept) gives the same vectors."""
+    """A LoRA embedding checkpoint (peft FEATURE_EXTRACTION on the bare body; Matryoshka dimensions in the loss)
+    loads merged in the engine, and its sentence-transformers export (merged again, prompts kept) gives the
+    same vectors."""
     pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer
 
@@ -273,7 +274,9 @@ def test_lora_embedding_checkpoint_serves_and_exports(tmp_path):
     from lmforge.arguments import ExportArguments
 
     ckpt = _lora_run(tmp_path / "run", task_type="embedding", dataset=["builtin:arith-retrieval#8"],
-                     query_prompt="Query: ", pooling="mean")
+                     query_prompt="Query: ", pooling="mean", matryoshka_dims=[16])
+    logged = [json.loads(x) for x in (tmp_path / "run" / "logging.jsonl").read_text().splitlines()]
+    assert any("accuracy" in x for x in logged)
     assert (tmp_path / "run" / "checkpoint-2" / "adapter_config.json").is_file()
     engine = PoolingEngine(ckpt_dir=ckpt)
     base = PoolingEngine("builtin:tiny", task_type="embedding", pooling="mean")
