@@ -225,6 +225,10 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
     if not dist.is_main_process():
         logging.getLogger("lmforge").setLevel(logging.WARNING)  # one process speaks for the run
     _apply_defaults(args, on_gpu)
+    if on_gpu and not args.device_map:
+        from lmforge.trainers.distributed import check_model_fits
+
+        check_model_fits(args, _command_of(args), dist.world_size())  # before reading gigabytes of weights
     # The output folder (a timestamp) and the resumed checkpoint are decided once, by rank 0; run_training
     # creates the folder when training starts.
     output_dir, args.resume_from_checkpoint = dist.broadcast_object(

@@ -101,3 +101,68 @@ def parallel_training_kwargs(args: Any, on_gpu: bool) -> dict[str, Any]:
             raise SetupError(f"--deepspeed {ds} needs CUDA GPUs; on CPU use --fsdp full_shard or plain DDP")
         kw["deepspeed"] = deepspeed_config(ds)
     return kw
+
+
+def does_not_fit(shape: Any, plan: Any, device_bytes: float, headroom: float = 0.95) -> str | None:
+    """Why the model cannot train on devices of ``device_bytes`` in ``plan``'s world, or None if it may.
+
+    Only what is held for the whole run counts (weights, gradients, optimizer states, a reference copy:
+    a lower bound of the peak, so the check never refuses a run that would fit), plus the load itself:
+    every process loads the whole model onto its GPU before FSDP/ZeRO shard it.
+    """
+    from lmforge.toolkit.memory import GiB, estimate
+
+    est = estimate(shape, plan)
+    static = est["weights"] + est["gradients"] + est["optimizer"] + est["reference_model"]
+    whole = shape.params * plan.dtype_bytes
+    limit = headroom * device_bytes
+    gib = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+    if whole > limit:
+        return (f"the model's weights alone take {gib(whole)} and each process loads them whole onto a GPU of "
+                f"{gib(device_bytes)} before sharding: use a GPU with more memory or --train_type qlora")
+    if static <= limit:
+        return None
+    how = (f"--fsdp {plan.fsdp}" if plan.fsdp else f"--deepspeed {plan.deepspeed}" if plan.deepspeed
+           else "no sharding")
+    sharded = bool(plan.fsdp or plan.deepspeed) and plan.world > 1
+    if not sharded:
+        hints = ["--fsdp full_shard" + ("" if plan.world > 1 else " on several GPUs (NPROC_PER_NODE=N)")]
+    else:
+        hints = ["more GPUs"]
+    if "offload" not in f"{plan.fsdp}{plan.deepspeed}":
+        hints.append("--deepspeed zero3_offload")
+    if plan.train_type in ("full", "freeze"):
+        hints.append("--train_type lora")
+    return (f"weights, gradients and optimizer states need about {gib(static)} per GPU ({plan.train_type}, "
+            f"{plan.world} process(es), {how}; weights {gib(est['weights'])}, gradients {gib(est['gradients'])}, "
+            f"optimizer {gib(est['optimizer'])}) and each GPU has {gib(device_bytes)}, before any activation: "
+            f"try {' or '.join(hints) or 'more GPUs'}")
+
+
+def check_model_fits(args: Any, command: str, world: int) -> None:
+    """Refuse, before the load, a model that cannot train on this machine's GPUs even sharded (SetupError).
+
+    The parameter counts come from the model built on the meta device (no weights read); a model that
+    cannot be built that way (remote code, a reward head) is not checked here.
+    """
+    import torch
+
+    from lmforge.toolkit.dry_run import _deepspeed_name, meta_model
+    from lmforge.toolkit.memory import TrainPlan
+
+    if command == "rlhf" and getattr(args, "rlhf_type", None) == "rm":
+        return
+    try:
+        shape, params = meta_model(args, None, command)
+    except Exception:  # noqa: BLE001 - a model the meta build cannot make is checked by its own load
+        return
+    reference = (command == "rlhf" and bool(getattr(args, "needs_reference", False))
+                 and not getattr(args, "precompute_ref_log_probs", False)
+                 and (bool(getattr(args, "ref_model", None)) or not getattr(args, "is_adapter", False)))
+    plan = TrainPlan(train_type=args.train_type, trainable=params["trainable"],
+                     dtype_bytes=4 if args.torch_dtype == "float32" else 2, optim=args.optim or "adamw_torch_fused",
+                     world=world, fsdp=args.fsdp, deepspeed=_deepspeed_name(args.deepspeed), reference_copy=reference)
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    reason = does_not_fit(shape, plan, torch.cuda.get_device_properties(device).total_memory)
+    if reason:
+        raise SetupError(f"{args.model} does not fit: {reason}")
