@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from lmforge.toolkit.memory import GiB, ModelShape, TrainPlan
 from lmforge.trainers.distributed import check_model_fits, does_not_fit
+from lmforge.trainers.memory import GiB, ModelShape, TrainPlan
 from lmforge.utils.errors import SetupError
 
 # Qwen2.5-14B's shape (48 layers, hidden 5120, 14.8e9 parameters) and Llama-3-70B's (80 layers, 70.6e9)

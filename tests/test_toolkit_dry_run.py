@@ -11,7 +11,7 @@ import pytest
 from lmforge.arguments import RlhfArguments, TrainArguments
 from lmforge.cli.main import main
 from lmforge.presets import list_presets
-from lmforge.toolkit.memory import ACT_COEF, DROPOUT_COEF, GiB, ModelShape, TrainPlan, estimate
+from lmforge.trainers.memory import ACT_COEF, DROPOUT_COEF, GiB, ModelShape, TrainPlan, estimate
 
 DATA = {"dpo": "builtin:arith-preference#64", "kto": "builtin:arith-preference#64", "orpo": "builtin:arith-preference#64",
         "grpo-math": "builtin:arith-rl#64"}

@@ -6,14 +6,13 @@ a laptop plans a GPU run. A sample of the training rows (``SAMPLE_ROWS``) goes t
 template without a length limit, so the lengths are the rows' own and the truncation the flags would
 cause is counted, not hidden. The model is built on the meta device from its config (no weights are
 read or allocated; a 70B model costs nothing), the tuner is applied to it, and its trainable
-parameters counted. The memory estimate is :mod:`lmforge.toolkit.memory`'s, for one CUDA device of
+parameters counted. The memory estimate is :mod:`lmforge.trainers.memory`'s, for one CUDA device of
 the run (``NPROC_PER_NODE`` x ``NNODES`` processes, or ``WORLD_SIZE``).
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -171,58 +170,28 @@ def plan_steps(args: Any, n_rows: int | None, sample: dict[str, Any], packing: b
 # ------------------------------------------------------------------------------------------- model
 
 def meta_model(args: Any, tokenizer: Any, command: str) -> tuple[Any, dict[str, Any]]:
-    """The model built on the meta device with the tuner applied; its parameter counts."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The model built on the meta device with the tuner applied (a reward model's head for rm); its counts."""
+    from lmforge.trainers.memory import meta_model_counts
 
-    from lmforge.model.hub import resolve_model_dir
-    from lmforge.model.loader import resolve_trust_remote_code
-    from lmforge.registry import TUNERS
-
-    trust, _ = resolve_trust_remote_code(args.trust_remote_code, args.model_kwargs)
-    folder = resolve_model_dir(args.model, hub=args.hub, revision=args.revision, need_weights=False)
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
-    dtype = torch.float32 if args.torch_dtype == "float32" else torch.bfloat16
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust)
+    adapt = None
     if command == "rlhf" and args.rlhf_type == "rm":
-        from lmforge.rlhf.reward_model import reward_head_names, reward_model_from_causal_lm
+        def adapt(model: Any, args: Any) -> tuple[Any, Any]:
+            from lmforge.rlhf.reward_model import reward_head_names, reward_model_from_causal_lm
 
-        model = reward_model_from_causal_lm(model, tokenizer)
-        if args.is_adapter:
-            args = copy.copy(args)
-            args.modules_to_save = list(dict.fromkeys([*args.modules_to_save, *reward_head_names(model)]))
-    from lmforge.toolkit.memory import ModelShape
-
-    shape = ModelShape.from_model(model)
-    tuner = "lora" if args.train_type == "qlora" else args.train_type  # the same adapters; the base is quantised
-    if tuner not in TUNERS:
-        raise ValueError(f"--train_type: {TUNERS.unknown_message(tuner)}")
-    tuned = TUNERS.get(tuner)(model, args)
-    trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in tuned.parameters())
-    head = any(p.requires_grad for n, p in tuned.named_parameters() if "lm_head" in n or "embed_tokens" in n)
-    return shape, {"total": total, "trainable": trainable, "head_trainable": head}
+            model = reward_model_from_causal_lm(model, tokenizer)
+            if args.is_adapter:
+                args = copy.copy(args)
+                args.modules_to_save = list(dict.fromkeys([*args.modules_to_save, *reward_head_names(model)]))
+            return model, args
+    return meta_model_counts(args, adapt)
 
 
 # ------------------------------------------------------------------------------------------ memory
 
-def _deepspeed_name(value: str | None) -> str | None:
-    """A DeepSpeed preset name, or one built from a config file's ZeRO stage and offload."""
-    if not value or not value.endswith(".json"):
-        return value
-    try:
-        zero = json.load(open(value, encoding="utf-8")).get("zero_optimization", {})
-    except (OSError, ValueError):
-        return value
-    offload = any((zero.get(k) or {}).get("device") == "cpu" for k in ("offload_optimizer", "offload_param"))
-    return f"zero{zero.get('stage', 0)}" + ("_offload" if offload else "")
-
-
 def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sample: dict[str, Any],
                 world: int) -> dict[str, Any]:
     from lmforge.arguments.train import switch
-    from lmforge.toolkit.memory import TrainPlan, estimate
+    from lmforge.trainers.memory import TrainPlan, deepspeed_name, estimate
 
     rlhf_type = getattr(args, "rlhf_type", None) if command == "rlhf" else None
     longest = max(sample["kept_lengths"] or [args.max_length or 2048])
@@ -255,7 +224,7 @@ def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sam
         checkpoint_every=args.gradient_checkpointing_every, lean_layers=(lean is not False) or args.use_liger_kernel,
         fused_ce=fused is not False and objective == "sft", lora_dropout=args.lora_dropout,
         head_trainable=params["head_trainable"], optim=args.optim or "adamw_torch_fused", world=world,
-        fsdp=args.fsdp, deepspeed=_deepspeed_name(args.deepspeed), reference_copy=reference)
+        fsdp=args.fsdp, deepspeed=deepspeed_name(args.deepspeed), reference_copy=reference)
     est = estimate(shape, plan)
     est["tokens_per_micro_batch"] = tokens
     return est
@@ -325,7 +294,7 @@ def dry_run(args: Any, command: str) -> dict[str, Any]:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    from lmforge.toolkit.memory import format_bytes
+    from lmforge.trainers.memory import format_bytes
 
     s, st, m, p = r["sample"], r["steps"], r["memory"], r["parameters"]
     n = f"{r['rows']:,}" if r["rows"] is not None else "a stream of"

@@ -110,13 +110,16 @@ def does_not_fit(shape: Any, plan: Any, device_bytes: float, headroom: float = 0
     a lower bound of the peak, so the check never refuses a run that would fit), plus the load itself:
     every process loads the whole model onto its GPU before FSDP/ZeRO shard it.
     """
-    from lmforge.toolkit.memory import GiB, estimate
+    from lmforge.trainers.memory import GiB, estimate
 
     est = estimate(shape, plan)
     static = est["weights"] + est["gradients"] + est["optimizer"] + est["reference_model"]
     whole = shape.params * plan.dtype_bytes
     limit = headroom * device_bytes
-    gib = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+
+    def gib(b: float) -> str:
+        return f"{b / GiB:.1f} GiB"
+
     if whole > limit:
         return (f"the model's weights alone take {gib(whole)} and each process loads them whole onto a GPU of "
                 f"{gib(device_bytes)} before sharding: use a GPU with more memory or --train_type qlora")
@@ -147,13 +150,12 @@ def check_model_fits(args: Any, command: str, world: int) -> None:
     """
     import torch
 
-    from lmforge.toolkit.dry_run import _deepspeed_name, meta_model
-    from lmforge.toolkit.memory import TrainPlan
+    from lmforge.trainers.memory import TrainPlan, deepspeed_name, meta_model_counts
 
     if command == "rlhf" and getattr(args, "rlhf_type", None) == "rm":
         return
     try:
-        shape, params = meta_model(args, None, command)
+        shape, params = meta_model_counts(args)
     except Exception:  # noqa: BLE001 - a model the meta build cannot make is checked by its own load
         return
     reference = (command == "rlhf" and bool(getattr(args, "needs_reference", False))
@@ -161,7 +163,7 @@ def check_model_fits(args: Any, command: str, world: int) -> None:
                  and (bool(getattr(args, "ref_model", None)) or not getattr(args, "is_adapter", False)))
     plan = TrainPlan(train_type=args.train_type, trainable=params["trainable"],
                      dtype_bytes=4 if args.torch_dtype == "float32" else 2, optim=args.optim or "adamw_torch_fused",
-                     world=world, fsdp=args.fsdp, deepspeed=_deepspeed_name(args.deepspeed), reference_copy=reference)
+                     world=world, fsdp=args.fsdp, deepspeed=deepspeed_name(args.deepspeed), reference_copy=reference)
     device = int(os.environ.get("LOCAL_RANK", "0"))
     reason = does_not_fit(shape, plan, torch.cuda.get_device_properties(device).total_memory)
     if reason:

@@ -188,6 +188,50 @@ def estimate(shape: ModelShape, plan: TrainPlan) -> dict[str, Any]:
             "activation_bytes_per_token_per_layer": per_layer, "sharding": shard}
 
 
+def meta_model_counts(args: Any, adapt: Any = None) -> tuple[ModelShape, dict[str, Any]]:
+    """The model of ``args.model`` built on the meta device (no weight read or allocated: a 70B model costs
+    nothing) with ``args``'s tuner applied: its shape and parameter counts. ``adapt(model, args)`` may change
+    the model first (the reward head of ``rlhf --rlhf_type rm``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmforge.model.hub import resolve_model_dir
+    from lmforge.model.loader import resolve_trust_remote_code
+    from lmforge.registry import TUNERS
+
+    trust, _ = resolve_trust_remote_code(args.trust_remote_code, args.model_kwargs)
+    folder = resolve_model_dir(args.model, hub=args.hub, revision=args.revision, need_weights=False)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
+    dtype = torch.float32 if args.torch_dtype == "float32" else torch.bfloat16
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust)
+    if adapt is not None:
+        model, args = adapt(model, args)
+    shape = ModelShape.from_model(model)
+    tuner = "lora" if args.train_type == "qlora" else args.train_type  # the same adapters; the base is quantised
+    if tuner not in TUNERS:
+        raise ValueError(f"--train_type: {TUNERS.unknown_message(tuner)}")
+    tuned = TUNERS.get(tuner)(model, args)
+    trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in tuned.parameters())
+    head = any(p.requires_grad for n, p in tuned.named_parameters() if "lm_head" in n or "embed_tokens" in n)
+    return shape, {"total": total, "trainable": trainable, "head_trainable": head}
+
+
+def deepspeed_name(value: str | None) -> str | None:
+    """A DeepSpeed preset name, or one built from a config file's ZeRO stage and offload."""
+    if not value or not value.endswith(".json"):
+        return value
+    import json
+
+    try:
+        zero = json.load(open(value, encoding="utf-8")).get("zero_optimization", {})
+    except (OSError, ValueError):
+        return value
+    offload = any((zero.get(k) or {}).get("device") == "cpu" for k in ("offload_optimizer", "offload_param"))
+    return f"zero{zero.get('stage', 0)}" + ("_offload" if offload else "")
+
+
 def _sharding(plan: TrainPlan) -> dict[str, bool]:
     words = (plan.fsdp or "").replace(",", " ").split()
     ds = (plan.deepspeed or "").lower()
