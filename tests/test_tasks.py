@@ -213,7 +213,7 @@ def _gather_worker(rank: int, world: int, port: int, folder: str) -> None:
 
     import torch.distributed as dist
 
-    from lmforge.utils.distributed import all_gather_with_grad
+    from lmforge.utils.distributed import all_gather_with_grad, exit_process
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -224,6 +224,7 @@ def _gather_worker(rank: int, world: int, port: int, folder: str) -> None:
     (queries[2 * rank:2 * rank + 2] @ gathered.T).logsumexp(-1).sum().backward()
     torch.save({"gathered": gathered.detach(), "offset": offset, "grad": mine.grad}, f"{folder}/{rank}.pt")
     dist.destroy_process_group()
+    exit_process(0)  # torch 2.13 on CPU sometimes aborts in its teardown after the work (utils/distributed.py)
 
 
 def _gather_data():

@@ -75,10 +75,10 @@ class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgu
     optim: Optional[str] = field(None, "a transformers optimizer by name (adamw_torch, adamw_torch_fused, "
                                        "adamw_bnb_8bit, adafactor, ...), used when --optimizer is not set; "
                                        "default adamw_torch_fused on CUDA, adamw_torch elsewhere")
-    loss_type: Optional[str] = field(None, "registered loss plugin; default token cross-entropy. With --task_type: "
-                                           "embedding infonce (default), cosine_similarity, contrastive; reranker "
-                                           "listwise_reranker (default), reranker (pointwise); generative_reranker "
-                                           "listwise_generative_reranker (default), generative_reranker")
+    loss_type: Optional[str] = field(None, "registered loss plugin; unset: token cross-entropy. With --task_type "
+                                           "(unset: the first named): embedding infonce, cosine_similarity, "
+                                           "contrastive; reranker listwise_reranker, reranker (pointwise); "
+                                           "generative_reranker listwise_generative_reranker, generative_reranker")
     eval_metric: Optional[str] = field(None, "registered metric plugin; default token accuracy")
     callbacks: list[str] = field(default_factory=list, help="registered callback plugins")
     logging_steps: int = field(5, "log every N steps")
