@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,7 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tasks_e2e")]
 
+SEED = int(os.environ.get("LMFORGE_TEST_SEED", "42"))  # the flakiness check varies it
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "tiny-embedding.yaml"
 CLASSIFIER = dict(task_type="seq_cls", dataset=["builtin:intents"], train_type="full", learning_rate=1e-3,
                   per_device_train_batch_size=32, gradient_accumulation_steps=1, num_train_epochs=1, warmup_ratio=0.1)
@@ -57,7 +59,7 @@ def train(out: Path, **kwargs) -> str:
     from lmforge import TrainArguments, sft_main
 
     base = dict(model="builtin:tiny", output_dir=str(out), add_version=False, logging_steps=10, save_steps=10_000,
-                report_to=["none"], plot=False)
+                report_to=["none"], plot=False, seed=SEED, data_seed=SEED)
     return sft_main(TrainArguments(**{**base, **kwargs}))["last_checkpoint"]
 
 
@@ -72,7 +74,7 @@ def evaluate(out: Path, dataset: str, **kwargs) -> dict:
 @pytest.fixture(scope="module")
 def embedding_ckpt(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("embedding")
-    _cli("sft", "--config", str(RECIPE), "--output_dir", str(out))
+    _cli("sft", "--config", str(RECIPE), "--output_dir", str(out), "--seed", str(SEED), "--data_seed", str(SEED))
     return sorted(glob.glob(str(out / "v*" / "checkpoint-*")))[-1]
 
 
