@@ -12,6 +12,7 @@ pair accuracy scores the held-out choices by log-probability.
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 
 import pytest
@@ -31,6 +32,8 @@ JUDGE = '''from lmforge.registry import REWARDS
 def polite(completions, **kwargs):
     return [1.0 if c.strip().startswith("Sure") else 0.0 for c in completions]
 '''
+
+SEED = int(os.environ.get("LMFORGE_TEST_SEED", "42"))  # the flakiness check varies it
 
 
 def _post(url: str, body: dict) -> dict:
@@ -56,7 +59,7 @@ def test_feedback_over_http_raises_preferred_rate(tmp_path, capsys):
     start = sft_main(TrainArguments(model="builtin:tiny", dataset=[str(rows)], train_type="full", learning_rate=2e-3,
                                     max_steps=60, per_device_train_batch_size=16, gradient_accumulation_steps=1,
                                     warmup_ratio=0.0, output_dir=str(tmp_path / "sft"), save_steps=100_000,
-                                    report_to=["none"], plot=False))["last_checkpoint"]
+                                    report_to=["none"], plot=False, seed=SEED, data_seed=SEED))["last_checkpoint"]
 
     feedback = tmp_path / "feedback.jsonl"
     agent = build_agent("preference", EngineGenerator(HfEngine(ckpt_dir=start, device="cpu")),
@@ -82,7 +85,8 @@ def test_feedback_over_http_raises_preferred_rate(tmp_path, capsys):
                  "--train_type", "full", "--learning_rate", "1e-3", "--beta", "0.1", "--num_train_epochs", "8",
                  "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--warmup_ratio", "0",
                  "--rounds_dir", str(tmp_path / "rounds"), "--judge", "polite", "--judge_samples", "8",
-                 "--external_plugins", str(plugin), "--report_to", "none", "--plot", "false"])
+                 "--external_plugins", str(plugin), "--report_to", "none", "--plot", "false",
+                 "--seed", str(SEED), "--data_seed", str(SEED)])
     assert code == 0
     report = json.loads((tmp_path / "rounds" / "round-1" / "report.json").read_text())
     assert report["held_out_records"] >= 5 and report["train_rows"] >= 20
