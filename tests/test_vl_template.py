@@ -98,9 +98,10 @@ def test_rows_without_tags_and_bad_rows(processor, tiny_tokenizer):
         tpl.encode({**tagged, "messages": [{"role": "user", "content": "<image><image>?"}, plain["messages"][1]]})
     with pytest.raises(TemplateError, match="not a vision-language model"):
         get_template(tiny_tokenizer).encode(plain)
-    with pytest.raises(TemplateError, match="preference training"):
-        tpl.set_mode("rlhf")
-        tpl.encode({**tagged, "rejected_response": "blue"})
+    tpl.set_mode("rlhf")  # preference rows: both replies see the prompt's images (tests/test_vl_preference.py)
+    pair = tpl.encode({**tagged, "rejected_response": "blue"})
+    assert pair["chosen_images"] == pair["rejected_images"] == tagged["images"]
+    tpl.set_mode("train")
     cut = get_template(processor.tokenizer, processor=processor, max_length=8, truncation_strategy="left")
     with pytest.raises(MaxLengthError, match="cut an image"):
         cut.encode(tagged)

@@ -61,7 +61,7 @@ def _feature_for(key: str, sample: Any):
         return List(Value("float32"))
     if key.endswith("length"):
         return Value("int32")
-    if key == "images":  # image references (template/vision.py); [] in a first batch must not type it as null
+    if key.endswith("images"):  # image references (template/vision.py); [] in a first batch must not type it as null
         return List(Value("string"))
     if sample is None:
         return Json()

@@ -28,7 +28,8 @@ import logging
 from typing import Any
 
 from lmforge.arguments import RlhfArguments
-from lmforge.pipelines.sft import TrainingSetup, load_training_data, prepare_training, run_training
+from lmforge.pipelines.sft import (TrainingSetup, default_collator, load_training_data, prepare_training,
+                                   run_training)
 
 logger = logging.getLogger("lmforge")
 
@@ -177,6 +178,9 @@ def gkd_main(args: RlhfArguments) -> dict[str, Any]:
         logger.warning("rlhf_type gkd: --packing ignored (completions are sampled and padded per micro-batch)")
     teacher = _load_reference(args, setup, args.teacher_model, "--teacher_model")
     train, val = load_training_data(args, setup.template, pack=False)
+    if "images" in (getattr(train, "column_names", None) or []) and any(train["images"]):
+        raise ValueError("GKD on rows with images is not supported yet (the teacher and the student score text "
+                         "only); train image rows with sft or --rlhf_type dpo")
     logger.info("GKD: lmbda %.2f (on-policy share), beta %.2f, %s off-policy replies", args.lmbda, args.resolved_beta,
                 "teacher-sampled" if args.seq_kd else "dataset")
     return run_training(setup, train, val, trainer_cls=GKDTrainer, data_collator=collate_rows, compute_metrics=None,
@@ -219,7 +223,13 @@ def rlhf_main(args: RlhfArguments) -> dict[str, Any]:
     train, val = load_training_data(args, setup.template, pack=False, transform=kto_unpaired if kto else None)
     if kto:
         _check_kto_weights(train, args)
+    base = None
+    if getattr(setup.template, "vision", None) is not None:  # image rows: the sft collator adds their pixels
+        if rm:
+            raise ValueError("--rlhf_type rm on a vision-language model is not supported yet (the reward head "
+                             "is built for causal language models)")
+        base = default_collator(setup, setup.model)  # padding-free as --packing says, like padding_free here
     collator = PreferenceCollator(setup.tokenizer.pad_token_id, kind="kto" if kto else "pair",
-                                  padding_free=padding_free)
+                                  padding_free=padding_free, base=base)
     return run_training(setup, train, val, trainer_cls=PreferenceTrainer, data_collator=collator,
                         compute_metrics=None, ref_model=_reference_model(args, setup), rlhf_args=args)

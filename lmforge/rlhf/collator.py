@@ -36,14 +36,19 @@ class PreferenceCollator:
     """Batches for the PreferenceTrainer; ``kind`` is ``pair`` (dpo, orpo, simpo, cpo, rm) or ``kto``."""
 
     def __init__(self, pad_token_id: int, *, kind: str = "pair", padding_free: bool = False,
-                 pad_to_multiple_of: int | None = None):
+                 pad_to_multiple_of: int | None = None, base: Any = None):
         if kind not in ("pair", "kto"):
             raise ValueError(f"PreferenceCollator kind must be 'pair' or 'kto', got {kind!r}")
         self.kind = kind
-        self.base = Collator(pad_token_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of)
+        # ``base``: the sft collator of a vision-language model (trainers/vision_collator.py) adds the pixels
+        self.base = base or Collator(pad_token_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of)
 
     def _sequences(self, rows: list[dict[str, Any]], prefix: str = "") -> list[dict[str, Any]]:
-        return [{"input_ids": r[f"{prefix}input_ids"], "labels": r[f"{prefix}labels"]} for r in rows]
+        out = [{"input_ids": r[f"{prefix}input_ids"], "labels": r[f"{prefix}labels"]} for r in rows]
+        for seq, r in zip(out, rows):
+            if r.get(f"{prefix}images"):  # the chosen and the rejected sequence each carry the prompt's images
+                seq["images"] = r[f"{prefix}images"]
+        return out
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -56,6 +61,9 @@ class PreferenceCollator:
         else:
             if "label" not in rows[0] or any(r.get("label") is None for r in rows):
                 raise KeyError("KTO rows need a 'label' (true: desirable, false: undesirable) on every row")
+            if any(r.get("images") for r in rows):
+                raise ValueError("KTO on rows with images is not supported yet (its mismatched pairs join two "
+                                 "rows' tokens); use --rlhf_type dpo with chosen and rejected replies")
             batch = self.base(self._sequences(rows))
             batch["label"] = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
             kl = self.base(self._mismatched(rows))

@@ -69,6 +69,9 @@ def prompt_rows(ds: Any) -> Any:
     """
 
     def strip(batch: dict[str, list]) -> dict[str, list]:
+        if any(batch.get("images") or []) or any(batch.get("videos") or []):
+            raise ValueError("GRPO on rows with images is not supported yet (rollouts and the policy's scoring "
+                             "are text-only); train image rows with sft or --rlhf_type dpo")
         prompts, tools = [], []
         messages_out = []
         for messages, t in zip(batch["messages"], batch.get("tools") or [None] * len(batch["messages"])):

@@ -500,8 +500,8 @@ class Template:
         return self._finish({"input_ids": self._tokenize(text)[0], "images": media[0]})
 
     def _encode_rlhf(self, row: dict) -> dict | None:
-        if row.get("images") or row.get("videos"):
-            raise TemplateError("preference training on rows with images is not supported yet")
+        """Chosen and rejected conversations, each rendered whole; a row's images are in both (its prompt's)."""
+        media = self._media(row)
         messages = row.get("messages")
         rejected = row.get("rejected_messages")
         if rejected is None:
@@ -511,8 +511,8 @@ class Template:
                     or messages[-1].get("role") != "assistant":
                 raise TemplateError("rlhf mode: the messages must end with the chosen assistant reply")
             rejected = [*messages[:-1], {**messages[-1], "content": row["rejected_response"]}]
-        chosen = self._finish(self._encode_train(messages, row.get("tools")))
-        other = self._finish(self._encode_train(rejected, row.get("tools")))
+        chosen = self._finish(self._encode_train(messages, row.get("tools"), media=media))
+        other = self._finish(self._encode_train(rejected, row.get("tools"), media=media))
         if chosen is None or other is None:
             return None
         out = {f"chosen_{k}": v for k, v in chosen.items() if k != "length"}
