@@ -7,25 +7,30 @@ builtin:arith, held-out greedy exact match between 0.3 and 0.6); without it, the
 samples per optimizer step, and is scored by greedy exact match on 200 held-out ``builtin:arith:test``
 questions before and after (the same rows as tests/test_grpo_arith.py):
 
-- ``dapo``: DAPO's token-level loss over the whole step (two micro-batches of 8 prompts, so it differs
-  from bnpo) with clip-higher (epsilon_high 0.28), 60 steps.
+- ``dapo``: DAPO's token-level loss over the whole step (two micro-batches of 8 prompts) with clip-higher
+  (epsilon_high 0.28), 60 steps. With one update per batch of rollouts the ratio is 1, so the clip never
+  acts, and a token-level loss over a step of two micro-batches is the same objective as bnpo over one of
+  16: the two runs train alike (measured: the same held-out scores). The test covers dapo's path (the
+  step's token count gathered before the first backward), not a different optimum.
 - ``gspo``: the sequence-level ratio with GSPO's clip range (3e-4 / 4e-4) and two updates per batch of
   rollouts (``--num_iterations 2``: with one, the ratio is always 1 and GSPO is plain GRPO), 60 steps.
 
-Measured on the shared 2-core machine (2026-11-29, ``python tests/test_grpo_variants_arith.py --ckpt C
---seeds 0 1 2``), from a start at 0.595 held-out exact match (builtin:tiny: the 1,878-step README recipe,
-which reached only 0.285 there, then 350 steps at a constant 1e-3):
+Measured on the shared 2-core machine (2026-11-29, one thread, ``LMFORGE_TEST_SEED`` = the fixture's SFT
+seed and the GRPO seed):
 
-    variant   seed 0   seed 1   seed 2   lift (min..max)   GRPO wall
-    dapo      0.650    0.665    0.650    +5.5 .. +7.0      58-74 s
-    gspo      0.620    0.595    0.640    +0.0 .. +4.5      43-58 s
-    (bnpo, tests/test_grpo_arith.py's recipe, seed 0: 0.620, +2.5; dapo 150 steps: +7.0; gspo 150 steps at
-    lr 2e-4: +1.5; lr 3e-4 or higher lowered exact match)
+    seed   warm start   bnpo (test_grpo_arith)   dapo     gspo
+    42     0.395        0.51, 0.545 (two runs)   +15      +10    (dapo/gspo with GRPO seed 0; seed 42
+                                                                  passes both too, in .ci/run)
+    1      0.40         0.435 (+3.5)             +3.5     -1.5
 
-So from the warm starts reachable there these tests FAIL their >= 10-point bar; they assert the issue's
-bar as it stands, for a warm start like the one tests/test_grpo_arith.py documents (0.548 -> 0.743 in
-100 bnpo steps). Each variant's GRPO part runs in about 1 minute on 2 cores; the whole file about 3
-minutes with the held-out scoring. Run: ``pytest -m slow tests/test_grpo_variants_arith.py -s``.
+and from seed 1's start, bnpo held-out exact match every 30 steps up to 150 (the same settings, a
+checkpoint every 30 steps):
+lr 1e-4, T 1: 0.47 at 120, 0.435 at 150; T 0.7: 0.39, 0.48, 0.46, 0.455, 0.41; lr 2e-4: 0.375, 0.415,
+0.43, 0.45, 0.45. So the >= 10-point bar holds for some seeds and not others: the lift of 60-150 steps
+at this size is about the noise of 200 held-out questions (3.5 points). These tests assert the issue's
+bar as it stands; making it hold for every seed needs a larger GRPO budget and held-out set, measured
+over seeds (not done: see the closing note of issue #15). Each variant's GRPO part runs in about 1 minute
+on 2 cores. Run: ``pytest -m slow tests/test_grpo_variants_arith.py -s``.
 """
 from __future__ import annotations
 
