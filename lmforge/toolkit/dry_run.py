@@ -191,7 +191,7 @@ def meta_model(args: Any, tokenizer: Any, command: str) -> tuple[Any, dict[str, 
 def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sample: dict[str, Any],
                 world: int) -> dict[str, Any]:
     from lmforge.arguments.train import switch
-    from lmforge.trainers.memory import TrainPlan, deepspeed_name, estimate
+    from lmforge.trainers.memory import TrainPlan, deepspeed_name, estimate, holds_reference_copy
 
     rlhf_type = getattr(args, "rlhf_type", None) if command == "rlhf" else None
     longest = max(sample["kept_lengths"] or [args.max_length or 2048])
@@ -212,11 +212,7 @@ def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sam
     share = sample["labelled"] / max(1, sample["tokens"]) if sample["has_labels"] else 1.0
     lean = switch(args.lean_layers)
     fused = switch(args.fused_ce)
-    reference = False
-    if command == "rlhf":
-        needs = args.needs_reference and not args.precompute_ref_log_probs
-        reference = needs and (bool(args.ref_model) or not args.is_adapter)
-        reference = reference or rlhf_type == "gkd"  # the teacher, counted at the student's size
+    reference = holds_reference_copy(args, command)
     plan = TrainPlan(
         train_type=args.train_type, trainable=params["trainable"], dtype_bytes=4 if args.torch_dtype == "float32" else 2,
         tokens=tokens, labelled_tokens=int(tokens * share), padded=not packing, objective=objective,

@@ -150,7 +150,7 @@ def check_model_fits(args: Any, command: str, world: int) -> None:
     """
     import torch
 
-    from lmforge.trainers.memory import TrainPlan, deepspeed_name, meta_model_counts
+    from lmforge.trainers.memory import TrainPlan, deepspeed_name, holds_reference_copy, meta_model_counts
 
     if command == "rlhf" and getattr(args, "rlhf_type", None) == "rm":
         return
@@ -158,12 +158,10 @@ def check_model_fits(args: Any, command: str, world: int) -> None:
         shape, params = meta_model_counts(args)
     except Exception:  # noqa: BLE001 - a model the meta build cannot make is checked by its own load
         return
-    reference = (command == "rlhf" and bool(getattr(args, "needs_reference", False))
-                 and not getattr(args, "precompute_ref_log_probs", False)
-                 and (bool(getattr(args, "ref_model", None)) or not getattr(args, "is_adapter", False)))
     plan = TrainPlan(train_type=args.train_type, trainable=params["trainable"],
                      dtype_bytes=4 if args.torch_dtype == "float32" else 2, optim=args.optim or "adamw_torch_fused",
-                     world=world, fsdp=args.fsdp, deepspeed=deepspeed_name(args.deepspeed), reference_copy=reference)
+                     world=world, fsdp=args.fsdp, deepspeed=deepspeed_name(args.deepspeed),
+                     reference_copy=holds_reference_copy(args, command))
     device = int(os.environ.get("LOCAL_RANK", "0"))
     reason = does_not_fit(shape, plan, torch.cuda.get_device_properties(device).total_memory)
     if reason:

@@ -188,6 +188,17 @@ def estimate(shape: ModelShape, plan: TrainPlan) -> dict[str, Any]:
             "activation_bytes_per_token_per_layer": per_layer, "sharding": shard}
 
 
+def holds_reference_copy(args: Any, command: str) -> bool:
+    """Whether an rlhf run holds a second, frozen model beside the policy: a reference that is not the
+    policy with its adapters off and not precomputed, or GKD's teacher (counted at the student's size)."""
+    if command != "rlhf":
+        return False
+    if args.rlhf_type == "gkd":
+        return True
+    needs = args.needs_reference and not args.precompute_ref_log_probs
+    return bool(needs and (args.ref_model or not args.is_adapter))
+
+
 def meta_model_counts(args: Any, adapt: Any = None) -> tuple[ModelShape, dict[str, Any]]:
     """The model of ``args.model`` built on the meta device (no weight read or allocated: a 70B model costs
     nothing) with ``args``'s tuner applied: its shape and parameter counts. ``adapt(model, args)`` may change
