@@ -28,7 +28,8 @@ full / freeze          20 h + 4 h_kv + 8 I
   lean layers          12 h + 4 h_kv + 6 I
 LoRA (all-linear)      24 h + 4.5 h_kv + 8 I
   lean layers          20 h + 4.5 h_kv + 6 I
-  lora_dropout > 0     +24 h + 4 I (a float32 copy of each adapted input)
+  lora_dropout > 0     CUDA: +6 h + I (the fused dropout's 1-byte mask per adapted input element);
+                       CPU: +24 h + 4 I (the unfused dropout keeps a float32 noise tensor instead)
 padded batch           +3 h + 3.7 h_kv (the mask sends SDPA to repeat_kv)
 ====================  =====================================
 
@@ -59,7 +60,8 @@ ACT_COEF = {
     ("adapter", False): (24.0, 4.5, 8.0),
     ("adapter", True): (20.0, 4.5, 6.0),
 }
-DROPOUT_COEF = (24.0, 0.0, 4.0)
+# the dropout on the LoRA path: CUDA's fused kernel saves a bool mask, the CPU kernel a float32 noise tensor
+DROPOUT_COEF = {"cuda": (6.0, 0.0, 1.0), "cpu": (24.0, 0.0, 4.0)}
 PADDED_COEF = (3.0, 3.7, 0.0)
 OUTSIDE_COEF = {"full": 8.5, "adapter": 0.0}
 EIGHT_BIT_OPTIMS = ("8bit", "bnb")
@@ -120,6 +122,7 @@ class TrainPlan:
     fsdp: str | None = None
     deepspeed: str | None = None
     reference_copy: bool = False  # preference/grpo full fine-tuning keeps a frozen copy of the model
+    device: str = "cuda"  # the kernels whose saved tensors are counted (the dry run estimates GPU memory)
 
 
 def estimate(shape: ModelShape, plan: TrainPlan) -> dict[str, Any]:
@@ -155,7 +158,8 @@ def estimate(shape: ModelShape, plan: TrainPlan) -> dict[str, Any]:
     N = plan.tokens
     ch, ckv, ci = ACT_COEF[(kind, plan.lean_layers)]
     if adapter and plan.lora_dropout > 0:
-        ch, ckv, ci = ch + DROPOUT_COEF[0], ckv + DROPOUT_COEF[1], ci + DROPOUT_COEF[2]
+        dh, dkv, di = DROPOUT_COEF["cpu" if plan.device == "cpu" else "cuda"]
+        ch, ckv, ci = ch + dh, ckv + dkv, ci + di
     if plan.padded:
         ch, ckv, ci = ch + PADDED_COEF[0], ckv + PADDED_COEF[1], ci + PADDED_COEF[2]
     scale = d / 2
