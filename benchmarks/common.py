@@ -122,3 +122,16 @@ def offline_generate(engine, workload: list[tuple[list[int], int]], cfg, seed: i
         for job, r in zip(part, engine._generate(part, cfg)):
             rows[job.index] = r
     return [rows[i] for i in range(len(jobs))]
+
+
+def model_vocab(model: str) -> int:
+    """:func:`regular_vocab` without loading the weights: from the folder's config and tokenizer."""
+    from transformers import AutoConfig
+
+    from lmforge.model import load_tokenizer
+    from lmforge.model.hub import resolve_model_dir
+
+    path = resolve_model_dir(model, need_weights=False)
+    cfg = AutoConfig.from_pretrained(path)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return min(load_tokenizer(path).vocab_size, cfg.vocab_size)
