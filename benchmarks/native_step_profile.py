@@ -88,6 +88,11 @@ class StepRecorder:
         return self
 
     def detach(self) -> None:
+        """Unwrap, once the step in flight (the one that woke the caller) has been recorded."""
+        lock = getattr(self.engine, "_step_lock", None)  # held by the engine loop for a whole step
+        if lock is not None:
+            with lock:
+                pass
         for owner, name, value, had in reversed(self._saved):
             if had:
                 setattr(owner, name, value)
