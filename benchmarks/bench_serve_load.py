@@ -10,11 +10,26 @@ request sent ended with a finish_reason and a usage chunk, and the server's own 
 (/metrics) agrees with the client's count. Prints p50/p90/p99 latency and time to first token,
 requests/s and generated tokens/s; exits 1 on any error or lost request. The whole run is bounded:
 in-flight requests get ``--grace`` seconds after ``--duration``, and the server is stopped in any case.
+
+Fixed work, engine-only figure beside the server's (``--requests N``, with ``--engine_baseline``):
+
+    python benchmarks/bench_serve_load.py --model 0.5b --infer_backend native --clients 256 \
+        --max_tokens 256 --requests 512 --engine_baseline
+
+N seeded requests of token-id prompts (``--prompt_tokens`` long, or ``--workload nano``: prompt and
+output lengths uniform in 100..1024), each asking for exactly its ``max_tokens`` (``ignore_eos``) at
+``--temperature``, sent as streaming /v1/completions by ``--clients`` clients that share the list.
+With ``--engine_baseline`` the same requests are first answered by the engine alone, in a child
+process (built by ``lmforge deploy``'s own ``build_engine`` from the same flags; its GPU memory is
+freed when it exits), all submitted at once with the same sampling. Prints both generated-token
+rates and their ratio, errors, lost requests (sent, never finished), TTFT p50/p95 and latency
+p50/p95; a request whose usage is not exactly its max_tokens counts as an error.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import signal
@@ -26,6 +41,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import QWEN25_05B, QWEN25_7B, make_model_dir, model_vocab, offline_generate, token_workload  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -53,13 +71,31 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
+def deploy_options(args: argparse.Namespace) -> dict:
+    """The engine's ``lmforge deploy`` options: the server gets them as flags, the engine-only run as
+    DeployArguments fields, so both build the same engine."""
+    opts: dict = {"model": args.model_path, "infer_backend": args.infer_backend,
+                  "max_new_tokens": args.max_tokens}
+    if args.max_model_len:
+        opts["max_model_len"] = args.max_model_len
+    if args.torch_dtype:
+        opts["torch_dtype"] = args.torch_dtype
+    if args.infer_backend == "native":
+        opts.update(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    gpu_memory_utilization=args.gpu_memory_utilization)
+        if args.max_concurrency:
+            opts["max_concurrency"] = args.max_concurrency
+    else:
+        opts["max_concurrency"] = opts["max_batch_size"] = args.max_concurrency or 8
+    return opts
+
+
 def start_server(args: argparse.Namespace, port: int, log_path: Path) -> subprocess.Popen:
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "lmforge.cli.main", "deploy", "--model", args.model, "--host", HOST,
-           "--port", str(port), "--max_concurrency", str(args.max_concurrency),
-           "--max_queue", str(max(args.clients, 64)), "--max_new_tokens", str(args.max_tokens),
-           "--max_batch_size", str(args.max_concurrency), "--shutdown_timeout", "5",
-           "--infer_backend", args.infer_backend]
+    cmd = [sys.executable, "-m", "lmforge.cli.main", "deploy", "--host", HOST, "--port", str(port),
+           "--max_queue", str(max(args.clients, 64)), "--shutdown_timeout", "5"]
+    for k, v in deploy_options(args).items():
+        cmd += [f"--{k}", str(v)]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log = open(log_path, "w")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=repo)
@@ -116,13 +152,106 @@ async def client_loop(client, model: str, k: int, stop_at: float, max_tokens: in
         stats.tokens += usage.completion_tokens
 
 
-async def run(args: argparse.Namespace) -> int:
+def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    """The fixed requests: (prompt token ids, max_tokens), the same for the engine-only and served runs."""
+    vocab = model_vocab(args.model_path)
+    if args.workload == "nano":
+        return token_workload(args.requests, (100, 1024), (100, 1024), vocab, seed=args.seed)
+    return token_workload(args.requests, (args.prompt_tokens,) * 2, (args.max_tokens,) * 2, vocab, seed=args.seed)
+
+
+def engine_only(args: argparse.Namespace) -> dict:
+    """The engine alone on the fixed requests, all at once (runs in the child process)."""
+    import torch
+
+    from lmforge.arguments import DeployArguments
+    from lmforge.infer import RequestConfig
+    from lmforge.pipelines.infer import build_engine
+
+    opts = {k: v for k, v in deploy_options(args).items() if k != "max_concurrency"}
+    engine = build_engine(DeployArguments(**opts))
+    try:
+        work = workload(args)
+        cfg = RequestConfig(temperature=args.temperature, ignore_eos=True)
+        seed = args.seed if args.seeded_sampling else None
+        offline_generate(engine, [(ids, 4) for ids, _ in work[:8]], cfg)  # warm-up, as the server gets
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rows = offline_generate(engine, work, cfg, seed=seed)
+        seconds = time.perf_counter() - t0
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    tokens = sum(len(r[0].token_ids) for r in rows)
+    short = sum(1 for r, (_, m) in zip(rows, work) if len(r[0].token_ids) != m)
+    return {"requests": len(work), "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1), "wrong_length": short}
+
+
+def run_engine_child(args: argparse.Namespace, argv: list[str]) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="lmforge-bench-")) / "engine_only.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--engine_only_json", str(out)]
+    print("engine-only run (child process) ...", flush=True)
+    subprocess.run(cmd, check=True, timeout=args.startup_timeout + args.grace + 600)
+    return json.loads(out.read_text())
+
+
+async def fixed_client(client, model: str, work: list, next_i: list[int], args: argparse.Namespace,
+                       stats: Stats) -> None:
+    """Takes the next request of the shared list until none is left; streams it and checks it."""
+    while next_i[0] < len(work):
+        i = next_i[0]
+        next_i[0] += 1
+        ids, m = work[i]
+        stats.sent += 1
+        t0 = time.perf_counter()
+        first = finish = usage = None
+        extra = {"seed": args.seed + i} if args.seeded_sampling else {}
+        try:
+            stream = await client.completions.create(
+                model=model, prompt=ids, max_tokens=m, temperature=args.temperature, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **extra)
+            async for chunk in stream:
+                if chunk.choices:
+                    c = chunk.choices[0]
+                    if first is None and c.text:
+                        first = time.perf_counter() - t0
+                    finish = c.finish_reason or finish
+                if chunk.usage is not None:
+                    usage = chunk.usage
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            stats.errors.append(f"request {i}: {type(e).__name__}: {e}")
+            continue
+        if finish is None or usage is None:
+            stats.errors.append(f"request {i}: stream ended without finish_reason/usage (lost)")
+            continue
+        if usage.completion_tokens != m:
+            stats.errors.append(f"request {i}: {usage.completion_tokens} tokens, asked for exactly {m} (ignore_eos)")
+            continue
+        stats.ok += 1
+        stats.latency.append(time.perf_counter() - t0)
+        if first is not None:
+            stats.ttft.append(first)
+        stats.tokens += usage.completion_tokens
+
+
+def _server_completed(metrics: str, endpoint: str) -> float:
+    return sum(float(v) for v in re.findall(
+        rf'lmforge_requests_total\{{endpoint="{endpoint}",model="[^"]*",status="200"\}} (\S+)', metrics))
+
+
+async def run(args: argparse.Namespace, baseline: dict | None) -> int:
     import httpx
     import openai
 
+    fixed = args.requests > 0
+    work = workload(args) if fixed else []
+    limit = args.duration + args.grace  # fixed work: the whole run's bound; timed: the last request's
     port = _free_port()
     url = f"http://{HOST}:{port}"
     log_path = Path(tempfile.mkdtemp(prefix="lmforge-bench-")) / "server.log"
+    endpoint = "completions" if fixed else "chat"
     proc = start_server(args, port, log_path)
     try:
         t_start = time.monotonic()
@@ -130,26 +259,33 @@ async def run(args: argparse.Namespace) -> int:
         print(f"server ready on {url} in {time.monotonic() - t_start:.1f} s (log: {log_path})", flush=True)
         async with httpx.AsyncClient() as http:
             model = (await http.get(url + "/v1/models")).json()["data"][0]["id"]
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0,
-                                    timeout=args.duration + args.grace,
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=limit,
                                     http_client=openai.DefaultAsyncHttpxClient(
                                         limits=httpx.Limits(max_connections=args.clients + 8)))
         stats = Stats()
+        if fixed:  # warm-up as the engine-only run had: 8 short requests, not counted
+            await asyncio.gather(*(fixed_client(client, model, [(ids, 4)], [0], args, Stats())
+                                   for ids, _ in work[:8]))
+        async with httpx.AsyncClient() as http:
+            before = _server_completed((await http.get(url + "/metrics")).text, endpoint)
         t0 = time.monotonic()
-        stop_at = t0 + args.duration
-        tasks = [asyncio.create_task(client_loop(client, model, k, stop_at, args.max_tokens, stats))
-                 for k in range(args.clients)]
-        done, pending = await asyncio.wait(tasks, timeout=args.duration + args.grace)
+        if fixed:
+            next_i = [0]
+            tasks = [asyncio.create_task(fixed_client(client, model, work, next_i, args, stats))
+                     for _ in range(args.clients)]
+        else:
+            stop_at = t0 + args.duration
+            tasks = [asyncio.create_task(client_loop(client, model, k, stop_at, args.max_tokens, stats))
+                     for k in range(args.clients)]
+        done, pending = await asyncio.wait(tasks, timeout=limit)
         for t in pending:
             t.cancel()
         elapsed = time.monotonic() - t0
-        lost = stats.sent - stats.ok - len(stats.errors)
+        lost = (len(work) if fixed else stats.sent) - stats.ok - len(stats.errors)
         if pending:
-            stats.errors.append(f"{len(pending)} clients still waiting {args.grace} s after the end (hang)")
+            stats.errors.append(f"{len(pending)} clients still waiting after {limit:g} s (hang)")
         async with httpx.AsyncClient() as http:
-            metrics = (await http.get(url + "/metrics")).text
-        server_ok = sum(float(v) for v in re.findall(
-            r'lmforge_requests_total\{endpoint="chat",model="[^"]*",status="200"\} (\S+)', metrics))
+            server_ok = _server_completed((await http.get(url + "/metrics")).text, endpoint) - before
         await client.close()
     finally:
         if proc.poll() is None:
@@ -160,39 +296,104 @@ async def run(args: argparse.Namespace) -> int:
                 proc.kill()
                 proc.wait()
 
-    print(f"\n{args.clients} streaming clients x {args.duration:g} s, max_tokens {args.max_tokens}, "
-          f"--max_concurrency {args.max_concurrency}, model {args.model}, backend {args.infer_backend}")
+    conc = deploy_options(args).get("max_concurrency", f"max_num_seqs {args.max_num_seqs}")
+    if fixed:
+        shape = ("nano lengths (100..1024)" if args.workload == "nano"
+                 else f"{args.prompt_tokens} prompt + {args.max_tokens} new tokens")
+        print(f"\n{args.requests} requests ({shape}, temperature {args.temperature}, ignore_eos) over "
+              f"{args.clients} streaming clients, --max_concurrency {conc}, model {args.model}, "
+              f"backend {args.infer_backend}")
+    else:
+        print(f"\n{args.clients} streaming clients x {args.duration:g} s, max_tokens {args.max_tokens}, "
+              f"--max_concurrency {conc}, model {args.model}, backend {args.infer_backend}")
     print(f"requests: sent {stats.sent}, completed {stats.ok}, errors {len(stats.errors)}, lost {lost}; "
           f"server counted {server_ok:.0f} completed")
     if stats.latency:
-        print(f"latency   p50 {_pct(stats.latency, 50):.3f} s   p90 {_pct(stats.latency, 90):.3f} s   "
+        print(f"latency   p50 {_pct(stats.latency, 50):.3f} s   p95 {_pct(stats.latency, 95):.3f} s   "
               f"p99 {_pct(stats.latency, 99):.3f} s   max {max(stats.latency):.3f} s   "
               f"mean {statistics.fmean(stats.latency):.3f} s")
     if stats.ttft:
-        print(f"ttft      p50 {_pct(stats.ttft, 50):.3f} s   p99 {_pct(stats.ttft, 99):.3f} s")
-    print(f"throughput {stats.ok / elapsed:.2f} req/s, {stats.tokens / elapsed:.1f} generated tok/s "
-          f"over {elapsed:.1f} s")
+        print(f"ttft      p50 {_pct(stats.ttft, 50) * 1000:.1f} ms   p95 {_pct(stats.ttft, 95) * 1000:.1f} ms   "
+              f"p99 {_pct(stats.ttft, 99) * 1000:.1f} ms")
+    server_tps = stats.tokens / elapsed
+    print(f"throughput {stats.ok / elapsed:.2f} req/s, {server_tps:.1f} generated tok/s over {elapsed:.1f} s")
+    result = {"requests": len(work) or stats.sent, "completed": stats.ok, "errors": len(stats.errors), "lost": lost,
+              "server_counted": server_ok, "server_tok_s": round(server_tps, 1), "seconds": round(elapsed, 2),
+              "ttft_p50_ms": round(_pct(stats.ttft, 50) * 1000, 1),
+              "ttft_p95_ms": round(_pct(stats.ttft, 95) * 1000, 1),
+              "latency_p50_s": round(_pct(stats.latency, 50), 3), "latency_p95_s": round(_pct(stats.latency, 95), 3)}
+    bad_baseline = False
+    if baseline is not None:
+        ratio = server_tps / baseline["tokens_per_s"]
+        result.update(engine_only=baseline, ratio=round(ratio, 3))
+        print(f"\n{'':14}{'tok/s':>12}{'tokens':>10}{'seconds':>10}")
+        b = baseline
+        print(f"{'engine only':14}{b['tokens_per_s']:>12.1f}{b['tokens']:>10}{b['seconds']:>10.2f}")
+        print(f"{'server':14}{server_tps:>12.1f}{stats.tokens:>10}{elapsed:>10.2f}")
+        print(f"server / engine-only = {ratio:.3f}")
+        if baseline["wrong_length"]:
+            bad_baseline = True
+            print(f"  error: the engine-only run gave {baseline['wrong_length']} outputs of the wrong length")
     for e in stats.errors[:10]:
         print("  error:", e)
-    failed = bool(stats.errors) or lost != 0 or server_ok != stats.ok or stats.ok == 0
+    failed = bool(stats.errors) or lost != 0 or server_ok != stats.ok or stats.ok == 0 or bad_baseline
     print("RESULT:", "FAIL" if failed else "OK (no error, no lost request)")
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration", type=float, default=60.0, help="seconds during which clients send requests")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="seconds during which clients send requests (with --requests: the run's bound, + --grace)")
     p.add_argument("--clients", type=int, default=64, help="concurrent streaming clients")
     p.add_argument("--max_tokens", type=int, default=16, help="max_tokens of each request")
-    p.add_argument("--max_concurrency", type=int, default=8, help="the server's --max_concurrency")
-    p.add_argument("--model", default="builtin:tiny", help="model for lmforge deploy")
+    p.add_argument("--max_concurrency", type=int, default=None,
+                   help="the server's --max_concurrency (default: 8 for hf, the server's own for native)")
+    p.add_argument("--model", default="builtin:tiny", help="model for lmforge deploy (0.5b, 7b: random weights)")
     p.add_argument("--infer_backend", default="hf", choices=["hf", "native"], help="the server's engine")
     p.add_argument("--grace", type=float, default=120.0, help="seconds in-flight requests get after --duration")
     p.add_argument("--startup_timeout", type=float, default=180.0, help="seconds to wait for the server")
+    p.add_argument("--requests", type=int, default=0,
+                   help="fixed work: this many seeded token-id requests shared by the clients (0: timed chat)")
+    p.add_argument("--workload", default="fixed", choices=["fixed", "nano"],
+                   help="with --requests: fixed (--prompt_tokens, --max_tokens) or nano (both uniform in 100..1024)")
+    p.add_argument("--prompt_tokens", type=int, default=128, help="with --requests: prompt length")
+    p.add_argument("--temperature", type=float, default=0.6, help="with --requests: sampling temperature")
+    p.add_argument("--seeded_sampling", action="store_true", help="with --requests: request i sends seed + i")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fixed requests")
+    p.add_argument("--engine_baseline", action="store_true",
+                   help="with --requests: first answer the same requests with the engine alone (child process)")
+    p.add_argument("--max_model_len", type=int, default=None, help="the engine's (default: prompt + output + 16)")
+    p.add_argument("--torch_dtype", default=None, help="the engine's weights dtype (default: the server's)")
+    p.add_argument("--max_num_seqs", type=int, default=256, help="native: sequences decoded together")
+    p.add_argument("--max_num_batched_tokens", type=int, default=8192, help="native: tokens per step")
+    p.add_argument("--gpu_memory_utilization", type=float, default=0.85, help="native: share of GPU memory")
+    p.add_argument("--cache", default="/tmp/lmforge-bench", help="where --model 0.5b/7b is written")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--engine_only_json", default=None, help=argparse.SUPPRESS)  # the child's output
     args = p.parse_args(argv)
-    if args.duration <= 0 or args.clients < 1:
-        p.error("--duration must be > 0 and --clients >= 1")
-    return asyncio.run(run(args))
+    if args.duration <= 0 or args.clients < 1 or args.requests < 0:
+        p.error("--duration must be > 0, --clients >= 1 and --requests >= 0")
+    if args.engine_baseline and not args.requests:
+        p.error("--engine_baseline needs --requests N (the same fixed requests for both runs)")
+    if args.model in ("0.5b", "7b"):
+        spec, name = (QWEN25_05B, "qwen2.5-0.5b-arch") if args.model == "0.5b" else (QWEN25_7B, "qwen2.5-7b-arch")
+        args.model_path = str(make_model_dir(spec, Path(args.cache) / name))
+    else:
+        args.model_path = args.model
+    if args.requests and args.max_model_len is None:
+        args.max_model_len = (2048 if args.workload == "nano" else args.prompt_tokens + args.max_tokens) + 16
+    if args.engine_only_json:
+        Path(args.engine_only_json).write_text(json.dumps(engine_only(args)))
+        return 0
+    baseline = run_engine_child(args, argv) if args.engine_baseline else None
+    if baseline is not None:
+        print(f"engine only: {baseline}", flush=True)
+    return asyncio.run(run(args, baseline))
 
 
 if __name__ == "__main__":

@@ -74,3 +74,64 @@ class Timer:
 
     def __exit__(self, *a):
         self.seconds = time.perf_counter() - self.t
+
+
+def token_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int,
+                   seed: int = 0) -> list[tuple[list[int], int]]:
+    """``n`` (prompt token ids, output length) pairs, lengths uniform in the given inclusive ranges.
+
+    Ids are drawn from ``[0, vocab)`` (pass the tokenizer's regular vocabulary, so no special token
+    lands in a prompt); the same seed gives the same workload on any machine, which is what lets the
+    engine-only and the served run of bench_serve_load (and two commits) answer the same requests.
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = rng.randint(*prompt_range)
+        o = rng.randint(*output_range)
+        out.append(([rng.randrange(vocab) for _ in range(p)], o))
+    return out
+
+
+def regular_vocab(engine) -> int:
+    """Ids a random prompt may use: the tokenizer's regular vocabulary, within the model's embedding."""
+    return min(engine.tokenizer.vocab_size, engine.model.get_input_embeddings().num_embeddings)
+
+
+def offline_generate(engine, workload: list[tuple[list[int], int]], cfg, seed: int | None = None) -> list:
+    """Answer every (prompt ids, output length) of ``workload`` at once, each with its own length.
+
+    ``engine.infer`` takes one RequestConfig for all requests; the per-request max_tokens lives in the
+    engine's jobs, so they are built here with the engine's own validation (``_prepare``) and handed
+    to ``_generate`` together: for the native engine all sequences are submitted before the first
+    step, as the server's clients would submit them. ``seed``: request ``i`` samples with its own
+    generator seeded ``seed + i``. Returns the engine's rows (token ids per choice).
+    """
+    from lmforge.serve.schemas import PromptRequest
+
+    jobs = [engine._prepare(i, PromptRequest(prompt=ids, seed=None if seed is None else seed + i),
+                            cfg.model_copy(update={"max_tokens": m}))
+            for i, (ids, m) in enumerate(workload)]
+    if type(engine).__name__ == "NativeEngine":
+        return engine._generate(jobs, cfg)
+    # The hf engine pads a batch to its longest request: batch similar lengths, as its infer does.
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i].max_tokens, len(jobs[i].input_ids)))
+    rows: dict[int, list] = {}
+    for s in range(0, len(order), engine.max_batch_size):
+        part = [jobs[i] for i in order[s:s + engine.max_batch_size]]
+        for job, r in zip(part, engine._generate(part, cfg)):
+            rows[job.index] = r
+    return [rows[i] for i in range(len(jobs))]
+
+
+def model_vocab(model: str) -> int:
+    """:func:`regular_vocab` without loading the weights: from the folder's config and tokenizer."""
+    from transformers import AutoConfig
+
+    from lmforge.model import load_tokenizer
+    from lmforge.model.hub import resolve_model_dir
+
+    path = resolve_model_dir(model, need_weights=False)
+    cfg = AutoConfig.from_pretrained(path)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return min(load_tokenizer(path).vocab_size, cfg.vocab_size)

@@ -81,6 +81,16 @@ def test_sampling_options(client):
     assert r.choices[0].message.content
 
 
+def test_ignore_eos_reaches_the_engine(server):
+    """vLLM's ``ignore_eos`` extension (benchmarks/bench_serve_load.py sends it) is passed on, off by default."""
+    from lmforge.serve.schemas import CompletionRequest
+
+    state = server.app.state.lmforge
+    for body, want in (({}, False), ({"ignore_eos": True}, True)):
+        req = CompletionRequest.model_validate({"model": "echo-model", "prompt": [1, 2], **body})
+        assert state.request_config(req, 2, 5, param_prompt="prompt").ignore_eos is want
+
+
 def test_stream_n_choices(client):
     chunks = list(client.chat.completions.create(model="echo-model", messages=MSG, stream=True, n=2))
     texts = {0: "", 1: ""}

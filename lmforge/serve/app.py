@@ -248,7 +248,7 @@ class ServeState:
             else c.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             stop=req.stop if req.stop is not None else list(c.stop), seed=req.seed, n=req.n, logprobs=logprobs,
-            top_logprobs=top_logprobs, stream=req.stream)
+            top_logprobs=top_logprobs, stream=req.stream, ignore_eos=req.ignore_eos)
 
     async def until_disconnect(self, http: Request, info: RequestInfo, awaitable: Any, why: str) -> Any:
         """``awaitable``'s result, or a 499 as soon as the client has gone."""

@@ -178,6 +178,7 @@ class SamplingFields(_Strict):
     top_k: Optional[int] = Field(None, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
+    ignore_eos: bool = False  # vLLM's extension: generate past end-of-turn tokens, to exactly max_tokens (benchmarks)
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
 
