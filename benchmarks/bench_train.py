@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QWEN25_05B, QWEN25_7B, device_name, mixed_length_jsonl  # noqa: E402
+from common import QWEN25_05B, QWEN25_7B, device_name, mixed_length_jsonl, step_timer  # noqa: E402
 
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=4096, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -81,35 +81,6 @@ class CountingCollator:
         lens = [n for r in rows for n in _row_lengths(r)]
         self.batches.append((sum(lens), sum(n * n for n in lens), [len(r["input_ids"]) for r in rows]))
         return self.inner(rows)
-
-
-def _timer_callback(warmup: int):
-    import torch
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.t0 = self.t1 = None
-            self.start = time.perf_counter()
-
-        def on_train_begin(self, args, state, control, **kw):
-            if warmup == 0:
-                self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            step = state.global_step
-            if step == warmup or step == state.max_steps:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                if step == warmup:
-                    self.t0 = now
-                if step == state.max_steps:
-                    self.t1 = now
-            if step % 5 == 0 or step == state.max_steps:
-                print(f"    step {step}/{state.max_steps}  {time.perf_counter() - self.start:.1f}s", flush=True)
-
-    return StepTimer()
 
 
 def _recording(trainer_cls: type) -> type:
@@ -206,7 +177,7 @@ def run_plain(cfg: dict) -> dict:
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     rows = _load_rows(cfg["rows"])
     counter = CountingCollator(Collator(tok.pad_token_id))
-    timer = _timer_callback(cfg["warmup"])
+    timer = step_timer(cfg["warmup"])
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     targs = TrainingArguments(
@@ -249,7 +220,7 @@ def run_lmforge(cfg: dict) -> dict:
 
         train = pack_dataset(Dataset.from_list([dict(r, length=len(r["input_ids"])) for r in rows]), cfg["max_length"])
         per_step = max(1, cfg["pack_tokens"] // cfg["max_length"])
-    timer = _timer_callback(cfg["warmup"])
+    timer = step_timer(cfg["warmup"])
     CALLBACKS.register("bench_timer", timer, overwrite=True)
     force = "auto" if on_gpu else "true"   # CPU smoke runs exercise the same code paths
     ck = cfg["ckpt"]

@@ -1,5 +1,5 @@
-"""Shared pieces for the benchmarks: a Qwen2.5-0.5B-architecture model with random weights, saved
-once as a normal checkpoint folder (with lmforge's built-in tokenizer), so no download is needed."""
+"""Shared pieces for the benchmarks: Qwen2.5- and Qwen2-VL-architecture models with random weights, saved
+once as normal checkpoint folders (with lmforge's built-in tokenizer), so no download is needed."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,14 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True)
 QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, tie_word_embeddings=False)
+
+# Qwen2-VL-2B-Instruct's architecture (text_config / vision_config of Qwen2VLConfig in transformers 5)
+QWEN2_VL_2B = dict(
+    text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+              num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+    vocab_size=151936, rope_theta=1e6, mrope_section=[16, 24, 24], min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
 
 
 def make_model_dir(spec: dict, out: str | Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
@@ -34,6 +42,29 @@ def make_model_dir(spec: dict, out: str | Path, dtype: str = "bfloat16", seed: i
         model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+def make_vl_model_dir(spec: dict, out: str | Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """Write a random-weight Qwen2-VL checkpoint of the given shape (once) with the tokenizer and image processor
+    that ``builtin:tiny-vl`` ships (the built-in tokenizer plus the vision tokens), and return its folder."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from lmforge.model.builtin import qwen2_vl_config, qwen2_vl_image_processor, vl_tokenizer
+
+    out = Path(out)
+    if (out / "config.json").is_file() and (out / "preprocessor_config.json").is_file():
+        return out
+    tok = vl_tokenizer()
+    cfg = qwen2_vl_config(tok, spec["text"], spec["vision"], rope_theta=spec["rope_theta"],
+                          vocab_size=spec.get("vocab_size"), mrope_section=spec.get("mrope_section"), torch_dtype=dtype)
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2VLForConditionalGeneration(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    qwen2_vl_image_processor(spec["min_pixels"], spec["max_pixels"]).save_pretrained(out)  # written last
     return out
 
 
@@ -65,6 +96,36 @@ def device_name() -> str:
     except ImportError:
         pass
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def step_timer(warmup: int):
+    """A Trainer callback that times the steps after ``warmup`` (CUDA synchronised) and prints progress."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.t0 = self.t1 = None
+            self.start = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):
+            if warmup == 0:
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step = state.global_step
+            if step == warmup or step == state.max_steps:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                if step == warmup:
+                    self.t0 = now
+                if step == state.max_steps:
+                    self.t1 = now
+            if step % 5 == 0 or step == state.max_steps:
+                print(f"    step {step}/{state.max_steps}  {time.perf_counter() - self.start:.1f}s", flush=True)
+
+    return StepTimer()
 
 
 class Timer:

@@ -117,34 +117,67 @@ def _seeded(model_cls, config, seed: int, tok):
 
 def _build_tiny_vl(spec: dict):
     """The random-init Qwen2-VL model, its tokenizer and its image processor."""
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from lmforge.model.builtin.build_tokenizer import CHATML_TEMPLATE
+    from transformers import Qwen2VLForConditionalGeneration
 
     spec = dict(spec)
     seed, vision, rope_theta = spec.pop("seed"), spec.pop("vision"), spec.pop("rope_theta")
     min_pixels, max_pixels = spec.pop("min_pixels"), spec.pop("max_pixels")
+    tok = vl_tokenizer()
+    config = qwen2_vl_config(tok, spec, vision, rope_theta=rope_theta)
+    return (_seeded(Qwen2VLForConditionalGeneration, config, seed, tok), tok,
+            qwen2_vl_image_processor(min_pixels, max_pixels))
+
+
+def qwen2_vl_image_processor(min_pixels: int, max_pixels: int):
+    """Qwen2-VL's image processor on its PIL/numpy path (torchvision is not needed): ``Qwen2VLImageProcessorPil``
+    where transformers has split the PIL classes out, else ``Qwen2VLImageProcessor``."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as cls
+    return cls(min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def vl_tokenizer():
+    """The built-in tokenizer plus Qwen2-VL's vision tokens, with a ChatML template that renders image parts."""
+    from transformers import AutoTokenizer
+
+    from lmforge.model.builtin.build_tokenizer import CHATML_TEMPLATE
+
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tok.chat_template = _RENDER_PARTS + CHATML_TEMPLATE.replace("message['content']", "render(message['content'])") \
         .replace("messages[0]['content']", "render(messages[0]['content'])") \
         .replace("'\\n' + message.content", "'\\n' + render(message.content)")
+    return tok
+
+
+def qwen2_vl_config(tok, text: dict, vision: dict, *, rope_theta: float, vocab_size: int | None = None,
+                    mrope_section: list[int] | None = None, torch_dtype: str = "float32"):
+    """A ``Qwen2VLConfig`` of the given language-model (``text``) and vision-tower (``vision``) shapes whose
+    special-token ids are ``tok``'s (:func:`vl_tokenizer`); ``vocab_size`` defaults to ``len(tok)``, the rotary
+    split over time/height/width (``mrope_section``) to thirds of the head's rotary pairs."""
+    from transformers import Qwen2VLConfig
+
+    vocab_size = vocab_size or len(tok)
+    if vocab_size < len(tok):
+        raise ValueError(f"vocab_size {vocab_size} does not cover the tokenizer's {len(tok)} ids")
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    head_dim = spec["hidden_size"] // spec["num_attention_heads"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
     third = head_dim // 2 // 3  # rotary pairs split over time, height and width
-    text = dict(spec, vocab_size=len(tok), bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tok.pad_token_id, rope_parameters={
-        "rope_type": "default", "rope_theta": rope_theta,
-        "mrope_section": [head_dim // 2 - 2 * third, third, third]})
-    config = Qwen2VLConfig(
-        text_config=text, vision_config=dict(vision, hidden_size=spec["hidden_size"]),
+    mrope_section = mrope_section or [head_dim // 2 - 2 * third, third, third]
+    if sum(mrope_section) != head_dim // 2:
+        raise ValueError(f"mrope_section {mrope_section} must add up to head_dim / 2 = {head_dim // 2}")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    text = dict(text, vocab_size=vocab_size, bos_token_id=None, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                                 "mrope_section": list(mrope_section)})
+    return Qwen2VLConfig(
+        text_config=text, vision_config=dict(dict(hidden_size=text["hidden_size"]), **vision),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=spec["tie_word_embeddings"], torch_dtype="float32")
-    return (_seeded(Qwen2VLForConditionalGeneration, config, seed, tok), tok,
-            Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels))
+        bos_token_id=None, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=text["tie_word_embeddings"], torch_dtype=torch_dtype)
 
 
 def _save_atomically(key: str, out: Path, *parts) -> None:
