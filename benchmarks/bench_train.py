@@ -31,15 +31,17 @@ summary (top 15 kernels, GPU busy vs step wall = host-overhead share, host syncs
 time; see step_profile.py), then both side by side. ``--loss_curve N``: both lmforge and padded over
 the same rows per step, loss curves compared.
 
-On the H200 (no network; carry .whl/ so liger-kernel installs), each under ~4 minutes:
+On the H200 (no network; carry .whl/ so liger-kernel installs), each under ~4 minutes of GPU time:
 
-    . benchmarks/gpu_env.sh
-    # (a) 0.5B full, rows 64..4096 tokens, 16k tokens per step
+    . benchmarks/gpu_env.sh      # prints "liger_kernel 0.8.5"; without it the padfree row says "no Liger"
+    # (a) 0.5B full, rows 64..4096 tokens, 16,384 tokens per step: padded, padfree, lmforge, padfree @ lmforge peak
     python3 benchmarks/bench_train.py --model 0.5b --train_type full --workdir /tmp/bt05 --out $OUT/bench_05b.json
-    # (b) 7B LoRA, 4096-token bins, 8192 tokens per step (rows 64..4096)
-    python3 benchmarks/bench_train.py --model 7b --workdir /tmp/bt7 --out $OUT/bench_7b.json
-    # (c) step profiles of padfree and lmforge (0.5B full)
+    # (b) 7B LoRA r16, rows 64..4096 (4,096-token bins), 8,192 tokens per step, lmforge also under 40 GiB
+    python3 benchmarks/bench_train.py --model 7b --match_runs 1 --workdir /tmp/bt7 --out $OUT/bench_7b.json
+    # (c) one profiled step each of padfree and lmforge (0.5B full): traces, summaries, side-by-side table
     python3 benchmarks/bench_train.py --model 0.5b --train_type full --profile $OUT/profile --workdir /tmp/btp
+
+Shorter if time runs low: ``--no_padded``, ``--match_runs 0``, ``--steps 10``.
 
 On a CPU: ``python benchmarks/bench_train.py --tiny`` (a 1M-parameter model; every row, no Liger) and
 ``--tiny --profile /tmp/p``.
@@ -78,7 +80,7 @@ from train_recipes import (
 PRESETS = {  # model -> defaults that the flags override
     "0.5b": dict(max_length=4096, batch=4, train_type=["full", "lora"], mem_bar=1.0, mem_bar_gib=None, steps=20,
                  warmup=5, pack_tokens=16384),
-    "7b": dict(max_length=4096, batch=2, train_type=["lora"], mem_bar=1.0, mem_bar_gib=None, steps=10, warmup=3,
+    "7b": dict(max_length=4096, batch=2, train_type=["lora"], mem_bar=1.0, mem_bar_gib=40.0, steps=10, warmup=3,
                pack_tokens=8192),
     "tiny": dict(max_length=256, batch=4, train_type=["full", "lora"], mem_bar=1.0, mem_bar_gib=None, steps=3,
                  warmup=1, pack_tokens=1024),
@@ -247,8 +249,10 @@ def _base_cfg(args: argparse.Namespace, rows: Path) -> dict:
 
 
 def _n_rows(args: argparse.Namespace, steps: int) -> int:
-    # enough for padfree at twice the largest budget (the matched-memory search may go up) at ~300 tokens a row
-    return max(args.rows or 0, steps * max(args.batch, 1), int(steps * max(args.pack_tokens) * 2 / 300) + 16)
+    """Enough rows for padfree at twice the largest budget (the matched-memory search may go up)."""
+    lo, hi = max(8, args.min_length), args.max_length
+    mean = (hi - lo) / math.log(hi / lo) if hi > lo else hi   # log-uniform lengths
+    return max(args.rows or 0, steps * max(args.batch, 1), int(1.2 * steps * 2 * max(args.pack_tokens) / mean) + 16)
 
 
 def speed(args: argparse.Namespace, work: Path) -> dict:

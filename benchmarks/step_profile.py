@@ -61,7 +61,12 @@ def stop_profiler(prof: Any, out_dir: str, name: str) -> dict:
     with raw.open("rb") as src, gzip.open(str(raw) + ".gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     os.remove(raw)
-    summary = summarize(events, wall_us, cuda=torch.cuda.is_available())
+    try:
+        summary = summarize(events, wall_us, cuda=torch.cuda.is_available())
+    except Exception as e:  # noqa: BLE001 - a trace format surprise must not lose the run; the trace is kept
+        summary = dict(cuda=torch.cuda.is_available(), step_wall_ms=wall_us / 1e3, gpu_busy_ms=0.0,
+                       gpu_kernel_sum_ms=0.0, gpu_idle_share=None, kernel_launches=0, top_label="(failed)", top=[],
+                       syncs={}, ranges={}, error=f"summary failed: {type(e).__name__}: {e}")
     summary["name"] = name
     (out / f"{name}.summary.json").write_text(json.dumps(summary, indent=1))
     text = format_summary(summary)
@@ -138,7 +143,7 @@ def summarize(events: list[dict], wall_us: float, cuda: bool) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"### step profile: {s.get('name', '')}",
+    lines = [f"### step profile: {s.get('name', '')}" + (f" ({s['error']})" if s.get("error") else ""),
              f"step wall {s['step_wall_ms']:.1f} ms; GPU busy {s['gpu_busy_ms']:.1f} ms"
              + (f" (idle {100 * s['gpu_idle_share']:.1f}% = host overhead)" if s["gpu_idle_share"] is not None
                 else " (no CUDA activity: CPU run)")

@@ -66,6 +66,8 @@ def timer_callback(warmup: int, profile: dict | None = None):
     import torch
     from transformers import TrainerCallback
 
+    start_at = warmup + (1 if profile else 0)   # the profiled step is not timed
+
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.t0 = self.t1 = None
@@ -74,7 +76,7 @@ def timer_callback(warmup: int, profile: dict | None = None):
             self.static_gib = None
 
         def on_train_begin(self, args, state, control, **kw):
-            if warmup == 0:
+            if start_at == 0:
                 self.t0 = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kw):
@@ -90,11 +92,11 @@ def timer_callback(warmup: int, profile: dict | None = None):
 
                 stop_profiler(self.prof, profile["dir"], profile["name"])
                 self.prof = None
-            if step == warmup or step == state.max_steps:
+            if step == start_at or step == state.max_steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 now = time.perf_counter()
-                if step == warmup:
+                if step == start_at:
                     self.t0 = now
                 if step == state.max_steps:
                     self.t1 = now
