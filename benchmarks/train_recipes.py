@@ -113,7 +113,6 @@ def recording(trainer_cls: type, profiling: bool = False) -> type:
     import torch
 
     class Recording(trainer_cls):
-        bench_losses: list = []
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with torch.profiler.record_function("bench::forward+loss") if profiling else _null():
