@@ -1,38 +1,54 @@
-"""Training speed and memory: the plain transformers recipe against lmforge's, same GPU, model and data.
+"""Training speed and memory: lmforge against the strongest transformers recipe, same GPU, model and data.
 
-    python benchmarks/bench_train.py                              # H100: Qwen2.5-0.5B shape, full and LoRA
-    python benchmarks/bench_train.py --model 7b                   # Qwen2.5-7B shape, LoRA, 4096-token rows, 40 GiB bar
-    python benchmarks/bench_train.py --loss_curve 200             # both paths, same rows per step: loss curves
-    python benchmarks/bench_train.py --tiny                       # CPU smoke run (a 1M-parameter model)
+Rows (each configuration runs in its own process: clean peak-memory counters, no patch leaking):
+- padfree: the strong baseline (``train_recipes.run_padfree``): ``transformers.Trainer`` + Liger's Qwen2
+  kernels (fused linear CE, RMSNorm, RoPE, SwiGLU; "no Liger" when liger_kernel does not import or on
+  CPU) + ``DataCollatorWithFlattening`` (position_ids restart per sequence; ``attn_implementation="sdpa"``,
+  which transformers 5 turns into a block-diagonal causal mask: the only exact varlen path it has
+  without the flash-attn package; ``flex_attention`` recompiles for each new length, see
+  train_recipes), the rows in file order grouped into steps of at most ``--pack_tokens`` real tokens,
+  fused AdamW, bf16, no checkpointing (``--padfree_ckpt`` turns it on). Plain Trainer, not a hand loop:
+  lmforge's trainer is a Trainer subclass, so both carry the same loop overhead.
+- lmforge: ``lmforge.pipelines.sft.run_training`` with its CUDA defaults: packing (bins of
+  ``--max_length``, ``--pack_tokens`` tokens per step), varlen attention, fused linear CE, lean
+  RMSNorm/SwiGLU (or Liger's), and the cheapest checkpointing (``--ckpt``: off, every 4th, 2nd, every
+  layer) whose peak stays under the bar: ``--mem_bar`` x padfree's peak (default 1.0), and ``--mem_bar_gib``.
+- padfree @ lmforge peak (``--match_runs`` > 0, GPU only): the same baseline with the largest token
+  budget per step whose peak stays within lmforge's peak (a few runs, searched on the measured
+  peaks); both peaks are printed.
+- padded (weak baseline): the Trainer as usually set up: padded batches of ``--batch`` rows, SDPA,
+  the model's own loss over full float32 logits, gradient checkpointing (``--no_padded`` skips it).
 
-plain: ``transformers.Trainer`` as usually set up: padded batches of ``--batch`` mixed-length rows,
-SDPA, gradient checkpointing, fused AdamW, bf16, the model's own loss (logits upcast to float32).
-lmforge: ``lmforge.pipelines.sft.run_training`` with its defaults on CUDA: packing (bins of
-``--max_length``, ``--pack_tokens`` tokens per step), variable-length attention, fused linear +
-cross-entropy, lean RMSNorm/SwiGLU (or Liger's kernels when installed), and the cheapest
-activation checkpointing whose peak memory stays under the bar (``--mem_bar`` x plain's peak, or
-``--mem_bar_gib``): no checkpointing first, then every 4th, 2nd, every layer. Same random
-weights (seeded), same rows, same optimizer and learning rate. Each configuration runs in its own
-process (clean peak-memory counters, no monkey-patch leaking into the plain run).
+Every row counts the same real (non-padding) tokens and the same model FLOPs per step
+= k * N * tokens + 6 * L * d_attn * sum(s^2) over the step's sequences (N: matmul parameters, all but
+the input embedding; k = 6 full, 4 + 6 * N_trainable / N LoRA; s each sequence's real length;
+recomputation not counted). MFU = FLOPs / time / 989 TFLOP/s (H100/H200 SXM dense bf16). Peak memory:
+``torch.cuda.max_memory_allocated``. Printed: lmforge/padfree tokens/s ratio (and vs the others).
 
-Reported per configuration, over the ``--steps`` steps after ``--warmup``:
-- tokens/s: real (non-padding) tokens / wall time;
-- MFU: model FLOPs / time / 989 TFLOP/s (H100 SXM dense bf16). Model FLOPs per step
-  = k * N * tokens + 6 * L * d_attn * sum(s^2) over the step's sequences, with N the parameters
-  used in matmuls (all but the input embedding; lm_head counted), k = 6 for full fine-tuning
-  and k = 4 + 6 * N_trainable / N for LoRA (frozen weights get no weight gradient), L layers,
-  d_attn = heads * head_dim, s each sequence's real length (causal attention, forward + backward);
-  recomputation by checkpointing is not counted;
-- peak GPU memory: ``torch.cuda.max_memory_allocated`` over the run (weights, optimizer, activations).
+``--profile DIR``: one training step after ``--warmup`` of padfree and of lmforge under
+torch.profiler (CPU+CUDA activities; CPU only on a CPU run): ``DIR/<row>.trace.json.gz`` and a
+summary (top 15 kernels, GPU busy vs step wall = host-overhead share, host syncs, loss and optimizer
+time; see step_profile.py), then both side by side. ``--loss_curve N``: both lmforge and padded over
+the same rows per step, loss curves compared.
 
-``--loss_curve N`` runs N steps of both paths over the same rows per step (lmforge flattens each
-step's rows padding-free instead of packing bins) and prints and saves both loss curves (float32
-scalars) with their differences.
+On the H200 (no network; carry .whl/ so liger-kernel installs), each under ~4 minutes of GPU time:
+
+    . benchmarks/gpu_env.sh      # prints "liger_kernel 0.8.5"; without it the padfree row says "no Liger"
+    # (a) 0.5B full, rows 64..4096 tokens, 16,384 tokens per step: padded, padfree, lmforge, padfree @ lmforge peak
+    python3 benchmarks/bench_train.py --model 0.5b --train_type full --workdir /tmp/bt05 --out $OUT/bench_05b.json
+    # (b) 7B LoRA r16, rows 64..4096 (4,096-token bins), 8,192 tokens per step, lmforge also under 40 GiB
+    python3 benchmarks/bench_train.py --model 7b --match_runs 1 --workdir /tmp/bt7 --out $OUT/bench_7b.json
+    # (c) one profiled step each of padfree and lmforge (0.5B full): traces, summaries, side-by-side table
+    python3 benchmarks/bench_train.py --model 0.5b --train_type full --profile $OUT/profile --workdir /tmp/btp
+
+Shorter if time runs low: ``--no_padded``, ``--match_runs 0``, ``--steps 10``.
+
+On a CPU: ``python benchmarks/bench_train.py --tiny`` (a 1M-parameter model; every row, no Liger) and
+``--tiny --profile /tmp/p``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -44,156 +60,32 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QWEN25_05B, QWEN25_7B, device_name, mixed_length_jsonl, step_timer  # noqa: E402
+from common import device_name, mixed_length_jsonl
+from train_recipes import (
+    SPECS,
+    CountingCollator,
+    build_model,
+    finish,
+    liger_usable,
+    load_rows,
+    marked_loss,
+    next_budget,
+    recording,
+    run_padded,
+    run_padfree,
+    timer_callback,
+    train_args_common,
+)
 
-TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=4096, max_position_embeddings=4096, tie_word_embeddings=True)
-SPECS = {"0.5b": QWEN25_05B, "7b": QWEN25_7B, "tiny": TINY}
 PRESETS = {  # model -> defaults that the flags override
-    "0.5b": dict(max_length=2048, batch=8, train_type=["full", "lora"], mem_bar=0.6, mem_bar_gib=None, steps=20,
-                 warmup=5),
-    "7b": dict(max_length=4096, batch=2, train_type=["lora"], mem_bar=None, mem_bar_gib=40.0, steps=10, warmup=3),
-    "tiny": dict(max_length=256, batch=4, train_type=["full", "lora"], mem_bar=None, mem_bar_gib=None, steps=3,
-                 warmup=1),
+    "0.5b": dict(max_length=4096, batch=4, train_type=["full", "lora"], mem_bar=1.0, mem_bar_gib=None, steps=20,
+                 warmup=5, pack_tokens=16384),
+    "7b": dict(max_length=4096, batch=2, train_type=["lora"], mem_bar=1.0, mem_bar_gib=40.0, steps=10, warmup=3,
+               pack_tokens=8192),
+    "tiny": dict(max_length=256, batch=4, train_type=["full", "lora"], mem_bar=1.0, mem_bar_gib=None, steps=3,
+                 warmup=1, pack_tokens=1024),
 }
-H100_BF16_PEAK = 989e12
 WORDS_PER_TOKEN = 1 / 2.2   # the built-in tokenizer makes about 2.2 tokens of the synthetic words
-
-
-# ================================================================ shared by both paths (run in the child)
-
-def _row_lengths(row: dict) -> list[int]:
-    pos = row.get("position_ids")
-    if pos is None:
-        return [len(row["input_ids"])]
-    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-    return [e - s for s, e in zip(starts, starts[1:])]
-
-
-class CountingCollator:
-    """Wraps a collator; records each batch's real tokens, sum of squared sequence lengths and row lengths."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-        self.batches: list[tuple[int, int, list[int]]] = []
-
-    def __call__(self, rows: list[dict]) -> dict:
-        lens = [n for r in rows for n in _row_lengths(r)]
-        self.batches.append((sum(lens), sum(n * n for n in lens), [len(r["input_ids"]) for r in rows]))
-        return self.inner(rows)
-
-
-def _recording(trainer_cls: type) -> type:
-    class Recording(trainer_cls):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
-            if model.training:
-                self.bench_losses.append((out[0] if return_outputs else out).detach().float())
-            return out
-
-    Recording.bench_losses = []
-    return Recording
-
-
-def _build_model(cfg: dict):
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from lmforge.model import load_tokenizer
-    from lmforge.model.builtin import TOKENIZER_DIR
-
-    tok = load_tokenizer(TOKENIZER_DIR)
-    on_gpu = torch.cuda.is_available()
-    conf = Qwen2Config(**SPECS[cfg["model"]], rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
-                       use_cache=False)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    with torch.device("cuda" if on_gpu else "cpu"):
-        model = AutoModelForCausalLM.from_config(conf, dtype=dtype, attn_implementation="sdpa")
-    return model, tok, on_gpu
-
-
-def _model_flops(model: Any, tokens: int, sum_sq: int, full: bool) -> float:
-    cfg = model.config
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    emb = base.get_input_embeddings().weight
-    total = sum(p.numel() for p in base.parameters())
-    n = total - (0 if cfg.tie_word_embeddings else emb.numel())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    k = 6.0 if full else 4.0 + 6.0 * trainable / n
-    d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", None) if getattr(cfg, "head_dim", None) else \
-        cfg.hidden_size
-    return k * n * tokens + 6.0 * cfg.num_hidden_layers * d_attn * sum_sq
-
-
-def _load_rows(path: str) -> list[dict]:
-    return json.loads(Path(path).read_text())
-
-
-def _train_args_common(cfg: dict, on_gpu: bool) -> dict:
-    return dict(max_steps=cfg["warmup"] + cfg["steps"], learning_rate=cfg["lr"], lr_scheduler_type="constant",
-                weight_decay=0.0, max_grad_norm=1.0, seed=42, data_seed=42)
-
-
-def _finish(cfg: dict, model: Any, counter: CountingCollator, timer: Any, trainer: Any, extra: dict) -> dict:
-    import torch
-
-    w, end = cfg["warmup"], cfg["warmup"] + cfg["steps"]
-    window = counter.batches[w:end]
-    tokens = sum(b[0] for b in window)
-    sum_sq = sum(b[1] for b in window)
-    seconds = (timer.t1 - timer.t0) if timer.t0 is not None and timer.t1 is not None else float("nan")
-    on_gpu = torch.cuda.is_available()
-    flops = _model_flops(model, tokens, sum_sq, cfg["train_type"] == "full")
-    out = dict(cfg, tokens=tokens, seconds=seconds, tok_s=tokens / seconds if seconds else float("nan"),
-               mfu=(flops / seconds / H100_BF16_PEAK) if on_gpu and seconds else None,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
-               reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if on_gpu else None,
-               tokens_per_step=tokens / max(1, len(window)),
-               order=[b[2] for b in counter.batches[:end]], **extra)
-    losses = getattr(trainer, "bench_losses", None)
-    if losses:
-        out["losses"] = [float(x) for x in torch.stack(losses).cpu()]
-    return out
-
-
-# ================================================================ the plain recipe
-
-def run_plain(cfg: dict) -> dict:
-    import dataclasses
-
-    import torch
-    from transformers import Trainer, TrainingArguments
-
-    from lmforge.trainers.collator import Collator
-
-    model, tok, on_gpu = _build_model(cfg)
-    if cfg["train_type"] == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
-    rows = _load_rows(cfg["rows"])
-    counter = CountingCollator(Collator(tok.pad_token_id))
-    timer = step_timer(cfg["warmup"])
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    targs = TrainingArguments(
-        output_dir=cfg["out"], per_device_train_batch_size=cfg["batch"], gradient_accumulation_steps=1,
-        logging_steps=10 if cfg.get("curve") else 10**6, save_strategy="no", report_to="none", bf16=on_gpu,
-        optim="adamw_torch_fused" if on_gpu else "adamw_torch", remove_unused_columns=False,
-        dataloader_drop_last=True, disable_tqdm=True, use_cpu=not on_gpu,
-        **{ckpt: cfg["plain_ckpt"], f"{ckpt}_kwargs": {"use_reentrant": False}}, **_train_args_common(cfg, on_gpu))
-    cls = _recording(Trainer) if cfg.get("curve") else Trainer
-    trainer = cls(model=model, args=targs, train_dataset=rows, data_collator=counter, callbacks=[timer])
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    kernels = ["sdpa (4D mask for padded rows)", "model's own loss over full logits",
-               f"gradient checkpointing {'on' if cfg['plain_ckpt'] else 'off'}"]
-    return _finish(cfg, model, counter, timer, trainer, {"kernels": kernels})
 
 
 # ================================================================ lmforge
@@ -208,8 +100,13 @@ def run_lmforge(cfg: dict) -> dict:
     from lmforge.trainers.collator import Collator
     from lmforge.trainers.trainer import LmforgeTrainer
 
-    model, tok, on_gpu = _build_model(cfg)
-    rows = _load_rows(cfg["rows"])
+    model, tok, on_gpu = build_model(cfg)
+    rows = load_rows(cfg["rows"])
+    profiling = bool(cfg.get("profile"))
+    if profiling:
+        from lmforge.trainers.trainer import FusedLoss
+
+        FusedLoss.__call__ = marked_loss(FusedLoss.__call__)
     if cfg.get("curve"):   # the same rows per step as the plain run, flattened padding-free
         train = rows
         per_step = cfg["batch"]
@@ -220,7 +117,7 @@ def run_lmforge(cfg: dict) -> dict:
 
         train = pack_dataset(Dataset.from_list([dict(r, length=len(r["input_ids"])) for r in rows]), cfg["max_length"])
         per_step = max(1, cfg["pack_tokens"] // cfg["max_length"])
-    timer = step_timer(cfg["warmup"])
+    timer = timer_callback(cfg["warmup"], cfg.get("profile"))
     CALLBACKS.register("bench_timer", timer, overwrite=True)
     force = "auto" if on_gpu else "true"   # CPU smoke runs exercise the same code paths
     ck = cfg["ckpt"]
@@ -232,16 +129,18 @@ def run_lmforge(cfg: dict) -> dict:
         gradient_checkpointing=ck != "off", gradient_checkpointing_every=int(ck) if ck != "off" else 1,
         use_liger_kernel=cfg["liger"], lora_rank=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0,
         fused_ce=force, varlen_attention=force, lean_layers=force, torch_compile=cfg.get("compile", False),
-        **_train_args_common(cfg, on_gpu))
+        **train_args_common(cfg))
     template = get_template(tok, max_length=cfg["max_length"])
     setup = TrainingSetup(args, cfg["out"], model, tok, template, on_gpu, model.dtype)
     counter = CountingCollator(Collator(tok.pad_token_id, padding_free=True))
-    cls = _recording(LmforgeTrainer) if cfg.get("curve") else None
+    cls = recording(LmforgeTrainer, profiling) if cfg.get("curve") or profiling else None
+    if cls is not None:
+        cls.bench_record = bool(cfg.get("curve"))
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     result = run_training(setup, train, None, trainer_cls=cls, data_collator=counter)
     trainer = result["trainer"]
-    return _finish(cfg, trainer.model, counter, timer, trainer, {"kernels": _lmforge_kernels(trainer)})
+    return finish(cfg, trainer.model, counter, timer, trainer, {"kernels": _lmforge_kernels(trainer)})
 
 
 def _lmforge_kernels(trainer: Any) -> list[str]:
@@ -265,7 +164,7 @@ def _lmforge_kernels(trainer: Any) -> list[str]:
 # ================================================================ orchestration
 
 def _child(cfg: dict) -> None:
-    fn = run_plain if cfg["path"] == "plain" else run_lmforge
+    fn = {"padded": run_padded, "padfree": run_padfree, "lmforge": run_lmforge}[cfg["path"]]
     try:
         res = fn(cfg)
     except Exception as e:  # noqa: BLE001 - an OOM or failure is a result too
@@ -281,12 +180,23 @@ def _child(cfg: dict) -> None:
     Path(cfg["result"]).write_text(json.dumps(res))
 
 
+def _describe(cfg: dict) -> str:
+    if cfg["path"] == "lmforge" and not cfg.get("curve"):
+        return f"checkpointing {cfg['ckpt']}, {cfg['pack_tokens']} tokens/step"
+    if cfg["path"] == "padfree":
+        return f"<= {cfg['padfree_tokens']} tokens/step" + (" (matching lmforge's peak)" if cfg.get("matched") else "")
+    if cfg["path"] == "padded":
+        return f"{cfg['batch']} rows/step, padded (weak baseline)"
+    return ""
+
+
 def spawn(cfg: dict, work: Path) -> dict:
-    name = f"{cfg['path']}-{cfg['train_type']}-{cfg.get('ckpt', 'na')}-{cfg.get('pack_tokens', 0)}"
+    size = cfg.get("padfree_tokens") if cfg["path"] == "padfree" else cfg.get("pack_tokens", cfg["batch"])
+    name = f"{cfg['path']}-{cfg['train_type']}-{cfg.get('ckpt', 'na')}-{size}"
     cfg = dict(cfg, out=str(work / name), result=str(work / f"{name}.json"))
-    what = (f"{cfg['path']} {cfg['train_type']}" + (f", checkpointing {cfg['ckpt']}, {cfg['pack_tokens']} tokens/step"
-                                                    if cfg["path"] == "lmforge" and not cfg.get("curve") else ""))
-    print(f"\n== {what}", flush=True)
+    if cfg.get("profile"):
+        cfg["profile"] = dict(cfg["profile"], name=f"{cfg['path']}-{cfg['train_type']}")
+    print(f"\n== {cfg['path']} {cfg['train_type']}, {_describe(cfg)}", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     t = time.time()
@@ -303,7 +213,7 @@ def _one_line(r: dict) -> str:
         return ("OOM" if r.get("oom") else "FAILED") + f": {r['error']}"
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
     mem = f", peak {r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else ""
-    return f"{r['tok_s']:,.0f} tokens/s{mfu}{mem}"
+    return f"{r['tok_s']:,.0f} tokens/s{mfu}{mem}, {r['tokens_per_step']:,.0f} real tokens/step"
 
 
 def prepare_rows(args: argparse.Namespace, work: Path, n_rows: int) -> tuple[Path, dict]:
@@ -334,75 +244,155 @@ def prepare_rows(args: argparse.Namespace, work: Path, n_rows: int) -> tuple[Pat
 def _base_cfg(args: argparse.Namespace, rows: Path) -> dict:
     return dict(model=args.model, rows=str(rows), batch=args.batch, max_length=args.max_length,
                 warmup=args.warmup, steps=args.steps, lora_rank=args.lora_rank, plain_ckpt=args.plain_ckpt,
-                liger=args.liger_on, compile=args.compile)
+                liger=args.liger_on, compile=args.compile, padfree_attn=args.padfree_attn,
+                padfree_ckpt=args.padfree_ckpt, padfree_liger=args.liger != "false")
+
+
+def _n_rows(args: argparse.Namespace, steps: int) -> int:
+    """Enough rows for padfree at twice the largest budget (the matched-memory search may go up)."""
+    lo, hi = max(8, args.min_length), args.max_length
+    mean = (hi - lo) / math.log(hi / lo) if hi > lo else hi   # log-uniform lengths
+    return max(args.rows or 0, steps * max(args.batch, 1), int(1.2 * steps * 2 * max(args.pack_tokens) / mean) + 16)
 
 
 def speed(args: argparse.Namespace, work: Path) -> dict:
-    steps = args.warmup + args.steps
-    n_rows = max(args.rows or 0, steps * max(args.batch, 1), int(steps * max(args.pack_tokens) * 1.2 / 400))
-    rows, stats = prepare_rows(args, work, n_rows)
-    report: dict[str, Any] = {"device": device_name(), "model": args.model, "data": stats, "runs": []}
+    rows, stats = prepare_rows(args, work, _n_rows(args, args.warmup + args.steps))
+    report: dict[str, Any] = {"device": device_name(), "model": args.model, "data": stats, "runs": [], "best": {}}
     for tt in args.train_type:
         lr = args.lr or (1e-4 if tt == "full" else 2e-4)
         base = dict(_base_cfg(args, rows), train_type=tt, lr=lr)
-        plain = spawn(dict(base, path="plain"), work)
-        report["runs"].append(plain)
-        bar = _memory_bar(args, plain)
-        print(f"   memory bar for lmforge: {bar:.1f} GiB" if bar else "   memory bar: none (CPU)", flush=True)
-        best = None
+        padded = None if args.no_padded else spawn(dict(base, path="padded"), work)
         for pack in args.pack_tokens:
+            padfree = spawn(dict(base, path="padfree", padfree_tokens=pack), work)
+            bar = _memory_bar(args, padfree)
+            print(f"   memory bar for lmforge: {bar:.2f} GiB" if bar else "   memory bar: none (CPU)", flush=True)
+            best = None
             for ck in args.ckpt:
                 r = spawn(dict(base, path="lmforge", ckpt=ck, pack_tokens=pack), work)
-                report["runs"].append(r)
-                fits = not r.get("error") and (bar is None or (r.get("peak_gib") or 0) <= bar)
-                if fits:
-                    if best is None or r["tok_s"] > best["tok_s"]:
-                        best = r
+                if not r.get("error") and (bar is None or (r.get("peak_gib") or 0) <= bar):
+                    best = r
                     break  # later settings checkpoint more: slower
-        report.setdefault("best", {})[tt] = best
-        _summary(tt, plain, best, bar)
+            matched = _match_memory(args, base, padfree, best, work)
+            runs = dict(padfree=padfree, lmforge=best, matched=matched, padded=padded)
+            report["runs"].append(runs)
+            report["best"][f"{tt}-{pack}"] = best
+            _summary(tt, runs, bar)
     return report
 
 
-def _memory_bar(args: argparse.Namespace, plain: dict) -> float | None:
+def _memory_bar(args: argparse.Namespace, padfree: dict) -> float | None:
     bars = []
-    if args.mem_bar and plain.get("peak_gib"):
-        bars.append(args.mem_bar * plain["peak_gib"])
+    if args.mem_bar and padfree.get("peak_gib") and not padfree.get("error"):
+        bars.append(args.mem_bar * padfree["peak_gib"])
     if args.mem_bar_gib:
         bars.append(args.mem_bar_gib)
     return min(bars) if bars else None
 
 
-def _summary(tt: str, plain: dict, best: dict | None, bar: float | None) -> None:
-    print(f"\n## {tt}: plain vs lmforge")
-    print("| path | tokens/s | MFU | peak GiB | tokens/step | kernels |")
+def _match_memory(args: argparse.Namespace, base: dict, padfree: dict, best: dict | None, work: Path) -> dict | None:
+    """padfree with the largest token budget whose peak stays within lmforge's (``--match_runs`` tries)."""
+    if not args.match_runs or best is None or best.get("peak_gib") is None or padfree.get("peak_gib") is None:
+        if args.match_runs:
+            print("   matched-memory padfree: skipped (needs GPU peaks from both)", flush=True)
+        return None
+    target = best["peak_gib"]
+    points = [(padfree["padfree_tokens"], padfree["peak_gib"])]
+    fits = padfree if padfree["peak_gib"] <= target and not padfree.get("error") else None
+    if padfree.get("error"):
+        print("   matched-memory padfree: skipped (padfree failed at the matched budget)", flush=True)
+        return None
+    longest = max(max(o) for o in padfree["order"])
+    static = padfree.get("static_gib")
+    for _ in range(args.match_runs):
+        budget = next_budget(points, target, static, longest)
+        if any(b == budget for b, _ in points):
+            break
+        r = spawn(dict(base, path="padfree", padfree_tokens=budget, matched=True), work)
+        points.append((budget, r.get("peak_gib") or float("inf")))
+        ok = not r.get("error") and r["peak_gib"] <= target
+        if ok and (fits is None or budget > fits["padfree_tokens"]):
+            fits = r
+        if ok and r["peak_gib"] >= 0.97 * target:
+            break
+    print(f"   matched memory: lmforge peak {target:.2f} GiB; padfree tried "
+          + ", ".join(f"{b} tokens -> {p:.2f} GiB" for b, p in points), flush=True)
+    return fits
+
+
+def _summary(tt: str, runs: dict, bar: float | None) -> None:
+    print(f"\n## {tt}: lmforge vs transformers recipes")
+    print("| row | tokens/s | MFU | peak GiB | real tokens/step | kernels |")
     print("|---|---|---|---|---|---|")
-    for name, r in (("plain", plain), ("lmforge", best)):
+    labels = dict(lmforge="lmforge", padfree="padfree (Trainer + Liger + flattening)",
+                  matched="padfree (Trainer + Liger + flattening) @ lmforge's peak", padded="padded (weak baseline)")
+    for key in ("padfree", "matched"):
+        if runs.get(key) and not runs[key].get("liger", True):
+            labels[key] = labels[key].replace(" + Liger", "") + " [no Liger]"
+    for key, name in labels.items():
+        r = runs.get(key)
         if r is None:
-            print(f"| {name} | no configuration under the memory bar | | | | |")
+            if key == "lmforge":
+                print("| lmforge | no configuration under the memory bar | | | | |")
             continue
         if r.get("error"):
             print(f"| {name} | {r['error']} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
-        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "n/a"
         print(f"| {name} | {r['tok_s']:,.0f} | {mfu} | {peak} | {r['tokens_per_step']:,.0f} | "
               f"{'; '.join(r.get('kernels', []))} |")
-    if best and not best.get("error") and not plain.get("error"):
-        ratio = best["tok_s"] / plain["tok_s"]
-        mem = (f", peak memory {best['peak_gib'] / plain['peak_gib']:.2f}x"
-               if best.get("peak_gib") and plain.get("peak_gib") else "")
-        print(f"\nlmforge/plain: tokens/s {ratio:.2f}x{mem}" + (f" (bar {bar:.1f} GiB)" if bar else ""), flush=True)
+    ours = runs.get("lmforge")
+    if not ours or ours.get("error"):
+        return
+    for key in ("padfree", "matched", "padded"):
+        r = runs.get(key)
+        if r and not r.get("error"):
+            mem = (f", peak {ours['peak_gib']:.2f} vs {r['peak_gib']:.2f} GiB"
+                   if ours.get("peak_gib") is not None and r.get("peak_gib") is not None else "")
+            print(f"lmforge/{labels[key]}: tokens/s {ours['tok_s'] / r['tok_s']:.2f}x{mem}", flush=True)
+    if bar:
+        print(f"(lmforge's memory bar: {bar:.2f} GiB)", flush=True)
+
+
+def profile(args: argparse.Namespace, work: Path) -> dict:
+    """One step after warm-up of padfree and lmforge under torch.profiler; both summaries side by side."""
+    from step_profile import compare
+
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = 1   # one timed step after the profiled one (the run still reports tokens/s)
+    rows, stats = prepare_rows(args, work, _n_rows(args, args.warmup + steps + 1))
+    report: dict[str, Any] = {"device": device_name(), "model": args.model, "data": stats, "profiles": {}}
+    pack = args.pack_tokens[0]
+    for tt in args.train_type:
+        lr = args.lr or (1e-4 if tt == "full" else 2e-4)
+        base = dict(_base_cfg(args, rows), train_type=tt, lr=lr, steps=steps, profile={"dir": str(out)})
+        runs = [spawn(dict(base, path="padfree", padfree_tokens=pack), work),
+                spawn(dict(base, path="lmforge", ckpt=args.ckpt[0], pack_tokens=pack), work)]
+        sums = []
+        for r in runs:
+            f = out / f"{r['path']}-{tt}.summary.json"
+            sums.append(json.loads(f.read_text()) if f.is_file() else None)
+        report["profiles"][tt] = dict(zip(("padfree", "lmforge"), sums))
+        if all(sums):
+            text = compare(sums[1], sums[0])
+            (out / f"compare-{tt}.txt").write_text(text + "\n")
+            print(f"\n## step profile, {tt}\n{text}", flush=True)
+        else:
+            print(f"\n## step profile, {tt}: a run failed: {[r.get('error') for r in runs]}", flush=True)
+    print(f"profiles in {out}", flush=True)
+    return report
 
 
 def loss_curve(args: argparse.Namespace, work: Path) -> dict:
     n = args.loss_curve
     rows, stats = prepare_rows(args, work, max(args.rows or 0, n * args.batch))
+    print("loss curve: padded transformers recipe vs lmforge (same rows per step, flattened)", flush=True)
     report: dict[str, Any] = {"device": device_name(), "model": args.model, "data": stats, "curves": {}}
     for tt in args.train_type:
         lr = args.lr or (1e-4 if tt == "full" else 2e-4)
         base = dict(_base_cfg(args, rows), train_type=tt, lr=lr, warmup=0, steps=n, curve=True)
-        plain = spawn(dict(base, path="plain"), work)
+        plain = spawn(dict(base, path="padded"), work)
         ours = spawn(dict(base, path="lmforge", ckpt=args.ckpt[0], pack_tokens=0), work)
         if plain.get("error") or ours.get("error"):
             report["curves"][tt] = {"plain": plain, "lmforge": ours}
@@ -454,19 +444,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_type", nargs="+", choices=["full", "lora"], default=None)
     p.add_argument("--steps", type=int, default=None, help="measured steps per configuration")
     p.add_argument("--warmup", type=int, default=None, help="steps before the clock starts (compilation happens here)")
-    p.add_argument("--batch", type=int, default=None, help="plain: rows per step")
+    p.add_argument("--batch", type=int, default=None, help="padded baseline: rows per step")
     p.add_argument("--max_length", type=int, default=None, help="longest row; lmforge's bin size")
     p.add_argument("--min_length", type=int, default=64, help="shortest row (lengths spread log-uniformly)")
     p.add_argument("--pack_tokens", type=int, nargs="+", default=None,
-                   help="lmforge: tokens per step (default batch x max_length); several values are all tried")
+                   help="lmforge and padfree: tokens per step (preset: 0.5b 16384, 7b 8192); each value is a comparison")
     p.add_argument("--ckpt", nargs="+", default=["off", "4", "2", "1"],
                    help="lmforge checkpointing settings tried in order (off, or every k-th layer) until one fits")
     p.add_argument("--plain_ckpt", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
-                   help="plain recipe with gradient checkpointing (default true)")
-    p.add_argument("--mem_bar", type=float, default=None, help="lmforge's peak must stay under this x plain's peak")
+                   help="padded baseline with gradient checkpointing (default true)")
+    p.add_argument("--no_padded", action="store_true", help="skip the padded (weak baseline) row")
+    p.add_argument("--padfree_attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
+                   help="padfree baseline's attn_implementation (sdpa: block-diagonal mask from position_ids)")
+    p.add_argument("--padfree_ckpt", action="store_true", help="padfree baseline with gradient checkpointing")
+    p.add_argument("--match_runs", type=int, default=2,
+                   help="runs of padfree searching the largest budget within lmforge's peak (GPU; 0: off)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile one step of padfree and lmforge into DIR (instead of the speed table)")
+    p.add_argument("--mem_bar", type=float, default=None, help="lmforge's peak must stay under this x padfree's peak")
     p.add_argument("--mem_bar_gib", type=float, default=None, help="... and under this many GiB")
     p.add_argument("--liger", choices=["auto", "true", "false"], default="auto",
-                   help="lmforge with Liger kernels (auto: when installed and on a GPU)")
+                   help="Liger kernels for lmforge and the padfree baseline (auto: when installed and on a GPU; "
+                        "false: both without)")
     p.add_argument("--compile", action="store_true", help="lmforge with --torch_compile")
     p.add_argument("--lora_rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 full, 2e-4 LoRA")
@@ -479,10 +478,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         args.model = "tiny"
     preset = PRESETS[args.model]
-    for key in ("max_length", "batch", "train_type", "mem_bar", "mem_bar_gib", "steps", "warmup"):
+    for key in ("max_length", "batch", "train_type", "mem_bar", "mem_bar_gib", "steps", "warmup", "pack_tokens"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    args.pack_tokens = args.pack_tokens or [args.batch * args.max_length]
+    if isinstance(args.pack_tokens, int):
+        args.pack_tokens = [args.pack_tokens]
     return args
 
 
@@ -495,7 +495,7 @@ def main() -> None:
 
     on_gpu = torch.cuda.is_available()
     if args.liger == "auto":
-        args.liger_on = on_gpu and importlib.util.find_spec("liger_kernel") is not None
+        args.liger_on = liger_usable()
     else:
         args.liger_on = args.liger == "true"
     if args.model != "tiny" and not on_gpu:
@@ -503,9 +503,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"bench_train on {device_name()}: model {args.model}, {args.train_type}, rows {args.min_length}.."
-          f"{args.max_length} tokens, plain batch {args.batch}, lmforge {args.pack_tokens} tokens/step, "
+          f"{args.max_length} tokens, padded batch {args.batch}, lmforge/padfree {args.pack_tokens} tokens/step, "
           f"liger {'on' if args.liger_on else 'off'}; work dir {work}", flush=True)
-    report = loss_curve(args, work) if args.loss_curve else speed(args, work)
+    report = profile(args, work) if args.profile else loss_curve(args, work) if args.loss_curve else speed(args, work)
     out = Path(args.out or work / "bench_train.json")
     out.write_text(json.dumps(report, indent=1))
     print(f"\nreport: {out}")

@@ -9,4 +9,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . benchmarks/gpu_env.sh
 python3 -m pytest -m gpu tests/test_gpu_train.py -q -s -p no:cacheprovider
-python3 benchmarks/bench_train.py --tiny --workdir /tmp/bench-train-tiny | grep -E "^(\||==|   ->|lmforge/plain|data)"
+python3 benchmarks/bench_train.py --tiny --workdir /tmp/bench-train-tiny | grep -E "^(\||==|   ->|lmforge/|data)"
