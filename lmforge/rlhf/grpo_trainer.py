@@ -13,6 +13,9 @@ One micro-batch of ``B`` prompts (``--per_device_train_batch_size``) becomes, in
    (several updates reuse one batch of rollouts), the reference's when ``--beta`` > 0 (a frozen copy,
    ``--ref_model``, or for LoRA the same model with its adapters switched off).
 
+On image rows every request carries the prompt's images and every log-prob is computed with the same
+pixels (:mod:`lmforge.rlhf.grpo_batch`).
+
 ``compute_loss`` then scores the completions with the current policy and applies the clipped
 objective (:func:`lmforge.rlhf.grpo.grpo_token_loss`). Only tokens the model generated train:
 for single-turn rollouts those are the sampled ids themselves; a multi-turn trajectory is encoded
