@@ -1,6 +1,6 @@
 """Preference training on image rows: chosen and rejected replies both see the prompt's images, the batch
-carries their pixels, the log-probs depend on them, and a DPO run on builtin:tiny-vl learns; GRPO, GKD and
-KTO on image rows are refused with a sentence rather than trained text-only."""
+carries their pixels, the log-probs depend on them, and a DPO run on builtin:tiny-vl learns; GKD and KTO on
+image rows are refused with a sentence rather than trained text-only (GRPO: tests/test_vl_grpo.py)."""
 from __future__ import annotations
 
 import json
@@ -104,16 +104,10 @@ def test_dpo_on_image_rows_learns_what_only_the_image_tells(tmp_path):
     assert min(x["loss"] for x in grey) > 0.65, grey
 
 
-def test_grpo_gkd_and_kto_refuse_image_rows(tmp_path, vl):
-    from datasets import Dataset
-
+def test_gkd_and_kto_refuse_image_rows(tmp_path, vl):
     from lmforge.rlhf.collator import PreferenceCollator
-    from lmforge.rlhf.grpo_trainer import prompt_rows
 
     _, template, _ = vl
-    ds = Dataset.from_list([{"messages": ROWS[0]["messages"], "images": ROWS[0]["images"]}])
-    with pytest.raises(ValueError, match="GRPO on rows with images is not supported yet"):
-        prompt_rows(ds)
     template.set_mode("train")
     enc = {**template.encode({"messages": ROWS[0]["messages"], "images": ROWS[0]["images"]}), "label": True}
     with pytest.raises(ValueError, match="KTO on rows with images"):

@@ -67,8 +67,11 @@ class _Sampler(LogitsProcessor):
     """Picks every next token itself (see the module docstring) and records its logprobs if asked."""
 
     def __init__(self, cfg: RequestConfig, seeds: list[int | None], prompt_len: int, pad_lens: torch.Tensor,
-                 device: torch.device):
+                 device: torch.device, banned: Sequence[int] = ()):
         self.n = cfg.n
+        # a vision-language model's image/video placeholders: a reply holding one could not be encoded again
+        # (its placeholder would ask for pixels that do not exist), so they are never sampled
+        self.banned = torch.tensor(sorted(banned), dtype=torch.long, device=device) if banned else None
         self.prompt_len = prompt_len
         self.greedy = cfg.temperature == 0
         self.rep = (RepetitionPenaltyLogitsProcessor(float(cfg.repetition_penalty), prompt_ignore_length=pad_lens)
@@ -94,6 +97,8 @@ class _Sampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logprobs = scores.log_softmax(-1) if self.top_k_logprobs >= 0 else None
+        if self.banned is not None:
+            scores = scores.index_fill(1, self.banned, float("-inf"))
         if self.rep is not None:
             scores = self.rep(input_ids, scores)
         if self.presence or self.frequency:
@@ -319,13 +324,37 @@ class HfEngine(InferEngine):
         """Prompt ids and the prompt's image references."""
         prompt = getattr(request, "prompt", None)
         if prompt is not None:
-            return self._encode_prompt(prompt, index), []
+            ids = self._encode_prompt(prompt, index)
+            return ids, self._prompt_images(request, ids, index)
         row = to_canonical_row(request, index=index)
         try:
             encoded = self.template.encode(row)
         except ValueError as e:  # TemplateError / MaxLengthError / MediaError: the message says why
             raise InferRequestError(str(e), index=index) from e
         return [int(i) for i in encoded["input_ids"]], list(encoded.get("images") or [])
+
+    def _prompt_images(self, request: Any, ids: list[int], index: int | None) -> list[str]:
+        """The images of a raw prompt whose ids already hold their expanded image tokens (GRPO sends its own
+        encoding of an image row so); their number of tokens must match."""
+        images = list(getattr(request, "images", None) or [])
+        if not images:
+            return []
+        vision = getattr(self.template, "vision", None)
+        if vision is None:
+            raise InferRequestError(f"the prompt has {len(images)} image(s) but {self.model_name} is not a "
+                                    "vision-language model", index=index)
+        from lmforge.dataset.media import MediaError, normalize_image
+
+        try:
+            images = [normalize_image(ref) for ref in images]
+            want = sum(vision.num_tokens(ref) for ref in images)
+        except (MediaError, ValueError) as e:
+            raise InferRequestError(f"prompt images: {e}", index=index) from None
+        have = sum(1 for t in ids if t == vision.image_token_id)
+        if have != want:
+            raise InferRequestError(f"the prompt holds {have} image tokens but its {len(images)} image(s) give "
+                                    f"{want}: encode it with this engine's template and processor", index=index)
+        return images
 
     def _encode_prompt(self, prompt: str | list[int], index: int | None) -> list[int]:
         if isinstance(prompt, str):
@@ -396,8 +425,9 @@ class HfEngine(InferEngine):
         attention_mask = (torch.arange(prompt_len, device=self.device)[None, :] >= pad_lens[:, None]).long()
         row_max = [j.max_tokens for j in jobs for _ in range(n)]
         stop = StopStrings([*cfg.stop, *self.stop_words])
+        vision = getattr(self.template, "vision", None)
         sampler = _Sampler(cfg, [j.request.seed if j.request.seed is not None else cfg.seed for j in jobs],
-                           prompt_len, pad_lens, self.device)
+                           prompt_len, pad_lens, self.device, banned=vision.token_ids if vision is not None else ())
         eos_ids = [] if cfg.ignore_eos else self.stop_token_ids
         criteria = _StopCriteria(prompt_len, row_max, self.device, stop, set(eos_ids), self._decode, cancel)
         if streamer is not None:

@@ -158,6 +158,10 @@ def grpo_main(args: RlhfArguments, engine: Any = None) -> dict[str, Any]:
                                       device="cuda" if on_gpu else "cpu")
     scheduler = build_scheduler(args.multi_turn_scheduler, args.max_turns, args.multi_turn_kwargs)
     setup = prepare_training(args, "infer")  # the dataset is encoded as prompts, ending with the generation prompt
+    if getattr(setup.template, "vision", None) is not None and args.infer_backend == "native" and engine is None \
+            and not args.rollout_url:
+        raise ValueError("--infer_backend native does not support vision-language models yet (it runs the language "
+                         "model alone, without the vision tower); use --infer_backend hf for GRPO on this model")
     if args.packing:
         logger.warning("rlhf_type grpo: --packing ignored (completions are sampled and padded per micro-batch)")
     train, val = load_training_data(args, setup.template, pack=False, transform=prompt_rows)

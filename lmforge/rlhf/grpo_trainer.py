@@ -13,6 +13,9 @@ One micro-batch of ``B`` prompts (``--per_device_train_batch_size``) becomes, in
    (several updates reuse one batch of rollouts), the reference's when ``--beta`` > 0 (a frozen copy,
    ``--ref_model``, or for LoRA the same model with its adapters switched off).
 
+On image rows every request carries the prompt's images and every log-prob is computed with the same
+pixels (:mod:`lmforge.rlhf.grpo_batch`).
+
 ``compute_loss`` then scores the completions with the current policy and applies the clipped
 objective (:func:`lmforge.rlhf.grpo.grpo_token_loss`). Only tokens the model generated train:
 for single-turn rollouts those are the sampled ids themselves; a multi-turn trajectory is encoded
@@ -39,6 +42,7 @@ from transformers import TrainerCallback
 from lmforge.rlhf.grpo import (BatchStd, entropy_mask, entropy_threshold, grpo_token_loss, off_policy_sequence_mask,
                                reward_advantages, scored, selective_log_softmax, token_entropy, truncated_mask,
                                zero_std_groups)
+from lmforge.rlhf.grpo_batch import completion_logits, rollout_pixels
 from lmforge.rlhf.rewards import score_completions, weighted_rewards
 from lmforge.rlhf.rollout import (AsyncRollouts, Episode, RolloutPrompt, Sampled, policy_named_weights, run_rollouts,
                                    stable_seed)
@@ -65,13 +69,14 @@ def prompt_rows(ds: Any) -> Any:
     A row that ends with an assistant reply is a reference conversation: its last exchange (the reply
     and any tool calls and results before it, back to the last user message) is dropped, so the model
     answers the last user turn itself; put what rewards need (the answer) in a column such as
-    ``solution``. A row without a final reply is a prompt already (it may end on a tool result).
+    ``solution``. A row without a final reply is a prompt already (it may end on a tool result). A row's
+    ``images`` stay with it: its prompt's ``<image>`` tags are sampled and scored with them.
     """
 
     def strip(batch: dict[str, list]) -> dict[str, list]:
-        if any(batch.get("images") or []) or any(batch.get("videos") or []):
-            raise ValueError("GRPO on rows with images is not supported yet (rollouts and the policy's scoring "
-                             "are text-only); train image rows with sft or --rlhf_type dpo")
+        if any(batch.get("videos") or []):
+            raise ValueError("GRPO on rows with videos is not supported yet (the vision path reads images only); "
+                             "give the frames as images")
         prompts, tools = [], []
         messages_out = []
         for messages, t in zip(batch["messages"], batch.get("tools") or [None] * len(batch["messages"])):
@@ -302,6 +307,10 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
     def _policy(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
 
+    def _tokenizer(self) -> Any:
+        """The tokenizer (a vision-language model's processing class is its processor, which holds it)."""
+        return getattr(self.processing_class, "tokenizer", self.processing_class)
+
     def _get_engine(self) -> Any:
         if self._engine is not None:
             return self._engine
@@ -316,7 +325,7 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         elif args.infer_backend == "native":
             from lmforge.infer import get_engine
 
-            kw = dict(tokenizer=self.processing_class, template=self.template, max_num_seqs=batch,
+            kw = dict(tokenizer=self._tokenizer(), template=self.template, max_num_seqs=batch,
                       gpu_memory_utilization=args.rollout_gpu_memory_utilization)
             if self._has_adapters():
                 # The native engine keeps some of its model's tensors (o_proj, down_proj, norms) as they are:
@@ -335,11 +344,11 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
             if self._async:  # generation overlaps training: the engine needs weights of its own
                 copy_ = copy.deepcopy(policy)
                 copy_ = copy_.merge_and_unload() if hasattr(copy_, "merge_and_unload") else copy_
-                self._engine = HfEngine(model_obj=copy_.eval().requires_grad_(False), tokenizer=self.processing_class,
+                self._engine = HfEngine(model_obj=copy_.eval().requires_grad_(False), tokenizer=self._tokenizer(),
                                         template=self.template, max_batch_size=batch)
                 logger.info("GRPO rollouts: the hf engine on a copy of the policy (async; weights pushed each step)")
             else:
-                self._engine = HfEngine(model_obj=policy, tokenizer=self.processing_class, template=self.template,
+                self._engine = HfEngine(model_obj=policy, tokenizer=self._tokenizer(), template=self.template,
                                         max_batch_size=batch)
                 logger.info("GRPO rollouts: the hf engine on the training model itself (no weight copy)")
         return self._engine
@@ -373,14 +382,15 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         tools = row.get(TOOLS_COLUMN)
         extra = {k: v for k, v in row.items() if k not in _NOT_REWARD_INPUTS}
         return RolloutPrompt(json.loads(row[PROMPT_COLUMN]), json.loads(tools) if tools else None,
-                             list(row["input_ids"]), extra)
+                             list(row["input_ids"]), extra, list(row.get("images") or []))
 
     def _rollout_seeds(self, prompts: list[RolloutPrompt]) -> list[int]:
         """Each prompt's sampling seed, from ``--seed``, the step and the prompt itself: the same prompt at the
         same step samples the same completions on any process and in any batch, so N processes roll out
         what one would (and a run can be repeated)."""
         step = self.state.global_step
-        return [stable_seed(self.args.seed, step, p.messages, p.prompt_ids) for p in prompts]
+        return [stable_seed(self.args.seed, step, p.messages, p.prompt_ids, *([p.images] if p.images else []))
+                for p in prompts]
 
     def _prepared_prompts(self, rows: list[dict[str, Any]]) -> list[RolloutPrompt]:
         return [self._rollout_prompt(r) for r in rows]
@@ -495,25 +505,30 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
             e.prompt_index = i // G
         return Sampled(keep_p, keep_e, torch.cat(keep_t), seconds, tokens)
 
-    def _sequence(self, e: Episode, tools: Any) -> tuple[list[int], list[int], list[int]]:
+    def _sequence(self, e: Episode, tools: Any, images: list[str]) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, completion ids, completion mask): the sampled ids, or for a multi-turn trajectory its
-        template encoding cut at the first trained token, the mask being the template's labels."""
+        template encoding (with the prompt's ``images``) cut at the first trained token, the mask being the
+        template's labels."""
         if not e.multi_turn:
             return list(e.prompt_ids or []), e.completion_ids, [1] * len(e.completion_ids)
         messages = list(e.messages)
         while messages and messages[-1]["role"] not in ("assistant", "tool_call"):
             messages.pop()  # a trajectory cut short on a tool result: nothing after the last model turn trains
-        enc = self.train_template.encode({"messages": messages, "tools": tools})
+        enc = self.train_template.encode({"messages": messages, "tools": tools, "images": images or None})
         ids, labels = list(enc["input_ids"]), list(enc["labels"])
         first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids))
         return ids[:first], ids[first:], [int(t != IGNORE_INDEX) for t in labels[first:]]
 
     def _tensorize(self, prompts: list[RolloutPrompt], episodes: list[Episode]) -> dict[str, Tensor]:
-        """Left-padded prompts, then right-padded completions: ``[pad.. prompt | completion ..pad]``."""
+        """Left-padded prompts, then right-padded completions: ``[pad.. prompt | completion ..pad]``, and on
+        image rows the pixels of each sequence's prompt images (:func:`lmforge.rlhf.grpo_batch.rollout_pixels`)."""
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
-        seqs = [self._sequence(e, prompts[e.prompt_index].tools) for e in episodes]
+        seqs = [self._sequence(e, prompts[e.prompt_index].tools, prompts[e.prompt_index].images) for e in episodes]
         dev = self.args.device
         out = prompt_completion_batch(seqs, pad, dev)
+        if any(p.images for p in prompts):
+            out.update(rollout_pixels(self.template.vision, self._vision_family(), out["input_ids"],
+                                      [p.images for p in prompts], [e.prompt_index for e in episodes]))
         C = out["completion_ids"].shape[1]
         if all(e.sampling_logps is not None for e in episodes):
             if any(len(e.sampling_logps) != len(c) for e, (_, c, _) in zip(episodes, seqs)):
@@ -522,22 +537,19 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
                                                   for e in episodes], device=dev, dtype=torch.float32)
         return out
 
+    def _vision_family(self) -> Any:
+        from lmforge.model.vision import require_family
+
+        return require_family(self._policy())
+
     def _completion_logits(self, model: Any, batch: dict[str, Tensor]) -> Tensor:
-        """[B, C, V] logits that predict the completion tokens, at the sampling temperature."""
-        C = batch["completion_ids"].shape[1]
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-        logits = None
+        """[B, C, V] logits that predict the completion tokens, at the sampling temperature (pixels included)."""
         if self._logits_to_keep_ok:
             try:
-                logits = model(**inputs, use_cache=False, logits_to_keep=C + 1).logits
-            except TypeError:  # a model without logits_to_keep: full logits, sliced below
+                return completion_logits(model, batch, self.rlhf.temperature, logits_to_keep=True)
+            except TypeError:  # a model without logits_to_keep: full logits, sliced
                 self._logits_to_keep_ok = False
-        if logits is None:
-            logits = model(**inputs, use_cache=False).logits[:, -(C + 1):]
-        logits = logits[:, :-1]
-        if self.rlhf.temperature not in (0, 1):
-            logits = logits / self.rlhf.temperature
-        return logits
+        return completion_logits(model, batch, self.rlhf.temperature, logits_to_keep=False)
 
     def _completion_logps(self, model: Any, batch: dict[str, Tensor]) -> Tensor:
         """[B, C] log-probs of the completion tokens under ``model`` at the sampling temperature."""

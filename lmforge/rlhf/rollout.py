@@ -38,13 +38,15 @@ class RolloutError(RuntimeError):
 
 @dataclass
 class RolloutPrompt:
-    """One prompt to sample: canonical ``messages`` ending on a user (or tool) turn, its ``tools``, and the
-    token ids of its encoding when the caller has them."""
+    """One prompt to sample: canonical ``messages`` ending on a user (or tool) turn, its ``tools``, the
+    token ids of its encoding when the caller has them, and the image references its ``<image>`` tags stand
+    for (every request of its trajectories carries them)."""
 
     messages: list[dict]
     tools: Any = None
     prompt_ids: list[int] | None = None
     row: dict[str, Any] = field(default_factory=dict)  # the dataset row's extra columns (for the scheduler)
+    images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,8 +117,8 @@ def _first_request(p: RolloutPrompt, raw_ids: bool, seed: int | None) -> InferRe
     if p.prompt_ids is not None and raw_ids:
         from lmforge.serve.schemas import PromptRequest
 
-        return PromptRequest(prompt=list(p.prompt_ids), tools=p.tools or None, seed=seed)
-    return InferRequest(messages=p.messages, tools=p.tools or None, seed=seed)
+        return PromptRequest(prompt=list(p.prompt_ids), tools=p.tools or None, seed=seed, images=list(p.images))
+    return InferRequest(messages=p.messages, tools=p.tools or None, seed=seed, images=list(p.images))
 
 
 def stable_seed(*parts: Any) -> int:
@@ -186,6 +188,7 @@ def run_rollouts(engine: InferEngine, prompts: Sequence[RolloutPrompt], config: 
                 e.multi_turn = True
                 follow.append(e)
         requests = [InferRequest(messages=e.messages, tools=prompts[e.prompt_index].tools or None,
+                                 images=list(prompts[e.prompt_index].images),
                                  seed=stable_seed(seeds[e.prompt_index], e.sample_index, e.turns) if seeds else None)
                     for e in follow]
         live = []

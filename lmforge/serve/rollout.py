@@ -2,7 +2,8 @@
 
 - ``GET /rollout/info``: the served model, ``max_model_len``, the engine, how many weight updates it took;
 - ``POST /rollout/generate``: ``{"requests": [...], "config": RequestConfig}`` -> ``{"responses": [...]}``:
-  engine requests in (a chat ``{"messages", "tools"}``, or token ids ``{"prompt": [ids], "tools"}``),
+  engine requests in (a chat ``{"messages", "tools"}``, or token ids ``{"prompt": [ids], "tools"}``; either may
+  carry ``images``, data: URLs, or files on this machine with ``--allow_local_media``),
   :class:`~lmforge.infer.protocol.ChatCompletionResponse` out, with each choice's ``token_ids``;
 - ``POST /rollout/update_weights``: a safetensors body of ``name -> tensor`` (transformers names, any
   subset) loaded with ``engine.update_weights`` between generations.
@@ -75,6 +76,7 @@ def create_rollout_app(engine: InferEngine, args: Any = None) -> FastAPI:
         except ValidationError as e:
             raise from_validation_error(e) from None
         for i, r in enumerate(reqs):
+            _check_images(r.images, state.cfg.allow_local_media, f"requests[{i}].images")
             if isinstance(r, PromptRequest):
                 state.bound.check_prompt(r.prompt, f"requests[{i}].prompt")
             else:
@@ -132,3 +134,16 @@ def _request_texts(request: InferRequest) -> list:
         out += [str(c.function) for c in m.tool_calls or []]
     out += [str(t) for t in request.tools or []]
     return out
+
+
+def _check_images(images: list[str], allow_local: bool, param: str) -> None:
+    """A generate request's images under the chat routes' media policy (serve/schemas.py ``check_media``)."""
+    for k, ref in enumerate(images):
+        if ref.startswith("data:"):
+            continue
+        if ref.lower().startswith(("http://", "https://")):
+            raise APIError(400, "remote image URLs are not fetched by this server; send the image as a base64 "
+                           "data: URL", param=f"{param}[{k}]")
+        if not allow_local:
+            raise APIError(400, "local image files are not accepted (start the server with --allow_local_media to "
+                           "allow them); send a base64 data: URL", param=f"{param}[{k}]")

@@ -27,11 +27,7 @@ class VisionCollator(Collator):
             return out
         out.update(self.vision.pixel_inputs(images))
         ids = out["input_ids"]
-        have, want = int((ids == self.vision.image_token_id).sum()), sum(self.vision.num_tokens(r) for r in images)
-        if have != want:
-            raise ValueError(f"a batch holds {have} image tokens but its {len(images)} images give {want}: an image "
-                             "changed since the data was encoded, or --min_pixels/--max_pixels differ from "
-                             "the encoding's")
+        check_image_tokens(self.vision, ids, images)
         if self.family is not None and self.family.mrope and self.padding_free:
             from lmforge.model.vision import mrope_position_ids
 
@@ -42,6 +38,15 @@ class VisionCollator(Collator):
         elif self.family is not None and self.family.token_type_ids:
             out["mm_token_type_ids"] = self.vision.token_type_ids(ids)
         return out
+
+
+def check_image_tokens(vision: Any, input_ids: Any, images: list[str]) -> None:
+    """The batch ``input_ids`` must hold exactly the image tokens its ``images`` (in order) give."""
+    have, want = int((input_ids == vision.image_token_id).sum()), sum(vision.num_tokens(r) for r in images)
+    if have != want:
+        raise ValueError(f"a batch holds {have} image tokens but its {len(images)} images give {want}: an image "
+                         "changed since the data was encoded, or --min_pixels/--max_pixels differ from "
+                         "the encoding's")
 
 
 def _packed_positions(text: Any, rope: Any) -> Any:

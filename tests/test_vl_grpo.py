@@ -1,0 +1,157 @@
+"""GRPO on image rows: completions are sampled with the prompt's images, scored by the policy and the reference
+with the same pixels (repeated for each generation of a group), and `lmforge rlhf --rlhf_type grpo` runs on
+builtin:tiny-vl + builtin:shapes end to end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lmforge.dataset.media import data_url
+from lmforge.registry import REWARDS
+
+COLOURS = ("red", "green", "blue", "yellow")  # builtin:shapes' colours
+
+
+def colour_match(completions, solution, **kwargs):
+    """1 when the reply names the row's colour and no other, 0 when not; None (unscored) on shape and count rows."""
+    out = []
+    for text, answer in zip(completions, solution):
+        if answer not in COLOURS:
+            out.append(None)
+            continue
+        named = {c for c in COLOURS if c in (text or "").lower()}
+        out.append(float(named == {answer}))
+    return out
+
+
+if "colour_match" not in REWARDS:
+    REWARDS.register("colour_match", colour_match)
+
+
+@pytest.fixture(scope="module")
+def vl():
+    from lmforge.model import get_model_tokenizer
+    from lmforge.model.vision import family_of, get_processor
+    from lmforge.template import get_template
+
+    model, tok = get_model_tokenizer("builtin:tiny-vl", device="cpu")
+    processor = get_processor("builtin:tiny-vl", model.config, tok)
+    template = get_template(tok, processor=processor)
+    template.set_mode("infer")
+    return model.eval(), template, family_of(model.config)
+
+
+def _image(colour: tuple[int, int, int], size: int = 56) -> str:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    image.paste(colour, (8, 8, size - 8, size - 8))
+    return data_url(image)
+
+
+def test_grpo_logps_on_image_rows_are_the_models_with_those_pixels(vl):
+    """Two image prompts of different lengths (so one is left-padded), two completions each: the log-probs GRPO
+    computes are those of a plain unpadded forward pass with the same pixels, and other images change them."""
+    from lmforge.rlhf.grpo_batch import completion_logps, rollout_pixels
+    from lmforge.rlhf.scoring import prompt_completion_batch
+
+    model, template, family = vl
+    tok = template.tokenizer
+    rows = [{"messages": [{"role": "user", "content": "<image>What colour is it?"}], "images": [_image((200, 0, 0))]},
+            {"messages": [{"role": "user", "content": "Look closely.<image>Which colour do you see, in one word?"}],
+             "images": [_image((0, 0, 200), size=84)]}]
+    prompts = [template.encode(r)["input_ids"] for r in rows]
+    completions = [tok.encode(t, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+                   for t in ("red", "a deep blue", "blue", "green")]
+    prompt_of = [0, 0, 1, 1]  # G = 2 generations per prompt
+    seqs = [(prompts[p], c, [1] * len(c)) for p, c in zip(prompt_of, completions)]
+
+    def grpo_logps(images):
+        batch = prompt_completion_batch(seqs, tok.pad_token_id, "cpu")
+        batch.update(rollout_pixels(template.vision, family, batch["input_ids"], images, prompt_of))
+        assert batch["image_grid_thw"].shape[0] == 4  # each prompt's image once per generation
+        with torch.no_grad():
+            return completion_logps(model, batch), batch
+
+    got, batch = grpo_logps([r["images"] for r in rows])
+    assert batch["attention_mask"][0, 0] == 0  # the shorter prompt is left-padded
+    for i, (p, c) in enumerate(zip(prompt_of, completions)):
+        ids = torch.tensor([prompts[p] + c])
+        pixels = template.vision.pixel_inputs(rows[p]["images"])
+        with torch.no_grad():
+            logits = model(input_ids=ids, mm_token_type_ids=template.vision.token_type_ids(ids), **pixels,
+                           use_cache=False).logits[0]
+        want = logits[len(prompts[p]) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        torch.testing.assert_close(got[i, :len(c)], want, atol=1e-5, rtol=0)
+    other, _ = grpo_logps([[_image((0, 200, 0))], [_image((230, 230, 0), size=84)]])
+    mask = batch["completion_mask"] > 0
+    assert (other[mask] - got[mask]).abs().max() > 1e-3  # the pixels reach the model
+
+
+def test_hf_engine_samples_a_raw_prompt_with_its_images_and_never_an_image_token(vl):
+    """GRPO sends its own prompt ids with the row's images; the engine needs the images to match the ids'
+    image tokens, and never samples an image placeholder (a reply holding one could not be scored)."""
+    from lmforge.infer.errors import InferRequestError
+    from lmforge.infer.hf import HfEngine
+    from lmforge.infer.protocol import RequestConfig
+    from lmforge.serve.schemas import PromptRequest
+
+    model, template, _ = vl
+    engine = HfEngine(model_obj=model, tokenizer=template.tokenizer, template=template)
+    row = {"messages": [{"role": "user", "content": "<image>What colour is it?"}], "images": [_image((200, 0, 0))]}
+    ids = template.encode(row)["input_ids"]
+    cfg = RequestConfig(max_tokens=12, temperature=1.0, n=4, seed=3)
+    by_ids = engine.infer([PromptRequest(prompt=ids, images=row["images"])], cfg)[0]
+    by_messages = engine.infer([{"messages": row["messages"], "images": row["images"]}], cfg)[0]
+    assert [c.token_ids for c in by_ids.choices] == [c.token_ids for c in by_messages.choices]
+    banned = template.vision.token_ids
+    assert not any(t in banned for c in by_ids.choices for t in c.token_ids)
+    with pytest.raises(InferRequestError, match="image tokens"):
+        engine.infer([PromptRequest(prompt=ids, images=row["images"] * 2)], cfg)
+
+
+def _grpo_cli(tmp_path: Path, *flags: str) -> int:
+    from lmforge.cli.main import main
+
+    return main(["rlhf", "--rlhf_type", "grpo", "--model", "builtin:tiny-vl", "--train_type", "full",
+                 "--output_dir", str(tmp_path), "--add_version", "false", "--report_to", "none", "--plot", "false",
+                 *flags])
+
+
+def test_grpo_cli_on_shapes_runs_end_to_end(tmp_path):
+    """`lmforge rlhf --rlhf_type grpo` on 16 builtin:shapes rows (3 of them colour questions): rollouts with the
+    images, rewards, a KL to the frozen reference scored with the same pixels, a finite loss and a checkpoint."""
+    code = _grpo_cli(tmp_path, "--dataset", "builtin:shapes#16", "--reward_funcs", "colour_match", "accuracy",
+                     "--num_generations", "4", "--max_completion_length", "4", "--per_device_train_batch_size", "2",
+                     "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3", "--beta", "0.04",
+                     "--temperature", "1.0", "--log_completions", "true", "--save_steps", "1000")
+    assert code == 0
+    logs = [json.loads(line) for line in next(tmp_path.rglob("logging.jsonl")).read_text().splitlines()]
+    steps = [h for h in logs if "loss" in h and "reward" in h]
+    assert len(steps) == 2
+    for h in steps:
+        assert torch.isfinite(torch.tensor(h["loss"])) and "kl" in h and h["completions/mean_length"] >= 1
+    assert any("rewards/colour_match/mean" in h for h in steps)  # the colour rows were scored
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file()
+    row = json.loads((tmp_path / "completions.jsonl").read_text().splitlines()[0])
+    assert "<image>" in row["prompt"][0]["content"] and len(row["completions"]) == 4
+
+
+def test_grpo_refuses_videos_and_the_native_engine_on_a_vl_model(tmp_path):
+    from datasets import Dataset
+
+    from lmforge.rlhf.grpo_trainer import prompt_rows
+
+    ds = Dataset.from_list([{"messages": [{"role": "user", "content": "<video>What happens?"}],
+                             "videos": [[_image((1, 2, 3))]]}])
+    with pytest.raises(ValueError, match="GRPO on rows with videos is not supported yet"):
+        prompt_rows(ds)
+    from lmforge.arguments import RlhfArguments
+    from lmforge.pipelines.rlhf import rlhf_main
+
+    with pytest.raises(ValueError, match="--infer_backend native does not support vision-language models"):
+        rlhf_main(RlhfArguments(rlhf_type="grpo", model="builtin:tiny-vl", dataset=["builtin:shapes#4"],
+                                reward_funcs=["accuracy"], infer_backend="native", output_dir=str(tmp_path),
+                                report_to=["none"]))
