@@ -80,11 +80,13 @@ def _env(nproc: int) -> dict:
     return env
 
 
-def run_lmforge(model: Path, rows: Path, nproc: int, a: argparse.Namespace, work: Path, extra: list[str]) -> dict:
+def run_lmforge(model: Path, rows: Path, nproc: int, a: argparse.Namespace, work: Path, extra: list[str],
+                batch: int = 1) -> dict:
+    """``batch`` packed bins of ``--max_length`` per GPU per step (the plain recipe's dense rows per GPU)."""
     out = work / f"lmforge-{nproc}-{'-'.join(extra) or 'ddp'}".replace(" ", "_")
     cmd = [sys.executable, "-m", "lmforge.cli.main", "sft", "--model", str(model), "--dataset", str(rows),
            "--train_type", a.train_type, "--packing", "true", "--max_length", str(a.max_length),
-           "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+           "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
            "--max_steps", str(a.warmup + a.steps), "--logging_steps", "1", "--save_steps", "1000000",
            "--report_to", "none", "--plot", "false", "--add_version", "false", "--output_dir", str(out),
            "--learning_rate", "1e-5", *extra]
@@ -146,7 +148,7 @@ def main() -> None:
     base: dict[str, float] = {}
     for n in a.nprocs:
         for name, fn in (("plain DDP + Liger, dense rows", lambda: run_plain(model, n, a, work)),
-                         ("lmforge DDP, packed", lambda: run_lmforge(model, rows, n, a, work, []))):
+                         ("lmforge DDP, packed", lambda: run_lmforge(model, rows, n, a, work, [], a.plain_batch))):
             r = fn()
             base.setdefault(name, r["tok_s"] / n if n else r["tok_s"])
             first = base[name] * min(a.nprocs)
