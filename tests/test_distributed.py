@@ -249,3 +249,19 @@ def test_grpo_on_two_processes_matches_one(tmp_path):
 
     one = _rlhf_one_vs_two(tmp_path, grpo, ("loss", "reward", "reward_std"), rel=1e-4)
     assert all(r[2] > 0 for r in one)  # groups with spread: a real signal
+
+
+def test_one_process_on_a_multi_gpu_host_trains_on_one_gpu(caplog):
+    """Never nn.DataParallel (it broke compiled lean layers on a 2-GPU H200 host): one GPU, and the launch
+    command for all of them in the log."""
+    import logging
+    from types import SimpleNamespace
+
+    from lmforge.pipelines.sft import one_gpu_per_process
+
+    targs = SimpleNamespace(_n_gpu=2, n_gpu=2, device="cuda:0")
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        one_gpu_per_process(targs, on_gpu=True)
+    assert targs._n_gpu == 1 and "NPROC_PER_NODE=2" in caplog.text
+    cpu = SimpleNamespace(_n_gpu=0, n_gpu=0, device="cpu")
+    assert one_gpu_per_process(cpu, on_gpu=False)._n_gpu == 0

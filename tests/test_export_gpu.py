@@ -31,8 +31,15 @@ def test_gpu_export_reloads_and_generates(method, bits, package, tol, source, tm
 
     from lmforge.pipelines.export import export_main
 
-    out = export_main(ExportArguments(model=str(source), quant_method=method, quant_bits=bits,
-                                      output_dir=str(tmp_path / "out")))["output_dir"]
+    from lmforge.utils.errors import SetupError
+
+    try:
+        out = export_main(ExportArguments(model=str(source), quant_method=method, quant_bits=bits,
+                                          output_dir=str(tmp_path / "out")))["output_dir"]
+    except SetupError as e:
+        if method == "fp8" and "Hub" in str(e):  # an offline machine without the Hub kernel cached: said clearly
+            pytest.skip(str(e)[:200])
+        raise
     assert "quantization_config" in json.loads((tmp_path / "out" / "config.json").read_text())
     ids = torch.tensor([[1, 80, 81, 229, 25, 26, 2, 207, 1]], device="cuda")
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cuda")

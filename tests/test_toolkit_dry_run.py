@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 
 from lmforge.arguments import RlhfArguments, TrainArguments
@@ -148,7 +150,16 @@ def test_activation_table_matches_saved_tensors(lean, tuner, dropout):
 
 
 def _check_table(lean: bool, tuner: str, dropout: float, device: str) -> None:
-    measured = _saved_bytes_per_token_per_layer(lean, tuner, dropout, device)
+    if device == "cuda":  # a fresh process: Liger's patches (other GPU tests) replace transformers' layers globally
+        import subprocess
+        import sys
+
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_toolkit_dry_run import "
+                f"_saved_bytes_per_token_per_layer as f; print(f({lean}, {tuner!r}, {dropout}, 'cuda'))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        measured = float(out.stdout.strip().splitlines()[-1])
+    else:
+        measured = _saved_bytes_per_token_per_layer(lean, tuner, dropout, device)
     ch, ckv, ci = ACT_COEF[("adapter" if tuner == "lora" else "full", lean)]
     if dropout:
         dh, dkv, di = DROPOUT_COEF[device]

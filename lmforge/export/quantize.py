@@ -104,7 +104,13 @@ def quantization_config(method: str, quant_bits: int | None) -> Any:
     if method == "int8":
         from torchao.quantization import Int8WeightOnlyConfig
 
-        return TorchAoConfig(Int8WeightOnlyConfig())
+        try:  # version 2 (a plain tensor subclass) is the one torchao can write to safetensors; 0.18 defaults to it
+            return TorchAoConfig(Int8WeightOnlyConfig(version=2))
+        except TypeError:
+            import torchao
+
+            raise ImportError(f"--quant_method int8 needs torchao's Int8WeightOnlyConfig version 2 (torchao >= 0.17); "
+                              f"this is torchao {torchao.__version__}: pip install -U torchao") from None
     if method == "int4":
         from torchao.quantization import Int4WeightOnlyConfig
 
@@ -124,9 +130,17 @@ def quantize_model(model_dir: str | Path, out: Path, method: str, quant_bits: in
     dtype = resolve_dtype(torch_dtype, device, config)
     logger.info("Quantising %s with %s%s on %s (%s)", model_dir, method,
                 f" {quant_bits or 4}-bit" if method == "bnb" else "", device, str(dtype).replace("torch.", ""))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device,
-                                                 quantization_config=quantization_config(method, quant_bits),
-                                                 trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device,
+                                                     quantization_config=quantization_config(method, quant_bits),
+                                                     trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "local cache" not in str(e) or "offline" not in str(e):
+            raise
+        # transformers' FP8 matmuls come from a Hub kernel repository (through `kernels`), fetched on first use
+        raise SetupError(f"--quant_method {method}: transformers needs a kernel from the Hugging Face Hub that is not "
+                         f"cached here and the Hub is offline ({e}). Run the export once with network access (the "
+                         f"kernel is then cached), or pick --quant_method bnb|int8|int4|gguf") from None
     model.config.use_cache = True
     model.save_pretrained(out)
     return out

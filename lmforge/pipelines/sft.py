@@ -116,7 +116,19 @@ def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool
     ckpt_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     kw[ckpt_key] = False
     kw["use_liger_kernel"] = False
-    return TrainingArguments(**{k: v for k, v in kw.items() if k in fields})
+    return one_gpu_per_process(TrainingArguments(**{k: v for k, v in kw.items() if k in fields}), on_gpu)
+
+
+def one_gpu_per_process(targs: Any, on_gpu: bool) -> Any:
+    """One process on a multi-GPU host trains on one GPU: the Trainer would otherwise wrap the model in
+    ``nn.DataParallel``, which replicates it every step and breaks compiled layers and fused kernels."""
+    if on_gpu and targs.n_gpu > 1:
+        logger.warning("%d GPUs are visible to one process: training on %s only. For data parallel training "
+                       "launch one process per GPU: NPROC_PER_NODE=%d lmforge sft ... (add --fsdp full_shard "
+                       "or --deepspeed zero3 to shard a model that does not fit one GPU)",
+                       targs.n_gpu, targs.device, targs.n_gpu)
+        targs._n_gpu = 1
+    return targs
 
 
 # transformers optimizer names implemented by bitsandbytes (adamw_torch_8bit is torchao's, galore_* GaLore's)
