@@ -16,15 +16,16 @@ from lmforge.presets import list_presets
 from lmforge.trainers.memory import ACT_COEF, DROPOUT_COEF, GiB, ModelShape, TrainPlan, estimate
 
 DATA = {"dpo": "builtin:arith-preference#64", "kto": "builtin:arith-preference#64", "orpo": "builtin:arith-preference#64",
-        "grpo-math": "builtin:arith-rl#64"}
+        "grpo-math": "builtin:arith-rl#64", "vl-lora": "builtin:shapes#64"}
+MODEL = {"vl-lora": "builtin:tiny-vl"}
 QUIET = dict(report_to=["none"], plot=False, save_steps=100_000, logging_steps=100)
 
 
 @pytest.mark.parametrize("preset", [p for p in list_presets()], ids=lambda p: p["name"])
 def test_every_shipped_preset_dry_runs(preset, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    command = preset["commands"][-1] if preset["name"] in DATA else preset["commands"][0]
-    argv = [command, "--preset", preset["name"], "--model", "builtin:tiny", "--dry_run",
+    command = preset["commands"][-1] if preset["name"] in DATA and preset["name"] not in MODEL else preset["commands"][0]
+    argv = [command, "--preset", preset["name"], "--model", MODEL.get(preset["name"], "builtin:tiny"), "--dry_run",
             "--dataset", DATA.get(preset["name"], "builtin:arith#64")]
     assert main(argv) == 0
     out = capsys.readouterr().out

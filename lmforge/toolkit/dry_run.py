@@ -169,6 +169,21 @@ def plan_steps(args: Any, n_rows: int | None, sample: dict[str, Any], packing: b
 
 # ------------------------------------------------------------------------------------------- model
 
+def _processor(args: Any, tokenizer: Any) -> Any:
+    """A vision-language model's processor (its image rows are encoded as training encodes them); None for text."""
+    from transformers import AutoConfig
+
+    from lmforge.model.hub import resolve_model_dir
+    from lmforge.model.loader import resolve_trust_remote_code
+    from lmforge.model.vision import get_processor
+
+    trust, _ = resolve_trust_remote_code(args.trust_remote_code, args.model_kwargs)
+    folder = resolve_model_dir(args.model, hub=args.hub, revision=args.revision, need_weights=False)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
+    return get_processor(args.model, config, tokenizer, hub=args.hub, revision=args.revision,
+                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, trust_remote_code=trust)
+
+
 def meta_model(args: Any, tokenizer: Any, command: str) -> tuple[Any, dict[str, Any]]:
     """The model built on the meta device with the tuner applied (a reward model's head for rm); its counts."""
     from lmforge.trainers.memory import meta_model_counts
@@ -257,7 +272,12 @@ def dry_run(args: Any, command: str) -> dict[str, Any]:
     _, tokenizer = get_model_tokenizer(args.model, hub=args.hub, revision=args.revision, load_model=False,
                                        trust_remote_code=args.trust_remote_code, model_kwargs=args.model_kwargs)
     mode = _mode(command, args)
-    template = training_template(args, tokenizer, mode)
+    processor = _processor(args, tokenizer)
+    template = training_template(args, tokenizer, mode, processor)
+    if processor is not None:
+        notes.append("vision-language model: the estimate counts the language model's activations; the vision "
+                     "tower's are " + ("not counted (--freeze_vit false trains it)" if not args.freeze_vit
+                                       else "none (frozen: --freeze_vit true keeps no activations for a backward)"))
     train, _ = load_rows(args)
     if transform is not None:
         train = transform(train)

@@ -208,10 +208,10 @@ def meta_model_counts(args: Any, adapt: Any = None) -> tuple[ModelShape, dict[st
     nothing) with ``args``'s tuner applied: its shape and parameter counts. ``adapt(model, args)`` may change
     the model first (the reward head of ``rlhf --rlhf_type rm``)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from lmforge.model.hub import resolve_model_dir
-    from lmforge.model.loader import resolve_trust_remote_code
+    from lmforge.model.loader import _auto_class, resolve_trust_remote_code
     from lmforge.registry import TUNERS
 
     trust, _ = resolve_trust_remote_code(args.trust_remote_code, args.model_kwargs)
@@ -219,7 +219,7 @@ def meta_model_counts(args: Any, adapt: Any = None) -> tuple[ModelShape, dict[st
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
     dtype = torch.float32 if args.torch_dtype == "float32" else torch.bfloat16
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust)
+        model = _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust)
     if adapt is not None:
         model, args = adapt(model, args)
     shape = ModelShape.from_model(model)
