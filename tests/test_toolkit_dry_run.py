@@ -16,7 +16,8 @@ from lmforge.presets import list_presets
 from lmforge.trainers.memory import ACT_COEF, DROPOUT_COEF, GiB, ModelShape, TrainPlan, estimate
 
 DATA = {"dpo": "builtin:arith-preference#64", "kto": "builtin:arith-preference#64", "orpo": "builtin:arith-preference#64",
-        "grpo-math": "builtin:arith-rl#64", "vl-lora": "builtin:shapes#64"}
+        "grpo-math": "builtin:arith-rl#64", "vl-lora": "builtin:shapes#64",
+        "embedding": "builtin:arith-retrieval#64"}
 MODEL = {"vl-lora": "builtin:tiny-vl"}
 QUIET = dict(report_to=["none"], plot=False, save_steps=100_000, logging_steps=100)
 
@@ -52,6 +53,32 @@ def test_steps_and_parameters_are_what_training_does(tmp_path, packing):
     model = done["trainer"].model
     assert plan["parameters"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert plan["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("task,dataset", [("embedding", "builtin:arith-retrieval#40"),
+                                          ("reranker", "builtin:arith-retrieval#40"),
+                                          ("seq_cls", "builtin:intents#60")])
+def test_task_dry_run_is_what_task_training_does(tmp_path, task, dataset, capsys):
+    """Embedding models, rerankers and classifiers: the same steps and parameters as a real run, each row's
+    query, positive and negatives counted as sequences, and no vocabulary-wide loss in the estimate."""
+    from lmforge.pipelines.sft import sft_main
+
+    kw = dict(dataset=[dataset], task_type=task, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+              num_train_epochs=1, train_type="lora", num_negatives=3 if task != "seq_cls" else None)
+    plan = _dry(**kw)
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("sft --dry_run: ok, nothing trained or written")
+    done = sft_main(TrainArguments(model="builtin:tiny", output_dir=str(tmp_path), **QUIET, **kw))
+    assert plan["steps"]["steps"] == done["trainer"].state.global_step
+    model = done["trainer"].model
+    assert plan["parameters"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert plan["memory"]["loss"] == 0
+    if task == "seq_cls":
+        assert plan["sample"]["sequences_per_row"] == 1
+    else:  # the query (or query + positive pair), the positive for an embedding model, 3 negatives
+        assert plan["sample"]["sequences_per_row"] == (5 if task == "embedding" else 4)
+        assert plan["memory"]["tokens_per_micro_batch"] >= 4 * plan["sample"]["sequences_per_row"] * 10
 
 
 def _rows(path, n: int) -> None:

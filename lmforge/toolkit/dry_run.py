@@ -127,6 +127,42 @@ def encode_sample(rows: Any, template: Any, mode: str, strict: bool) -> dict[str
             "labelled": labelled, "has_labels": mode != "infer"}
 
 
+def encode_task_sample(rows: Any, encoder: Any, strict: bool, num_negatives: int | None = None) -> dict[str, Any]:
+    """Lengths (untruncated, longest sequence of a row), truncation and tokens of an embedding / reranker /
+    classifier sample: a row is several sequences (query, positive, negatives), each cut on its own; the
+    collator keeps ``num_negatives`` of a row's negatives (all when None)."""
+    from lmforge.dataset.encode import _describe
+
+    free = copy.copy(encoder)
+    free.max_length = None
+    limit = encoder.max_length
+    lengths, kept_lengths, reasons = [], [], []
+    over = dropped = failed = tokens = sequences = 0
+    for i, row in enumerate(rows):
+        try:
+            raw, enc = free.encode(row), encoder.encode(row)
+        except ValueError as e:
+            if strict:
+                raise ValueError(f"--dry_run: cannot encode {_describe(row, i)}: {e} (--strict false skips such rows)") from e
+            failed += 1
+            reasons.append(f"{_describe(row, i)}: {e}")
+            continue
+        lengths.append(raw["length"])
+        over += int(limit is not None and raw["length"] > limit)
+        if enc is None:
+            dropped += 1
+            continue
+        negatives = list(enc.get("negative_ids") or [])
+        seqs = [enc["input_ids"], *([enc["positive_ids"]] if "positive_ids" in enc else []),
+                *(negatives if num_negatives is None else negatives[:num_negatives])]
+        kept_lengths.append(max(len(x) for x in seqs))
+        tokens += sum(len(x) for x in seqs)
+        sequences += len(seqs)
+    return {"rows": len(lengths) + failed, "lengths": lengths, "kept_lengths": kept_lengths, "over_max_length": over,
+            "dropped": dropped, "failed": failed, "failed_reasons": reasons[:3], "tokens": tokens, "labelled": 0,
+            "has_labels": False, "sequences_per_row": sequences / max(1, len(kept_lengths))}
+
+
 def length_stats(lengths: list[int]) -> dict[str, float]:
     if not lengths:
         return {}
@@ -168,6 +204,30 @@ def plan_steps(args: Any, n_rows: int | None, sample: dict[str, Any], packing: b
 
 
 # ------------------------------------------------------------------------------------------- model
+
+def _task_of(args: Any) -> str | None:
+    from lmforge.pipelines.sft import _task_of as task_of
+
+    return task_of(args)
+
+
+def _task_encoder(args: Any, tokenizer: Any, template: Any) -> Any:
+    """The encoder training uses for ``--task_type`` (a classifier's label spec read from its rows)."""
+    from transformers import AutoConfig
+
+    from lmforge.dataset.task_encode import TaskEncoder
+    from lmforge.model.hub import resolve_model_dir
+    from lmforge.model.tasks import is_decoder_config
+    from lmforge.pipelines.task import resolve_label_spec
+
+    spec = resolve_label_spec(args) if args.task_type == "seq_cls" else None
+    folder = resolve_model_dir(args.model, hub=args.hub, revision=args.revision, need_weights=False)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=bool(args.trust_remote_code))
+    return TaskEncoder(args.task_type, tokenizer, template, decoder=is_decoder_config(config),
+                       max_length=args.max_length, truncation_strategy=args.truncation_strategy,
+                       query_prompt=args.query_prompt, document_prompt=args.document_prompt,
+                       rerank_instruction=args.rerank_instruction, label_spec=spec)
+
 
 def _processor(args: Any, tokenizer: Any) -> Any:
     """A vision-language model's processor (its image rows are encoded as training encodes them); None for text."""
@@ -223,6 +283,10 @@ def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sam
     elif rlhf_type == "gkd":  # student and teacher logits over sampled or dataset completions
         objective, completion = "grpo", rows * args.max_completion_length
         seq = longest + args.max_completion_length
+    task = _task_of(args)
+    if task:  # every sequence of a row (query, positive, negatives) goes through the model, padded per batch
+        objective, rows = "task", int(round(rows * sample.get("sequences_per_row", 1)))
+        seq, packing = longest, False
     tokens = rows * seq
     share = sample["labelled"] / max(1, sample["tokens"]) if sample["has_labels"] else 1.0
     lean = switch(args.lean_layers)
@@ -271,7 +335,13 @@ def dry_run(args: Any, command: str) -> dict[str, Any]:
 
     _, tokenizer = get_model_tokenizer(args.model, hub=args.hub, revision=args.revision, load_model=False,
                                        trust_remote_code=args.trust_remote_code, model_kwargs=args.model_kwargs)
-    mode = _mode(command, args)
+    task = _task_of(args)
+    if task:
+        from lmforge.pipelines.task import _check
+
+        _check(args)
+        args.packing = False  # a task pools or scores each sequence on its own
+    mode = "train" if task else _mode(command, args)
     processor = _processor(args, tokenizer)
     template = training_template(args, tokenizer, mode, processor)
     if processor is not None:
@@ -286,7 +356,14 @@ def dry_run(args: Any, command: str) -> dict[str, Any]:
         sample_rows = list(train.take(SAMPLE_ROWS))
     else:
         sample_rows = train.select(range(min(SAMPLE_ROWS, n_rows)))
-    sample = encode_sample(sample_rows, template, mode, args.strict)
+    if task:
+        sample = encode_task_sample(sample_rows, _task_encoder(args, tokenizer, template), args.strict,
+                                    args.num_negatives)
+        if task != "seq_cls":
+            notes.append(f"--task_type {task}: {sample['sequences_per_row']:.1f} sequences per row (the query, "
+                         "positive and negatives each go through the model); no vocabulary-wide loss")
+    else:
+        sample = encode_sample(sample_rows, template, mode, args.strict)
     if not sample["kept_lengths"]:
         raise ValueError(f"--dry_run: none of the {sample['rows']} sampled rows survives encoding (too long for "
                          f"--max_length {args.max_length} with --truncation_strategy {args.truncation_strategy}, or "

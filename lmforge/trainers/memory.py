@@ -109,7 +109,7 @@ class TrainPlan:
     tokens: int = 2048  # N: one micro-batch on one device
     labelled_tokens: int | None = None
     padded: bool = True
-    objective: str = "sft"  # sft, pt, preference, grpo
+    objective: str = "sft"  # sft, pt, preference, grpo, task (embedding, classifier, reranker)
     completion_tokens: int = 0  # grpo
     checkpointing: bool = False
     checkpoint_every: int = 1
@@ -177,6 +177,8 @@ def estimate(shape: ModelShape, plan: TrainPlan) -> dict[str, Any]:
         loss = 2 * N * V * (d + 2) + 8 * n_lab * V
     elif plan.objective == "grpo":
         loss = plan.completion_tokens * V * (2 * d + 8)
+    elif plan.objective == "task":  # pooled vectors or a small head: no vocabulary-wide logits
+        loss = 0
     elif plan.fused_ce:
         chunk = max(64, min(8192, FUSED_CE_BUDGET // max(V, 1) // 64 * 64))
         loss = 4 * min(n_lab, chunk) * V + head_grad
@@ -214,12 +216,18 @@ def meta_model_counts(args: Any, adapt: Any = None) -> tuple[ModelShape, dict[st
     from lmforge.model.loader import _auto_class, resolve_trust_remote_code
     from lmforge.registry import TUNERS
 
+    import transformers
+
+    from lmforge.model.tasks import task_load_kwargs
+
     trust, _ = resolve_trust_remote_code(args.trust_remote_code, args.model_kwargs)
     folder = resolve_model_dir(args.model, hub=args.hub, revision=args.revision, need_weights=False)
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
+    auto_name, overrides = task_load_kwargs(args)  # an embedding model, classifier or reranker loads another class
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust, **overrides)
+    cls = getattr(transformers, auto_name) if auto_name else _auto_class(config)
     dtype = torch.float32 if args.torch_dtype == "float32" else torch.bfloat16
     with torch.device("meta"):
-        model = _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust)
+        model = cls.from_config(config, dtype=dtype, trust_remote_code=trust)
     if adapt is not None:
         model, args = adapt(model, args)
     shape = ModelShape.from_model(model)
