@@ -51,16 +51,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, mixed_length_jsonl
+from common import device_name, mixed_length_jsonl, run_child
 from train_recipes import (
     SPECS,
     CountingCollator,
@@ -197,13 +194,7 @@ def spawn(cfg: dict, work: Path) -> dict:
     if cfg.get("profile"):
         cfg["profile"] = dict(cfg["profile"], name=f"{cfg['path']}-{cfg['train_type']}")
     print(f"\n== {cfg['path']} {cfg['train_type']}, {_describe(cfg)}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    t = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(cfg)], env=env)
-    res = json.loads(Path(cfg["result"]).read_text()) if Path(cfg["result"]).is_file() else dict(
-        cfg, error=f"child exited with {proc.returncode}")
-    res["wall"] = time.time() - t
+    res, _ = run_child(__file__, cfg, cfg)
     print(f"   -> {_one_line(res)}  ({res['wall']:.0f}s)", flush=True)
     return res
 

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's lmforge, not an installed one
-from common import QWEN2_VL_2B, device_name, make_vl_model_dir, step_timer  # noqa: E402
+from common import QWEN2_VL_2B, device_name, make_vl_model_dir, run_child, step_timer  # noqa: E402
 
 # builtin:tiny-vl's shape (lmforge.model.builtin.MODEL_SPECS["tiny-vl"]); the vocabulary is the tokenizer's
 TINY_VL = dict(
@@ -285,17 +283,11 @@ def spawn(cfg: dict, work: Path) -> dict:
     cfg = dict(cfg, out=str(work / f"out-{cfg['path']}"), result=str(work / f"{cfg['path']}.json"))
     Path(cfg["result"]).unlink(missing_ok=True)
     print(f"\n== {cfg['path']}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    t = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(cfg)], env=env)
+    res, code = run_child(__file__, cfg, {"path": cfg["path"]})
     if cfg["path"] == "make":
-        if proc.returncode:
-            raise SystemExit(f"bench_vl_train: writing the model folder failed (exit {proc.returncode})")
+        if code:
+            raise SystemExit(f"bench_vl_train: writing the model folder failed (exit {code})")
         return {}
-    res = json.loads(Path(cfg["result"]).read_text()) if Path(cfg["result"]).is_file() else dict(
-        path=cfg["path"], error=f"child exited with {proc.returncode}")
-    res["wall"] = time.time() - t
     print(f"   -> {_one_line(res)}  ({res['wall']:.0f}s)", flush=True)
     return res
 

@@ -196,3 +196,22 @@ def model_vocab(model: str) -> int:
     cfg = AutoConfig.from_pretrained(path)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return min(load_tokenizer(path).vocab_size, cfg.vocab_size)
+
+
+def run_child(script: str, cfg: dict, failed: dict) -> tuple[dict, int]:
+    """Run ``script --_child CFG`` in its own process (clean CUDA peak counters, no patch leaking between
+    configurations); its result JSON (``cfg["result"]``) or ``failed`` plus the exit status, with ``wall`` seconds."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    t = time.time()
+    proc = subprocess.run([sys.executable, script, "--_child", json.dumps(cfg)], env=env)
+    result = Path(cfg["result"])
+    res = json.loads(result.read_text()) if result.is_file() else dict(failed, error=f"child exited with {proc.returncode}")
+    res["wall"] = time.time() - t
+    return res, proc.returncode

@@ -81,6 +81,22 @@ def _cut(ids: list[int], limit: int | None, strategy: str, mode: str) -> list[in
     return ids[:limit]
 
 
+_FAILED = object()
+
+
+def _try_encode(encode: Any, row: Any, i: int, strict: bool, reasons: list[str]) -> Any:
+    """``encode(row)``; a row that fails stops the dry run (``--strict true``) or is counted (``_FAILED``)."""
+    from lmforge.dataset.encode import _describe
+
+    try:
+        return encode(row)
+    except ValueError as e:
+        if strict:
+            raise ValueError(f"--dry_run: cannot encode {_describe(row, i)}: {e} (--strict false skips such rows)") from e
+        reasons.append(f"{_describe(row, i)}: {e}")
+        return _FAILED
+
+
 def encode_sample(rows: Any, template: Any, mode: str, strict: bool) -> dict[str, Any]:
     """Lengths (untruncated), truncation and labelled share of ``rows`` through ``template``."""
     from lmforge.dataset.encode import _describe
@@ -91,13 +107,9 @@ def encode_sample(rows: Any, template: Any, mode: str, strict: bool) -> dict[str
     lengths, kept_lengths, failed, reasons = [], [], 0, []
     over = dropped = tokens = labelled = 0
     for i, row in enumerate(rows):
-        try:
-            enc = free.encode(row)
-        except ValueError as e:
-            if strict:
-                raise ValueError(f"--dry_run: cannot encode {_describe(row, i)}: {e} (--strict false skips such rows)") from e
+        enc = _try_encode(free.encode, row, i, strict, reasons)
+        if enc is _FAILED:
             failed += 1
-            reasons.append(f"{_describe(row, i)}: {e}")
             continue
         n = max(len(enc[f"{p}input_ids"]) for p in _sides(enc))
         lengths.append(n)
@@ -131,22 +143,17 @@ def encode_task_sample(rows: Any, encoder: Any, strict: bool, num_negatives: int
     """Lengths (untruncated, longest sequence of a row), truncation and tokens of an embedding / reranker /
     classifier sample: a row is several sequences (query, positive, negatives), each cut on its own; the
     collator keeps ``num_negatives`` of a row's negatives (all when None)."""
-    from lmforge.dataset.encode import _describe
-
     free = copy.copy(encoder)
     free.max_length = None
     limit = encoder.max_length
     lengths, kept_lengths, reasons = [], [], []
     over = dropped = failed = tokens = sequences = 0
     for i, row in enumerate(rows):
-        try:
-            raw, enc = free.encode(row), encoder.encode(row)
-        except ValueError as e:
-            if strict:
-                raise ValueError(f"--dry_run: cannot encode {_describe(row, i)}: {e} (--strict false skips such rows)") from e
+        both = _try_encode(lambda r: (free.encode(r), encoder.encode(r)), row, i, strict, reasons)
+        if both is _FAILED:
             failed += 1
-            reasons.append(f"{_describe(row, i)}: {e}")
             continue
+        raw, enc = both
         lengths.append(raw["length"])
         over += int(limit is not None and raw["length"] > limit)
         if enc is None:
