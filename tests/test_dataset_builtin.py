@@ -83,3 +83,40 @@ def test_unknown_builtin_suggests():
     with pytest.raises(DatasetError, match="no split 'test'"):
         load_dataset(["builtin:self-cognition:test"])
     assert {"self-cognition", "arith", "arith-preference"} <= set(DATASETS.names())
+
+
+def test_rag_reader_rows_are_agent_prompts_answered_from_one_passage():
+    import json
+    from pathlib import Path
+
+    from lmforge.agents.rag import DEFAULT_SYSTEM
+    from lmforge.dataset.rag_reader import generate_rag_reader, reader_answer_correct
+
+    rows = generate_rag_reader("train", 300)
+    assert rows == generate_rag_reader("train", 300)  # deterministic
+    test = generate_rag_reader("test", 100)
+    assert not {r["messages"][0]["content"] for r in rows} & {r["messages"][0]["content"] for r in test}
+    for r in rows:  # the system prompt with the passages, then 1-3 questions each answered by exactly one passage
+        system, *turns = r["messages"]
+        assert system["content"].startswith(DEFAULT_SYSTEM + "\n\n[1] (") and turns[1]["content"] == r["solution"]
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2) and len(turns) <= 6
+        passages = re.split(r"\n\n\[\d\] \(", system["content"])[1:]
+        for answer in turns[1::2]:
+            holding = [p for p in passages if answer["content"] in " ".join(p.split())]
+            assert len(holding) == 1, r
+        assert [p for p in passages if r["solution"] in " ".join(p.split())][0].startswith(r["source"] + ")")
+    assert len({r["solution"] for r in rows}) > 250  # values are drawn per row: nothing to memorise
+    assert Counter(len(re.findall(r"^\[\d\] \(", r["messages"][0]["content"], re.M)) for r in rows).keys() == {1, 2, 3}
+    # the station documents and questions (the rag proof's held-out set) are never in the training rows
+    data = Path(__file__).resolve().parents[1] / "lmforge" / "agents" / "data"
+    station = [json.loads(line) for line in (data / "station_questions.jsonl").read_text().splitlines()]
+    text = "\n".join(m["content"] for r in generate_rag_reader("train", 3000) for m in r["messages"])
+    assert not [q["question"] for q in station if q["question"] in text]
+    text = " ".join(text.split())
+    for q in station:  # the extractive answers are the documents' own words, and no sentence of theirs is trained on
+        doc = " ".join((data / "station" / q["source"]).read_text().split())
+        assert q["span"] is None or q["span"] in doc, q
+        assert not [s for s in doc.split(". ") if len(s) > 25 and s in text]
+    assert reader_answer_correct(" 480  kilowatt-hours.", "480 kilowatt-hours")
+    assert not reader_answer_correct("the batteries store 480 kilowatt-hours " + "x" * 40, "480 kilowatt-hours")
+    assert not reader_answer_correct("48 kilowatt-hours", "480 kilowatt-hours")

@@ -10,8 +10,8 @@ top-k with numpy: a few hundred thousand chunks are milliseconds, and nothing el
 
 Readers: ``.txt``/``.md``/``.markdown``/``.rst`` as UTF-8 text; ``.pdf`` through pypdf when it is installed
 (otherwise the file is skipped and counted). Chunks are paragraphs joined up to ``chunk_size`` characters;
-a longer paragraph is cut at sentence ends with ``chunk_overlap`` characters repeated. Each chunk is
-embedded with its document's title (the first Markdown heading, else the file name) in front.
+a longer paragraph is cut at sentence ends with about ``chunk_overlap`` characters repeated (starting at a
+word). Each chunk is embedded with its document's title (the first Markdown heading, else the file name) in front.
 """
 from __future__ import annotations
 
@@ -101,6 +101,9 @@ def _split_long(text: str, s: int, e: int, size: int, overlap: int) -> list[tupl
         if end >= e:
             break
         s = max(end - overlap, s + 1)
+        if not text[s - 1].isspace():  # start the overlap at a word, not inside one
+            space = text.find(" ", s, end)
+            s = space if space != -1 else s
         while s < e and text[s].isspace():
             s += 1
     return out

@@ -358,3 +358,25 @@ DATASETS.register(
                     "with the expected call in 'solution'; test is 200 held-out rows",
     ),
 )
+
+# ----------------------------------------------------------------------------- reading retrieved passages
+
+RAG_READER_SIZES = {"train": 20000, "test": 500}
+
+
+def _load_rag_reader(split: str, ctx: BuiltinContext) -> list[dict]:
+    from lmforge.dataset.rag_reader import generate_rag_reader
+
+    return generate_rag_reader(split, RAG_READER_SIZES[split])
+
+
+DATASETS.register(
+    "rag-reader",
+    BuiltinDataset(
+        "rag-reader",
+        _load_rag_reader,
+        splits=("train", "test"),
+        description="20,000 rag-agent prompts (system prompt, numbered passages of made-up documents, question) "
+                    "answered by a span copied from one passage ('solution'); test is 500 rows from another seed",
+    ),
+)
