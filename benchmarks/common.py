@@ -209,6 +209,7 @@ def run_child(script: str, cfg: dict, failed: dict) -> tuple[dict, int]:
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env.setdefault("CUDA_VISIBLE_DEVICES", "0")  # one GPU: on a multi-GPU host the Trainer baselines would run nn.DataParallel
     t = time.time()
     proc = subprocess.run([sys.executable, script, "--_child", json.dumps(cfg)], env=env)
     result = Path(cfg["result"])
