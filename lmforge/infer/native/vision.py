@@ -100,8 +100,9 @@ def image_encoder(model: Any) -> Any:
     @torch.inference_mode()
     def encode(pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         dev = base.device
-        out = base.get_image_features(pixel_values.to(dev), grid.to(dev), return_dict=True).pooler_output
-        return torch.cat(list(out), dim=0)
+        out = base.get_image_features(pixel_values.to(dev), grid.to(dev))
+        out = getattr(out, "pooler_output", out)  # transformers 5 returns an output object, 4 the per-image tuple
+        return out if torch.is_tensor(out) else torch.cat(list(out), dim=0)
 
     return encode
 
