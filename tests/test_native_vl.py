@@ -1,7 +1,7 @@
 """The native engine on a vision-language model (builtin:tiny-vl, Qwen2-VL), on the CPU in float32, against the
 hf engine: image embeddings from the model's own tower, 3-D M-RoPE positions for prompt tokens and 1-D
-``index + delta`` after them, prefix-cache keys that tell images apart, chunked prefill, and the refusal of
-families it does not run (LLaVA).
+``index + delta`` after them, prefix-cache keys that tell images apart, chunked prefill, preemption, a tiny
+Qwen2.5-VL, and the refusal of families it does not run (LLaVA).
 
 builtin:tiny-vl's own random weights make every reply one repeated token, which hides position errors; the
 weights are redrawn here with unit-variance activations so that replies vary, and logprobs are compared too.
@@ -143,6 +143,54 @@ def test_update_weights_reaches_the_vision_tower(model_tok):
         req = [_ask("<image>Which colour?", WIDE)]
         want = HfEngine(model_obj=model_tok[0], tokenizer=tok, device="cpu").infer(req, GREEDY)
         _same(engine.infer(req, GREEDY), want)
+    finally:
+        engine.close()
+
+
+def _tiny_qwen2_5_vl(folder):
+    """A random Qwen2.5-VL (window-attention vision tower) with builtin:tiny-vl's language model shape,
+    tokenizer and image processor, its matrices drawn as redrawn_tiny_vl draws them."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from lmforge.model import builtin_model_dir
+
+    src = Path(builtin_model_dir("tiny-vl"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
+                 "generation_config.json"):
+        shutil.copy(src / name, folder / name)
+    top = json.loads((src / "config.json").read_text())
+    text = {k: v for k, v in top["text_config"].items() if k != "model_type"}
+    vision = dict(depth=2, hidden_size=64, num_heads=2, out_hidden_size=text["hidden_size"], intermediate_size=128,
+                  fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    keep = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings",
+            "eos_token_id", "pad_token_id")
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                                **{k: top[k] for k in keep}))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_qwen2_5_vl_matches_hf_with_chunked_prefill(tmp_path):
+    from lmforge.infer.hf import HfEngine
+    from lmforge.infer.native import NativeEngine
+
+    folder = _tiny_qwen2_5_vl(tmp_path)
+    reqs = [_ask("<image>Which colour?", RED), _ask("Hello there, how are you today?"),
+            _ask("Shape?<image> and then <image>, compare.", WIDE, TALL), _ask("<image>Describe.", BIG)]
+    want = HfEngine(folder, device="cpu").infer(reqs, GREEDY)
+    engine = NativeEngine(folder, allow_cpu=True, device="cpu", enforce_eager=True, block_size=4, max_num_seqs=4,
+                          max_num_batched_tokens=8)
+    try:
+        assert engine.model.config.model_type == "qwen2_5_vl"
+        _same(engine.infer(reqs, GREEDY), want)
     finally:
         engine.close()
 

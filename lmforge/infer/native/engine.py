@@ -6,7 +6,7 @@ is how tokens are produced. One background thread owns the GPU and loops: schedu
 (decodes first, then prompt chunks; :mod:`.scheduler`), run it (a CUDA graph for pure decode steps;
 :mod:`.runner`), sample every row on the device (:mod:`.sampler`), append the tokens and hand them to
 whoever waits for them. Requests from any number of threads (the server's, say) join the running
-batch at the next step instead of waiting for a lock. Qwen2-VL requests bring their images: the
+batch at the next step instead of waiting for a lock. Qwen2-VL and Qwen2.5-VL requests bring images: the
 model's vision tower runs at their prefill and their rotary positions are 3-D (:mod:`.vision`).
 """
 from __future__ import annotations

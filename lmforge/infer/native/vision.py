@@ -1,4 +1,4 @@
-"""Images in the native engine (Qwen2-VL): the vision tower's embeddings and M-RoPE positions per request.
+"""Images in the native engine (Qwen2-VL, Qwen2.5-VL): the vision tower's embeddings and M-RoPE positions per request.
 
 What differs from a text prompt, and where it is handled:
 
@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-SUPPORTED = ("qwen2_vl",)  # families whose vision tower and M-RoPE the native engine runs (checked against hf)
+# families whose vision tower and M-RoPE the native engine runs (each checked against the hf engine)
+SUPPORTED = ("qwen2_vl", "qwen2_5_vl")
 
 
 def check_supported(model: Any) -> None:
