@@ -128,6 +128,9 @@ def test_n_samples_share_the_image_prompt_and_image_tokens_are_never_sampled(hf,
     got = native.infer([req], cfg)[0]
     want = hf.infer([req], RequestConfig(max_tokens=12, ignore_eos=True))[0].choices[0].token_ids
     assert [c.token_ids for c in got.choices] == [want] * 3
+    one = RequestConfig(max_tokens=12, ignore_eos=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in native.infer_stream(req, one) if c.choices)
+    assert streamed and streamed == hf.infer([req], one)[0].choices[0].message.content
     sampled = native.infer([req], RequestConfig(max_tokens=16, temperature=1.5, n=4, seed=0))[0]
     assert not any(t in hf.template.vision.token_ids for c in sampled.choices for t in c.token_ids)
 
@@ -193,6 +196,34 @@ def test_qwen2_5_vl_matches_hf_with_chunked_prefill(tmp_path):
         _same(engine.infer(reqs, GREEDY), want)
     finally:
         engine.close()
+
+
+def test_language_model_adapters_apply_per_request_and_tower_adapters_are_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lmforge.infer.hf import HfEngine
+    from lmforge.infer.native import NativeEngine
+    from lmforge.infer.native.model import UnsupportedModelError
+    from lmforge.model import get_model_tokenizer
+
+    torch.manual_seed(0)
+    for name, target in (("lm", r".*language_model.*\.(q_proj|v_proj|down_proj)"), ("tower", r".*visual.*\.qkv")):
+        model, _ = get_model_tokenizer("builtin:tiny-vl", device="cpu")
+        lora = LoraConfig(r=4, lora_alpha=16, target_modules=target, init_lora_weights=False)  # random B: it acts
+        get_peft_model(model, lora).save_pretrained(tmp_path / name)
+    reqs = [InferRequest(messages=[{"role": "user", "content": "<image>Which colour?"}], images=[WIDE], adapter=a)
+            for a in ("lm", "", "lm")]
+    hf = HfEngine("builtin:tiny-vl", adapters={"lm": str(tmp_path / "lm")}, device="cpu")
+    want = [hf.infer([r], GREEDY)[0] for r in reqs]  # one adapter per hf batch; the native engine mixes them
+    assert want[0].choices[0].token_ids != want[1].choices[0].token_ids
+    engine = NativeEngine("builtin:tiny-vl", adapters={"lm": str(tmp_path / "lm")}, allow_cpu=True, device="cpu",
+                          enforce_eager=True)
+    try:
+        _same(engine.infer(reqs, GREEDY), want)
+    finally:
+        engine.close()
+    with pytest.raises(UnsupportedModelError, match="change the vision tower"):
+        NativeEngine("builtin:tiny-vl", adapters={"tower": str(tmp_path / "tower")}, allow_cpu=True, device="cpu")
 
 
 def test_other_vision_families_are_refused_by_name(tmp_path, tiny_tokenizer):

@@ -61,6 +61,7 @@ class NativeEngine(HfEngine):
         super().__init__(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **kwargs)
         if self.processor is not None:
             vision.check_supported(self.model)
+            vision.check_adapters(self.model)
         from lmforge.infer.native import attention
 
         on_cuda = self.device.type == "cuda"

@@ -34,6 +34,19 @@ def check_supported(model: Any) -> None:
             f"(it runs {', '.join(SUPPORTED)}); use --infer_backend hf")
 
 
+def check_adapters(model: Any) -> None:
+    """LoRA is applied per token in the language model only; the vision tower runs through transformers with
+    one adapter at a time, so adapters that change it are refused rather than mixed up between requests."""
+    from lmforge.infer.native.model import UnsupportedModelError
+
+    touched = sorted({n for name, module in model.named_modules() for n in (getattr(module, "lora_A", None) or {})
+                      if ".visual." in f".{name}"})
+    if touched:
+        raise UnsupportedModelError(f"adapter(s) {', '.join(touched)} change the vision tower, which the native engine "
+                                    "runs without per-request adapters; merge them (`lmforge export --merge_lora "
+                                    "true`) or use --infer_backend hf")
+
+
 @dataclass(eq=False)
 class RequestImages:
     """One request's images, shared by its ``n`` sequences: pixels, their digest, the prompt's positions,
