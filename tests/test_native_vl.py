@@ -227,8 +227,15 @@ def test_language_model_adapters_apply_per_request_and_tower_adapters_are_refuse
 
 
 def test_other_vision_families_are_refused_by_name(tmp_path, tiny_tokenizer):
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+    )
+    from transformers.models.llava.image_processing_pil_llava import (
+        LlavaImageProcessorPil,
+    )
 
     from lmforge.infer.native import NativeEngine
     from lmforge.model.builtin import _RENDER_PARTS

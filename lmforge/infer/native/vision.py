@@ -63,7 +63,7 @@ class RequestImages:
 
     @classmethod
     def build(cls, prompt_ids: list[int], pixels: dict[str, torch.Tensor], image_token_id: int,
-              merge_size: int) -> "RequestImages":
+              merge_size: int) -> RequestImages:
         from lmforge.model.vision import mrope_position_ids
 
         ids = torch.tensor(prompt_ids, dtype=torch.long)
