@@ -139,7 +139,7 @@ def test_grpo_cli_on_shapes_runs_end_to_end(tmp_path):
     assert "<image>" in row["prompt"][0]["content"] and len(row["completions"]) == 4
 
 
-def test_grpo_refuses_videos_and_the_native_engine_on_a_vl_model(tmp_path):
+def test_grpo_refuses_videos(tmp_path):
     from datasets import Dataset
 
     from lmforge.rlhf.grpo_trainer import prompt_rows
@@ -148,10 +148,36 @@ def test_grpo_refuses_videos_and_the_native_engine_on_a_vl_model(tmp_path):
                              "videos": [[_image((1, 2, 3))]]}])
     with pytest.raises(ValueError, match="GRPO on rows with videos is not supported yet"):
         prompt_rows(ds)
-    from lmforge.arguments import RlhfArguments
-    from lmforge.pipelines.rlhf import rlhf_main
 
-    with pytest.raises(ValueError, match="--infer_backend native does not support vision-language models"):
-        rlhf_main(RlhfArguments(rlhf_type="grpo", model="builtin:tiny-vl", dataset=["builtin:shapes#4"],
-                                reward_funcs=["accuracy"], infer_backend="native", output_dir=str(tmp_path),
-                                report_to=["none"]))
+
+def test_grpo_with_the_native_engine_on_image_rows(tmp_path, monkeypatch):
+    """--infer_backend native on builtin:tiny-vl (CPU reference path): rollouts carry the images, the trainer
+    pushes its weights, and the engine then answers an image prompt as the policy does."""
+    import lmforge.infer
+    from lmforge.arguments import RlhfArguments
+    from lmforge.infer import InferRequest, RequestConfig
+    from lmforge.infer.hf import HfEngine
+    from lmforge.pipelines.rlhf import rlhf_main
+    from lmforge.rlhf.rollout import policy_named_weights
+
+    real = lmforge.infer.get_engine
+    monkeypatch.setattr(lmforge.infer, "get_engine", lambda backend, **kw: real(
+        backend, **({**kw, "allow_cpu": True, "enforce_eager": True} if backend == "native" else kw)))
+    result = rlhf_main(RlhfArguments(
+        rlhf_type="grpo", model="builtin:tiny-vl", dataset=["builtin:shapes#8"], reward_funcs=["colour_match"],
+        train_type="full", num_generations=4, max_completion_length=4, per_device_train_batch_size=4,
+        max_steps=2, logging_steps=1, learning_rate=1e-3, temperature=1.0, infer_backend="native",
+        output_dir=str(tmp_path), add_version=False, report_to=["none"], plot=False, save_steps=1000))
+    trainer = result["trainer"]
+    engine = trainer._engine
+    try:
+        assert type(engine).__name__ == "NativeEngine" and engine.stats["prefill_tokens"] > 0
+        engine.update_weights(policy_named_weights(trainer.model))
+        req = [InferRequest(messages=[{"role": "user", "content": "<image>What colour is it?"}],
+                            images=[_image((200, 0, 0))])]
+        cfg = RequestConfig(max_tokens=8, ignore_eos=True)
+        want = HfEngine(model_obj=trainer.model, tokenizer=trainer.template.tokenizer, template=trainer.template
+                        ).infer(req, cfg)[0].choices[0].token_ids
+        assert engine.infer(req, cfg)[0].choices[0].token_ids == want
+    finally:
+        engine.close()

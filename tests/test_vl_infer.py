@@ -1,6 +1,6 @@
 """Generation with images on builtin:tiny-vl: the hf engine against transformers' own processor + generate,
 batches that mix image and text prompts, the OpenAI server with base64 images (official client), the
-terminal chat, and the native engine's refusal."""
+terminal chat (the native engine on images: tests/test_native_vl.py)."""
 from __future__ import annotations
 
 import openai
@@ -88,13 +88,6 @@ def test_chat_asks_for_image_paths(engine, tmp_path):
     history = chat(engine, RequestConfig(max_tokens=3), read_line=lambda prompt: next(lines), out=out, stream=False)
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     assert "<image>" in out.getvalue()  # the help line says how to attach one
-
-
-def test_native_engine_says_it_does_not_support_vision_models():
-    from lmforge.infer.native import NativeEngine
-
-    with pytest.raises(NotImplementedError, match="does not support vision-language models"):
-        NativeEngine("builtin:tiny-vl", allow_cpu=True, device="cpu")
 
 
 def test_eval_on_images_locally_and_through_a_server(engine, tmp_path):

@@ -160,8 +160,13 @@ def grpo_main(args: RlhfArguments, engine: Any = None) -> dict[str, Any]:
     setup = prepare_training(args, "infer")  # the dataset is encoded as prompts, ending with the generation prompt
     if getattr(setup.template, "vision", None) is not None and args.infer_backend == "native" and engine is None \
             and not args.rollout_url:
-        raise ValueError("--infer_backend native does not support vision-language models yet (it runs the language "
-                         "model alone, without the vision tower); use --infer_backend hf for GRPO on this model")
+        from lmforge.infer.native.vision import SUPPORTED
+
+        model_type = getattr(setup.model.config, "model_type", None)
+        if model_type not in SUPPORTED:
+            raise ValueError(f"--infer_backend native does not support the vision-language model family "
+                             f"{model_type!r} yet (it runs {', '.join(SUPPORTED)}); use --infer_backend hf for GRPO "
+                             "on this model")
     if args.packing:
         logger.warning("rlhf_type grpo: --packing ignored (completions are sampled and padded per micro-batch)")
     train, val = load_training_data(args, setup.template, pack=False, transform=prompt_rows)

@@ -2,10 +2,11 @@
 
 The cache tensors live in the model runner; this module only decides which block ids a sequence
 owns. A full block is identified by the hash of (previous block's hash, its token ids, its LoRA
-adapter), so two requests that share a prompt prefix share the blocks holding it. A block whose
-last owner finished keeps its hash and waits in an LRU pool: a later request with the same prefix
-picks it up again, and allocation evicts the least recently used such block only when no never-used
-block is left.
+adapter), so two requests that share a prompt prefix share the blocks holding it; a request's salt
+(the digest of its images) stands in for the first block's parent, so equal ids with other pixels
+share nothing. A block whose last owner finished keeps its hash and waits in an LRU pool: a later
+request with the same prefix picks it up again, and allocation evicts the least recently used such
+block only when no never-used block is left.
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ class BlockManager:
                     self.free.append(block)
 
     # ---- prefix caching ----------------------------------------------------------------------
-    def match_prefix(self, tokens: Sequence[int], adapter: int, max_tokens: int) -> tuple[list[int], list[int]]:
+    def match_prefix(self, tokens: Sequence[int], adapter: int, max_tokens: int,
+                     salt: int | None = None) -> tuple[list[int], list[int]]:
         """Blocks already holding the longest cached prefix of ``tokens`` (at most ``max_tokens`` tokens).
 
         Returns (block ids, their hashes); each returned block gains a reference.
@@ -84,7 +86,7 @@ class BlockManager:
         if not self.prefix_caching:
             return blocks, hashes
         bs = self.block_size
-        parent = None
+        parent = salt
         for i in range(min(len(tokens), max_tokens) // bs):
             h = block_hash(parent, tokens[i * bs:(i + 1) * bs], adapter)
             block = self.cached.get(h)

@@ -6,7 +6,8 @@ is how tokens are produced. One background thread owns the GPU and loops: schedu
 (decodes first, then prompt chunks; :mod:`.scheduler`), run it (a CUDA graph for pure decode steps;
 :mod:`.runner`), sample every row on the device (:mod:`.sampler`), append the tokens and hand them to
 whoever waits for them. Requests from any number of threads (the server's, say) join the running
-batch at the next step instead of waiting for a lock.
+batch at the next step instead of waiting for a lock. Qwen2-VL and Qwen2.5-VL requests bring images: the
+model's vision tower runs at their prefill and their rotary positions are 3-D (:mod:`.vision`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from lmforge.infer.errors import InferRequestError
 from lmforge.infer.hf import HfEngine, _Job, _Row
+from lmforge.infer.native import vision
 from lmforge.infer.native.cache import BlockManager
 from lmforge.infer.native.model import NativeModel, _decoder
 from lmforge.infer.native.runner import ModelRunner
@@ -57,8 +60,8 @@ class NativeEngine(HfEngine):
         owns_model = kwargs.get("model_obj") is None
         super().__init__(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **kwargs)
         if self.processor is not None:
-            raise NotImplementedError(f"the native engine does not support vision-language models "
-                                      f"({self.model.config.model_type}) yet; use --infer_backend hf")
+            vision.check_supported(self.model)
+            vision.check_adapters(self.model)
         from lmforge.infer.native import attention
 
         on_cuda = self.device.type == "cuda"
@@ -79,6 +82,10 @@ class NativeEngine(HfEngine):
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
                                   enforce_eager=enforce_eager)
+        self._banned = None  # image placeholders are never sampled (as the hf engine does)
+        if self.processor is not None:
+            self.runner.encode_images = vision.image_encoder(self.model)
+            self._banned = torch.tensor(sorted(self.template.vision.token_ids), device=self.device)
         self.blocks = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
@@ -135,12 +142,14 @@ class NativeEngine(HfEngine):
         logits = self.runner.execute(batch, sample_rows)
         for seq, n in batch:
             sched.advance(seq, n)
+            if seq.images is not None:
+                seq.images.release(seq.num_computed)
         self._counts["steps"] += 1
         self._counts["prefill_tokens"] += sum(n for s, n in batch if n > 1)
         if not sample_rows:
             return
         seqs = [batch[i][0] for i in sample_rows]
-        tokens, chosen, top_ids, top_lps = sample(logits, seqs)
+        tokens, chosen, top_ids, top_lps = sample(logits, seqs, self._banned)
         tokens = tokens.tolist()
         chosen = chosen.tolist() if chosen is not None else None
         top_ids = top_ids.tolist() if top_ids is not None else None
@@ -194,9 +203,21 @@ class NativeEngine(HfEngine):
     # ---- weights -----------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new weights in (transformers names), between steps; the prefix cache is dropped since
-        the cached keys and values belong to the old weights."""
+        the cached keys and values belong to the old weights. A vision tower's weights go into the
+        transformers model, which runs it."""
+        tower: list[tuple[str, torch.Tensor]] = []
+
+        def decoder_part(named: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+            for name, t in named:
+                if self.processor is not None and ".visual." in f".{name.replace('base_model.model.', '')}":
+                    tower.append((name.replace("base_model.model.", ""), t))
+                else:
+                    yield name, t.to(self.native.device)
+
         with self._step_lock:
-            n = self.native.load_weights((name, t.to(self.native.device)) for name, t in named_tensors)
+            n = self.native.load_weights(decoder_part(named_tensors))
+            if tower:
+                super().update_weights(tower)
             self.blocks.reset_prefix_cache()
         logger.debug("native engine: %d tensors updated", n)
 
@@ -205,8 +226,20 @@ class NativeEngine(HfEngine):
         name = name if name is not None else self.default_adapter
         return self.native.lora_slots[name] if name else -1
 
+    def _request_images(self, job: _Job) -> vision.RequestImages | None:
+        """The pixels of a prompt with images (the processor's, as the hf engine reads them) and its positions."""
+        if not job.images:
+            return None
+        enc = self.template.vision
+        try:
+            return vision.RequestImages.build(job.input_ids, enc.pixel_inputs(job.images), enc.image_token_id,
+                                              self.model.config.vision_config.spatial_merge_size)
+        except ValueError as e:
+            raise InferRequestError(f"images: {e}", index=job.index) from e
+
     def _sequences(self, job: _Job, cfg: RequestConfig, on_token: Callable[[Sequence], None]) -> list[Sequence]:
         stop = StopStrings([*cfg.stop, *self.stop_words])
+        images = self._request_images(job)
         seqs = []
         seed = job.request.seed if job.request.seed is not None else cfg.seed
         for k in range(cfg.n):
@@ -221,7 +254,8 @@ class NativeEngine(HfEngine):
                 ignore_eos=bool(getattr(cfg, "ignore_eos", False)), generator=gen)
             seqs.append(Sequence(token_ids=list(job.input_ids), max_tokens=job.max_tokens, params=params,
                                  adapter=self._adapter_slot(job.request.adapter),
-                                 stop_ids=frozenset(self.stop_token_ids), stop_strings=stop, on_token=on_token))
+                                 stop_ids=frozenset(self.stop_token_ids), stop_strings=stop, on_token=on_token,
+                                 images=images))
         return seqs
 
     def _generate(self, jobs: list[_Job], cfg: RequestConfig, *, streamer: Any = None,

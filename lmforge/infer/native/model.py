@@ -149,6 +149,8 @@ class NativeModel:
         with torch.no_grad():
             cos, sin = dec.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        # Qwen2-VL: which rotary frequencies follow the time/height/width axis (vision.mrope_cos_sin)
+        self.mrope_section = getattr(dec.rotary_emb, "mrope_section", None)
         self.layers = [self._layer(i, layer, cfg) for i, layer in enumerate(dec.layers)]
         self.lora_slots: dict[str, int] = {}
 
@@ -202,7 +204,7 @@ class NativeModel:
                     self.embed.copy_(tensor)
                 elif name == "lm_head.weight":
                     self.lm_head.copy_(tensor)
-                elif name in ("model.norm.weight", "norm.weight"):
+                elif name in ("model.norm.weight", "norm.weight", "model.language_model.norm.weight"):
                     self.norm.copy_(tensor)
                 elif "layers" in parts:
                     k = parts.index("layers")
@@ -276,12 +278,21 @@ class NativeModel:
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta,
-                k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> torch.Tensor:
-        """Final-normed hidden states [T, hidden] of a flat batch of tokens."""
+                k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], *,
+                image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Final-normed hidden states [T, hidden] of a flat batch of tokens.
+
+        ``image_embeds``: (rows, values) replacing those tokens' embeddings (a vision tower's output);
+        ``rope``: per-token cos/sin [T, D] used instead of the tables at ``positions`` (3-D M-RoPE).
+        """
         T = input_ids.shape[0]
         h = F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
             h = h * self.embed_scale
+        if image_embeds is not None:
+            rows, values = image_embeds
+            h = h.index_copy(0, rows, values.to(h.dtype))
         masks = self._lora_masks(meta.lora_idx) if self.lora_slots and meta.lora_idx is not None else None
         nq, nkv, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
 
@@ -294,9 +305,12 @@ class NativeModel:
                 out = out + ((x @ A) * masks[_GROUP_WIDTH[group]]) @ B
             return out
 
+        cos_t, sin_t = (self.cos, self.sin) if rope is None else (rope[0].contiguous(), rope[1].contiguous())
+        if rope is not None:  # the kernel indexes its tables by position: index the per-token rows by token
+            positions = torch.arange(T, device=h.device)
         if self.fused:
-            return self._forward_fused(h, positions, meta, k_cache, v_cache, proj)
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+            return self._forward_fused(h, positions, meta, k_cache, v_cache, proj, cos_t, sin_t)
+        cos, sin = cos_t[positions][:, None, :], sin_t[positions][:, None, :]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.ln1, self.eps)
             qkv = proj(x, layer, "qkv", layer.qkv_w, layer.qkv_b)
@@ -322,7 +336,8 @@ class NativeModel:
         return rms_norm(h, self.norm, self.eps)
 
     def _forward_fused(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta,
-                       k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], proj: Callable) -> torch.Tensor:
+                       k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], proj: Callable,
+                       cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The same computation with the fused kernels (CUDA): residual adds ride along the norms."""
         from lmforge.infer.native import kernels
 
@@ -331,7 +346,7 @@ class NativeModel:
         x, residual = kernels.add_rms_norm(h, None, self.layers[0].ln1, self.eps)
         for i, layer in enumerate(self.layers):
             qkv = proj(x, layer, "qkv", layer.qkv_w, layer.qkv_b)
-            kernels.rope_and_cache(qkv, positions, self.cos, self.sin, meta.slot_mapping, k_cache[i], v_cache[i],
+            kernels.rope_and_cache(qkv, positions, cos, sin, meta.slot_mapping, k_cache[i], v_cache[i],
                                    self.num_heads, self.num_kv_heads, self.head_dim, layer.q_norm, layer.k_norm,
                                    self.eps)
             q = qkv[:, :nq].view(T, self.num_heads, self.head_dim)

@@ -15,11 +15,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
+
 import numpy as np
 import torch
 
 from lmforge.infer.native.model import AttentionMeta, NativeModel
 from lmforge.infer.native.scheduler import Sequence
+from lmforge.infer.native.vision import mrope_cos_sin
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.graph_sizes: list[int] = []
         self.graph_steps = 0
+        self.encode_images: Any = None  # vision.image_encoder of a vision-language model (set by the engine)
         if self.on_cuda and not enforce_eager:
             self._capture(default_graph_sizes(max_num_seqs))
 
@@ -108,7 +112,7 @@ class ModelRunner:
         kc = [torch.zeros(next_block, self.block_size, self.model.num_kv_heads, self.model.head_dim,
                           device=self.device, dtype=self.dtype)]
         vc = [torch.zeros_like(kc[0])]
-        meta, ids, pos, _ = self._prepare_raw([(0, n, b, [1] * n, -1) for n, b in zip(lens, seqs_blocks)])
+        meta, ids, pos, _ = self._prepare_raw([(0, n, b, [1] * n, -1, 0) for n, b in zip(lens, seqs_blocks)])
         h = self.model.forward(ids, pos, meta, kc * self.model.num_layers, vc * self.model.num_layers)
         logits = self.model.logits(h[-B:])
         probs = logits.softmax(-1)
@@ -116,9 +120,11 @@ class ModelRunner:
         del kc, vc, h, logits, probs
 
     # ---- inputs ------------------------------------------------------------------------------
-    def _prepare_raw(self, rows: list[tuple[int, int, list[int], list[int], int]]
+    def _prepare_raw(self, rows: list[tuple[int, int, list[int], list[int], int, int]]
                      ) -> tuple[AttentionMeta, torch.Tensor, torch.Tensor, list[int]]:
-        """rows: (start position, new tokens, block ids, token ids of the new tokens, lora slot)."""
+        """rows: (start index, new tokens, block ids, token ids of the new tokens, lora slot, rope offset).
+
+        A token's rotary position is its index plus the row's offset (Qwen2-VL's M-RoPE delta; 0 for text)."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -129,9 +135,9 @@ class ModelRunner:
         last: list[int] = []
         width = max(len(r[2]) for r in rows)
         tables = []
-        for start, n, blocks, toks, slot in rows:
+        for start, n, blocks, toks, slot, delta in rows:
             ids += toks
-            pos += range(start, start + n)
+            pos += range(start + delta, start + delta + n)
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
             lora += [slot] * n
             qsl.append(qsl[-1] + n)
@@ -150,21 +156,46 @@ class ModelRunner:
                                                                                       device=dev), last
 
     @staticmethod
-    def rows_for(batch: list[tuple[Sequence, int]]) -> list[tuple[int, int, list[int], list[int], int]]:
-        return [(s.num_computed, n, s.blocks, s.token_ids[s.num_computed:s.num_computed + n], s.adapter)
-                for s, n in batch]
+    def rows_for(batch: list[tuple[Sequence, int]]) -> list[tuple[int, int, list[int], list[int], int, int]]:
+        return [(s.num_computed, n, s.blocks, s.token_ids[s.num_computed:s.num_computed + n], s.adapter,
+                 s.images.delta if s.images is not None else 0) for s, n in batch]
+
+    def _vision_inputs(self, batch: list[tuple[Sequence, int]]) -> dict[str, Any]:
+        """The step's image embeddings and, when a token's M-RoPE axes differ, per-token cos/sin (vision.py)."""
+        rows, values, pos3, offset, mrope = [], [], [], 0, False
+        for seq, n in batch:
+            start = seq.num_computed
+            img = seq.images
+            got = img.chunk_embeds(start, n, self.encode_images) if img is not None else None
+            if got is not None:
+                rows.append(got[0] + offset)
+                values.append(got[1])
+            p = img.rope_positions(start, n) if img is not None else None
+            mrope |= p is not None
+            delta = img.delta if img is not None else 0
+            pos3.append(p if p is not None else torch.arange(start + delta, start + delta + n).expand(3, n))
+            offset += n
+        out: dict[str, Any] = {}
+        if rows:
+            out["image_embeds"] = (torch.cat(rows).to(self.device), torch.cat(values))
+        if mrope:
+            out["rope"] = mrope_cos_sin(self.model.cos, self.model.sin, torch.cat(pos3, 1).to(self.device),
+                                        self.model.mrope_section)
+        return out
 
     # ---- execution ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
         """Logits [len(sample_rows), vocab] (float32) for the last token of the listed batch rows."""
         rows = self.rows_for(batch)
-        if self.graphs and all(n == 1 for _, n in batch) and len(batch) <= self.graph_sizes[-1]:
+        vision = self._vision_inputs(batch) if any(s.images is not None for s, _ in batch) else {}
+        if (self.graphs and not vision and all(n == 1 for _, n in batch)
+                and len(batch) <= self.graph_sizes[-1]):
             logits = self._replay(rows)
             self.graph_steps += 1
             return logits[sample_rows] if len(sample_rows) != logits.shape[0] else logits
         meta, ids, pos, last = self._prepare_raw(rows)
-        hidden = self.model.forward(ids, pos, meta, self.k_cache, self.v_cache)
+        hidden = self.model.forward(ids, pos, meta, self.k_cache, self.v_cache, **vision)
         return self.model.logits(hidden[[last[i] for i in sample_rows]])
 
     # ---- CUDA graphs -------------------------------------------------------------------------
@@ -203,7 +234,7 @@ class ModelRunner:
         logger.info("native engine: captured %d CUDA graphs (batch 1..%d) in %.1f s", len(sizes), max(sizes),
                     time.perf_counter() - t0)
 
-    def _replay(self, rows: list[tuple[int, int, list[int], list[int], int]]) -> torch.Tensor:
+    def _replay(self, rows: list[tuple[int, int, list[int], list[int], int, int]]) -> torch.Tensor:
         n = len(rows)
         B = next(s for s in self.graph_sizes if s >= n)
         graph, buf, out = self.graphs[B]
@@ -211,8 +242,8 @@ class ModelRunner:
         width = max(len(r[2]) for r in rows)
         table = np.zeros((B, width), dtype=np.int32)  # columns past a row's length are never read
         ids, pos, slots, lens, lora = [0] * B, [0] * B, [-1] * B, [1] * B, [-1] * B
-        for i, (start, _, blocks, toks, slot) in enumerate(rows):
-            ids[i], pos[i], lens[i], lora[i] = toks[0], start, start + 1, slot
+        for i, (start, _, blocks, toks, slot, delta) in enumerate(rows):
+            ids[i], pos[i], lens[i], lora[i] = toks[0], start + delta, start + 1, slot
             slots[i] = blocks[start // bs] * bs + start % bs
             table[i, :len(blocks)] = blocks
         buf["ids"].copy_(torch.tensor(ids))

@@ -38,13 +38,17 @@ def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                             torch.Tensor | None, torch.Tensor | None]:
+def sample(logits: torch.Tensor, seqs: Seq[Sequence], banned: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Tokens for each row of ``logits`` [B, V] (float32), plus (chosen logprob, top ids, top logprobs)
-    when any row asked for logprobs. The log-probabilities are those of the model's raw distribution."""
+    when any row asked for logprobs. The log-probabilities are those of the model's raw distribution.
+
+    ``banned`` ids are never chosen (a vision-language model's image placeholders, as the hf engine does)."""
     params = [s.params for s in seqs]
     want_lp = max(p.logprobs for p in params)
     raw_lp = logits.log_softmax(-1) if want_lp >= 0 else None
+    if banned is not None:
+        logits = logits.index_fill(1, banned, float("-inf"))
     if any(p.penalised for p in params):
         logits = apply_penalties(logits.clone(), seqs)
     greedy = [p.greedy for p in params]

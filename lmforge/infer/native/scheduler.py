@@ -75,6 +75,12 @@ class Sequence:
     aborted: bool = False
     logprobs: list[tuple[int, float, list[int] | None, list[float] | None]] = field(default_factory=list)
     error: BaseException | None = None  # why the engine could not finish it (raised to the caller)
+    images: Any = None  # a vision.RequestImages (shared by a request's n sequences), None for text
+
+    @property
+    def cache_salt(self) -> int | None:
+        """Folded into the first block's hash: prompts with equal ids but other images share no blocks."""
+        return self.images.digest if self.images is not None else None
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)
@@ -143,7 +149,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.blocks:  # fresh (or preempted): reuse cached blocks of its prefix
                 seq.blocks, seq.block_hashes = self.blocks.match_prefix(
-                    seq.token_ids, seq.adapter, max_tokens=len(seq.token_ids) - 1)
+                    seq.token_ids, seq.adapter, max_tokens=len(seq.token_ids) - 1, salt=seq.cache_salt)
                 seq.num_computed = len(seq.blocks) * self.bs
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             need = -(-(seq.num_computed + n) // self.bs) - len(seq.blocks)
@@ -191,7 +197,7 @@ class Scheduler:
         full = min(seq.num_computed, len(seq.token_ids)) // self.bs
         while len(seq.block_hashes) < full:
             k = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             seq.block_hashes.append(self.blocks.register(
                 seq.blocks[k], parent, seq.token_ids[k * self.bs:(k + 1) * self.bs], seq.adapter))
 
