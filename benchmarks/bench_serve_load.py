@@ -372,10 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_num_seqs", type=int, default=256, help="native: sequences decoded together")
     p.add_argument("--max_num_batched_tokens", type=int, default=8192, help="native: tokens per step")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.85, help="native: share of GPU memory")
+    p.add_argument("--native_on_cpu", action="store_true",
+                   help="native: run the engine on CPU (LMFORGE_NATIVE_ALLOW_CPU=1) to measure the server's host work")
     p.add_argument("--cache", default="/tmp/lmforge-bench", help="where --model 0.5b/7b is written")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--engine_only_json", default=None, help=argparse.SUPPRESS)  # the child's output
     args = p.parse_args(argv)
+    if args.native_on_cpu:  # read by NativeEngine, in the engine-only child and the server alike
+        os.environ["LMFORGE_NATIVE_ALLOW_CPU"] = "1"
     if args.duration <= 0 or args.clients < 1 or args.requests < 0:
         p.error("--duration must be > 0, --clients >= 1 and --requests >= 0")
     if args.engine_baseline and not args.requests:

@@ -590,15 +590,19 @@ def _chat_stream(state: ServeState, info: RequestInfo, slot: Slot, req: ChatComp
             usage.prompt_tokens, usage.completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
         if not chunk.choices:
             return None
-        for c in chunk.choices:
-            c.delta.role = None if c.index in started else "assistant"
+        choices = []
+        for c in chunk.choices:  # built by hand: model_dump was the costliest step per chunk
+            d = c.delta
+            role = None if c.index in started else "assistant"
             started.add(c.index)
-            for k, call in enumerate(c.delta.tool_calls or []):
+            for k, call in enumerate(d.tool_calls or []):
                 call.setdefault("index", k)  # streamed tool calls carry their position (OpenAI's shape)
-            if info.ttft is None and (c.delta.content or c.delta.tool_calls):
+            if info.ttft is None and (d.content or d.tool_calls):
                 info.ttft = time.perf_counter() - info.start
-        data = chunk.model_dump(mode="json", exclude={"usage"})
-        data.update(id=info.id, model=req.model, created=created)
+            choices.append({"index": c.index, "delta": {"role": role, "content": d.content, "tool_calls": d.tool_calls},
+                            "finish_reason": c.finish_reason,
+                            "logprobs": None if c.logprobs is None else c.logprobs.model_dump(mode="json")})
+        data = {"id": info.id, "object": chunk.object, "created": created, "model": req.model, "choices": choices}
         if req.include_usage:
             data["usage"] = None  # OpenAI's shape: null on every chunk, the totals on a last one
         return sse(data)
