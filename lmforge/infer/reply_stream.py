@@ -25,7 +25,10 @@ class ReplyStream:
     def __init__(self, engine: Any, job: Any, cfg: Any):
         self.engine, self.job, self.cfg, self.n = engine, job, cfg, cfg.n
         self.stop = StopStrings([*cfg.stop, *engine.stop_words])
-        self.decoders = [IncrementalDecoder(engine._decode, self.stop) for _ in range(cfg.n)]
+        # Windowed: each push decodes the new tokens (and a few before them), not the whole reply so far.
+        hold = {*engine.stop_token_ids, getattr(engine, "pad_token_id", None)} - {None}
+        self.decoders = [IncrementalDecoder(engine._decode, self.stop, window=True, hold_ids=hold)
+                         for _ in range(cfg.n)]
         # Text that may be a tool call is held back (from ``<tool_call>`` on, say) and sent as
         # ``delta.tool_calls`` in the last chunk once the whole reply has been parsed.
         agent = getattr(engine.template, "agent_template", None)

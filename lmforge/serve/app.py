@@ -39,7 +39,7 @@ from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.serve.pooling import add_pooling_routes, generation_only
 from lmforge.serve.schemas import (ChatCompletionRequest, CompletionRequest, MediaRefused, PromptRequest,
                                    SamplingFields, check_media)
-from lmforge.serve.streaming import EventStreamResponse, StreamAborted, merge_streams, sse
+from lmforge.serve.streaming import EventStreamResponse, StreamAborted, merge_streams, orjson, sse
 
 logger = logging.getLogger("lmforge.serve")
 
@@ -419,9 +419,10 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         state.tokenize_pool = ThreadPoolExecutor(max_workers=min(cfg.max_concurrency, TOKENIZE_WORKERS),
                                                  thread_name_prefix="lmforge-tokenize")
         state.aborting = asyncio.Event()
-        logger.info("serving %s on /v1 (adapters: %s; max_concurrency %d, max_queue %d, auth %s)",
-                    state.base_name, ", ".join(state.adapters) or "none", cfg.max_concurrency, cfg.max_queue,
-                    "on" if state.auth.enabled else "off")
+        logger.info("serving %s on /v1 (adapters: %s; max_concurrency %d, max_queue %d, auth %s; event loop %s, "
+                    "JSON %s)", state.base_name, ", ".join(state.adapters) or "none", cfg.max_concurrency,
+                    cfg.max_queue, "on" if state.auth.enabled else "off",
+                    type(asyncio.get_running_loop()).__module__.split(".")[0], "orjson" if orjson else "json")
         yield
         state.limiter.drain()
         state.aborting.set()
