@@ -22,8 +22,10 @@ output lengths uniform in 100..1024), each asking for exactly its ``max_tokens``
 With ``--engine_baseline`` the same requests are first answered by the engine alone, in a child
 process (built by ``lmforge deploy``'s own ``build_engine`` from the same flags; its GPU memory is
 freed when it exits), all submitted at once with the same sampling. Prints both generated-token
-rates and their ratio, errors, lost requests (sent, never finished), TTFT p50/p95 and latency
-p50/p95; a request whose usage is not exactly its max_tokens counts as an error.
+rates and their ratio, the CPU time each process used per generated token (all threads: on a CPU
+engine the server's host work is the difference), errors, lost requests (sent, never finished), TTFT
+p50/p95 and latency p50/p95; a request whose usage is not exactly its max_tokens counts as an error.
+``--native_on_cpu`` runs the native engine on CPU (builtin:tiny) to measure the server's own work there.
 """
 from __future__ import annotations
 
@@ -62,6 +64,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -177,16 +188,16 @@ def engine_only(args: argparse.Namespace) -> dict:
         offline_generate(engine, [(ids, 4) for ids, _ in work[:8]], cfg)  # warm-up, as the server gets
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         rows = offline_generate(engine, work, cfg, seed=seed)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         if hasattr(engine, "close"):
             engine.close()
     tokens = sum(len(r[0].token_ids) for r in rows)
     short = sum(1 for r, (_, m) in zip(rows, work) if len(r[0].token_ids) != m)
     return {"requests": len(work), "tokens": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1), "wrong_length": short}
+            "tokens_per_s": round(tokens / seconds, 1), "wrong_length": short, "cpu_s": round(cpu, 2)}
 
 
 def run_engine_child(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -268,7 +279,7 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
                                    for ids, _ in work[:8]))
         async with httpx.AsyncClient() as http:
             before = _server_completed((await http.get(url + "/metrics")).text, endpoint)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), _cpu_seconds(proc.pid)
         if fixed:
             next_i = [0]
             tasks = [asyncio.create_task(fixed_client(client, model, work, next_i, args, stats))
@@ -280,7 +291,7 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
         done, pending = await asyncio.wait(tasks, timeout=limit)
         for t in pending:
             t.cancel()
-        elapsed = time.monotonic() - t0
+        elapsed, server_cpu = time.monotonic() - t0, _cpu_seconds(proc.pid) - cpu0
         lost = (len(work) if fixed else stats.sent) - stats.ok - len(stats.errors)
         if pending:
             stats.errors.append(f"{len(pending)} clients still waiting after {limit:g} s (hang)")
@@ -319,6 +330,7 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
     print(f"throughput {stats.ok / elapsed:.2f} req/s, {server_tps:.1f} generated tok/s over {elapsed:.1f} s")
     result = {"requests": len(work) or stats.sent, "completed": stats.ok, "errors": len(stats.errors), "lost": lost,
               "server_counted": server_ok, "server_tok_s": round(server_tps, 1), "seconds": round(elapsed, 2),
+              "server_cpu_s": round(server_cpu, 2),
               "ttft_p50_ms": round(_pct(stats.ttft, 50) * 1000, 1),
               "ttft_p95_ms": round(_pct(stats.ttft, 95) * 1000, 1),
               "latency_p50_s": round(_pct(stats.latency, 50), 3), "latency_p95_s": round(_pct(stats.latency, 95), 3)}
@@ -331,6 +343,9 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
         print(f"{'engine only':14}{b['tokens_per_s']:>12.1f}{b['tokens']:>10}{b['seconds']:>10.2f}")
         print(f"{'server':14}{server_tps:>12.1f}{stats.tokens:>10}{elapsed:>10.2f}")
         print(f"server / engine-only = {ratio:.3f}")
+        if b.get("cpu_s") and stats.tokens:  # all threads of each process: the server's host work shows here
+            print(f"CPU ms per generated token: engine only {1000 * b['cpu_s'] / b['tokens']:.3f}, "
+                  f"server {1000 * server_cpu / stats.tokens:.3f}")
         if baseline["wrong_length"]:
             bad_baseline = True
             print(f"  error: the engine-only run gave {baseline['wrong_length']} outputs of the wrong length")
@@ -372,10 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_num_seqs", type=int, default=256, help="native: sequences decoded together")
     p.add_argument("--max_num_batched_tokens", type=int, default=8192, help="native: tokens per step")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.85, help="native: share of GPU memory")
+    p.add_argument("--native_on_cpu", action="store_true",
+                   help="native: run the engine on CPU (LMFORGE_NATIVE_ALLOW_CPU=1) to measure the server's host work")
     p.add_argument("--cache", default="/tmp/lmforge-bench", help="where --model 0.5b/7b is written")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--engine_only_json", default=None, help=argparse.SUPPRESS)  # the child's output
     args = p.parse_args(argv)
+    if args.native_on_cpu:  # read by NativeEngine, in the engine-only child and the server alike
+        os.environ["LMFORGE_NATIVE_ALLOW_CPU"] = "1"
     if args.duration <= 0 or args.clients < 1 or args.requests < 0:
         p.error("--duration must be > 0, --clients >= 1 and --requests >= 0")
     if args.engine_baseline and not args.requests:

@@ -129,3 +129,35 @@ def test_resolve_checkpoint_reads_args_json(tmp_path):
     full.mkdir()
     (full / "config.json").write_text("{}")
     assert resolve_model_source("ignored", ckpt_dir=str(full)).model == str(full)
+
+
+@pytest.mark.parametrize("source", ["text", "random"])
+def test_windowed_decoder_sends_what_the_whole_reply_decoder_sends(tiny_tokenizer, source):
+    """The server's decoder decodes only new tokens (plus a little context); its pieces must not change."""
+    import random
+
+    from lmforge.template import get_template
+
+    tpl = get_template(tiny_tokenizer, "chatml")  # decode cuts at stop tokens and strips trailing stop words
+    rng = random.Random(0)
+    specials = set(tpl.stop_token_ids) | {tiny_tokenizer.pad_token_id}
+    windowed = 0
+    for trial in range(30):
+        if source == "text":
+            text = "你好，世界! héllo 😀 done. " * rng.randint(1, 4) + "<|im_end|> tail"
+            ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = [rng.randrange(len(tiny_tokenizer)) for _ in range(rng.randint(5, 120))]
+        ids = [i for i in ids if i not in specials] if trial % 2 else ids
+        plain = IncrementalDecoder(tpl.decode, StopStrings(["xyz"]))
+        window = IncrementalDecoder(tpl.decode, StopStrings(["xyz"]), window=True, hold_ids=specials)
+        k = 0
+        while k < len(ids):
+            step = ids[k:k + rng.randint(1, 5)]
+            k += len(step)
+            assert window.push(step) == plain.push(step)
+        final = tpl.decode(ids)
+        assert window.finish(final) == plain.finish(final)
+        assert window.sent == plain.sent
+        windowed += window._window and window._anchor > 0
+    assert windowed >= 10  # the window was really used, not given up at once

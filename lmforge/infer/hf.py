@@ -18,7 +18,6 @@ import copy
 import logging
 import queue
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +34,10 @@ from lmforge.infer.checkpoint import attach_adapters, resolve_model_source
 from lmforge.infer.convert import parse_request, to_canonical_row
 from lmforge.infer.errors import InferRequestError, PromptTooLongError
 from lmforge.infer.protocol import (ChatCompletionResponse, ChatCompletionStreamResponse, ChatMessage, Choice,
-                                    ChoiceLogprobs, DeltaMessage, Function, InferRequest, RequestConfig, StreamChoice,
-                                    TokenLogprob, ToolCall, TopLogprob, Usage, _id)
-from lmforge.infer.utils import IncrementalDecoder, StopStrings, TokenPieces
+                                    ChoiceLogprobs, Function, InferRequest, RequestConfig, TokenLogprob, ToolCall,
+                                    TopLogprob, Usage)
+from lmforge.infer.reply_stream import ReplyStream
+from lmforge.infer.utils import StopStrings, TokenPieces
 
 logger = logging.getLogger(__name__)
 
@@ -613,79 +613,21 @@ class HfEngine(InferEngine):
             finally:
                 streamer.queue.put(_END)
 
-        stop = StopStrings([*cfg.stop, *self.stop_words])
-        decoders = [IncrementalDecoder(self._decode, stop) for _ in range(cfg.n)]
-        # Text that may be a tool call is held back (from ``<tool_call>`` on, say) and sent as
-        # ``delta.tool_calls`` in the last chunk once the whole reply has been parsed.
-        agent = getattr(self.template, "agent_template", None)
-        hold = getattr(agent, "stream_hold", None) if job.request.tools else None
-        settled = [""] * cfg.n  # text the decoder has let out so far
-        shown = [0] * cfg.n  # how much of it has been sent
-        done = [False] * cfg.n
-        pending: list[list[TokenLogprob]] = [[] for _ in range(cfg.n)]  # logprobs of tokens not sent yet
-        sent = [0] * cfg.n  # logprob entries sent per choice
-        chunk_id, created, model = _id("chatcmpl"), int(time.time()), job.request.adapter or self.model_name
-
-        def chunk(choices: list[StreamChoice], usage: Usage | None = None) -> ChatCompletionStreamResponse:
-            return ChatCompletionStreamResponse(id=chunk_id, created=created, model=model, choices=choices,
-                                                usage=usage)
-
-        def take_logprobs(r: int) -> ChoiceLogprobs | None:
-            if not cfg.logprobs:
-                return None
-            out, pending[r] = pending[r], []
-            sent[r] += len(out)
-            return ChoiceLogprobs(content=out)
-
+        reply = ReplyStream(self, job, cfg)
         thread = threading.Thread(target=run, name="lmforge-generate", daemon=True)
         thread.start()
         try:
-            yield chunk([StreamChoice(index=r, delta=DeltaMessage(role="assistant", content="")) for r in range(cfg.n)])
+            yield reply.first()
             while (item := streamer.queue.get()) is not _END:
                 tokens, record = item
                 entries = self._step_logprobs(record) if (cfg.logprobs and record is not None) else None
-                choices = []
-                for r, tok in enumerate(tokens):
-                    if done[r]:
-                        continue
-                    if entries is not None:
-                        pending[r].append(entries[r])
-                    if tok in self.stop_token_ids and not cfg.ignore_eos:
-                        done[r] = True
-                        continue
-                    delta = decoders[r].push([tok])
-                    done[r] = decoders[r].stopped or len(decoders[r].ids) >= job.max_tokens
-                    if hold is not None and delta:
-                        settled[r] += delta
-                        cut = settled[r][:hold(settled[r])]
-                        end = max(shown[r], len(cut.rstrip()))  # trailing space too: parsed content is stripped
-                        delta, shown[r] = settled[r][shown[r]:end], end
-                    if delta:
-                        choices.append(StreamChoice(index=r, delta=DeltaMessage(content=delta),
-                                                    logprobs=take_logprobs(r)))
-                if choices:
-                    yield chunk(choices)
+                out = reply.steps([(tokens, entries)])
+                if out is not None:
+                    yield out
             thread.join()
             if "error" in outcome:
                 raise outcome["error"]
-            rows: list[_Row] = outcome["rows"]
-            final = []
-            for r, row in enumerate(rows):
-                message, reason = self._choice_message(row, bool(job.request.tools))
-                rest = decoders[r].finish(row.text)
-                if hold is not None:
-                    sent_text = settled[r][:shown[r]]
-                    rest = (row.text if not message.tool_calls else (message.content or ""))
-                    rest = rest[len(sent_text):] if rest.startswith(sent_text) else ""
-                if row.logprobs is not None:  # the final table is exact: send the part not sent yet
-                    pending[r] = row.logprobs[sent[r]:]
-                tool_calls = ([{"index": i, **c.model_dump()} for i, c in enumerate(message.tool_calls)]
-                              if message.tool_calls else None)
-                final.append(StreamChoice(index=r, delta=DeltaMessage(content=rest or None, tool_calls=tool_calls),
-                                          finish_reason=reason, logprobs=take_logprobs(r)))
-            completion = sum(len(r.token_ids) for r in rows)
-            yield chunk(final, Usage(prompt_tokens=len(job.input_ids), completion_tokens=completion,
-                                     total_tokens=len(job.input_ids) + completion))
+            yield reply.final(outcome["rows"])
         finally:
             cancel.set()
             thread.join()

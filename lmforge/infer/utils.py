@@ -48,31 +48,70 @@ class StopStrings:
 class IncrementalDecoder:
     """Token ids in, text deltas out, for one streamed reply.
 
-    Each ``push`` decodes the whole reply so far with ``decode`` (the same function the final text
+    Each ``push`` finds the whole reply so far with ``decode`` (the same function the final text
     comes from, so the pieces add up to it) and emits only the part that is settled: no trailing
     U+FFFD (an incomplete UTF-8 sequence), and nothing that may be the start of a stop string.
-    Decoding the whole reply each step costs O(n^2) in the reply length, which is small next to a
-    forward pass per token.
+
+    By default the whole reply is decoded on every push, O(n^2) in its length. With ``window`` the
+    reply is cut at an *anchor* (the last push whose text ended on a whole character) and only the
+    tokens after it are decoded, after ``CONTEXT`` tokens before it (a SentencePiece tokenizer drops
+    the leading space of the first token it decodes; the context's own text is then taken off). The
+    windowed text is checked against that context: if the tokenizer's text is not prefix-stable
+    there, this decoder decodes the whole reply from then on. An anchor is only set where the
+    reply's text ends with its context's text (so not where ``decode`` stripped a stop word longer
+    than the context), and ``hold_ids`` (stop and pad tokens, which ``decode`` cuts or strips) turn
+    windowing off, so the pieces still add up to ``decode(all ids)``.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: StopStrings | None = None):
+    CONTEXT = 4
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: StopStrings | None = None, *,
+                 window: bool = False, hold_ids: Iterable[int] = ()):
         self._decode = decode
         self._stop = stop or StopStrings()
         self.ids: list[int] = []
         self.sent = ""  # text emitted so far
         self.stopped = False  # a stop string has appeared; later tokens are ignored
+        self._window = window
+        self._hold_ids = frozenset(hold_ids)
+        self._anchor = 0  # ids[:anchor] decode to anchor_text, a prefix of every later text
+        self._anchor_text = ""
+        self._context_text = ""  # decode(ids[anchor - CONTEXT:anchor])
 
     def push(self, ids: Iterable[int]) -> str:
         if self.stopped:
             return ""
+        start = len(self.ids)
         self.ids.extend(int(i) for i in ids)
-        text = self._decode(self.ids)
+        text = self._text(start)
         cut, self.stopped = self._stop.cut(text)
         if self.stopped:
             return self._emit(cut, len(cut))
         end = len(text.rstrip(REPLACEMENT_CHAR))
         end -= self._stop.partial_len(text[:end])
         return self._emit(text, end)
+
+    def _text(self, start: int) -> str:
+        ids = self.ids
+        if not self._window:
+            return self._decode(ids)
+        if self._hold_ids.intersection(ids[start:]):
+            self._window = False  # cut or stripped by decode: never anchor over it
+            return self._decode(ids)
+        if self._anchor:
+            ctx = max(0, self._anchor - self.CONTEXT)
+            tail = self._decode(ids[ctx:])
+            if not tail.startswith(self._context_text):
+                self._window = False
+                return self._decode(ids)
+            text = self._anchor_text + tail[len(self._context_text):]
+        else:
+            text = self._decode(ids)
+        if not text.endswith(REPLACEMENT_CHAR):
+            context = self._decode(ids[max(0, len(ids) - self.CONTEXT):])
+            if text.endswith(context):  # not so when decode stripped more than the context holds
+                self._anchor, self._anchor_text, self._context_text = len(ids), text, context
+        return text
 
     def _emit(self, text: str, end: int) -> str:
         if end <= len(self.sent) or not text.startswith(self.sent):

@@ -39,7 +39,7 @@ from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.serve.pooling import add_pooling_routes, generation_only
 from lmforge.serve.schemas import (ChatCompletionRequest, CompletionRequest, MediaRefused, PromptRequest,
                                    SamplingFields, check_media)
-from lmforge.serve.streaming import EventStreamResponse, StreamAborted, merge_streams, sse
+from lmforge.serve.streaming import EventStreamResponse, StreamAborted, merge_streams, orjson, sse
 
 logger = logging.getLogger("lmforge.serve")
 
@@ -419,9 +419,10 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         state.tokenize_pool = ThreadPoolExecutor(max_workers=min(cfg.max_concurrency, TOKENIZE_WORKERS),
                                                  thread_name_prefix="lmforge-tokenize")
         state.aborting = asyncio.Event()
-        logger.info("serving %s on /v1 (adapters: %s; max_concurrency %d, max_queue %d, auth %s)",
-                    state.base_name, ", ".join(state.adapters) or "none", cfg.max_concurrency, cfg.max_queue,
-                    "on" if state.auth.enabled else "off")
+        logger.info("serving %s on /v1 (adapters: %s; max_concurrency %d, max_queue %d, auth %s; event loop %s, "
+                    "JSON %s)", state.base_name, ", ".join(state.adapters) or "none", cfg.max_concurrency,
+                    cfg.max_queue, "on" if state.auth.enabled else "off",
+                    type(asyncio.get_running_loop()).__module__.split(".")[0], "orjson" if orjson else "json")
         yield
         state.limiter.drain()
         state.aborting.set()
@@ -590,15 +591,19 @@ def _chat_stream(state: ServeState, info: RequestInfo, slot: Slot, req: ChatComp
             usage.prompt_tokens, usage.completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
         if not chunk.choices:
             return None
-        for c in chunk.choices:
-            c.delta.role = None if c.index in started else "assistant"
+        choices = []
+        for c in chunk.choices:  # built by hand: model_dump was the costliest step per chunk
+            d = c.delta
+            role = None if c.index in started else "assistant"
             started.add(c.index)
-            for k, call in enumerate(c.delta.tool_calls or []):
+            for k, call in enumerate(d.tool_calls or []):
                 call.setdefault("index", k)  # streamed tool calls carry their position (OpenAI's shape)
-            if info.ttft is None and (c.delta.content or c.delta.tool_calls):
+            if info.ttft is None and (d.content or d.tool_calls):
                 info.ttft = time.perf_counter() - info.start
-        data = chunk.model_dump(mode="json", exclude={"usage"})
-        data.update(id=info.id, model=req.model, created=created)
+            choices.append({"index": c.index, "delta": {"role": role, "content": d.content, "tool_calls": d.tool_calls},
+                            "finish_reason": c.finish_reason,
+                            "logprobs": None if c.logprobs is None else c.logprobs.model_dump(mode="json")})
+        data = {"id": info.id, "object": chunk.object, "created": created, "model": req.model, "choices": choices}
         if req.include_usage:
             data["usage"] = None  # OpenAI's shape: null on every chunk, the totals on a last one
         return sse(data)

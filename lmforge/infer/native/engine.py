@@ -12,10 +12,11 @@ model's vision tower runs at their prefill and their rotary positions are 3-D (:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import torch
 
@@ -27,7 +28,8 @@ from lmforge.infer.native.model import NativeModel, _decoder
 from lmforge.infer.native.runner import ModelRunner
 from lmforge.infer.native.sampler import sample
 from lmforge.infer.native.scheduler import SamplingParams, Scheduler, Sequence, Status
-from lmforge.infer.protocol import RequestConfig
+from lmforge.infer.native.streams import StreamBox, stream_async, wake
+from lmforge.infer.protocol import ChatCompletionStreamResponse, InferRequest, RequestConfig
 from lmforge.infer.utils import StopStrings
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ class NoCudaError(RuntimeError):
     """The native engine was asked for where no CUDA GPU is visible."""
 
 
+# Set to 1, lets the native engine run on CPU (as ``allow_cpu=True``) where it is built from flags
+# (``lmforge deploy``): benchmarks/bench_serve_load.py --native_on_cpu measures the server's host work so.
+ALLOW_CPU_ENV = "LMFORGE_NATIVE_ALLOW_CPU"
 NO_CUDA = ("the native engine runs on NVIDIA GPUs (CUDA) and none is visible here; "
            "use --infer_backend hf, which runs on any device")
 
@@ -53,6 +58,11 @@ class NativeEngine(HfEngine):
                  max_num_batched_tokens: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, num_blocks: int | None = None, device: str | None = None,
                  allow_cpu: bool = False, **kwargs: Any):
+        if os.environ.get(ALLOW_CPU_ENV) == "1":  # benchmarks of the host-side path through `lmforge deploy`
+            allow_cpu = True
+            if num_blocks is None and not torch.cuda.is_available():  # room for every sequence at full length
+                blocks_per_seq = -(-int(kwargs.get("max_model_len") or 2048) // block_size)
+                num_blocks = max_num_seqs * blocks_per_seq
         if not allow_cpu and not torch.cuda.is_available():
             raise NoCudaError(NO_CUDA)
         if not 0 < gpu_memory_utilization <= 1:
@@ -96,6 +106,7 @@ class NativeEngine(HfEngine):
         self._step_lock = threading.Lock()  # held for a whole step; update_weights takes it too
         self._closed = False
         self._counts = {"steps": 0, "tokens": 0, "prefill_tokens": 0}
+        self._touched: list[StreamBox] = []  # asyncio streams with new steps (engine thread only)
         self._thread = threading.Thread(target=self._loop, name="lmforge-native", daemon=True)
         self._thread.start()
 
@@ -116,9 +127,34 @@ class NativeEngine(HfEngine):
                     self._step()
                 except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
                     logger.exception("native engine step failed")
-                    for seq in (*self.scheduler.running, *self.scheduler.waiting):
-                        seq.error = e
-                        self._finish(seq, "abort")
+                    self._fail_all(e)
+            self._wake_streams()
+        while True:  # requests still in the inbox fail too: nothing will serve them
+            try:
+                self.scheduler.add(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        self._fail_all(RuntimeError("the native engine was closed"))
+        self._wake_streams()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for seq in (*self.scheduler.running, *self.scheduler.waiting):
+            seq.error = error
+            self._finish(seq, "abort")
+
+    def _wake_streams(self) -> None:
+        """Wake the asyncio streams this step touched: one ``call_soon_threadsafe`` per event loop."""
+        if not self._touched:
+            return
+        touched, self._touched = self._touched, []
+        by_loop: dict[Any, dict[int, StreamBox]] = {}
+        for box in touched:
+            by_loop.setdefault(box.loop, {})[id(box)] = box
+        for loop, boxes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(wake, list(boxes.values()))
+            except RuntimeError:  # that loop is closed: nobody is waiting there any more
+                pass
 
     @property
     def stats(self) -> dict[str, int]:
@@ -339,6 +375,11 @@ class NativeEngine(HfEngine):
             toks, chosen, top_ids, top_lps = (list(x) for x in zip(*seq.logprobs)) if seq.logprobs else ([], [], [], [])
             logprobs = self._logprob_entries(toks, chosen, top_ids if k else None, top_lps if k else None)
         return _Row(gen, text, reason, logprobs)
+
+    def infer_stream_async(self, request: InferRequest, request_config: RequestConfig | None = None
+                           ) -> AsyncIterator[ChatCompletionStreamResponse]:
+        """Chunks on the caller's event loop, fed once per step by the engine thread (:mod:`.streams`)."""
+        return stream_async(self, request, request_config or RequestConfig())
 
     def infer(self, requests: list, request_config: RequestConfig | None = None, *,
               use_tqdm: bool | None = None) -> list:
