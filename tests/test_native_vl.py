@@ -131,6 +131,14 @@ def test_n_samples_share_the_image_prompt_and_image_tokens_are_never_sampled(hf,
     one = RequestConfig(max_tokens=12, ignore_eos=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in native.infer_stream(req, one) if c.choices)
     assert streamed and streamed == hf.infer([req], one)[0].choices[0].message.content
+
+    async def server_side():  # the path `deploy` streams through: asyncio, no thread per request
+        return "".join([c.choices[0].delta.content or "" async for c in native.infer_stream_async(req, one)
+                        if c.choices])
+
+    import asyncio
+
+    assert asyncio.run(server_side()) == streamed
     sampled = native.infer([req], RequestConfig(max_tokens=16, temperature=1.5, n=4, seed=0))[0]
     assert not any(t in hf.template.vision.token_ids for c in sampled.choices for t in c.token_ids)
 
