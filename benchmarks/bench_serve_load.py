@@ -136,31 +136,44 @@ async def client_loop(client, model: str, k: int, stop_at: float, max_tokens: in
         i += 1
         stats.sent += 1
         t0 = time.perf_counter()
-        first = None
-        finish = usage = None
         try:
             stream = await client.chat.completions.create(
                 model=model, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
                 messages=[{"role": "user", "content": f"Client {k}, request {i}: what is {k} + {i}?"}])
-            async for chunk in stream:
-                if chunk.choices:
-                    c = chunk.choices[0]
-                    if first is None and c.delta.content:
-                        first = time.perf_counter() - t0
-                    finish = c.finish_reason or finish
-                if chunk.usage is not None:
-                    usage = chunk.usage
+            first, finish, usage = await read_stream(stream, t0, lambda c: c.delta.content)
         except Exception as e:  # noqa: BLE001 - counted and reported
             stats.errors.append(f"client {k} request {i}: {type(e).__name__}: {e}")
             continue
-        if finish is None or usage is None:
-            stats.errors.append(f"client {k} request {i}: stream ended without finish_reason/usage (lost)")
-            continue
-        stats.ok += 1
-        stats.latency.append(time.perf_counter() - t0)
-        if first is not None:
-            stats.ttft.append(first)
-        stats.tokens += usage.completion_tokens
+        record(stats, f"client {k} request {i}", t0, first, finish, usage)
+
+
+async def read_stream(stream, t0: float, text_of) -> tuple[float | None, str | None, object]:
+    """(time to the first text, finish reason, usage) of one streamed response."""
+    first = finish = usage = None
+    async for chunk in stream:
+        if chunk.choices:
+            c = chunk.choices[0]
+            if first is None and text_of(c):
+                first = time.perf_counter() - t0
+            finish = c.finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return first, finish, usage
+
+
+def record(stats: Stats, what: str, t0: float, first, finish, usage, want_tokens: int | None = None) -> None:
+    """Count a finished stream: lost (no finish reason or usage), the wrong length, or ok with its timings."""
+    if finish is None or usage is None:
+        stats.errors.append(f"{what}: stream ended without finish_reason/usage (lost)")
+        return
+    if want_tokens is not None and usage.completion_tokens != want_tokens:
+        stats.errors.append(f"{what}: {usage.completion_tokens} tokens, asked for exactly {want_tokens} (ignore_eos)")
+        return
+    stats.ok += 1
+    stats.latency.append(time.perf_counter() - t0)
+    if first is not None:
+        stats.ttft.append(first)
+    stats.tokens += usage.completion_tokens
 
 
 def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
@@ -217,34 +230,16 @@ async def fixed_client(client, model: str, work: list, next_i: list[int], args: 
         ids, m = work[i]
         stats.sent += 1
         t0 = time.perf_counter()
-        first = finish = usage = None
         extra = {"seed": args.seed + i} if args.seeded_sampling else {}
         try:
             stream = await client.completions.create(
                 model=model, prompt=ids, max_tokens=m, temperature=args.temperature, stream=True,
                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **extra)
-            async for chunk in stream:
-                if chunk.choices:
-                    c = chunk.choices[0]
-                    if first is None and c.text:
-                        first = time.perf_counter() - t0
-                    finish = c.finish_reason or finish
-                if chunk.usage is not None:
-                    usage = chunk.usage
+            first, finish, usage = await read_stream(stream, t0, lambda c: c.text)
         except Exception as e:  # noqa: BLE001 - counted and reported
             stats.errors.append(f"request {i}: {type(e).__name__}: {e}")
             continue
-        if finish is None or usage is None:
-            stats.errors.append(f"request {i}: stream ended without finish_reason/usage (lost)")
-            continue
-        if usage.completion_tokens != m:
-            stats.errors.append(f"request {i}: {usage.completion_tokens} tokens, asked for exactly {m} (ignore_eos)")
-            continue
-        stats.ok += 1
-        stats.latency.append(time.perf_counter() - t0)
-        if first is not None:
-            stats.ttft.append(first)
-        stats.tokens += usage.completion_tokens
+        record(stats, f"request {i}", t0, first, finish, usage, want_tokens=m)
 
 
 def _server_completed(metrics: str, endpoint: str) -> float:
