@@ -194,14 +194,10 @@ def spawn(cfg: dict, work: Path) -> dict:
     if cfg.get("profile"):
         cfg["profile"] = dict(cfg["profile"], name=f"{cfg['path']}-{cfg['train_type']}")
     print(f"\n== {cfg['path']} {cfg['train_type']}, {_describe(cfg)}", flush=True)
-    res, _ = run_child(__file__, cfg, cfg)
-    print(f"   -> {_one_line(res)}  ({res['wall']:.0f}s)", flush=True)
-    return res
+    return run_child(__file__, cfg, cfg, _one_line)[0]
 
 
 def _one_line(r: dict) -> str:
-    if r.get("error"):
-        return ("OOM" if r.get("oom") else "FAILED") + f": {r['error']}"
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
     mem = f", peak {r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else ""
     return f"{r['tok_s']:,.0f} tokens/s{mfu}{mem}, {r['tokens_per_step']:,.0f} real tokens/step"

@@ -283,18 +283,16 @@ def spawn(cfg: dict, work: Path) -> dict:
     cfg = dict(cfg, out=str(work / f"out-{cfg['path']}"), result=str(work / f"{cfg['path']}.json"))
     Path(cfg["result"]).unlink(missing_ok=True)
     print(f"\n== {cfg['path']}", flush=True)
-    res, code = run_child(__file__, cfg, {"path": cfg["path"]})
-    if cfg["path"] == "make":
+    making = cfg["path"] == "make"
+    res, code = run_child(__file__, cfg, {"path": cfg["path"]}, None if making else _one_line)
+    if making:
         if code:
             raise SystemExit(f"bench_vl_train: writing the model folder failed (exit {code})")
         return {}
-    print(f"   -> {_one_line(res)}  ({res['wall']:.0f}s)", flush=True)
     return res
 
 
 def _one_line(r: dict) -> str:
-    if r.get("error"):
-        return ("OOM" if r.get("oom") else "FAILED") + f": {r['error']}"
     mem = f", peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else ""
     return f"{r['images_s']:,.1f} images/s, {r['tok_s']:,.0f} tokens/s{mem}"
 

@@ -8,6 +8,7 @@ import platform
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True)
@@ -198,9 +199,10 @@ def model_vocab(model: str) -> int:
     return min(load_tokenizer(path).vocab_size, cfg.vocab_size)
 
 
-def run_child(script: str, cfg: dict, failed: dict) -> tuple[dict, int]:
+def run_child(script: str, cfg: dict, failed: dict, summary: Any = None) -> tuple[dict, int]:
     """Run ``script --_child CFG`` in its own process (clean CUDA peak counters, no patch leaking between
-    configurations); its result JSON (``cfg["result"]``) or ``failed`` plus the exit status, with ``wall`` seconds."""
+    configurations); its result JSON (``cfg["result"]``) or ``failed`` plus the exit status, with ``wall`` seconds.
+    ``summary(result)`` describes a result in the line printed after it (an error line when it failed)."""
     import json
     import os
     import subprocess
@@ -215,4 +217,7 @@ def run_child(script: str, cfg: dict, failed: dict) -> tuple[dict, int]:
     result = Path(cfg["result"])
     res = json.loads(result.read_text()) if result.is_file() else dict(failed, error=f"child exited with {proc.returncode}")
     res["wall"] = time.time() - t
+    if summary is not None:
+        line = (("OOM" if res.get("oom") else "FAILED") + f": {res['error']}") if res.get("error") else summary(res)
+        print(f"   -> {line}  ({res['wall']:.0f}s)", flush=True)
     return res, proc.returncode
