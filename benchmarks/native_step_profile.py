@@ -143,15 +143,15 @@ class StepRecorder:
             return batch
         return schedule
 
-    def _events(self, kind: str, fn, *a):
+    def _events(self, kind: str, fn, *a, **kw):
         import torch
 
         cur = self._cur
         if not self.cuda or cur is None:
-            return fn(*a)
+            return fn(*a, **kw)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = fn(*a)
+        out = fn(*a, **kw)
         end.record()
         cur["events"].append((kind, start, end))
         return out
@@ -169,13 +169,13 @@ class StepRecorder:
     def _make_sample(self, original):
         import torch
 
-        def sample(logits, seqs):
+        def sample(logits, seqs, *args, **kwargs):
             cur = self._cur
             t = time.perf_counter()
             if self.cuda:  # the forward first: the sampler's small host-to-device copies would wait for it
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = self._events("sampler", original, logits, seqs)
+            out = self._events("sampler", original, logits, seqs, *args, **kwargs)
             t1 = time.perf_counter()
             if self.cuda:
                 torch.cuda.synchronize()
