@@ -115,3 +115,18 @@ def test_grpo_with_rollout_url(tmp_path, served):
         with torch.no_grad():
             for n, p in engine.model.named_parameters():
                 p.copy_(original[n])
+
+
+def test_generate_applies_the_chat_routes_media_policy(served):
+    """Images on /rollout/generate: remote URLs and (without --allow_local_media) local files are refused with a
+    400 naming the image, as on /v1/chat/completions."""
+    import httpx
+
+    _, srv = served
+    prompt = {"messages": [{"role": "user", "content": "<image>What colour?"}]}
+    for ref, why in (("https://example.com/a.png", "remote image URLs are not fetched"),
+                     ("/etc/passwd", "local image files are not accepted")):
+        r = httpx.post(srv.url + "/rollout/generate", json={"requests": [dict(prompt, images=[ref])]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert why in err["message"] and err["param"] == "requests[0].images[0]" and err["code"] == "invalid_image"

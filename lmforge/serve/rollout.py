@@ -31,7 +31,7 @@ from lmforge.infer.protocol import InferRequest, RequestConfig
 from lmforge.serve.app import create_app
 from lmforge.serve.body import read_body, read_json
 from lmforge.serve.errors import APIError, from_validation_error
-from lmforge.serve.schemas import PromptRequest
+from lmforge.serve.schemas import MediaRefused, PromptRequest, check_media_url
 
 logger = logging.getLogger("lmforge.serve")
 
@@ -136,14 +136,11 @@ def _request_texts(request: InferRequest) -> list:
     return out
 
 
+
 def _check_images(images: list[str], allow_local: bool, param: str) -> None:
-    """A generate request's images under the chat routes' media policy (serve/schemas.py ``check_media``)."""
+    """A generate request's images under the chat routes' media policy."""
     for k, ref in enumerate(images):
-        if ref.startswith("data:"):
-            continue
-        if ref.lower().startswith(("http://", "https://")):
-            raise APIError(400, "remote image URLs are not fetched by this server; send the image as a base64 "
-                           "data: URL", param=f"{param}[{k}]")
-        if not allow_local:
-            raise APIError(400, "local image files are not accepted (start the server with --allow_local_media to "
-                           "allow them); send a base64 data: URL", param=f"{param}[{k}]")
+        try:
+            check_media_url(ref, allow_local, f"{param}[{k}]")
+        except MediaRefused as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_image") from None

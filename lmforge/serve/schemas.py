@@ -91,18 +91,20 @@ def check_media(messages: list["Message"], allow_local: bool) -> None:
     never fetches remote URLs. Raises :class:`MediaRefused` naming the part."""
     for i, m in enumerate(messages):
         for j, part in enumerate(m.content if isinstance(m.content, list) else []):
-            if part.type != "image_url":
-                continue
-            url = part.image_url.url
-            if url.startswith("data:"):
-                continue
-            where = f"messages[{i}].content[{j}]"
-            if url.lower().startswith(("http://", "https://")):
-                raise MediaRefused("remote image URLs are not fetched by this server; send the image as a base64 "
-                                   "data: URL", where)
-            if not allow_local:
-                raise MediaRefused("local image files are not accepted (start the server with --allow_local_media "
-                                   "to allow them); send a base64 data: URL", where)
+            if part.type == "image_url":
+                check_media_url(part.image_url.url, allow_local, f"messages[{i}].content[{j}]")
+
+
+def check_media_url(url: str, allow_local: bool, where: str) -> None:
+    """One image reference under that policy; ``where`` names it in the :class:`MediaRefused`."""
+    if url.startswith("data:"):
+        return
+    if url.lower().startswith(("http://", "https://")):
+        raise MediaRefused("remote image URLs are not fetched by this server; send the image as a base64 "
+                           "data: URL", where)
+    if not allow_local:
+        raise MediaRefused("local image files are not accepted (start the server with --allow_local_media "
+                           "to allow them); send a base64 data: URL", where)
 
 
 class Message(_Strict):
