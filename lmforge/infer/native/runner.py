@@ -162,23 +162,25 @@ class ModelRunner:
 
     def _vision_inputs(self, batch: list[tuple[Sequence, int]]) -> dict[str, Any]:
         """The step's image embeddings and, when a token's M-RoPE axes differ, per-token cos/sin (vision.py)."""
-        rows, values, pos3, offset, mrope = [], [], [], 0, False
+        rows, values, per_seq, offset = [], [], [], 0
         for seq, n in batch:
-            start = seq.num_computed
-            img = seq.images
+            start, img = seq.num_computed, seq.images
             got = img.chunk_embeds(start, n, self.encode_images) if img is not None else None
             if got is not None:
                 rows.append(got[0] + offset)
                 values.append(got[1])
-            p = img.rope_positions(start, n) if img is not None else None
-            mrope |= p is not None
-            delta = img.delta if img is not None else 0
-            pos3.append(p if p is not None else torch.arange(start + delta, start + delta + n).expand(3, n))
+            per_seq.append(img.rope_positions(start, n) if img is not None else None)
             offset += n
         out: dict[str, Any] = {}
         if rows:
             out["image_embeds"] = (torch.cat(rows).to(self.device), torch.cat(values))
-        if mrope:
+        if any(p is not None for p in per_seq):
+            pos3 = []
+            for p, (seq, n) in zip(per_seq, batch):
+                if p is None:  # this row's tokens: 1-D index + delta on all three axes
+                    first = seq.num_computed + (seq.images.delta if seq.images is not None else 0)
+                    p = torch.arange(first, first + n).expand(3, n)
+                pos3.append(p)
             out["rope"] = mrope_cos_sin(self.model.cos, self.model.sin, torch.cat(pos3, 1).to(self.device),
                                         self.model.mrope_section)
         return out
@@ -188,7 +190,10 @@ class ModelRunner:
     def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
         """Logits [len(sample_rows), vocab] (float32) for the last token of the listed batch rows."""
         rows = self.rows_for(batch)
-        vision = self._vision_inputs(batch) if any(s.images is not None for s, _ in batch) else {}
+        # only a step that computes some image prompt's tokens needs the tower or 3-D positions: past its prompt a
+        # sequence decodes at 1-D index + delta, so image requests keep the decode path (and its graphs) cheap
+        prefilling_images = any(s.images is not None and s.num_computed < s.prompt_len for s, _ in batch)
+        vision = self._vision_inputs(batch) if prefilling_images else {}
         if (self.graphs and not vision and all(n == 1 for _, n in batch)
                 and len(batch) <= self.graph_sizes[-1]):
             logits = self._replay(rows)
