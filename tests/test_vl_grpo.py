@@ -54,7 +54,8 @@ def _image(colour: tuple[int, int, int], size: int = 56) -> str:
 def test_grpo_logps_on_image_rows_are_the_models_with_those_pixels(vl):
     """Two image prompts of different lengths (so one is left-padded), two completions each: the log-probs GRPO
     computes are those of a plain unpadded forward pass with the same pixels, and other images change them."""
-    from lmforge.rlhf.grpo_batch import completion_logps, rollout_pixels
+    from lmforge.rlhf.grpo import selective_log_softmax
+    from lmforge.rlhf.grpo_batch import completion_logits, rollout_pixels
     from lmforge.rlhf.scoring import prompt_completion_batch
 
     model, template, family = vl
@@ -73,7 +74,8 @@ def test_grpo_logps_on_image_rows_are_the_models_with_those_pixels(vl):
         batch.update(rollout_pixels(template.vision, family, batch["input_ids"], images, prompt_of))
         assert batch["image_grid_thw"].shape[0] == 4  # each prompt's image once per generation
         with torch.no_grad():
-            return completion_logps(model, batch), batch
+            # what GRPOTrainer._completion_logps computes
+            return selective_log_softmax(completion_logits(model, batch), batch["completion_ids"]), batch
 
     got, batch = grpo_logps([r["images"] for r in rows])
     assert batch["attention_mask"][0, 0] == 0  # the shorter prompt is left-padded

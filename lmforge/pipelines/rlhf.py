@@ -160,13 +160,12 @@ def grpo_main(args: RlhfArguments, engine: Any = None) -> dict[str, Any]:
     setup = prepare_training(args, "infer")  # the dataset is encoded as prompts, ending with the generation prompt
     if getattr(setup.template, "vision", None) is not None and args.infer_backend == "native" and engine is None \
             and not args.rollout_url:
-        from lmforge.infer.native.vision import SUPPORTED
+        from lmforge.infer.native.vision import check_supported
 
-        model_type = getattr(setup.model.config, "model_type", None)
-        if model_type not in SUPPORTED:
-            raise ValueError(f"--infer_backend native does not support the vision-language model family "
-                             f"{model_type!r} yet (it runs {', '.join(SUPPORTED)}); use --infer_backend hf for GRPO "
-                             "on this model")
+        try:  # before training starts, not at the first rollout
+            check_supported(setup.model)
+        except NotImplementedError as e:
+            raise ValueError(str(e)) from None
     if args.packing:
         logger.warning("rlhf_type grpo: --packing ignored (completions are sampled and padded per micro-batch)")
     train, val = load_training_data(args, setup.template, pack=False, transform=prompt_rows)

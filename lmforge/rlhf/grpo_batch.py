@@ -1,4 +1,4 @@
-"""GRPO's rollout batches as model inputs, and the completion log-probs a model gives them.
+"""GRPO's rollout batches as model inputs, and the completion logits a model gives them.
 
 A rollout batch is ``[pad.. prompt | completion ..pad]`` per sequence (:func:`lmforge.rlhf.scoring.
 prompt_completion_batch`). On image rows it also carries the pixels of every sequence's images: each
@@ -14,10 +14,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from lmforge.rlhf.grpo import selective_log_softmax
 from lmforge.rlhf.scoring import PIXEL_KEYS
 
-__all__ = ["rollout_pixels", "completion_inputs", "completion_logits", "completion_logps"]
+__all__ = ["rollout_pixels", "completion_inputs", "completion_logits"]
 
 
 def rollout_pixels(vision: Any, family: Any, input_ids: Tensor, prompt_images: Sequence[Sequence[str]],
@@ -66,9 +65,3 @@ def completion_logits(model: Any, batch: dict[str, Any], temperature: float = 1.
     if temperature not in (0, 1):
         logits = logits / temperature
     return logits
-
-
-def completion_logps(model: Any, batch: dict[str, Any], temperature: float = 1.0, logits_to_keep: bool = True
-                     ) -> Tensor:
-    """[B, C] log-probs of the completion tokens under ``model`` at the sampling temperature."""
-    return selective_log_softmax(completion_logits(model, batch, temperature, logits_to_keep), batch["completion_ids"])
