@@ -212,41 +212,37 @@ def plan_steps(args: Any, n_rows: int | None, sample: dict[str, Any], packing: b
 
 # ------------------------------------------------------------------------------------------- model
 
-def _task_of(args: Any) -> str | None:
-    from lmforge.pipelines.sft import _task_of as task_of
-
-    return task_of(args)
-
-
-def _task_encoder(args: Any, tokenizer: Any, template: Any) -> Any:
-    """The encoder training uses for ``--task_type`` (a classifier's label spec read from its rows)."""
+def _model_config(args: Any) -> Any:
+    """The model's config, read once (no weights): the processor and a task's encoder depend on it."""
     from transformers import AutoConfig
 
-    from lmforge.dataset.task_encode import TaskEncoder
     from lmforge.model.hub import resolve_model_dir
+    from lmforge.model.loader import resolve_trust_remote_code
+
+    trust, _ = resolve_trust_remote_code(args.trust_remote_code, args.model_kwargs)
+    folder = resolve_model_dir(args.model, hub=args.hub, revision=args.revision, need_weights=False)
+    return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
+
+
+def _task_encoder(args: Any, tokenizer: Any, template: Any, config: Any) -> Any:
+    """The encoder training uses for ``--task_type`` (a classifier's label spec read from its rows)."""
+    from lmforge.dataset.task_encode import TaskEncoder
     from lmforge.model.tasks import is_decoder_config
     from lmforge.pipelines.task import resolve_label_spec
 
     spec = resolve_label_spec(args) if args.task_type == "seq_cls" else None
-    folder = resolve_model_dir(args.model, hub=args.hub, revision=args.revision, need_weights=False)
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=bool(args.trust_remote_code))
     return TaskEncoder(args.task_type, tokenizer, template, decoder=is_decoder_config(config),
                        max_length=args.max_length, truncation_strategy=args.truncation_strategy,
                        query_prompt=args.query_prompt, document_prompt=args.document_prompt,
                        rerank_instruction=args.rerank_instruction, label_spec=spec)
 
 
-def _processor(args: Any, tokenizer: Any) -> Any:
+def _processor(args: Any, tokenizer: Any, config: Any) -> Any:
     """A vision-language model's processor (its image rows are encoded as training encodes them); None for text."""
-    from transformers import AutoConfig
-
-    from lmforge.model.hub import resolve_model_dir
     from lmforge.model.loader import resolve_trust_remote_code
     from lmforge.model.vision import get_processor
 
     trust, _ = resolve_trust_remote_code(args.trust_remote_code, args.model_kwargs)
-    folder = resolve_model_dir(args.model, hub=args.hub, revision=args.revision, need_weights=False)
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
     return get_processor(args.model, config, tokenizer, hub=args.hub, revision=args.revision,
                          min_pixels=args.min_pixels, max_pixels=args.max_pixels, trust_remote_code=trust)
 
@@ -273,6 +269,7 @@ def meta_model(args: Any, tokenizer: Any, command: str) -> tuple[Any, dict[str, 
 def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sample: dict[str, Any],
                 world: int) -> dict[str, Any]:
     from lmforge.arguments.train import switch
+    from lmforge.pipelines.sft import _task_of
     from lmforge.trainers.memory import TrainPlan, deepspeed_name, estimate, holds_reference_copy
 
     rlhf_type = getattr(args, "rlhf_type", None) if command == "rlhf" else None
@@ -319,7 +316,8 @@ def dry_run(args: Any, command: str) -> dict[str, Any]:
     import torch
 
     from lmforge.model import get_model_tokenizer
-    from lmforge.pipelines.sft import _apply_defaults, check_arguments, check_machine, load_rows, training_template
+    from lmforge.pipelines.sft import (_apply_defaults, _task_of, check_arguments, check_machine, load_rows,
+                                       training_template)
     from lmforge.utils.log import setup_logging
 
     setup_logging()
@@ -349,7 +347,8 @@ def dry_run(args: Any, command: str) -> dict[str, Any]:
         _check(args)
         args.packing = False  # a task pools or scores each sequence on its own
     mode = "train" if task else _mode(command, args)
-    processor = _processor(args, tokenizer)
+    config = _model_config(args)
+    processor = _processor(args, tokenizer, config)
     template = training_template(args, tokenizer, mode, processor)
     if processor is not None:
         notes.append("vision-language model: the estimate counts the language model's activations; the vision "
@@ -364,7 +363,7 @@ def dry_run(args: Any, command: str) -> dict[str, Any]:
     else:
         sample_rows = train.select(range(min(SAMPLE_ROWS, n_rows)))
     if task:
-        sample = encode_task_sample(sample_rows, _task_encoder(args, tokenizer, template), args.strict,
+        sample = encode_task_sample(sample_rows, _task_encoder(args, tokenizer, template, config), args.strict,
                                     args.num_negatives)
         if task != "seq_cls":
             notes.append(f"--task_type {task}: {sample['sequences_per_row']:.1f} sequences per row (the query, "
