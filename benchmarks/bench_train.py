@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, mixed_length_jsonl, run_child
+from common import device_name, mixed_length_jsonl, run_child, step_timer
 from train_recipes import (
     SPECS,
     CountingCollator,
@@ -70,7 +70,6 @@ from train_recipes import (
     recording,
     run_padded,
     run_padfree,
-    timer_callback,
     train_args_common,
 )
 
@@ -114,7 +113,7 @@ def run_lmforge(cfg: dict) -> dict:
 
         train = pack_dataset(Dataset.from_list([dict(r, length=len(r["input_ids"])) for r in rows]), cfg["max_length"])
         per_step = max(1, cfg["pack_tokens"] // cfg["max_length"])
-    timer = timer_callback(cfg["warmup"], cfg.get("profile"))
+    timer = step_timer(cfg["warmup"], cfg.get("profile"))
     CALLBACKS.register("bench_timer", timer, overwrite=True)
     force = "auto" if on_gpu else "true"   # CPU smoke runs exercise the same code paths
     ck = cfg["ckpt"]

@@ -99,30 +99,48 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def step_timer(warmup: int):
-    """A Trainer callback that times the steps after ``warmup`` (CUDA synchronised) and prints progress."""
+def step_timer(warmup: int, profile: dict | None = None):
+    """A Trainer callback that times the steps after ``warmup`` (synchronising the GPU at both ends) and prints
+    progress; with ``profile`` (``dir``, ``name``), records step ``warmup + 1`` under torch.profiler instead."""
     import torch
     from transformers import TrainerCallback
+
+    start_at = warmup + (1 if profile else 0)   # the profiled step is not timed
 
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.t0 = self.t1 = None
             self.start = time.perf_counter()
+            self.prof = None
+            self.static_gib = None
 
         def on_train_begin(self, args, state, control, **kw):
-            if warmup == 0:
+            if start_at == 0:
                 self.t0 = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            if profile and state.global_step == warmup:
+                from step_profile import start_profiler
+
+                self.prof = start_profiler()
 
         def on_step_end(self, args, state, control, **kw):
             step = state.global_step
-            if step == warmup or step == state.max_steps:
+            if self.prof is not None:
+                from step_profile import stop_profiler
+
+                stop_profiler(self.prof, profile["dir"], profile["name"])
+                self.prof = None
+            if step == start_at or step == state.max_steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 now = time.perf_counter()
-                if step == warmup:
+                if step == start_at:
                     self.t0 = now
                 if step == state.max_steps:
                     self.t1 = now
+                    if torch.cuda.is_available():   # weights + optimizer state, gradients freed
+                        self.static_gib = torch.cuda.memory_allocated() / 2**30
             if step % 5 == 0 or step == state.max_steps:
                 print(f"    step {step}/{state.max_steps}  {time.perf_counter() - self.start:.1f}s", flush=True)
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from common import QWEN25_05B, QWEN25_7B
+from common import QWEN25_05B, QWEN25_7B, step_timer
 
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=4096, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -58,54 +57,6 @@ class CountingCollator:
         lens = [n for r in rows for n in _row_lengths(r)]
         self.batches.append((sum(lens), sum(n * n for n in lens), [len(r["input_ids"]) for r in rows]))
         return self.inner(rows)
-
-
-def timer_callback(warmup: int, profile: dict | None = None):
-    """Times the steps after ``warmup`` (synchronising the GPU at both ends); with ``profile``
-    (``dir``, ``name``), records step ``warmup + 1`` under torch.profiler instead."""
-    import torch
-    from transformers import TrainerCallback
-
-    start_at = warmup + (1 if profile else 0)   # the profiled step is not timed
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.t0 = self.t1 = None
-            self.start = time.perf_counter()
-            self.prof = None
-            self.static_gib = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            if start_at == 0:
-                self.t0 = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kw):
-            if profile and state.global_step == warmup:
-                from step_profile import start_profiler
-
-                self.prof = start_profiler()
-
-        def on_step_end(self, args, state, control, **kw):
-            step = state.global_step
-            if self.prof is not None:
-                from step_profile import stop_profiler
-
-                stop_profiler(self.prof, profile["dir"], profile["name"])
-                self.prof = None
-            if step == start_at or step == state.max_steps:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                if step == start_at:
-                    self.t0 = now
-                if step == state.max_steps:
-                    self.t1 = now
-                    if torch.cuda.is_available():   # weights + optimizer state, gradients freed
-                        self.static_gib = torch.cuda.memory_allocated() / 2**30
-            if step % 5 == 0 or step == state.max_steps:
-                print(f"    step {step}/{state.max_steps}  {time.perf_counter() - self.start:.1f}s", flush=True)
-
-    return StepTimer()
 
 
 def recording(trainer_cls: type, profiling: bool = False) -> type:
@@ -266,7 +217,7 @@ def run_padded(cfg: dict) -> dict:
     if profiling:
         _mark_model_loss(model)
     counter = CountingCollator(Collator(tok.pad_token_id))
-    timer = timer_callback(cfg["warmup"], cfg.get("profile"))
+    timer = step_timer(cfg["warmup"], cfg.get("profile"))
     targs = _training_args(cfg, on_gpu, cfg["batch"], cfg["plain_ckpt"])
     cls = recording(Trainer, profiling)
     cls.bench_record = bool(cfg.get("curve"))
@@ -324,7 +275,7 @@ def run_padfree(cfg: dict) -> dict:
                            "(pass a larger --rows)")
     flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     counter = CountingCollator(flatten)
-    timer = timer_callback(cfg["warmup"], cfg.get("profile"))
+    timer = step_timer(cfg["warmup"], cfg.get("profile"))
     targs = _training_args(cfg, on_gpu, 1, cfg.get("padfree_ckpt", False))
     base = recording(Trainer, profiling)
 
