@@ -28,18 +28,47 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from lmforge.infer.base import InferEngine
-from lmforge.infer.errors import InferRequestError, PromptTooLongError
-from lmforge.infer.protocol import ChatCompletionStreamResponse, ChoiceLogprobs, InferRequest, RequestConfig, Usage
+from lmforge.infer.errors import InferRequestError
+from lmforge.infer.protocol import (
+    InferRequest,
+    RequestConfig,
+    Usage,
+)
 from lmforge.serve.auth import BearerAuth, load_api_keys
 from lmforge.serve.body import read_json, validate
-from lmforge.serve.budget import TRIM_AFTER_BYTES, PromptBound, chars_per_token, chat_texts, release_memory
-from lmforge.serve.errors import APIError, from_validation_error, install_error_handlers, unexpected
+from lmforge.serve.budget import (
+    TRIM_AFTER_BYTES,
+    PromptBound,
+    chars_per_token,
+    chat_texts,
+    release_memory,
+)
+from lmforge.serve.errors import (
+    APIError,
+    aborted,
+    bad_input,
+    from_validation_error,
+    install_error_handlers,
+    unexpected,
+)
 from lmforge.serve.limiter import ConcurrencyLimiter, Slot
 from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.serve.pooling import add_pooling_routes, generation_only
-from lmforge.serve.schemas import (ChatCompletionRequest, CompletionRequest, MediaRefused, PromptRequest,
-                                   SamplingFields, check_media)
-from lmforge.serve.streaming import EventStreamResponse, StreamAborted, merge_streams, orjson, sse
+from lmforge.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    MediaRefused,
+    PromptRequest,
+    SamplingFields,
+    check_media,
+)
+from lmforge.serve.stream_replies import (
+    chat_stream,
+    completion_stream,
+    count_usage,
+    legacy_logprobs,
+)
+from lmforge.serve.streaming import EventStreamResponse, orjson
 
 logger = logging.getLogger("lmforge.serve")
 
@@ -169,7 +198,7 @@ class ServeState:
             if not task.done():
                 task.cancel()  # an engine thread cannot be interrupted: it finishes and its result is dropped
         if task.cancelled():
-            raise _aborted()
+            raise aborted()
         return task.result()
 
     # ---- models -------------------------------------------------------------------------------
@@ -209,7 +238,7 @@ class ServeState:
         except NotImplementedError:
             return None
         except ValueError as e:  # InferRequestError and the template's own errors
-            raise _bad_input(e, param) from None
+            raise bad_input(e, param) from None
         except Exception as e:  # noqa: BLE001 - a chat template's raise_exception is the client's mistake
             if type(e).__module__.startswith("jinja2"):
                 raise APIError(400, f"The model's chat template rejected the messages: {e}", param=param,
@@ -327,16 +356,6 @@ def _default_name(model_name: Optional[str]) -> str:
         return "model"
     name = str(model_name).rstrip("/\\")
     return name if name.startswith("builtin:") else name.replace("\\", "/").split("/")[-1] or name
-
-
-def _aborted() -> APIError:
-    return APIError(503, "The server shut down before this request finished", code="shutting_down")
-
-
-def _bad_input(e: Exception, param: str = "messages") -> APIError:
-    """An engine's InferRequestError (a ValueError) as a 400; PromptTooLongError keeps its own code."""
-    too_long = isinstance(e, PromptTooLongError)
-    return APIError(400, str(e), param=param, code="context_length_exceeded" if too_long else "invalid_input")
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -476,14 +495,14 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
             raise
         info.prompt_tokens = prompt_tokens or 0
         if req.stream:
-            return state.stream_response(_chat_stream(state, info, slot, req, infer_req, rc, prompt_tokens), slot, info)
+            return state.stream_response(chat_stream(state, info, slot, req, infer_req, rc, prompt_tokens), slot, info)
         try:
             resp = await state.run_or_abort(engine.infer_async(infer_req, rc))
         except InferRequestError as e:
-            raise _bad_input(e) from None
+            raise bad_input(e) from None
         finally:
             slot.release()
-        _count_usage(info, resp.usage)
+        count_usage(info, resp.usage)
         body = resp.model_dump(mode="json", exclude={"choices": {"__all__": {"token_ids"}}})
         body.update(id=info.id, model=req.model)
         return JSONResponse(body)
@@ -515,12 +534,12 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
             raise
         info.prompt_tokens = sum(c or 0 for c in counts)
         if req.stream:
-            return state.stream_response(_completion_stream(state, info, slot, req, infer_reqs, rc, counts), slot,
+            return state.stream_response(completion_stream(state, info, slot, req, infer_reqs, rc, counts), slot,
                                          info)
         try:
             results = await state.run_or_abort(asyncio.to_thread(engine.infer, infer_reqs, rc, use_tqdm=False))
         except InferRequestError as e:
-            raise _bad_input(e, "prompt") from None
+            raise bad_input(e, "prompt") from None
         finally:
             slot.release()
         choices = []
@@ -531,9 +550,9 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
             for c in resp.choices:
                 text = (prompt if req.echo else "") + (c.message.content or "")
                 choices.append({"index": p_i * req.n + c.index, "text": text, "finish_reason": c.finish_reason,
-                                "logprobs": _legacy_logprobs(c.logprobs)})
+                                "logprobs": legacy_logprobs(c.logprobs)})
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        _count_usage(info, usage)
+        count_usage(info, usage)
         return JSONResponse({"id": info.id, "object": "text_completion", "created": int(time.time()),
                              "model": req.model, "choices": choices, "usage": usage.model_dump()})
 
@@ -556,149 +575,3 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
-
-
-def _count_usage(info: RequestInfo, usage: Optional[Usage]) -> None:
-    if usage is not None:
-        info.prompt_tokens, info.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-
-
-def _legacy_logprobs(lp: Optional[ChoiceLogprobs], offset: int = 0) -> Optional[dict[str, Any]]:
-    """Chat-style logprobs -> the completions API's parallel lists."""
-    if lp is None:
-        return None
-    tokens, offsets, pos = [], [], offset
-    for t in lp.content:
-        tokens.append(t.token)
-        offsets.append(pos)
-        pos += len(t.token)
-    return {"tokens": tokens, "token_logprobs": [t.logprob for t in lp.content],
-            "top_logprobs": [{x.token: x.logprob for x in t.top_logprobs} for t in lp.content],
-            "text_offset": offsets}
-
-
-# ---- streaming ---------------------------------------------------------------------------------
-
-def _chat_stream(state: ServeState, info: RequestInfo, slot: Slot, req: ChatCompletionRequest,
-                 infer_req: InferRequest, rc: RequestConfig, prompt_tokens: Optional[int]) -> AsyncIterator[str]:
-    """Chat chunks rewritten to one id and the requested model name; the role is sent once per choice."""
-    usage = Usage(prompt_tokens=prompt_tokens or 0)
-    started: set[int] = set()
-    created = int(time.time())
-
-    def to_sse(_: int, chunk: ChatCompletionStreamResponse) -> Optional[str]:
-        if chunk.usage is not None:
-            usage.prompt_tokens, usage.completion_tokens = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
-        if not chunk.choices:
-            return None
-        choices = []
-        for c in chunk.choices:  # built by hand: model_dump was the costliest step per chunk
-            d = c.delta
-            role = None if c.index in started else "assistant"
-            started.add(c.index)
-            for k, call in enumerate(d.tool_calls or []):
-                call.setdefault("index", k)  # streamed tool calls carry their position (OpenAI's shape)
-            if info.ttft is None and (d.content or d.tool_calls):
-                info.ttft = time.perf_counter() - info.start
-            choices.append({"index": c.index, "delta": {"role": role, "content": d.content, "tool_calls": d.tool_calls},
-                            "finish_reason": c.finish_reason,
-                            "logprobs": None if c.logprobs is None else c.logprobs.model_dump(mode="json")})
-        data = {"id": info.id, "object": chunk.object, "created": created, "model": req.model, "choices": choices}
-        if req.include_usage:
-            data["usage"] = None  # OpenAI's shape: null on every chunk, the totals on a last one
-        return sse(data)
-
-    def usage_chunk() -> Optional[str]:
-        return _usage_sse(req, info, "chat.completion.chunk", created, usage)
-
-    streams = [state.engine.infer_stream_async(infer_req, rc)]
-    return _run_stream(state, info, slot, streams, to_sse, usage_chunk, usage)
-
-
-def _completion_stream(state: ServeState, info: RequestInfo, slot: Slot, req: CompletionRequest,
-                       infer_reqs: list[PromptRequest], rc: RequestConfig, counts: list[Optional[int]]
-                       ) -> AsyncIterator[str]:
-    """Text-completion chunks; with several prompts, choice ``k`` of prompt ``p`` is index ``p * n + k``."""
-    usage = Usage(prompt_tokens=sum(c or 0 for c in counts))
-    echoed: set[int] = set()
-    created = int(time.time())
-
-    def to_sse(p: int, chunk: ChatCompletionStreamResponse) -> Optional[str]:
-        if chunk.usage is not None:
-            usage.prompt_tokens += chunk.usage.prompt_tokens - (counts[p] or 0)
-            usage.completion_tokens += chunk.usage.completion_tokens
-        choices = []
-        for c in chunk.choices:
-            index = p * req.n + c.index
-            text = c.delta.content or ""
-            if req.echo and index not in echoed:
-                echoed.add(index)
-                text = str(infer_reqs[p].prompt) + text
-            if not text and c.finish_reason is None:
-                continue
-            if info.ttft is None and c.delta.content:
-                info.ttft = time.perf_counter() - info.start
-            choices.append({"index": index, "text": text, "finish_reason": c.finish_reason,
-                            "logprobs": _legacy_logprobs(c.logprobs)})
-        if not choices:
-            return None
-        data = {"id": info.id, "object": "text_completion", "created": created, "model": req.model,
-                "choices": choices}
-        if req.include_usage:
-            data["usage"] = None
-        return sse(data)
-
-    def usage_chunk() -> Optional[str]:
-        return _usage_sse(req, info, "text_completion", created, usage)
-
-    streams = [state.engine.infer_stream_async(r, rc) for r in infer_reqs]
-    return _run_stream(state, info, slot, streams, to_sse, usage_chunk, usage)
-
-
-def _usage_sse(req: Any, info: RequestInfo, obj: str, created: int, usage: Usage) -> Optional[str]:
-    """The last chunk of a stream with the totals, when the client asked for them (stream_options)."""
-    if not req.include_usage:
-        return None
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-    return sse({"id": info.id, "object": obj, "created": created, "model": req.model,
-                "choices": [], "usage": usage.model_dump()})
-
-
-async def _run_stream(state: ServeState, info: RequestInfo, slot: Slot, streams: list, to_sse, usage_chunk,
-                      usage: Usage) -> AsyncIterator[str]:
-    """Shared stream body: chunks as SSE events, then usage and [DONE]; the slot is freed however it ends.
-
-    The caller already holds a slot. If the client goes away, Starlette stops iterating and
-    :class:`EventStreamResponse` closes this generator: the ``finally`` below then closes the engine
-    streams (which stops generation after the token in flight) and frees the slot.
-    """
-    merged = merge_streams(streams, state.aborting)
-    try:
-        async for i, chunk in merged:
-            piece = to_sse(i, chunk)
-            if piece is not None:
-                yield piece
-        tail = usage_chunk()
-        if tail is not None:
-            yield tail
-        yield "data: [DONE]\n\n"
-    except (asyncio.CancelledError, GeneratorExit):
-        info.status, info.error = 499, "client disconnected mid-stream"
-        raise
-    except Exception as e:  # noqa: BLE001 - reported to the client as an error event, then logged
-        if isinstance(e, InferRequestError):
-            err = _bad_input(e, "prompt" if info.endpoint == "completions" else "messages")
-        elif isinstance(e, StreamAborted):
-            err = _aborted()
-        else:
-            logger.exception("generation failed for %s", info.id)
-            err = APIError(500, f"Generation failed ({type(e).__name__}: {e})")
-        info.status, info.error = err.status, err.message
-        yield sse(err.body())
-    finally:
-        try:
-            await merged.aclose()  # stops the engine streams now, not when garbage-collected
-        finally:
-            slot.release()
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        _count_usage(info, usage)

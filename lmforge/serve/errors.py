@@ -126,6 +126,19 @@ def install_error_handlers(app: FastAPI) -> None:
     # connection under a keep-alive client that may already be sending its next request.
 
 
+def aborted() -> APIError:
+    """A request the server's shutdown cut short."""
+    return APIError(503, "The server shut down before this request finished", code="shutting_down")
+
+
+def bad_input(e: Exception, param: str = "messages") -> APIError:
+    """An engine's InferRequestError (a ValueError) as a 400; PromptTooLongError keeps its own code."""
+    from lmforge.infer.errors import PromptTooLongError
+
+    too_long = isinstance(e, PromptTooLongError)
+    return APIError(400, str(e), param=param, code="context_length_exceeded" if too_long else "invalid_input")
+
+
 def unexpected(exc: BaseException) -> APIError:
     return APIError(500, f"Internal server error ({type(exc).__name__}); see the server log")
 
