@@ -23,6 +23,11 @@ def format_passages(hits: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"[{i}] ({h['source']}) {h['text']}" for i, h in enumerate(hits, 1))
 
 
+def system_prompt(system: str, hits: list[dict[str, Any]]) -> str:
+    """The system message the model answers under: the instructions, then the numbered passages."""
+    return f"{system}\n\n{format_passages(hits)}"
+
+
 def cite(content: str, hits: list[dict[str, Any]]) -> str:
     if not hits:
         return content
@@ -53,8 +58,8 @@ class RagAgent(Agent):
 
     def prompt(self, messages: list[dict[str, str]], hits: list[dict[str, Any]]) -> list[dict[str, str]]:
         """The conversation the model sees: the system prompt with the passages, then the user's turns."""
-        system = f"{self.system}\n\n{format_passages(hits)}"
-        return [{"role": "system", "content": system}, *[m for m in messages if m["role"] != "system"]]
+        return [{"role": "system", "content": system_prompt(self.system, hits)},
+                *[m for m in messages if m["role"] != "system"]]
 
     def chat(self, messages: list[dict[str, Any]]) -> AgentReply:
         messages = check_messages(messages)

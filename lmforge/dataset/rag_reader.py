@@ -138,7 +138,7 @@ def generate_rag_reader(split: str = "train", n: int = 20000, seed: int = 0, chu
     agent prompt, and ``solution``/``source`` are that turn's. The number of passages is drawn from
     ``passage_counts``."""
     from lmforge.agents.index import chunk_text
-    from lmforge.agents.rag import DEFAULT_SYSTEM, format_passages
+    from lmforge.agents.rag import DEFAULT_SYSTEM, system_prompt
 
     if split not in ("train", "test"):
         raise ValueError(f"rag-reader split must be 'train' or 'test', got {split!r}")
@@ -155,7 +155,7 @@ def generate_rag_reader(split: str = "train", n: int = 20000, seed: int = 0, chu
         if not answerable or len({q for q, _, _ in answerable}) < len(answerable):
             continue
         turns = rng.sample(answerable, min(len(answerable), rng.randint(1, max_turns)))
-        messages = [{"role": "system", "content": f"{DEFAULT_SYSTEM}\n\n{format_passages(passages)}"}]
+        messages = [{"role": "system", "content": system_prompt(DEFAULT_SYSTEM, passages)}]  # RagAgent.prompt's
         for q, a, _ in turns:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         rows.append({"messages": messages, "solution": turns[0][1], "source": turns[0][2]["source"]})
