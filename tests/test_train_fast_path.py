@@ -115,6 +115,44 @@ def test_varlen_packed_loss_and_grads_equal_masked_and_unpacked(tiny_model_token
         assert torch.allclose(a, c, atol=1e-5, rtol=1e-3)
 
 
+def test_collator_boundaries_skip_every_device_read_and_change_nothing(tiny_model_tokenizer, monkeypatch):
+    """With the collator's boundaries the varlen path reads no GPU value on the host before a forward:
+    neither transformers' packed-sequence check nor lmforge's own boundary search runs, and the loss and
+    gradients equal the position-ids path's. A model on another attention keeps transformers' check."""
+    from transformers import masking_utils
+
+    from lmforge.trainers.collator import Collator
+
+    model, tok = tiny_model_tokenizer
+    model.train()
+    packed, _ = _packed_and_padded(tok)
+    assert "variable-length" in enable_varlen_attention(model, required=True)
+    loss_pos, g_pos = _loss_and_grads(model, packed)
+
+    rows = packed["position_ids"][0]
+    bounded = Collator(tok.pad_token_id, padding_free=True, boundaries=True)(
+        [{"input_ids": packed["input_ids"][0].tolist(), "labels": packed["labels"][0].tolist(),
+          "position_ids": rows.tolist()}])
+    starts = (rows == 0).nonzero().squeeze(1).tolist()
+    assert bounded["cu_seq_lens_q"].tolist() == starts + [rows.numel()]
+    assert bounded["max_length_q"] == max(b - a for a, b in zip(starts, starts[1:] + [rows.numel()]))
+
+    def no_read(*a, **k):
+        raise AssertionError("a host read of a GPU value before the forward")
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", no_read)
+    monkeypatch.setattr(va, "segments_from_position_ids", no_read)
+    va._cache.update(key=None, ref=None, value=None)
+    loss_cu, g_cu = _loss_and_grads(model, bounded)
+    assert abs(loss_cu - loss_pos) / loss_pos < 1e-6
+    for a, b in zip(g_cu, g_pos):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+    model.set_attn_implementation("sdpa")  # the check stays for everyone else
+    with pytest.raises(AssertionError, match="host read"):
+        _loss_and_grads(model, packed)
+
+
 def test_varlen_model_still_pads_and_generates_like_sdpa(tiny_model_tokenizer):
     model, tok = tiny_model_tokenizer
     model.eval()

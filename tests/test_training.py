@@ -143,3 +143,15 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_tokens_seen_counts_every_real_token(tmp_path):
+    """num_input_tokens_seen (counted on the device, read at each log) = every token of every packed row
+    trained on; end-of-text tokens that share the pad id are real tokens in a padding-free batch."""
+    result = sft_main(_args(tmp_path, packing=True, max_length=256, per_device_train_batch_size=3, max_steps=-1,
+                            num_train_epochs=2, logging_steps=1, save_steps=1000))
+    trainer = result["trainer"]
+    total = 2 * sum(len(r["input_ids"]) for r in trainer.train_dataset)
+    seen = [h["num_input_tokens_seen"] for h in result["log_history"] if "loss" in h]
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+    assert seen[-1] == trainer.state.num_input_tokens_seen == total

@@ -102,12 +102,16 @@ def _hf_training_arguments(args: TrainArguments, output_dir: str, has_eval: bool
         label_names=["labels"],
         include_num_input_tokens_seen="non_padding",
         use_cpu=not on_gpu,
+        # pinned batches copied without a stream sync: the host prepares step k+1 while the GPU runs step k
+        dataloader_pin_memory=on_gpu,
+        accelerator_config={"non_blocking": True} if on_gpu else None,
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         optim=args.optim or ("adamw_torch_fused" if on_gpu else "adamw_torch"),
         disable_tqdm=True,  # our progress callback draws the bar
-        # nan_guard must see NaN losses; the default filter would replace them with a running mean.
-        logging_nan_inf_filter="nan_guard" not in args.callbacks,
+        # The Trainer's NaN/inf loss filter reads every micro-step's loss on the host (a sync that stops
+        # the host running ahead of the GPU); LmforgeTrainer filters on the device instead.
+        logging_nan_inf_filter=False,
         torch_compile=bool(getattr(args, "torch_compile", False)),
         **parallel_training_kwargs(args, on_gpu),
     )
@@ -312,7 +316,10 @@ def default_collator(setup: TrainingSetup, model: Any) -> Any:
     pad, packing = setup.tokenizer.pad_token_id, setup.args.packing
     vision = getattr(setup.template, "vision", None)
     if vision is None:
-        return Collator(pad, padding_free=packing)
+        from lmforge.model.kernels.varlen_attention import ATTN_NAME
+
+        varlen = getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME
+        return Collator(pad, padding_free=packing, boundaries=packing and varlen)
     from lmforge.model.vision import require_family
     from lmforge.trainers.vision_collator import VisionCollator
 

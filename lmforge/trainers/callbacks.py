@@ -205,8 +205,9 @@ class InterruptCallback(TrainerCallback):
     the newest complete one, and the command that resumes from it.
 
     Installed for ``trainer.train()`` only, and only from the main thread (signal handlers live there).
-    With several processes the request is agreed across ranks at every step end (one tiny all-reduce),
-    so all of them save the same step and stop together. ``resume_from``: the checkpoint this run
+    With several processes the request is agreed across ranks at every step end (one tiny all-reduce,
+    read a step later so that the host need not wait for the GPU), so all of them save the same step
+    and stop together. ``resume_from``: the checkpoint this run
     resumed from; the start of training logs it with the step it continues at.
     """
 
@@ -216,6 +217,7 @@ class InterruptCallback(TrainerCallback):
         self.stream = stream
         self._previous: Any = None
         self._installed = False
+        self._flag: Any = None  # the previous step's all-ranks stop request: (host tensor, CUDA event or None)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:  # the second Ctrl-C: stop now
@@ -242,11 +244,7 @@ class InterruptCallback(TrainerCallback):
 
         stop = self.requested
         if is_distributed():
-            import torch
-
-            from lmforge.utils.distributed import collective_device, global_sum
-
-            stop = bool(global_sum(torch.tensor([float(stop)], device=collective_device())).item() > 0)
+            stop = self._agreed_stop()
             self.requested = self.requested or stop
         if stop:
             control.should_save = True
@@ -255,6 +253,38 @@ class InterruptCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
+        self._flag = None
+
+    def _agreed_stop(self) -> bool:
+        """Whether any rank had asked to stop by the end of the previous step (every rank gets the same answer).
+
+        Each step end starts the sum of this step's requests and reads the previous step's: on GPUs the
+        read waits only for the previous step's work, so the host still runs a step ahead of the GPU
+        (reading this step's sum would make it wait for the whole step). A stop comes one step later.
+        """
+        import torch
+        import torch.distributed as tdist
+
+        from lmforge.utils.distributed import collective_device
+
+        stop = False
+        if self._flag is not None:
+            host, done = self._flag
+            if done is not None:
+                done.synchronize()
+            stop = bool(host.item() > 0)
+        device = collective_device()
+        flag = torch.full((1,), float(self.requested), device=device)  # a fill kernel, no host-to-device copy
+        tdist.all_reduce(flag)
+        if device.type == "cuda":
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._flag = (host, done)
+        else:
+            self._flag = (flag, None)
+        return stop
 
     def stop_message(self, state: Any, output_dir: str, *, hard: bool) -> str:
         """Where training stopped, the newest complete checkpoint, and how to resume from it."""

@@ -3,6 +3,11 @@
 ``padded``: right-padded rectangle with an attention mask. ``padding-free`` (packing): the whole
 batch flattened into one sequence with restarting ``position_ids`` and no attention mask, which
 transformers turns into a block-diagonal mask (sdpa/eager) or varlen attention (flash).
+
+With ``boundaries`` (set when the model runs lmforge's varlen attention) a padding-free batch also
+carries the sequence boundaries (``cu_seq_lens_q/k``, ``max_length_q/k``, the keywords transformers'
+flash-attention path reads), counted here on the host: the attention layer would otherwise find them
+with a ``nonzero`` and a ``max`` on the GPU, two reads that stall the host before every forward.
 """
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ from typing import Any
 
 
 class Collator:
-    def __init__(self, pad_token_id: int, *, padding_free: bool = False, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, *, padding_free: bool = False, pad_to_multiple_of: int | None = None,
+                 boundaries: bool = False):
         self.pad_token_id = pad_token_id
         self.padding_free = padding_free
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.boundaries = boundaries
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return self._flatten(rows) if self.padding_free else self._pad(rows)
@@ -43,29 +50,35 @@ class Collator:
         return out
 
     def _flatten(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rows (packed or not) -> one row: ids, labels and positions concatenated as tensors.
+
+        A row without ``position_ids`` is one sequence; a packed row's positions restart at each of its
+        sequences. The first label of every sequence becomes -100 (as ``concat_rows`` does when packing):
+        the token before it belongs to another sequence.
+        """
         import torch
 
-        from lmforge.dataset.packing import concat_rows
-
-        # A packed row already holds several rows; split it back on its restarting positions.
-        pieces: list[dict[str, Any]] = []
+        ids, labels, positions, scales = [], [], [], []
+        with_scale = any(r.get("loss_scale") is not None for r in rows)
         for r in rows:
+            n = len(r["input_ids"])
+            ids.append(torch.tensor(r["input_ids"], dtype=torch.long))
+            lab = torch.tensor(r["labels"], dtype=torch.long)
             pos = r.get("position_ids")
-            if pos is None:
-                pieces.append(r)
-                continue
-            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-            for s, e in zip(starts, starts[1:]):
-                piece = {"input_ids": r["input_ids"][s:e], "labels": r["labels"][s:e]}
-                if r.get("loss_scale") is not None:
-                    piece["loss_scale"] = r["loss_scale"][s:e]
-                pieces.append(piece)
-        flat = concat_rows(pieces)
-        out = {
-            "input_ids": torch.tensor([flat["input_ids"]], dtype=torch.long),
-            "labels": torch.tensor([flat["labels"]], dtype=torch.long),
-            "position_ids": torch.tensor([flat["position_ids"]], dtype=torch.long),
-        }
-        if "loss_scale" in flat:
-            out["loss_scale"] = torch.tensor([flat["loss_scale"]], dtype=torch.float32)
+            pos = torch.arange(n) if pos is None else torch.tensor(pos, dtype=torch.long)
+            lab[pos == 0] = -100
+            labels.append(lab)
+            positions.append(pos)
+            if with_scale:
+                s = r.get("loss_scale")
+                scales.append(torch.tensor(s, dtype=torch.float32) if s is not None else torch.ones(n))
+        pos = torch.cat(positions)
+        out = {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None], "position_ids": pos[None]}
+        if with_scale:
+            out["loss_scale"] = torch.cat(scales)[None]
+        if self.boundaries:
+            starts = (pos == 0).nonzero().squeeze(1).to(torch.int32)
+            cu = torch.cat([starts, torch.tensor([pos.numel()], dtype=torch.int32)])
+            longest = int((cu[1:] - cu[:-1]).max())
+            out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=longest, max_length_k=longest)
         return out

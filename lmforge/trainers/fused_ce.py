@@ -78,7 +78,9 @@ _ce_chunk_compiled = CudaCompiled(_ce_chunk_pointwise)
 
 def _ce_chunk(logits: Tensor, target: Tensor, scale: Tensor, smoothing: float,
               want_grad: bool) -> tuple[Tensor, Tensor | None]:
-    if logits.is_cuda and compile_enabled() and _ce_chunk_compiled._failed is None:
+    # A one-row chunk runs eagerly: the kernel compiled for dynamic sizes assumes at least two rows
+    # (0/1 specialisation), and a recompile mid-run stalls every other rank for its second or two.
+    if logits.is_cuda and compile_enabled() and _ce_chunk_compiled._failed is None and logits.shape[0] > 1:
         return _ce_chunk_compiled(logits, target, scale, smoothing, want_grad)
     return _ce_chunk_inplace(logits, target, scale, smoothing, want_grad)
 

@@ -11,6 +11,11 @@
    damaged checkpoint from an intact one. A save that fills the disk stops the run with "No space
    left on device", the folder, what was free and what was needed; the previous checkpoint stays.
 3. Evaluation reports token accuracy (or ``--eval_metric``) without keeping full logits.
+
+And one for speed: no per-step read of a GPU value on the host. The Trainer's NaN/inf loss filter
+and its input-token count each read a value every micro-step, which makes the host wait for the GPU
+and leaves the GPU idle while the host prepares the next batch; here both stay on the device and the
+token count is read only when a log line or a checkpoint needs it.
 """
 from __future__ import annotations
 
@@ -74,6 +79,10 @@ class LmforgeTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._fused_ce: FusedLoss | None | bool = None   # None: not decided yet; False: off
+        # nan_guard must see NaN losses; otherwise a non-finite loss counts as the running mean (as the
+        # Trainer's logging_nan_inf_filter does, which lmforge turns off: it reads the loss on the host)
+        self.finite_loss_filter = "nan_guard" not in (getattr(lmforge_args, "callbacks", None) or [])
+        self._tokens_seen: Any = None  # num_input_tokens_seen of all ranks, a device tensor
         self.final_save = False  # run_training's save after an early stop: write consolidated weights too
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -115,10 +124,45 @@ class LmforgeTrainer(Trainer):
             loss = loss * self.global_token_scale(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.finite_loss_filter:
+            import torch
+
+            mean = self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+            loss = torch.where(torch.isfinite(loss), loss, mean.to(loss.dtype))
+        return loss
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Real tokens of this micro-batch, summed over ranks on the device (the count is read in ``log``).
+
+        Padding-free batches have no attention mask and no padding: every token counts (comparing with
+        the pad id, as the Trainer does, would drop real end-of-text tokens that share its id).
+        """
+        import torch
+
+        mode = self.args.include_num_input_tokens_seen
+        ids = inputs.get("input_ids")
+        if mode in ("no", False) or ids is None:
+            return
+        mask = inputs.get("attention_mask")
+        if mode == "non_padding" and mask is not None:
+            count = mask.sum().to(self.args.device, torch.int64).reshape(1)
+        else:  # a fill on the device: building it on the host and copying it over would sync
+            count = torch.full((1,), ids.numel(), dtype=torch.int64, device=self.args.device)
+        if self._tokens_seen is None:
+            self._tokens_seen = torch.tensor(int(self.state.num_input_tokens_seen), device=self.args.device)
+        self._tokens_seen += self.accelerator.gather(count).sum()
+
+    def _read_tokens_seen(self) -> None:
+        if self._tokens_seen is not None:
+            self.state.num_input_tokens_seen = int(self._tokens_seen.item())
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the peak GPU memory so far (this process) to every training log line on CUDA."""
         import torch
 
+        self._read_tokens_seen()
         if "loss" in logs and self.args.device.type == "cuda":
             logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.args.device) / 2 ** 30, 2)
         super().log(logs, start_time)
@@ -179,6 +223,7 @@ class LmforgeTrainer(Trainer):
 
     # ---- atomic checkpoints -------------------------------------------------------------
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self._read_tokens_seen()
         run_dir = Path(self.args.output_dir)
         staging = run_dir / ".staging"
         name = f"checkpoint-{self.state.global_step}"

@@ -25,6 +25,7 @@ reason logged. ``use_backend`` forces one (tests and ``benchmarks/gpu_check_trai
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -289,11 +290,46 @@ def varlen_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
+def _skip_packed_check(preprocess: Callable) -> Callable:
+    """transformers' mask preparation with its packed-sequence check left out for ``lmforge_varlen``.
+
+    For a batch without a mask and without a cache, transformers looks for restarting position ids
+    (``find_packed_sequence_indices``) and tests the result with a Python ``if`` on a GPU tensor: the host
+    waits for every queued kernel before each forward. This attention finds the boundaries itself
+    (from the collator, or from the position ids) and ``varlen_mask`` returns no mask there, so the check
+    only costs the wait; it is skipped by handing the preparation no position ids. Other backends are
+    untouched.
+    """
+    sig = inspect.signature(preprocess)
+
+    @functools.wraps(preprocess)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            return preprocess(*args, **kwargs)
+        got = bound.arguments
+        config = got.get("config")
+        if (getattr(config, "_attn_implementation", None) == ATTN_NAME and got.get("attention_mask") is None
+                and got.get("cache", got.get("past_key_values")) is None and got.get("position_ids") is not None):
+            got["position_ids"] = None
+        return preprocess(*bound.args, **bound.kwargs)
+
+    wrapper.lmforge_skips_packed_check = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def register() -> str:
     """Register ``lmforge_varlen`` with transformers (idempotent); returns the name."""
     from transformers import AttentionInterface
+    from transformers import masking_utils
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, varlen_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, varlen_mask)
+    pre = getattr(masking_utils, "_preprocess_mask_arguments", None)
+    if pre is not None and not getattr(pre, "lmforge_skips_packed_check", False):
+        params = inspect.signature(pre).parameters
+        if {"config", "attention_mask", "position_ids"} <= set(params) and ({"cache", "past_key_values"} & set(params)):
+            masking_utils._preprocess_mask_arguments = _skip_packed_check(pre)
     return ATTN_NAME
