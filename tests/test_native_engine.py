@@ -191,6 +191,7 @@ def test_preemption_and_chunked_prefill_change_nothing(lora_dir, hf):
     finally:
         eng.close()
     assert got == want
+    assert eng.runner.k_cache == [] and not eng.runner.graphs  # a closed engine gives its KV cache back
 
 
 def test_prefix_cache_hit_gives_the_same_reply(native):

@@ -232,9 +232,13 @@ class NativeEngine(HfEngine):
         self._wake.set()
 
     def close(self) -> None:
+        """Stop the step loop and give the KV cache and CUDA graphs back to the GPU (a closed engine
+        answers nothing more), so that a second engine in the same process finds the memory free."""
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.runner.release()
 
     # ---- weights -----------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -144,13 +144,15 @@ class NativeModel:
         head = inner.get_output_embeddings()
         self.lm_head = _linear(head)[0] if head is not None else self.embed
         # cos/sin for every position, from the model's own rotary module (all RoPE variants).
+        # Qwen2-VL: which rotary frequencies follow the time/height/width axis (vision.mrope_cos_sin)
+        self.mrope_section = getattr(dec.rotary_emb, "mrope_section", None)
         positions = torch.arange(max_model_len, device=self.device)[None]
+        if self.mrope_section is not None:  # its rotary module wants [3, batch, T] (older transformers: only that)
+            positions = positions[None].expand(3, 1, -1)
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         with torch.no_grad():
             cos, sin = dec.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
-        # Qwen2-VL: which rotary frequencies follow the time/height/width axis (vision.mrope_cos_sin)
-        self.mrope_section = getattr(dec.rotary_emb, "mrope_section", None)
         self.layers = [self._layer(i, layer, cfg) for i, layer in enumerate(dec.layers)]
         self.lora_slots: dict[str, int] = {}
 

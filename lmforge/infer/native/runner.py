@@ -66,6 +66,13 @@ class ModelRunner:
             self._capture(default_graph_sizes(max_num_seqs))
 
     # ---- memory ------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Drop the KV cache and the captured graphs (the engine is closed)."""
+        self.graphs.clear()
+        self.k_cache, self.v_cache = [], []
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+
     def _plan_blocks(self, utilization: float) -> int:
         if not self.on_cuda:
             return max(2, 4 * self.max_blocks_per_seq)
