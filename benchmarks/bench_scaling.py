@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--plain_batch", type=int, default=8, help="dense rows per GPU for the plain recipe")
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=10, help="steps before the clock starts (compiles on any rank stall all)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--profile", default=None, metavar="DIR", help="profile one extra step of every run into DIR")
     a = p.parse_args()

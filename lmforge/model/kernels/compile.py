@@ -19,11 +19,16 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None   # a path search: tens of microseconds, once
+
+
 def compile_enabled() -> bool:
-    """False when ``LMFORGE_COMPILE_KERNELS=0`` or triton is not importable."""
+    """False when ``LMFORGE_COMPILE_KERNELS=0`` or triton is not importable (asked on every kernel call)."""
     if os.environ.get("LMFORGE_COMPILE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return importlib.util.find_spec("triton") is not None
+    return _triton_installed()
 
 
 class CudaCompiled:
