@@ -142,7 +142,7 @@ class LmforgeTrainer(Trainer):
         import torch
 
         mode = self.args.include_num_input_tokens_seen
-        ids = inputs.get("input_ids")
+        ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
         if mode in ("no", False) or ids is None:
             return
         mask = inputs.get("attention_mask")
