@@ -265,3 +265,36 @@ def test_one_process_on_a_multi_gpu_host_trains_on_one_gpu(caplog):
     assert targs._n_gpu == 1 and "NPROC_PER_NODE=2" in caplog.text
     cpu = SimpleNamespace(_n_gpu=0, n_gpu=0, device="cpu")
     assert one_gpu_per_process(cpu, on_gpu=False)._n_gpu == 0
+
+
+def _stop_agreement_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as tdist
+    from transformers import TrainerControl, TrainerState
+
+    from lmforge.trainers.callbacks import InterruptCallback
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cb, state = InterruptCallback(), TrainerState()
+        stopped_at = None
+        for step in range(1, 8):
+            state.global_step = step
+            if rank == 1 and step == 3:
+                cb.requested = True  # what the SIGINT handler sets, on one rank only
+            control = cb.on_step_end(None, state, TrainerControl())
+            if control.should_training_stop:
+                stopped_at = step
+                break
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"stopped_at": stopped_at, "save": control.should_save}))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Ctrl-C reaching one process: the request is summed over ranks at a step end and read at the next one
+    (so the host need not wait for the GPU), and every rank saves and stops at that same step."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_stop_agreement_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1] == {"stopped_at": 4, "save": True}
