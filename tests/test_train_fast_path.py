@@ -353,3 +353,25 @@ def test_sft_fast_path_end_to_end(tmp_path):
     assert abs(plain[0] - fast[0]) <= 1e-5 * plain[0], (plain[0], fast[0])
     assert max(abs(a - b) / a for a, b in zip(plain, fast)) < 1e-3, (plain, fast)
     assert fast[-1] < fast[0] * 0.8
+
+
+def test_default_collator_passes_boundaries_only_where_they_can_be_used(tiny_model_tokenizer):
+    from lmforge.pipelines.sft import default_collator
+
+    model, tok = tiny_model_tokenizer
+    setup = SimpleNamespace(tokenizer=tok, args=SimpleNamespace(packing=True), template=SimpleNamespace(vision=None))
+    enable_varlen_attention(model, required=True)
+    assert default_collator(setup, model).boundaries  # lmforge_varlen reads them
+    setup.args.packing = False
+    assert not default_collator(setup, model).boundaries  # padded batches have no sequences to bound
+    setup.args.packing = True
+    model.set_attn_implementation("sdpa")
+    assert not default_collator(setup, model).boundaries  # transformers' sdpa would ignore them
+
+    class Closed(torch.nn.Module):  # a forward without **kwargs would reject the extra keywords
+        config = SimpleNamespace(_attn_implementation=va.ATTN_NAME)
+
+        def forward(self, input_ids, position_ids=None, labels=None):
+            return input_ids
+
+    assert not default_collator(setup, Closed()).boundaries

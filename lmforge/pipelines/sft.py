@@ -319,7 +319,7 @@ def default_collator(setup: TrainingSetup, model: Any) -> Any:
         from lmforge.model.kernels.varlen_attention import ATTN_NAME
 
         varlen = getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME
-        return Collator(pad, padding_free=packing, boundaries=packing and varlen)
+        return Collator(pad, padding_free=packing, boundaries=packing and varlen and _takes_extra_kwargs(model))
     from lmforge.model.vision import require_family
     from lmforge.trainers.vision_collator import VisionCollator
 
@@ -327,6 +327,19 @@ def default_collator(setup: TrainingSetup, model: Any) -> Any:
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 2)
     return VisionCollator(pad, vision, family, merge_size=merge, padding_free=packing)
+
+
+def _takes_extra_kwargs(model: Any) -> bool:
+    """Whether the model's forward passes unnamed keywords on (transformers' ``**kwargs`` to the attention
+    layers), so that the collator may add the sequence boundaries; a model with a closed signature gets none."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def run_training(setup: TrainingSetup, train_ds: Any, val_ds: Any, *, trainer_cls: Any = None,
