@@ -309,7 +309,13 @@ def test_callbacks(tmp_path):
     # progress with a bar (forced): eval results still come out as a line
     stream = io.StringIO()
     prog = CALLBACKS.get("progress")(use_bar=True, stream=stream)
+    state.global_step, state.num_input_tokens_seen = 0, 0
     prog.on_train_begin(args, state, control)
+    state.global_step, state.num_input_tokens_seen = 5, 1280
+    prog.on_step_end(args, state, control)
+    assert "tok/s" not in prog.postfix  # the token count is read at log lines: tok/s is set there
+    prog.on_log(args, state, control, logs={"loss": 1.0})
+    assert float(prog.postfix["tok/s"]) > 0
     prog.on_log(args, state, control, logs={"eval_loss": 0.25})
     prog.on_train_end(args, state, control)
     assert "eval_loss=0.25" in stream.getvalue()

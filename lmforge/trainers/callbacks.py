@@ -102,9 +102,7 @@ class ProgressCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is None:
             return
-        tps = self._throughput(state)
-        if tps is not None:
-            self.postfix["tok/s"] = f"{tps:.0f}"
+        # tok/s is refreshed in on_log: the trainer reads its device-side token count at log lines only
         self.bar.set_postfix(self._ordered(), refresh=False)
         self.bar.update(state.global_step - self.bar.n)
 
@@ -169,6 +167,9 @@ class ProgressCallback(TrainerCallback):
             if "learning_rate" in logs:
                 self.postfix["lr"] = f"{logs['learning_rate']:.3g}"
             if self.bar is not None:
+                tps = self._throughput(state)
+                if tps is not None:
+                    self.postfix["tok/s"] = f"{tps:.0f}"
                 self.bar.set_postfix(self._ordered())
             else:
                 self._write(self._plain_line(state))
