@@ -394,3 +394,48 @@ def test_n_samples_share_the_prompt_blocks(native):
     again = native.infer(_reqs(long), cfg)[0]
     assert [c.token_ids for c in again.choices] == [c.token_ids for c in out.choices]  # seeded: same samples
     assert len({tuple(c.token_ids) for c in out.choices}) > 1
+
+
+def _prepare_reference(rows, bs):
+    """The step's inputs token by token (what ModelRunner._prepare_raw computes with numpy)."""
+    ids, pos, slots, lora, qsl, lens = [], [], [], [], [0], []
+    for start, n, blocks, toks, slot, delta in rows:
+        ids += toks
+        pos += [p + delta for p in range(start, start + n)]
+        slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+        lora += [slot] * n
+        qsl.append(qsl[-1] + n)
+        lens.append(start + n)
+    width = max(len(r[2]) for r in rows)
+    tables = [r[2] + [0] * (width - len(r[2])) for r in rows]
+    return ids, pos, slots, lora, qsl, lens, tables
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_step_inputs_equal_a_token_by_token_reference(lora):
+    import random
+    from types import SimpleNamespace
+
+    from lmforge.infer.native.runner import ModelRunner
+
+    runner = object.__new__(ModelRunner)  # only the input builder: no model, no cache
+    runner.block_size, runner.device = 16, torch.device("cpu")
+    runner.model = SimpleNamespace(lora_slots={"calc": 0} if lora else {})
+    rng = random.Random(0)
+    for n_tokens in ([256] * 4, [1] * 9, [1, 57, 1, 1, 300, 1]):  # prefill chunks, decode, mixed
+        rows = []
+        for n in n_tokens:
+            start = rng.randrange(0, 600)
+            blocks = rng.sample(range(1, 4000), -(-(start + n) // 16))
+            rows.append((start, n, blocks, [rng.randrange(1000) for _ in range(n)], rng.randrange(-1, 3),
+                         rng.randrange(0, 4)))
+        meta, ids, pos, last = runner._prepare_raw(rows)
+        r_ids, r_pos, r_slots, r_lora, r_qsl, r_lens, r_tables = _prepare_reference(rows, 16)
+        assert ids.tolist() == r_ids and pos.tolist() == r_pos and meta.slot_mapping.tolist() == r_slots
+        assert meta.query_start_loc.tolist() == r_qsl and meta.seq_lens.tolist() == r_lens
+        assert meta.block_tables.tolist() == r_tables and meta.max_query_len == max(n_tokens)
+        assert last == [q - 1 for q in r_qsl[1:]]
+        assert (meta.lora_idx.tolist() == r_lora) if lora else meta.lora_idx is None
+        assert (ids.dtype, pos.dtype, meta.slot_mapping.dtype, meta.block_tables.dtype, meta.seq_lens.dtype,
+                meta.query_start_loc.dtype) == (torch.int64, torch.int64, torch.int64, torch.int32, torch.int32,
+                                                torch.int32)
