@@ -439,3 +439,33 @@ def test_step_inputs_equal_a_token_by_token_reference(lora):
         assert (ids.dtype, pos.dtype, meta.slot_mapping.dtype, meta.block_tables.dtype, meta.seq_lens.dtype,
                 meta.query_start_loc.dtype) == (torch.int64, torch.int64, torch.int64, torch.int32, torch.int32,
                                                 torch.int32)
+
+
+def test_graph_replay_fills_its_static_inputs_like_the_reference():
+    """The decode graph's static buffers get the step's rows and inert padding (slot -1, length 1) after them."""
+    import random
+    from types import SimpleNamespace
+
+    from lmforge.infer.native.runner import ModelRunner
+
+    replays = []
+    runner = object.__new__(ModelRunner)
+    runner.block_size, runner.device, runner.max_blocks_per_seq = 16, torch.device("cpu"), 64
+    runner.model = SimpleNamespace(lora_slots={})
+    buf = runner._static_inputs(8)
+    out = torch.arange(8.0)[:, None]
+    runner.graphs, runner.graph_sizes = {8: (SimpleNamespace(replay=lambda: replays.append(1)), buf, out)}, [8]
+    rng = random.Random(1)
+    rows = []
+    for _ in range(5):
+        start = rng.randrange(0, 500)
+        rows.append((start, 1, rng.sample(range(1, 900), start // 16 + 1), [rng.randrange(1000)], rng.randrange(-1, 2),
+                     rng.randrange(0, 3)))
+    got = runner._replay(rows)
+    ids, pos, slots, lora, _, lens, tables = _prepare_reference(rows, 16)
+    assert replays == [1] and got.tolist() == out[:5].tolist()
+    assert buf["ids"].tolist() == ids + [0] * 3 and buf["pos"].tolist() == pos + [0] * 3
+    assert buf["slots"].tolist() == slots + [-1] * 3 and buf["lens"].tolist() == lens + [1] * 3
+    assert buf["lora"].tolist() == lora + [-1] * 3
+    width = len(tables[0])
+    assert buf["tables"][:, :width].tolist() == tables + [[0] * width] * 3

@@ -127,11 +127,11 @@ class ModelRunner:
         del kc, vc, h, logits, probs
 
     # ---- inputs ------------------------------------------------------------------------------
-    def _prepare_raw(self, rows: list[tuple[int, int, list[int], list[int], int, int]]
-                     ) -> tuple[AttentionMeta, torch.Tensor, torch.Tensor, list[int]]:
-        """rows: (start index, new tokens, block ids, token ids of the new tokens, lora slot, rope offset).
+    def _step_arrays(self, rows: list[tuple[int, int, list[int], list[int], int, int]]) -> dict[str, Any]:
+        """rows: (start index, new tokens, block ids, token ids of the new tokens, lora slot, rope offset)
+        -> the step's inputs as numpy arrays: ``ids``, ``pos`` (index + offset, Qwen2-VL's M-RoPE delta; 0 for
+        text), ``slots`` (KV-cache slot of each token), per row ``lens``, ``lora`` and ``tables``, and ``qsl``.
 
-        A token's rotary position is its index plus the row's offset (Qwen2-VL's M-RoPE delta; 0 for text).
         Per-token values are computed with numpy over the whole step (a prefill step holds thousands of
         tokens; a Python loop over them cost milliseconds of host time per step); only the per-row parts
         loop in Python."""
@@ -146,24 +146,29 @@ class ModelRunner:
         tables = np.zeros((n_rows, width), dtype=np.int32)
         for i, r in enumerate(rows):
             tables[i, :len(r[2])] = r[2]
-        ids = np.concatenate([np.asarray(r[3], dtype=np.int64) for r in rows])
         row = np.repeat(np.arange(n_rows), counts)                       # the row of each token
         index = np.arange(int(qsl[-1])) - qsl[:-1][row] + starts[row]    # each token's index in its sequence
-        slots = tables[row, index // bs].astype(np.int64) * bs + index % bs
+        return {"ids": np.concatenate([np.asarray(r[3], dtype=np.int64) for r in rows]),
+                "pos": index + deltas[row],
+                "slots": tables[row, index // bs].astype(np.int64) * bs + index % bs,
+                "lens": (starts + counts).astype(np.int32),
+                "lora": np.fromiter((r[4] for r in rows), dtype=np.int64, count=n_rows),
+                "tables": tables, "qsl": qsl, "counts": counts}
+
+    def _prepare_raw(self, rows: list[tuple[int, int, list[int], list[int], int, int]]
+                     ) -> tuple[AttentionMeta, torch.Tensor, torch.Tensor, list[int]]:
+        """The eager forward's inputs for ``rows`` (see :meth:`_step_arrays`) and each row's last token."""
+        a = self._step_arrays(rows)
         dev = self.device
-        lora = None
-        if self.model.lora_slots:
-            lora = torch.from_numpy(np.repeat(np.fromiter((r[4] for r in rows), dtype=np.int64, count=n_rows),
-                                              counts)).to(dev)
         meta = AttentionMeta(
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            block_tables=torch.from_numpy(tables).to(dev),
-            seq_lens=torch.from_numpy((starts + counts).astype(np.int32)).to(dev),
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
-            max_query_len=int(counts.max()),
-            lora_idx=lora)
-        last = (qsl[1:] - 1).tolist()
-        return meta, torch.from_numpy(ids).to(dev), torch.from_numpy(index + deltas[row]).to(dev), last
+            slot_mapping=torch.from_numpy(a["slots"]).to(dev),
+            block_tables=torch.from_numpy(a["tables"]).to(dev),
+            seq_lens=torch.from_numpy(a["lens"]).to(dev),
+            query_start_loc=torch.from_numpy(a["qsl"].astype(np.int32)).to(dev),
+            max_query_len=int(a["counts"].max()),
+            lora_idx=torch.from_numpy(np.repeat(a["lora"], a["counts"])).to(dev) if self.model.lora_slots else None)
+        last = (a["qsl"][1:] - 1).tolist()
+        return meta, torch.from_numpy(a["ids"]).to(dev), torch.from_numpy(a["pos"]).to(dev), last
 
     @staticmethod
     def rows_for(batch: list[tuple[Sequence, int]]) -> list[tuple[int, int, list[int], list[int], int, int]]:
@@ -250,22 +255,19 @@ class ModelRunner:
                     time.perf_counter() - t0)
 
     def _replay(self, rows: list[tuple[int, int, list[int], list[int], int, int]]) -> torch.Tensor:
+        """One decode step (a token per row) through the smallest captured graph that holds the rows; the
+        graph's rows past ``len(rows)`` get inert inputs (slot -1: their keys and values are not written)."""
         n = len(rows)
         B = next(s for s in self.graph_sizes if s >= n)
         graph, buf, out = self.graphs[B]
-        bs = self.block_size
-        width = max(len(r[2]) for r in rows)
+        a = self._step_arrays(rows)
+        for name, default in (("ids", 0), ("pos", 0), ("slots", -1), ("lens", 1), ("lora", -1)):
+            full = np.full(B, default, dtype=a[name].dtype)
+            full[:n] = a[name]
+            buf[name].copy_(torch.from_numpy(full))
+        width = a["tables"].shape[1]
         table = np.zeros((B, width), dtype=np.int32)  # columns past a row's length are never read
-        ids, pos, slots, lens, lora = [0] * B, [0] * B, [-1] * B, [1] * B, [-1] * B
-        for i, (start, _, blocks, toks, slot, delta) in enumerate(rows):
-            ids[i], pos[i], lens[i], lora[i] = toks[0], start + delta, start + 1, slot
-            slots[i] = blocks[start // bs] * bs + start % bs
-            table[i, :len(blocks)] = blocks
-        buf["ids"].copy_(torch.tensor(ids))
-        buf["pos"].copy_(torch.tensor(pos))
-        buf["slots"].copy_(torch.tensor(slots))
-        buf["lens"].copy_(torch.tensor(lens, dtype=torch.int32))
-        buf["lora"].copy_(torch.tensor(lora))
+        table[:n] = a["tables"]
         buf["tables"][:, :width].copy_(torch.from_numpy(table))
         graph.replay()
         return out[:n]
