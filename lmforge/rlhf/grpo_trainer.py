@@ -269,13 +269,6 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
             return inputs
         return self._rollout(inputs, "train" if self.model.training else "eval")
 
-    def _track_num_input_tokens(self, inputs: Any) -> None:
-        """Tokens trained on (prompt + completion, no padding) of the rollout batch, not the prompt rows."""
-        if self.args.include_num_input_tokens_seen == "no" or not isinstance(inputs, dict):
-            return
-        n = inputs["attention_mask"].sum()
-        self.state.num_input_tokens_seen += int(global_sum(n.to(collective_device())))
-
     def floating_point_ops(self, inputs: Any) -> int:
         return super().floating_point_ops({"input_ids": inputs["input_ids"]} if isinstance(inputs, dict) else {})
 
