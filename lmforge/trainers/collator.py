@@ -76,9 +76,11 @@ class Collator:
         out = {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None], "position_ids": pos[None]}
         if with_scale:
             out["loss_scale"] = torch.cat(scales)[None]
-        if self.boundaries:
-            starts = (pos == 0).nonzero().squeeze(1).to(torch.int32)
-            cu = torch.cat([starts, torch.tensor([pos.numel()], dtype=torch.int32)])
-            longest = int((cu[1:] - cu[:-1]).max())
+        if self.boundaries:  # the attention's own rule, so both paths see the same sequences
+            from lmforge.model.kernels.varlen_attention import segments_from_position_ids
+
+            seg = segments_from_position_ids(pos[None], 1, pos.numel())
+            cu = seg.cu if seg is not None else torch.tensor([0, pos.numel()], dtype=torch.int32)
+            longest = seg.max_len if seg is not None else pos.numel()
             out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=longest, max_length_k=longest)
         return out
