@@ -58,11 +58,12 @@ def train_teacher(workdir: Path, target: float, max_steps: int, lr: float) -> tu
     from lmforge.model import get_model_tokenizer
     from lmforge.registry import CALLBACKS
     from lmforge.template import get_template
-    from test_grpo_arith import StopWhenAccurate, held_out
+    from arith_probe import WarmStartProbe
+    from test_grpo_arith import held_out
 
     init = build_teacher_init(workdir / "teacher-init")
     _, stop_rows = held_out(200)
-    stopper = StopWhenAccurate(stop_rows, target, start=100, every=100)
+    stopper = WarmStartProbe(stop_rows, target, workdir / "teacher-at-target", start=100, every=100, stop=True)
     tok = get_model_tokenizer(str(init), load_model=False)[1]
     CALLBACKS.register("gkd_teacher_stop", stopper.callback(tok, get_template(tok)), overwrite=True)
     result = sft_main(TrainArguments(
@@ -70,7 +71,7 @@ def train_teacher(workdir: Path, target: float, max_steps: int, lr: float) -> tu
         per_device_train_batch_size=64, gradient_accumulation_steps=1, max_steps=max_steps, warmup_ratio=0.0,
         save_steps=10 ** 6, logging_steps=100, callbacks=["gkd_teacher_stop"], output_dir=str(workdir / "teacher"),
         add_version=False, report_to=["none"], plot=False))
-    return result["last_checkpoint"], stopper.history
+    return (str(stopper.warm_dir) if stopper.warm_step else result["last_checkpoint"]), stopper.history
 
 
 def arm(kind: str, student: str, teacher: str | None, workdir: Path, steps: int, batch: int, lr: float,
@@ -103,7 +104,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lmbda", type=float, default=0.5)
     p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="*", type=int, default=[0], help="none: train and score the teacher only")
     a = p.parse_args()
     import torch
 
