@@ -91,6 +91,7 @@ def test_videos_are_lists_of_frames_or_video_files(tmp_path):
     from tests.test_vl_video import write_mp4
 
     clip = write_mp4(tmp_path / "clip.mp4")
+    (tmp_path / "d.jsonl").write_text("")  # a relative path is looked up beside the dataset file
     out = preprocess_row(_row("<video>?", video="clip.mp4"), source=f"{tmp_path / 'd.jsonl'}:3")
     assert out["videos"] == [[clip]]  # a file: one absolute path, decoded when a batch is built
     with pytest.raises(DatasetError, match=r"f\.jsonl:7: field 'video\[0\]': no such video file 'gone\.mp4'"):
