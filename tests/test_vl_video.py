@@ -105,13 +105,27 @@ def test_one_frame_gives_the_image_processors_pixels(vl):
     assert np.array_equal(ours, ref["pixel_values"])
 
 
+def test_smart_resize_is_qwen2_vls():
+    """Our frame size rule against the one transformers' image processor uses (importable without torchvision)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as theirs
+
+    from lmforge.template.video import smart_resize
+
+    for h in (20, 56, 64, 90, 333, 1080):
+        for w in (28, 57, 64, 120, 640, 1920):
+            for lo, hi in ((56 * 56, 112 * 112), (128 * 28 * 28, 768 * 28 * 28)):
+                assert smart_resize(h, w, 28, lo, hi) == theirs(h, w, 28, lo, hi), (h, w, lo, hi)
+
+
 def test_frames_are_sampled_like_qwen2_vl():
     spec = _spec()
     assert spec.sample(8, 4.0) == [0, 2, 4, 6]  # 2 s at 2 fps = 4 frames (also Qwen2-VL's minimum)
     assert spec.sample(100, 25.0) == [0, 12, 25, 37, 50, 62, 75, 87]  # 4 s -> 8 frames
     assert spec.sample(6, 30.0) == [0, 1, 3, 4]  # at least 4, a multiple of temporal_patch_size
     assert spec.sample(1, 30.0) == [0]  # fewer frames than one temporal patch: all (padding repeats it)
-    assert len(_spec().__class__.from_sources(None, max_frames=16).sample(3000, 30.0)) == 16
+    from lmforge.template.video import VideoSpec
+
+    assert len(VideoSpec.from_sources(max_frames=16).sample(3000, 30.0)) == 16  # the cap
     assert _spec().sample(5, None) == [0, 1, 2, 3, 4]  # a list of frames: every frame
 
 
