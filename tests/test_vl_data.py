@@ -83,12 +83,23 @@ def test_bad_images_name_file_line_and_image(tmp_path):
             preprocess_row(raw, source="f.jsonl:7")
 
 
-def test_videos_are_lists_of_frames(tmp_path):
+def test_videos_are_lists_of_frames_or_video_files(tmp_path):
     frames = [_png(tmp_path / f"f{i}.png") for i in range(2)]
     out = preprocess_row(_row("<video>What happens?", videos=[frames]))
     assert out["videos"] == [frames] and out["images"] is None
-    with pytest.raises(DatasetError, match="list of frame images"):
-        preprocess_row(_row("<video>?", video=str(tmp_path / "clip.mp4")))
+    pytest.importorskip("av", reason="video files are decoded with PyAV")
+    from tests.test_vl_video import write_mp4
+
+    clip = write_mp4(tmp_path / "clip.mp4")
+    (tmp_path / "d.jsonl").write_text("")  # a relative path is looked up beside the dataset file
+    out = preprocess_row(_row("<video>?", video="clip.mp4"), source=f"{tmp_path / 'd.jsonl'}:3")
+    assert out["videos"] == [[clip]]  # a file: one absolute path, decoded when a batch is built
+    with pytest.raises(DatasetError, match=r"f\.jsonl:7: field 'video\[0\]': no such video file 'gone\.mp4'"):
+        preprocess_row(_row("<video>?", video="gone.mp4"), source="f.jsonl:7")
+    with pytest.raises(DatasetError, match="frames differ in size"):
+        preprocess_row(_row("<video>?", videos=[[frames[0], _png(tmp_path / "big.png", size=(8, 8))]]))
+    with pytest.raises(DatasetError, match="is not a video file"):
+        preprocess_row(_row("<video>?", videos=[frames[0]]))
 
 
 def test_builtin_shapes_is_deterministic_with_a_held_out_split():

@@ -118,6 +118,6 @@ def test_gkd_and_kto_refuse_image_rows(tmp_path, vl):
 
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"messages": ROWS[0]["messages"], "images": ROWS[0]["images"]}) + "\n")
-    with pytest.raises(ValueError, match="GKD on rows with images is not supported yet"):
+    with pytest.raises(ValueError, match="GKD on rows with images or videos is not supported yet"):
         rlhf_main(RlhfArguments(model="builtin:tiny-vl", teacher_model="builtin:tiny-vl", rlhf_type="gkd",
                                 dataset=[str(data)], output_dir=str(tmp_path / "gkd"), report_to=["none"]))

@@ -58,3 +58,9 @@ class TemplateArguments:
     max_pixels: Optional[int] = field(None, "vision models: most pixels per image; larger images are scaled down "
                                             "(Qwen2-VL: e.g. 602112 = 768*28*28); default: the processor's")
     min_pixels: Optional[int] = field(None, "vision models: fewest pixels per image; smaller ones are scaled up")
+    video_fps: Optional[float] = field(None, "vision models: frames per second of a video file that are used, evenly "
+                                             "spaced, at least 4 (default 2.0 as Qwen2-VL's processor; infer: the "
+                                             "training run's)")
+    video_max_frames: Optional[int] = field(None, "vision models: most frames used per video, a file's or a list's "
+                                                  "(thinned evenly; default 64; infer: the training run's); two "
+                                                  "frames cost one frame's tokens in Qwen2-VL")

@@ -63,6 +63,8 @@ def _feature_for(key: str, sample: Any):
         return Value("int32")
     if key.endswith("images"):  # image references (template/vision.py); [] in a first batch must not type it as null
         return List(Value("string"))
+    if key.endswith("videos"):  # each video a list of frame references, or [a video file]
+        return List(List(Value("string")))
     if sample is None:
         return Json()
     return generate_from_arrow_type(pa.array([sample]).type)

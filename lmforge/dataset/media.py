@@ -7,9 +7,12 @@ string the Arrow row keeps: an absolute path or a ``data:`` URL (PIL images beco
 opening its header, so that a missing or unreadable image fails while the row's file and line are
 known. Remote ``http(s)://`` URLs are refused: lmforge reads media offline (download them first).
 
-A video is a list of frame images (each normalised as above). Video files are not decoded here: the
-only decoders are optional packages, and transformers' video processors need torchvision, which does
-not install beside this torch; give frames instead.
+A video is a list of frame images (each normalised as above, all of one size), or a video file (a path
+with a video suffix such as ``.mp4``, or a ``data:video/...`` URL) decoded with PyAV (``pip install av``;
+transformers' own video decoding goes through torchvision, which has no CPU build for our torch). A file is
+opened and its first frame decoded when the row is read, and it is kept as a one-element list holding its
+absolute path or data URL (:func:`is_video_file` tells the two kinds apart); :func:`video_info` reads its
+frame count, rate and size from the container, and :func:`read_video` decodes the frames a batch uses.
 
 Why by hand: PIL opens the files; what is written here is the policy (which references are accepted,
 where relative paths point, what an error says).
@@ -21,15 +24,17 @@ import binascii
 import functools
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IMAGE_TAG", "VIDEO_TAG", "MediaError", "count_tags", "data_url", "image_size", "normalize_image",
-           "normalize_video", "open_image", "openai_messages", "source_dir"]
+__all__ = ["IMAGE_TAG", "VIDEO_TAG", "MediaError", "count_tags", "data_url", "image_size", "is_video_file",
+           "normalize_image", "normalize_video", "open_image", "openai_messages", "read_video", "source_dir",
+           "video_info"]
 
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".ts", ".3gp", ".wmv")
 
 
 class MediaError(ValueError):
@@ -93,7 +98,7 @@ def _decode_data_url(url: str) -> bytes:
         raise MediaError(f"data URL {head!r}: the base64 payload does not decode ({e})") from None
 
 
-def _local_path(ref: str, base_dir: Path | None) -> str:
+def _local_path(ref: str, base_dir: Path | None, what: str = "image") -> str:
     if ref.startswith("file://"):
         ref = ref[len("file://"):]
     path = Path(ref).expanduser()
@@ -102,7 +107,7 @@ def _local_path(ref: str, base_dir: Path | None) -> str:
         path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         where = f" (looked in {base_dir} and the working directory)" if base_dir is not None else ""
-        raise MediaError(f"no such image file {ref!r}{where}")
+        raise MediaError(f"no such {what} file {ref!r}{where}")
     return str(path.resolve())
 
 
@@ -150,13 +155,116 @@ def normalize_image(value: Any, base_dir: Path | None = None) -> str:
 
 
 def normalize_video(value: Any, base_dir: Path | None = None) -> list[str]:
-    """A video as a list of frame references (each normalised as an image)."""
-    if isinstance(value, str) and value.lower().endswith(VIDEO_SUFFIXES):
-        raise MediaError(f"video file {value!r}: video files are not decoded by lmforge; give the video as a list "
-                         "of frame images")
+    """A video as a list of frame references (each normalised as an image, all of one size), or a video file as
+    ``[absolute path or data: URL]`` after checking that PyAV decodes its first frame."""
+    if isinstance(value, dict) and value.get("path") and not value.get("bytes"):  # a Hugging Face Video value
+        value = value["path"]
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str) \
+            and is_video_file(value[0].strip()):  # the normalised form of a file maps to itself
+        value = value[0]
+    if isinstance(value, str):
+        return [_normalize_video_file(value.strip(), base_dir)]
     if not isinstance(value, (list, tuple)) or not value:
-        raise MediaError(f"expected a video as a non-empty list of frame images, got {type(value).__name__}")
-    return [normalize_image(v, base_dir) for v in value]
+        raise MediaError(f"expected a video as a non-empty list of frame images or a video file path, got "
+                         f"{type(value).__name__}")
+    frames = [normalize_image(v, base_dir) for v in value]
+    sizes = {image_size(f) for f in frames}
+    if len(sizes) > 1:
+        raise MediaError(f"a video's frames differ in size ((height, width): {sorted(sizes)}); give frames of one size")
+    return frames
+
+
+def is_video_file(ref: str) -> bool:
+    """A normalised reference to a video file (not a frame image)."""
+    return ref[:11].lower().startswith("data:video/") or ref.lower().endswith(VIDEO_SUFFIXES)
+
+
+def _normalize_video_file(ref: str, base_dir: Path | None) -> str:
+    low = ref[:8].lower()
+    if low.startswith(("http://", "https://")):
+        raise MediaError(f"remote video URL {ref[:120]!r}: lmforge reads media offline; download it and give the "
+                         "local path")
+    if low.startswith("data:"):
+        if not ref[:11].lower().startswith("data:video/"):
+            raise MediaError(f"a video as a data URL must be data:video/<type>;base64,..., got {ref[:30]!r}...")
+        _decode_data_url(ref)
+    else:
+        if not ref.lower().endswith(VIDEO_SUFFIXES):
+            raise MediaError(f"{ref[:120]!r} is not a video file ({', '.join(VIDEO_SUFFIXES)}); give a video as a "
+                             "file of one of those types or as a list of frame images")
+        ref = _local_path(ref, base_dir, "video")
+    video_info(ref)
+    return ref
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise MediaError("video files are decoded with PyAV, which is not installed: pip install av (or "
+                         "'lmforge[video]'), or give the video as a list of frame images") from None
+    return av
+
+
+def _open_container(ref: str):
+    av = _av()
+    src = io.BytesIO(_decode_data_url(ref)) if ref.startswith("data:") else ref
+    what = "the video data URL" if ref.startswith("data:") else repr(ref)
+    try:
+        container = av.open(src)
+    except Exception as e:  # noqa: BLE001 - av.error.* (invalid data, permission, ...)
+        raise MediaError(f"cannot decode video {what}: {type(e).__name__}: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"video {what} has no video stream")
+    return container, what
+
+
+@functools.lru_cache(maxsize=1024)
+def video_info(ref: str) -> tuple[int, float | None, int, int]:
+    """``(frames, frames per second, height, width)`` of a video file, from its container (the frames counted from
+    its packets when the header does not say); its first frame is decoded to check that the file decodes."""
+    container, what = _open_container(ref)
+    try:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        first = next(container.decode(stream), None)
+        if first is None:
+            raise MediaError(f"video {what} has no frames")
+        height, width = first.height, first.width
+        total = stream.frames
+        if not total:
+            container.seek(0)
+            total = sum(1 for p in container.demux(stream) if p.size)
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(f"cannot decode video {what}: {type(e).__name__}: {e}") from None
+    finally:
+        container.close()
+    return int(total), float(rate) if rate else None, int(height), int(width)
+
+
+def read_video(ref: str, indices: list[int]) -> list:
+    """The RGB frames (PIL images) of a video file at ``indices`` (increasing), decoded in one pass."""
+    want = set(indices)
+    frames: dict[int, Any] = {}
+    container, what = _open_container(ref)
+    try:
+        for k, frame in enumerate(container.decode(container.streams.video[0])):
+            if k in want:
+                frames[k] = frame.to_image().convert("RGB")
+            if k >= indices[-1]:
+                break
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(f"cannot decode video {what}: {type(e).__name__}: {e}") from None
+    finally:
+        container.close()
+    missing = [k for k in indices if k not in frames]
+    if missing:
+        raise MediaError(f"video {what}: frame {missing[0]} of the {video_info(ref)[0]} its header counts does not "
+                         f"decode (only {len(frames)} of the {len(indices)} wanted did)")
+    return [frames[k] for k in indices]
 
 
 def _source(ref: str):
@@ -191,22 +299,38 @@ def open_image(ref: str):
         raise MediaError(f"cannot read image {ref[:80]!r}: {type(e).__name__}: {e}") from None
 
 
-def openai_messages(messages: list[dict], images: list[str]) -> list[dict]:
-    """Messages with ``<image>`` tags as OpenAI content parts (images sent as base64 data: URLs), for a server."""
-    it = iter(images)
+def openai_messages(messages: list[dict], images: list[str], videos: list[list[str]] | None = None) -> list[dict]:
+    """Messages with ``<image>``/``<video>`` tags as OpenAI content parts, for a server: images as base64 data:
+    URLs, a video file as a ``video_url`` part (a data URL), a list of frames as a ``video`` part (data URLs)."""
+    img, vid = iter(images), iter(videos or [])
     out = []
     for m in messages:
         content = m.get("content")
-        if not isinstance(content, str) or IMAGE_TAG not in content:
+        if not isinstance(content, str) or (IMAGE_TAG not in content and VIDEO_TAG not in content):
             out.append(m)
             continue
         parts: list[dict] = []
-        for k, piece in enumerate(content.split(IMAGE_TAG)):
-            if k:
-                ref = next(it)
-                url = ref if ref.startswith("data:") else data_url(open_image(ref))
-                parts.append({"type": "image_url", "image_url": {"url": url}})
-            if piece:
+        for piece in re.split(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})", content):
+            if piece == IMAGE_TAG:
+                parts.append({"type": "image_url", "image_url": {"url": _as_data_url(next(img))}})
+            elif piece == VIDEO_TAG:
+                video = next(vid)
+                if len(video) == 1 and is_video_file(video[0]):
+                    parts.append({"type": "video_url", "video_url": {"url": _video_data_url(video[0])}})
+                else:
+                    parts.append({"type": "video", "video": [_as_data_url(f) for f in video]})
+            elif piece:
                 parts.append({"type": "text", "text": piece})
         out.append({**m, "content": parts})
     return out
+
+
+def _as_data_url(ref: str) -> str:
+    return ref if ref.startswith("data:") else data_url(open_image(ref))
+
+
+def _video_data_url(ref: str) -> str:
+    if ref.startswith("data:"):
+        return ref
+    suffix = Path(ref).suffix.lstrip(".").lower() or "mp4"
+    return f"data:video/{suffix};base64," + base64.b64encode(Path(ref).read_bytes()).decode("ascii")

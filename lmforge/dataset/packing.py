@@ -56,8 +56,9 @@ def concat_rows(rows: list[dict[str, Any]], with_scale: bool | None = None) -> d
         if has_scale:
             scale = r.get("loss_scale")
             out["loss_scale"] += list(scale) if scale is not None else [1.0] * len(ids)
-    if any(r.get("images") for r in rows):  # image references in token order (template/vision.py)
-        out["images"] = [ref for r in rows for ref in (r.get("images") or [])]
+    for key in ("images", "videos"):  # image and video references in token order (template/vision.py)
+        if any(r.get(key) for r in rows):
+            out[key] = [ref for r in rows for ref in (r.get(key) or [])]
     out["length"] = len(out["input_ids"])
     return out
 
@@ -68,14 +69,15 @@ def pack_dataset(ds: Any, max_length: int) -> Any:
 
     lengths = ds["length"] if "length" in ds.column_names else [len(x) for x in ds["input_ids"]]
     bins = plan_bins(lengths, max_length)
-    cols = [c for c in ("input_ids", "labels", "loss_scale", "images") if c in ds.column_names]
+    cols = [c for c in ("input_ids", "labels", "loss_scale", "images", "videos") if c in ds.column_names]
     slim = ds.select_columns(cols)
     # Every packed row gets the same columns (from_list takes its schema from the first row).
     with_scale = "loss_scale" in cols and any(s is not None for s in slim["loss_scale"])
     packed = [concat_rows([slim[i] for i in b], with_scale) for b in bins]
-    if "images" in cols:
-        for row in packed:
-            row.setdefault("images", [])
+    for key in ("images", "videos"):
+        if key in cols:
+            for row in packed:
+                row.setdefault(key, [])
     total = sum(lengths)
     logger.info("Packed %d rows into %d sequences of up to %d tokens (%.1f%% filled)",
                 len(lengths), len(bins), max_length, 100 * total / max(1, len(bins) * max_length))

@@ -44,7 +44,7 @@ class EngineAnswerer:
         from lmforge.infer.convert import parse_request
 
         return parse_request({"messages": item.messages, "images": item.row.get("images") or [],
-                              "adapter": self.adapter})
+                              "videos": item.row.get("videos") or [], "adapter": self.adapter})
 
     def _generate(self, items: list[EvalItem]) -> dict[int, dict]:
         from lmforge.infer.errors import InferRequestError
@@ -86,8 +86,8 @@ class EngineAnswerer:
 
         for it in items:
             choices = choice_list(it.row["choices"])
-            if it.row.get("images"):
-                on_result(it, {"error": "log-likelihood scoring of image rows is not supported; "
+            if it.row.get("images") or it.row.get("videos"):
+                on_result(it, {"error": "log-likelihood scoring of image or video rows is not supported; "
                                         "use --eval_mc_mode generate"})
                 continue
             try:
@@ -134,10 +134,10 @@ class ServerAnswerer:
 
     def _one(self, item: EvalItem) -> dict:
         messages = item.messages
-        if item.row.get("images"):
+        if item.row.get("images") or item.row.get("videos"):
             from lmforge.dataset.media import openai_messages
 
-            messages = openai_messages(messages, item.row["images"])
+            messages = openai_messages(messages, item.row.get("images") or [], item.row.get("videos"))
         body = {**self.payload, "messages": messages}
         for attempt in range(self.retries + 1):
             try:

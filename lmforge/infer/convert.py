@@ -8,14 +8,16 @@ the same tokens whichever way it arrives:
 - a ``tool`` message becomes a ``tool_response`` message;
 - ``content`` given as a list of parts keeps its text parts (joined by newlines); an image part
   (``image_url`` with a data URL or a local path, or ``image``) becomes an ``<image>`` tag where it
-  stood and its reference joins the row's ``images`` (after the request's own ``images``).
+  stood and its reference joins the row's ``images`` (after the request's own ``images``); a video part
+  (``video_url`` with a video file's data URL or path, or ``video`` with a list of frames or a file) becomes a
+  ``<video>`` tag and joins the row's ``videos`` likewise.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from lmforge.dataset.media import IMAGE_TAG
+from lmforge.dataset.media import IMAGE_TAG, VIDEO_TAG
 from lmforge.infer.errors import InferRequestError
 from lmforge.infer.protocol import ChatMessage, InferRequest
 
@@ -41,7 +43,7 @@ def parse_request(data: InferRequest | dict[str, Any], *, index: int | None = No
         raise InferRequestError("; ".join(problems), index=index) from None
 
 
-def _content_text(msg: ChatMessage, i: int, images: list[str]) -> str | None:
+def _content_text(msg: ChatMessage, i: int, images: list[str], videos: list | None = None) -> str | None:
     content = msg.content
     if content is None or isinstance(content, str):
         return content
@@ -59,9 +61,17 @@ def _content_text(msg: ChatMessage, i: int, images: list[str]) -> str | None:
             images.append(url)
             text += IMAGE_TAG
             prev_text = False
+        elif kind in ("video_url", "video") and videos is not None:
+            video = part.get(kind)
+            video = video.get("url") if isinstance(video, dict) else video
+            if not (isinstance(video, str) and video) and not (isinstance(video, list) and video):
+                raise InferRequestError(f"messages.{i}.content.{j}.{kind}: expected a video URL or a list of frames")
+            videos.append(video)
+            text += VIDEO_TAG
+            prev_text = False
         else:
             raise InferRequestError(f"messages.{i}.content.{j}: content part type {kind!r} is not supported "
-                                    "(text, image_url)")
+                                    "(text, image_url, video_url)")
     return text
 
 
@@ -85,9 +95,10 @@ def to_canonical_row(request: InferRequest | dict[str, Any], *, index: int | Non
         raise InferRequestError("messages must not be empty", index=index)
     messages: list[dict[str, Any]] = []
     images: list[str] = list(request.images)
+    videos: list = list(request.videos)
     try:
         for i, m in enumerate(request.messages):
-            text = _content_text(m, i, images)
+            text = _content_text(m, i, images, videos)
             if m.role == "assistant" and m.tool_calls:
                 if text:
                     messages.append({"role": "assistant", "content": text})
@@ -109,7 +120,22 @@ def to_canonical_row(request: InferRequest | dict[str, Any], *, index: int | Non
     row: dict[str, Any] = {"messages": messages, "tools": request.tools or None}
     if images:
         row["images"] = _normalize_images(images, index)
+    if videos:
+        row["videos"] = _normalize_videos(videos, index)
     return row
+
+
+def _normalize_videos(videos: list, index: int | None) -> list[list[str]]:
+    """Each video's frames (or its file) checked to open, as a dataset row's are."""
+    from lmforge.dataset.media import MediaError, normalize_video
+
+    out = []
+    for k, video in enumerate(videos):
+        try:
+            out.append(normalize_video(video))
+        except MediaError as e:
+            raise InferRequestError(f"video {k}: {e}", index=index) from None
+    return out
 
 
 def _normalize_images(images: list[str], index: int | None) -> list[str]:

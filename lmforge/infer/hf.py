@@ -51,6 +51,7 @@ class _Job:
     input_ids: list[int]
     max_tokens: int
     images: list[str] = field(default_factory=list)  # image references of a vision-language prompt, in order
+    videos: list[list[str]] = field(default_factory=list)  # its videos (frame references or [a video file])
 
 
 @dataclass
@@ -208,7 +209,8 @@ class HfEngine(InferEngine):
                  hub: str = "hf", revision: str | None = None, attn_impl: str | None = None,
                  model_kwargs: dict | None = None, trust_remote_code: bool = False,
                  enable_thinking: bool | None = None, model_name: str | None = None,
-                 agent_template: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
+                 agent_template: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+                 video_fps: float | None = None, video_max_frames: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if model_obj is not None:
@@ -236,7 +238,8 @@ class HfEngine(InferEngine):
         self.device = getattr(self.model, "device", None) or next(self.model.parameters()).device
         self.model_name = model_name or (Path(src.model).name if Path(src.model).exists() else src.model)
         self.max_batch_size = max_batch_size
-        self.processor = self._processor(src, hub, revision, min_pixels, max_pixels, trust_remote_code)
+        self.processor = self._processor(src, hub, revision, min_pixels, max_pixels, trust_remote_code,
+                                         video_fps, video_max_frames)
         self.template = self._make_template(template, src, enable_thinking, agent_template)
         self.max_model_len = max_model_len or self._default_max_model_len()
         self.stop_token_ids = self._stop_ids()
@@ -269,8 +272,10 @@ class HfEngine(InferEngine):
         return tpl
 
     def _processor(self, src: Any, hub: str, revision: str | None, min_pixels: int | None,
-                   max_pixels: int | None, trust_remote_code: bool) -> Any:
-        """A vision-language model's processor (None for a text model); pixel bounds default to training's."""
+                   max_pixels: int | None, trust_remote_code: bool, video_fps: float | None = None,
+                   video_max_frames: int | None = None) -> Any:
+        """A vision-language model's processor (None for a text model); pixel bounds and video frame sampling
+        default to training's."""
         from lmforge.model.vision import family_of, get_processor, is_vision_config
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -280,15 +285,19 @@ class HfEngine(InferEngine):
         train = src.train_args
         return get_processor(src.model, base.config, self.tokenizer, hub=hub, revision=revision,
                              min_pixels=min_pixels or train.get("min_pixels"),
-                             max_pixels=max_pixels or train.get("max_pixels"), trust_remote_code=trust_remote_code)
+                             max_pixels=max_pixels or train.get("max_pixels"), trust_remote_code=trust_remote_code,
+                             video_fps=video_fps or train.get("video_fps"),
+                             video_max_frames=video_max_frames or train.get("video_max_frames"))
 
     def _vision_inputs(self, jobs: list[_Job], n: int, input_ids: torch.Tensor) -> dict[str, Any]:
-        """Pixels (and token types) for a batch whose prompts hold images; each prompt repeated ``n`` times."""
+        """Pixels (and token types) for a batch whose prompts hold images or videos; each prompt repeated ``n``
+        times."""
         images = [ref for j in jobs for _ in range(n) for ref in j.images]
+        videos = [v for j in jobs for _ in range(n) for v in j.videos]
         vision = getattr(self.template, "vision", None)
-        if not images or vision is None:
+        if not (images or videos) or vision is None:
             return {}
-        out = {k: v.to(self.device) for k, v in vision.pixel_inputs(images).items()}
+        out = {k: v.to(self.device) for k, v in vision.pixel_inputs(images, videos).items()}
         if self.vision_family is not None and self.vision_family.token_type_ids:
             out["mm_token_type_ids"] = vision.token_type_ids(input_ids)
         return out
@@ -320,18 +329,22 @@ class HfEngine(InferEngine):
         """
         return self._encode(request, index)[0]
 
-    def _encode(self, request: InferRequest | dict, index: int | None) -> tuple[list[int], list[str]]:
-        """Prompt ids and the prompt's image references."""
+    def _encode(self, request: InferRequest | dict, index: int | None) -> tuple[list[int], list[str], list]:
+        """Prompt ids and the prompt's image and video references."""
         prompt = getattr(request, "prompt", None)
         if prompt is not None:
+            if getattr(request, "videos", None):
+                raise InferRequestError("a raw prompt takes images, not videos: send messages with <video> tags or "
+                                        "video parts", index=index)
             ids = self._encode_prompt(prompt, index)
-            return ids, self._prompt_images(request, ids, index)
+            return ids, self._prompt_images(request, ids, index), []
         row = to_canonical_row(request, index=index)
         try:
             encoded = self.template.encode(row)
         except ValueError as e:  # TemplateError / MaxLengthError / MediaError: the message says why
             raise InferRequestError(str(e), index=index) from e
-        return [int(i) for i in encoded["input_ids"]], list(encoded.get("images") or [])
+        return ([int(i) for i in encoded["input_ids"]], list(encoded.get("images") or []),
+                [list(v) for v in encoded.get("videos") or []])
 
     def _prompt_images(self, request: Any, ids: list[int], index: int | None) -> list[str]:
         """The images of a raw prompt whose ids already hold their expanded image tokens (GRPO sends its own
@@ -378,11 +391,11 @@ class HfEngine(InferEngine):
         if request.adapter and request.adapter not in self.adapters:  # None: the default; "": the base
             known = ", ".join(self.adapters) or "none were loaded (pass --adapters)"
             raise InferRequestError(f"unknown adapter {request.adapter!r}; known adapters: {known}", index=index)
-        ids, images = self._encode(request, index)
+        ids, images, videos = self._encode(request, index)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(len(ids), self.max_model_len, index=index)
         room = self.max_model_len - len(ids)
-        return _Job(index, request, ids, min(cfg.max_tokens or room, room), images)
+        return _Job(index, request, ids, min(cfg.max_tokens or room, room), images, videos)
 
     # ---- generation ---------------------------------------------------------------------------
 

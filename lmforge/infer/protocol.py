@@ -42,6 +42,8 @@ class InferRequest(BaseModel):
     messages: list[ChatMessage]
     tools: Optional[list[dict[str, Any]]] = None
     images: list[str] = Field(default_factory=list)
+    # each a list of frame references or one video file (path or data:video/ URL), placed by <video> tags
+    videos: list[Union[str, list[str]]] = Field(default_factory=list)
     adapter: Optional[str] = None
     # This request's own sampling seed (over RequestConfig.seed): its samples come from its own generator,
     # whatever else shares the batch, so work spread differently over processes samples the same.

@@ -172,11 +172,15 @@ def _video_processor(model_dir: Path) -> Any:
 
 
 def load_processor(model_dir: str | Path, config: Any, tokenizer: Any, *, min_pixels: int | None = None,
-                   max_pixels: int | None = None, trust_remote_code: bool = False) -> Any:
+                   max_pixels: int | None = None, trust_remote_code: bool = False, video_fps: float | None = None,
+                   video_max_frames: int | None = None) -> Any:
     """The processor of a vision-language model folder (None for a text model).
 
     ``min_pixels``/``max_pixels`` bound each image's area for families that resize dynamically
     (Qwen2-VL): larger images are scaled down, so one large image cannot blow up a batch.
+    ``video_fps``/``video_max_frames`` say which frames of a video are used; with the folder's video
+    config (read as JSON: transformers' video processor needs torchvision) they go on the processor as
+    ``video_options`` for :class:`lmforge.template.video.VideoSpec`.
     """
     if not is_vision_config(config):
         return None
@@ -216,49 +220,73 @@ def load_processor(model_dir: str | Path, config: Any, tokenizer: Any, *, min_pi
     parts = {"image_processor": image_processor, "tokenizer": tokenizer}
     if "video_processor" in inspect.signature(cls.__init__).parameters:
         parts["video_processor"] = _video_processor(model_dir)
-    return cls(**parts, chat_template=getattr(tokenizer, "chat_template", None), **extra)
+    processor = cls(**parts, chat_template=getattr(tokenizer, "chat_template", None), **extra)
+    processor.video_options = {"config": _video_config(model_dir), "fps": video_fps, "max_frames": video_max_frames}
+    return processor
+
+
+def _video_config(model_dir: Path) -> dict | None:
+    """The folder's video processor settings (``processor_config.json``'s ``video_processor``, else
+    ``video_preprocessor_config.json``), None when it has none (its image processor's settings then apply)."""
+    nested = model_dir / "processor_config.json"
+    if nested.is_file():
+        video = json.loads(nested.read_text(encoding="utf-8")).get("video_processor")
+        if isinstance(video, dict):
+            return video
+    path = model_dir / "video_preprocessor_config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def get_processor(model: str, config: Any, tokenizer: Any, *, hub: str = "hf", revision: str | None = None,
                   min_pixels: int | None = None, max_pixels: int | None = None,
-                  trust_remote_code: bool = False) -> Any:
+                  trust_remote_code: bool = False, video_fps: float | None = None,
+                  video_max_frames: int | None = None) -> Any:
     """:func:`load_processor` for a model name (hub id, folder, ``builtin:tiny-vl``); None for a text model."""
     if not is_vision_config(config):
         return None
     from lmforge.model.hub import resolve_model_dir
 
     return load_processor(resolve_model_dir(model, hub=hub, revision=revision), config, tokenizer,
-                          min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code)
+                          min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code,
+                          video_fps=video_fps, video_max_frames=video_max_frames)
 
 
 def mrope_position_ids(input_ids: Any, text_positions: Any, image_grid_thw: Any, image_token_id: int,
-                       merge_size: int) -> Any:
+                       merge_size: int, *, video_grid_thw: Any = None, video_token_id: int | None = None) -> Any:
     """Qwen2-VL's rotary positions ``[3, L]`` (time, height, width) for a flat sequence of packed rows.
 
     Each row (where ``text_positions`` restarts at 0) is laid out as the model lays out one sequence:
-    text tokens advance all three axes by one; an image's tokens take its grid's row and column
-    (offset by the position before it) and the text after it resumes past the image's larger side. The
-    images' grids are consumed in order. For packing, where the model cannot compute this itself.
+    text tokens advance all three axes by one; an image's or video's tokens take its grid's frame (Qwen2-VL:
+    the temporal patch's index), row and column, offset by the position before it, and the text after it
+    resumes past the grid's larger side. Image and video grids are consumed in order, each from its own
+    list. For packing, where the model cannot compute this itself.
     """
     import torch
 
     ids = input_ids.tolist()
     out = torch.zeros(3, len(ids), dtype=torch.long)
-    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    grids = {image_token_id: iter(image_grid_thw.tolist() if image_grid_thw is not None else [])}
+    if video_token_id is not None:
+        grids[video_token_id] = iter(video_grid_thw.tolist() if video_grid_thw is not None else [])
     k, pos = 0, 0
     restarts = text_positions.tolist()
     while k < len(ids):
         if restarts[k] == 0:
             pos = 0
-        if ids[k] != image_token_id:
+        token = ids[k]
+        if token not in grids:
             out[:, k] = pos
             pos, k = pos + 1, k + 1
             continue
-        t, h, w = next(grids)
+        grid = next(grids[token], None)
+        if grid is None:
+            raise ValueError(f"position {k}: more {'video' if token == video_token_id else 'image'} blocks than "
+                             "grids")
+        t, h, w = grid
         gh, gw = h // merge_size, w // merge_size
         n = t * gh * gw
-        if ids[k:k + n] != [image_token_id] * n:
-            raise ValueError(f"an image of grid {t}x{h}x{w} needs {n} consecutive image tokens at position {k}")
+        if ids[k:k + n] != [token] * n:
+            raise ValueError(f"a grid of {t}x{h}x{w} needs {n} consecutive tokens {token} at position {k}")
         tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
         out[:, k:k + n] = torch.stack([tt, hh, ww]).reshape(3, -1) + pos
         pos, k = pos + max(gh, gw), k + n

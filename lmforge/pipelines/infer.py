@@ -24,7 +24,7 @@ from lmforge.utils.log import setup_logging
 logger = logging.getLogger("lmforge")
 
 # Canonical columns that are not copied to the output when unused (None).
-_CANONICAL = ("tools", "images", "rejected_response", "rejected_messages", "label", "text")
+_CANONICAL = ("tools", "images", "videos", "rejected_response", "rejected_messages", "label", "text")
 CHAT_HELP = ("Enter sends a message. End a line with \\ to go on with the next one, or put \"\"\" on a line "
              "to start and end a multi-line message.\n'clear' (or 'reset') forgets the conversation, 'exit' or "
              "Ctrl-D quits, Ctrl-C stops a reply.")
@@ -44,7 +44,8 @@ def build_engine(args: InferArguments) -> Any:
         system=args.system, torch_dtype=args.torch_dtype, max_batch_size=args.max_batch_size,
         max_model_len=args.max_model_len, hub=args.hub, revision=args.revision, attn_impl=args.attn_impl,
         device_map=args.device_map, model_kwargs=args.model_kwargs, trust_remote_code=args.trust_remote_code,
-        enable_thinking=args.enable_thinking, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        enable_thinking=args.enable_thinking, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        video_fps=args.video_fps, video_max_frames=args.video_max_frames)
     if args.agent_template:
         kwargs["agent_template"] = args.agent_template
     if args.infer_backend == "native":
@@ -291,10 +292,6 @@ def row_to_request(row: dict, adapter: str | None = None) -> tuple[Any, dict[str
             from lmforge.infer.errors import InferRequestError
 
             raise InferRequestError("nothing to answer: the row's only message is an assistant reply")
-    if row.get("videos"):
-        from lmforge.infer.errors import InferRequestError
-
-        raise InferRequestError("videos are not supported by the engines yet")
     tools = row.get("tools")
     if isinstance(tools, str):
         tools = json.loads(tools) if tools.strip() else None
@@ -302,7 +299,7 @@ def row_to_request(row: dict, adapter: str | None = None) -> tuple[Any, dict[str
     out.update({k: v for k, v in row.items()
                 if k != "messages" and not (k in _CANONICAL and v is None)})
     request = parse_request({"messages": messages, "tools": tools, "images": row.get("images") or [],
-                             "adapter": adapter})
+                             "videos": row.get("videos") or [], "adapter": adapter})
     return request, out
 
 

@@ -186,9 +186,10 @@ def gkd_main(args: RlhfArguments) -> dict[str, Any]:
         logger.warning("rlhf_type gkd: --packing ignored (completions are sampled and padded per micro-batch)")
     teacher = _load_reference(args, setup, args.teacher_model, "--teacher_model")
     train, val = load_training_data(args, setup.template, pack=False)
-    if "images" in (getattr(train, "column_names", None) or []) and any(train["images"]):
-        raise ValueError("GKD on rows with images is not supported yet (the teacher and the student score text "
-                         "only); train image rows with sft or --rlhf_type dpo")
+    columns = getattr(train, "column_names", None) or []
+    if any(k in columns and any(train[k]) for k in ("images", "videos")):
+        raise ValueError("GKD on rows with images or videos is not supported yet (the teacher and the student score "
+                         "text only); train image rows with sft or --rlhf_type dpo")
     logger.info("GKD: lmbda %.2f (on-policy share), beta %.2f, %s off-policy replies", args.lmbda, args.resolved_beta,
                 "teacher-sampled" if args.seq_kd else "dataset")
     return run_training(setup, train, val, trainer_cls=GKDTrainer, data_collator=collate_rows, compute_metrics=None,

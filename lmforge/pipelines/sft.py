@@ -262,7 +262,8 @@ def prepare_training(args: TrainArguments, mode: str = "train") -> TrainingSetup
 
     processor = get_processor(args.model, model.config, tokenizer, hub=args.hub, revision=args.revision,
                               min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                              trust_remote_code=args.trust_remote_code)
+                              trust_remote_code=args.trust_remote_code, video_fps=args.video_fps,
+                              video_max_frames=args.video_max_frames)
     return TrainingSetup(args, output_dir, model, tokenizer, training_template(args, tokenizer, mode, processor),
                          on_gpu, model.dtype, processor)
 

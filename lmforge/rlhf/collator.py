@@ -46,8 +46,9 @@ class PreferenceCollator:
     def _sequences(self, rows: list[dict[str, Any]], prefix: str = "") -> list[dict[str, Any]]:
         out = [{"input_ids": r[f"{prefix}input_ids"], "labels": r[f"{prefix}labels"]} for r in rows]
         for seq, r in zip(out, rows):
-            if r.get(f"{prefix}images"):  # the chosen and the rejected sequence each carry the prompt's images
-                seq["images"] = r[f"{prefix}images"]
+            for key in ("images", "videos"):  # the chosen and the rejected sequence each carry the prompt's media
+                if r.get(f"{prefix}{key}"):
+                    seq[key] = r[f"{prefix}{key}"]
         return out
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -61,9 +62,9 @@ class PreferenceCollator:
         else:
             if "label" not in rows[0] or any(r.get("label") is None for r in rows):
                 raise KeyError("KTO rows need a 'label' (true: desirable, false: undesirable) on every row")
-            if any(r.get("images") for r in rows):
-                raise ValueError("KTO on rows with images is not supported yet (its mismatched pairs join two "
-                                 "rows' tokens); use --rlhf_type dpo with chosen and rejected replies")
+            if any(r.get("images") or r.get("videos") for r in rows):
+                raise ValueError("KTO on rows with images or videos is not supported yet (its mismatched pairs join "
+                                 "two rows' tokens); use --rlhf_type dpo with chosen and rejected replies")
             batch = self.base(self._sequences(rows))
             batch["label"] = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
             kl = self.base(self._mismatched(rows))

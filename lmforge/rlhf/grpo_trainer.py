@@ -75,8 +75,8 @@ def prompt_rows(ds: Any) -> Any:
 
     def strip(batch: dict[str, list]) -> dict[str, list]:
         if any(batch.get("videos") or []):
-            raise ValueError("GRPO on rows with videos is not supported yet (the vision path reads images only); "
-                             "give the frames as images")
+            raise ValueError("GRPO on rows with videos is not supported yet (its rollouts carry images only); "
+                             "give the frames as images, or train video rows with sft or --rlhf_type dpo")
         prompts, tools = [], []
         messages_out = []
         for messages, t in zip(batch["messages"], batch.get("tools") or [None] * len(batch["messages"])):

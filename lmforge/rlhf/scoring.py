@@ -124,8 +124,9 @@ def prompt_completion_batch(parts: list[tuple[list[int], list[int], list[int]]],
             "completion_mask": torch.tensor(cmask, device=device, dtype=torch.float32)}
 
 
-# what a vision-language batch adds (trainers/vision_collator.py): the pixels of every sequence's images
-PIXEL_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes")
+# what a vision-language batch adds (trainers/vision_collator.py): the pixels of every sequence's images and videos
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids",
+              "image_sizes")
 
 
 def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -139,7 +140,7 @@ def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def split_batch(batch: dict[str, Any], n_first: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The first ``n_first`` sequences and the rest, for a padded or a padding-free batch (of text)."""
     if any(batch.get(k) is not None for k in PIXEL_KEYS):
-        raise ValueError("batches with images go through the model whole: leave --concat_forward on")
+        raise ValueError("batches with images or videos go through the model whole: leave --concat_forward on")
     keys = [k for k in ("input_ids", "labels", "attention_mask", "position_ids") if batch.get(k) is not None]
     if batch.get("position_ids") is not None and batch["input_ids"].shape[0] == 1:
         starts = (batch["position_ids"][0] == 0).nonzero().squeeze(1)

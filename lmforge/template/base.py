@@ -462,14 +462,14 @@ class Template:
                 for a, b, x in scale.span_weights(turn.role, full[s:e]):
                     char_w[s + a:s + b] = [x] * (b - a)
         if media is not None:
-            full, char_w = self.vision.expand(full, char_w, media[0])
+            full, char_w = self.vision.expand(full, char_w, *media)
         ids, tok_w = self._tokenize(full, char_w)
         media_ids = self.vision.token_ids if media is not None else ()
         labels = [t if w > 0 and t not in media_ids else IGNORE_INDEX for t, w in zip(ids, tok_w)]
         binary = all(w in (0.0, 1.0) for w in tok_w)
         enc = {"input_ids": ids, "labels": labels, "loss_scale": None if binary else [max(w, 0.0) for w in tok_w]}
         if media is not None:
-            enc["images"] = media[0]
+            enc["images"], enc["videos"] = media
         return enc
 
     def _message_weights(self, turns: list[Turn]) -> list[float]:
@@ -496,8 +496,8 @@ class Template:
         text = self._render_checked(msgs, tools, add_generation_prompt=not cont, continue_final_message=cont)
         if media is None:
             return self._finish({"input_ids": self._tokenize(text)[0]})
-        text, _ = self.vision.expand(text, [0.0] * len(text), media[0])
-        return self._finish({"input_ids": self._tokenize(text)[0], "images": media[0]})
+        text, _ = self.vision.expand(text, [0.0] * len(text), *media)
+        return self._finish({"input_ids": self._tokenize(text)[0], "images": media[0], "videos": media[1]})
 
     def _encode_rlhf(self, row: dict) -> dict | None:
         """Chosen and rejected conversations, each rendered whole; a row's images are in both (its prompt's)."""
@@ -549,12 +549,12 @@ class Template:
             if strategy == "delete":
                 return None
             cut = slice(0, limit) if strategy == "right" else slice(n - limit, n)
-            if enc.get("images"):  # cutting through an image leaves tokens without their features
+            if enc.get("images") or enc.get("videos"):  # cutting through an image leaves tokens without features
                 media_ids = self.vision.token_ids
                 if sum(t in media_ids for t in enc["input_ids"][cut]) != sum(t in media_ids for t in enc["input_ids"]):
                     raise MaxLengthError(f"encoded length {n} exceeds max_length {limit} and truncating it would cut "
-                                         "an image; raise --max_length or lower --max_pixels")
-            enc = {k: (v[cut] if isinstance(v, list) and k != "images" else v) for k, v in enc.items()}
+                                         "an image or video; raise --max_length or lower --max_pixels")
+            enc = {k: (v[cut] if isinstance(v, list) and k not in ("images", "videos") else v) for k, v in enc.items()}
         enc["length"] = len(enc["input_ids"])
         return enc
 

@@ -1,14 +1,15 @@
-"""Images through the model's processor: ``<image>`` tags become content parts, placeholders expand to each
-image's tokens, and batches get their pixels.
+"""Images and videos through the model's processor: ``<image>``/``<video>`` tags become content parts,
+placeholders expand to each image's or video's tokens, and batches get their pixels.
 
 The Template renders a conversation with the chat template as usual, with each ``<image>`` tag turned into
 an image content part (which the model's template renders as its placeholder, e.g. Qwen2-VL's
-``<|vision_start|><|image_pad|><|vision_end|>``). Labels are found on that rendering by the usual prefix
-method; then every placeholder token is repeated as many times as the processor gives the image tokens
-(its size after ``min_pixels``/``max_pixels`` resizing), and each copy carries the placeholder's weight.
-The result is the processor's own ``apply_chat_template`` output, token for token, and image tokens are
-never labels. Pixels are read only when a batch is built (:meth:`VisionEncoder.pixel_inputs`), so the
-encoded dataset stores image references, not pixel arrays.
+``<|vision_start|><|image_pad|><|vision_end|>``) and each ``<video>`` tag into a video part (``<|video_pad|>``).
+Labels are found on that rendering by the usual prefix method; then every placeholder token is repeated as
+many times as the processor gives the image tokens (its size after ``min_pixels``/``max_pixels`` resizing) or
+the video tokens (``grid_t * grid_h * grid_w / merge_size**2``, :mod:`lmforge.template.video`), and each copy
+carries the placeholder's weight. The result is the processor's own ``apply_chat_template`` output, token for
+token, and image and video tokens are never labels. Pixels are read only when a batch is built
+(:meth:`VisionEncoder.pixel_inputs`), so the encoded dataset stores references, not pixel arrays.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import functools
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, Sequence
 
-from lmforge.dataset.media import IMAGE_TAG, VIDEO_TAG, MediaError, image_size, open_image
+from lmforge.dataset.media import (IMAGE_TAG, VIDEO_TAG, MediaError, image_size, is_video_file, open_image,
+                                   read_video, video_info)
 
 _TAGS = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
 
@@ -31,55 +33,79 @@ class VisionEncoder:
         self.image_processor = processor.image_processor
         self.image_token = processor.image_token
         self.image_token_id = int(processor.image_token_id)
-        self.video_token_id = getattr(processor, "video_token_id", None)
+        self.video_token = getattr(processor, "video_token", None)
+        video_token_id = getattr(processor, "video_token_id", None)
+        self.video_token_id = int(video_token_id) if video_token_id is not None else None
+        self.video_processor = getattr(processor, "video_processor", None)  # transformers' (needs torchvision)
         self.error = error
+        self.video, self.no_video = None, _video_refusal(processor)
+        if self.no_video is None:
+            from lmforge.template.video import VideoSpec
+
+            options = getattr(processor, "video_options", None) or {}
+            try:
+                self.video = VideoSpec.from_sources(self.video_processor, options.get("config"), self.image_processor,
+                                                    fps=options.get("fps"), max_frames=options.get("max_frames"))
+            except ValueError as e:
+                raise error(str(e)) from None
 
     @property
     def token_ids(self) -> set[int]:
         return {i for i in (self.image_token_id, self.video_token_id) if i is not None}
 
     def check_renders(self, render: Any) -> None:
-        """The chat template must render an image part as exactly one placeholder."""
+        """The chat template must render an image part as exactly one placeholder (a video part likewise, else
+        videos are refused with that reason)."""
         text = render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}])
         if text.count(self.image_token) != 1:
             raise self.error(f"the chat template does not render an image content part as {self.image_token!r}; "
                              "it cannot be used for images")
+        if self.video is not None:
+            text = render([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "x"}]}])
+            if text.count(self.video_token) != 1:
+                self.video, self.no_video = None, (f"the chat template does not render a video content part as "
+                                                   f"{self.video_token!r}")
 
     # ---- tags -> content parts ----------------------------------------------------------------------
 
     def to_parts(self, messages: list[dict], images: list[str], videos: list | None = None) -> list[dict]:
-        """Messages whose content holds ``<image>`` tags, with that content as text and image parts.
+        """Messages whose content holds ``<image>``/``<video>`` tags, with that content as text, image and video
+        parts (the k-th tag of a kind is the k-th image or video of the row).
 
-        Rows with images but no tags get them at the start of the first user message (as LLaVA data
-        without tags means). Images in assistant replies are refused: a reply is generated text.
+        Rows with images (videos) but no tags of that kind get them at the start of the first user message (as
+        LLaVA data without tags means). Media in assistant replies are refused: a reply is generated text.
         """
-        if videos:
-            raise self.error("videos are not supported yet (transformers' video processors need torchvision); "
-                             "give the frames as images")
-        tags = sum(m["content"].count(IMAGE_TAG) for m in messages if isinstance(m.get("content"), str))
-        if tags == 0 and images:
+        videos = list(videos or [])
+        if videos and self.video is None:
+            raise self.error(f"the row has {len(videos)} video(s) but this model takes none: {self.no_video}")
+        lead = ""
+        for tag, items, what in ((IMAGE_TAG, images, "images"), (VIDEO_TAG, videos, "videos")):
+            tags = sum(m["content"].count(tag) for m in messages if isinstance(m.get("content"), str))
+            if tags == 0 and items:
+                lead, tags = lead + tag * len(items), len(items)
+            if tags != len(items):
+                raise self.error(f"the messages hold {tags} {tag} tag(s) but the row has {len(items)} {what}")
+        if lead:
             first = next((k for k, m in enumerate(messages) if m["role"] == "user"), None)
             if first is None:
-                raise self.error("the row has images but no user message to put them in")
+                raise self.error("the row has images or videos but no user message to put them in")
             messages = list(messages)
-            messages[first] = {**messages[first], "content": IMAGE_TAG * len(images) + (messages[first]["content"] or "")}
-            tags = len(images)
-        if tags != len(images):
-            raise self.error(f"the messages hold {tags} {IMAGE_TAG} tag(s) but the row has {len(images)} images")
+            messages[first] = {**messages[first], "content": lead + (messages[first]["content"] or "")}
         out = []
         for k, m in enumerate(messages):
             content = m.get("content")
-            if not isinstance(content, str) or IMAGE_TAG not in content:
+            if not isinstance(content, str) or not _TAGS.search(content):
                 out.append(m)
                 continue
             if m["role"] == "assistant":
-                raise self.error(f"messages[{k}]: an assistant reply holds {IMAGE_TAG}; images go in user messages")
-            parts = [{"type": "image"} if piece == IMAGE_TAG else {"type": "text", "text": piece}
-                     for piece in _TAGS.split(content) if piece]
+                raise self.error(f"messages[{k}]: an assistant reply holds {IMAGE_TAG} or {VIDEO_TAG}; images and "
+                                 "videos go in user messages")
+            parts = [{"type": "image"} if piece == IMAGE_TAG else {"type": "video"} if piece == VIDEO_TAG
+                     else {"type": "text", "text": piece} for piece in _TAGS.split(content) if piece]
             out.append({**m, "content": parts})
         return out
 
-    # ---- placeholders -> image tokens ---------------------------------------------------------------
+    # ---- placeholders -> image and video tokens -----------------------------------------------------
 
     @functools.lru_cache(maxsize=4096)
     def num_tokens(self, ref: str) -> int:
@@ -91,16 +117,43 @@ class VisionEncoder:
         data = self.processor._get_num_multimodal_tokens(image_sizes=[list(size)])
         return int(data["num_image_tokens"][0] if isinstance(data, dict) else data.num_image_tokens[0])
 
-    def expand(self, text: str, weights: list[float], images: list[str]) -> tuple[str, list[float]]:
-        """Repeat the k-th placeholder as many times as image k has tokens; its characters' weight goes along."""
-        token = self.image_token
-        starts = [m.start() for m in re.finditer(re.escape(token), text)]
-        if len(starts) != len(images):
-            raise self.error(f"the chat template rendered {len(starts)} image placeholder(s) for {len(images)} "
-                             "image(s)")
+    @functools.lru_cache(maxsize=4096)
+    def _video_shape(self, video: tuple[str, ...]) -> tuple[list[int], int, int]:
+        """The indices of the frames a video uses, and its frames' height and width (from headers only)."""
+        try:
+            if len(video) == 1 and is_video_file(video[0]):
+                total, fps, h, w = video_info(video[0])
+                return self.video.sample(total, fps), h, w
+            h, w = image_size(video[0])
+            return self.video.sample(len(video), None), h, w
+        except (MediaError, ValueError) as e:
+            raise self.error(str(e)) from None
+
+    def num_video_tokens(self, video: Sequence[str]) -> int:
+        """Video tokens of one video (a list of frame references, or ``[video file]``)."""
+        if self.video is None:
+            raise self.error(f"this model takes no videos: {self.no_video}")
+        frames, h, w = self._video_shape(tuple(video))
+        return self.video.num_tokens(len(frames), h, w)
+
+    def expand(self, text: str, weights: list[float], images: list[str],
+               videos: Sequence[Sequence[str]] = ()) -> tuple[str, list[float]]:
+        """Repeat the k-th image (video) placeholder as many times as image (video) k has tokens; its characters'
+        weight goes along."""
+        tokens = [self.image_token] + ([self.video_token] if self.video is not None else [])
+        found = list(re.finditer("|".join(re.escape(t) for t in tokens), text))
+        counts = {t: sum(m.group() == t for m in found) for t in tokens}
+        if counts[self.image_token] != len(images):
+            raise self.error(f"the chat template rendered {counts[self.image_token]} image placeholder(s) for "
+                             f"{len(images)} image(s)")
+        if videos and counts.get(self.video_token) != len(videos):
+            raise self.error(f"the chat template rendered {counts.get(self.video_token, 0)} video placeholder(s) "
+                             f"for {len(videos)} video(s)")
+        img, vid = iter(images), iter(videos)
         pieces, new_w, pos = [], [], 0
-        for start, ref in zip(starts, images):
-            n = self.num_tokens(ref)
+        for m in found:
+            token, start = m.group(), m.start()
+            n = self.num_tokens(next(img)) if token == self.image_token else self.num_video_tokens(next(vid))
             pieces += [text[pos:start], token * n]
             new_w += weights[pos:start] + weights[start:start + len(token)] * n
             pos = start + len(token)
@@ -110,15 +163,27 @@ class VisionEncoder:
 
     # ---- batches --------------------------------------------------------------------------------------
 
-    def pixel_inputs(self, images: list[str]) -> dict[str, Any]:
-        """The image processor's tensors for ``images`` in order (pixel_values, image_grid_thw, ...)."""
-        if not images:
-            return {}
+    def pixel_inputs(self, images: list[str], videos: Sequence[Sequence[str]] = ()) -> dict[str, Any]:
+        """The processors' tensors for ``images`` and ``videos`` in order (pixel_values, image_grid_thw,
+        pixel_values_videos, video_grid_thw, ...)."""
+        out: dict[str, Any] = {}
         try:
-            pil = [open_image(ref) for ref in images]
+            if images:
+                out.update(self.image_processor(images=[open_image(ref) for ref in images], return_tensors="pt"))
+            if videos:
+                out.update(self.video.pixel_inputs([self.frames(v) for v in videos], self.video_processor))
         except MediaError as e:
             raise self.error(str(e)) from None
-        return dict(self.image_processor(images=pil, return_tensors="pt"))
+        return out
+
+    def frames(self, video: Sequence[str]) -> list[Any]:
+        """The RGB frames a video uses (decoded from its file, or its listed frames thinned to the cap)."""
+        if self.video is None:
+            raise self.error(f"this model takes no videos: {self.no_video}")
+        indices, _, _ = self._video_shape(tuple(video))
+        if len(video) == 1 and is_video_file(video[0]):
+            return read_video(video[0], indices)
+        return [open_image(video[k]) for k in indices]
 
     def token_type_ids(self, input_ids: Any) -> Any:
         """0 for text, 1 for image tokens, 2 for video tokens (what Qwen2-VL's rotary positions read)."""
@@ -130,5 +195,18 @@ class VisionEncoder:
     def cache_key(self) -> str:
         config = self.image_processor.to_dict() if hasattr(self.image_processor, "to_dict") else {}
         payload = {"image_token": self.image_token, "processor": type(self.processor).__name__,
-                   "image_processor": {k: v for k, v in config.items() if k != "processor_class"}}
+                   "image_processor": {k: v for k, v in config.items() if k != "processor_class"},
+                   "video": self.video.cache_key() if self.video is not None else self.no_video}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _video_refusal(processor: Any) -> str | None:
+    """Why a processor's model takes no videos here (None: it does, in Qwen2-VL's layout)."""
+    if getattr(processor, "video_token_id", None) is None or getattr(processor, "video_token", None) is None:
+        return f"{type(processor).__name__} has no video token"
+    if type(processor).__name__.startswith("Qwen2_5_VL"):
+        # its rotary time axis is scaled by each video's seconds per temporal patch (second_per_grid_ts), which
+        # lmforge does not compute or carry through packing and the engines yet
+        return ("Qwen2.5-VL videos need time-scaled rotary positions (second_per_grid_ts), which lmforge does not "
+                "compute yet; Qwen2-VL videos work")
+    return None

@@ -244,7 +244,9 @@ def _processor(args: Any, tokenizer: Any, config: Any) -> Any:
 
     trust, _ = resolve_trust_remote_code(args.trust_remote_code, args.model_kwargs)
     return get_processor(args.model, config, tokenizer, hub=args.hub, revision=args.revision,
-                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, trust_remote_code=trust)
+                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, trust_remote_code=trust,
+                         video_fps=getattr(args, "video_fps", None),
+                         video_max_frames=getattr(args, "video_max_frames", None))
 
 
 def meta_model(args: Any, tokenizer: Any, command: str) -> tuple[Any, dict[str, Any]]:

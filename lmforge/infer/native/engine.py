@@ -266,6 +266,13 @@ class NativeEngine(HfEngine):
         name = name if name is not None else self.default_adapter
         return self.native.lora_slots[name] if name else -1
 
+    def _prepare(self, index: int | None, request: Any, cfg: RequestConfig) -> _Job:
+        job = super()._prepare(index, request, cfg)
+        if job.videos:  # its vision path places image features and their positions only
+            raise InferRequestError("the native engine does not take videos yet; use --infer_backend hf for "
+                                    "requests with videos", index=index)
+        return job
+
     def _request_images(self, job: _Job) -> vision.RequestImages | None:
         """The pixels of a prompt with images (the processor's, as the hf engine reads them) and its positions."""
         if not job.images:
