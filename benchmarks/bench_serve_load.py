@@ -93,7 +93,7 @@ def deploy_options(args: argparse.Namespace) -> dict:
         opts["torch_dtype"] = args.torch_dtype
     if args.infer_backend == "native":
         opts.update(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    gpu_memory_utilization=args.gpu_memory_utilization)
+                    gpu_memory_utilization=args.gpu_memory_utilization, stream_interval=args.stream_interval)
         if args.max_concurrency:
             opts["max_concurrency"] = args.max_concurrency
     else:
@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_model_len", type=int, default=None, help="the engine's (default: prompt + output + 16)")
     p.add_argument("--torch_dtype", default=None, help="the engine's weights dtype (default: the server's)")
     p.add_argument("--max_num_seqs", type=int, default=256, help="native: sequences decoded together")
+    p.add_argument("--stream_interval", type=int, default=1, help="native: tokens per streamed chunk (the server's)")
     p.add_argument("--max_num_batched_tokens", type=int, default=8192, help="native: tokens per step")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.85, help="native: share of GPU memory")
     p.add_argument("--native_on_cpu", action="store_true",

@@ -10,7 +10,7 @@ for mod_whl in bitsandbytes:bitsandbytes datasets:datasets dill:dill xxhash:xxha
                anyio:anyio sniffio:sniffio httpx:httpx httpcore:httpcore certifi:certifi idna:idna \
                httpx2:httpx2 httpcore2:httpcore2 truststore:truststore distro:distro jiter:jiter openai:openai \
                liger_kernel:liger_kernel torchao:torchao kernels:kernels kernels_data:kernels_data tomlkit:tomlkit \
-               gguf:gguf; do
+               gguf:gguf uvloop:uvloop httptools:httptools orjson:orjson; do
   mod=${mod_whl%%:*}; whl=${mod_whl##*:}
   if ! python3 -c "import $mod" 2>/dev/null; then
     f=$(ls .whl/${whl}-*.whl 2>/dev/null | head -1)
@@ -25,7 +25,7 @@ export LMFORGE_CACHE=/tmp/lmforge-cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 - <<'PY'
 import importlib
 for m in ("torch", "transformers", "peft", "accelerate", "datasets", "pyarrow", "bitsandbytes", "pydantic", "fastapi", "openai",
-          "triton", "liger_kernel", "torchao", "kernels", "gguf"):
+          "triton", "liger_kernel", "torchao", "kernels", "gguf", "uvloop", "httptools", "orjson"):
     try:
         mod = importlib.import_module(m); print(f"{m} {getattr(mod, '__version__', '?')}", end="; ")
     except Exception as e:  # noqa: BLE001

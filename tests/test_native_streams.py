@@ -102,3 +102,39 @@ def test_many_streams_on_one_loop_share_steps(native):
     assert [_text(c) for c in got] == want * 2
     assert all(c[-1].usage.completion_tokens == 16 for c in got)
     assert native.stats["steps"] - steps < 8 * 16 // 2  # batched together, not one after another
+
+
+def test_stream_interval_groups_tokens_and_changes_nothing_else(native):
+    """``stream_interval`` 4: the same text, logprobs and usage as a chunk per token; the first token comes at
+    once, and every later chunk but the last carries at least 4 tokens (so the server's per-chunk work is paid
+    once per 4 tokens)."""
+    cfg = RequestConfig(max_tokens=21, n=2, temperature=0, logprobs=True, ignore_eos=True)
+    want = native.infer([_req(PROMPTS[1])], cfg)[0]
+    native.stream_interval = 4
+    try:
+        chunks = _collect(native, _req(PROMPTS[1]), cfg)
+    finally:
+        native.stream_interval = 1
+    for r, choice in enumerate(want.choices):
+        assert _text(chunks, r) == choice.message.content
+        sizes = [len(c.logprobs.content) for x in chunks for c in x.choices if c.index == r and c.logprobs]
+        assert sum(sizes) == 21
+        assert all(k >= 4 for k in sizes[1:-1]), sizes
+    body = [x for x in chunks[1:-1] if x.choices]  # the role chunk and the final one aside
+    assert len(body) <= 1 + 21 // 4
+    assert chunks[-1].usage.model_dump() == want.usage.model_dump()
+
+
+def test_stream_interval_must_be_positive():
+    from lmforge.infer.native import NativeEngine
+
+    with pytest.raises(ValueError, match="stream_interval must be at least 1"):
+        NativeEngine("builtin:tiny", allow_cpu=True, stream_interval=0)
+
+
+def test_stream_interval_is_refused_where_it_cannot_act():
+    from lmforge.arguments import InferArguments
+    from lmforge.pipelines.infer import build_engine
+
+    with pytest.raises(ValueError, match="only the native engine groups streamed tokens"):
+        build_engine(InferArguments(model="builtin:tiny", infer_backend="hf", stream_interval=4))

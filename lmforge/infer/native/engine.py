@@ -51,13 +51,14 @@ class NativeEngine(HfEngine):
     ``gpu_memory_utilization``: fraction of the GPU's memory the engine may use (weights, activations and
     KV cache); ``max_num_seqs``: sequences decoded together; ``max_num_batched_tokens``: tokens per step
     (prompt chunks beyond it wait for the next step); ``block_size``: tokens per KV block;
-    ``enforce_eager``: no CUDA graphs (debugging).
+    ``enforce_eager``: no CUDA graphs (debugging); ``stream_interval``: a streamed reply gets a chunk every
+    this many tokens (its first and last at once; see :mod:`.streams`).
     """
 
     def __init__(self, model: str | None = None, *, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, num_blocks: int | None = None, device: str | None = None,
-                 allow_cpu: bool = False, **kwargs: Any):
+                 allow_cpu: bool = False, stream_interval: int = 1, **kwargs: Any):
         if os.environ.get(ALLOW_CPU_ENV) == "1":  # benchmarks of the host-side path through `lmforge deploy`
             allow_cpu = True
             if num_blocks is None and not torch.cuda.is_available():  # room for every sequence at full length
@@ -67,6 +68,9 @@ class NativeEngine(HfEngine):
             raise NoCudaError(NO_CUDA)
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if int(stream_interval) < 1:
+            raise ValueError(f"stream_interval must be at least 1 token, got {stream_interval}")
+        self.stream_interval = int(stream_interval)
         owns_model = kwargs.get("model_obj") is None
         super().__init__(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), **kwargs)
         if self.processor is not None:

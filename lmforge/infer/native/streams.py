@@ -5,6 +5,11 @@ The engine thread appends each step's tokens of a streamed request to that reque
 loop, not one per token or per request. The request's coroutine then takes all the steps that piled
 up since it last ran and turns them into one chunk (:class:`~lmforge.infer.reply_stream.ReplyStream`):
 when the server falls behind, each request's deltas are coalesced instead of queued token by token.
+
+With the engine's ``stream_interval`` k > 1, a box is woken only once k steps are waiting (its first step
+and its end at once): a chunk then carries k tokens, and the server's host work per chunk (the HTTP layers,
+the socket write, the JSON) is paid once per k tokens. Under many concurrent streams that work, not the
+GPU, bounds a single-process server (benchmarks/RESULTS.md, 2026-11-30).
 """
 from __future__ import annotations
 
@@ -20,10 +25,10 @@ from lmforge.infer.reply_stream import ReplyStream
 class StreamBox:
     """What the engine thread hands one streamed request: steps (lockstep over its ``n`` choices) and the end."""
 
-    __slots__ = ("loop", "event", "steps", "sent", "done", "seqs", "width")
+    __slots__ = ("loop", "event", "steps", "sent", "done", "seqs", "width", "interval")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seqs: list[Sequence], cfg: RequestConfig):
-        self.loop, self.seqs = loop, seqs
+    def __init__(self, loop: asyncio.AbstractEventLoop, seqs: list[Sequence], cfg: RequestConfig, interval: int = 1):
+        self.loop, self.seqs, self.interval = loop, seqs, interval
         self.event = asyncio.Event()
         self.steps: deque = deque()  # (tokens of each choice, raw logprob tuples of each choice or None)
         self.sent = 0  # steps appended so far
@@ -47,6 +52,11 @@ class StreamBox:
         if not live:
             self.done = True
 
+    def due(self) -> bool:
+        """Engine thread: whether the consumer should be woken now (its first step, its end, or ``interval``
+        steps waiting)."""
+        return self.done or len(self.steps) >= self.interval or (self.sent == len(self.steps) > 0)
+
 
 def wake(boxes: list[StreamBox]) -> None:
     """Event loop: one call per step wakes every request the step touched."""
@@ -68,10 +78,11 @@ async def stream_async(engine: Any, request: InferRequest, cfg: RequestConfig
             for other in deferred.pop(seq.seq_id):
                 engine.submit(other)
         box.update()
-        engine._touched.append(box)
+        if box.due():
+            engine._touched.append(box)
 
     seqs = engine._sequences(job, cfg, on_token)
-    box = StreamBox(loop, seqs, cfg)
+    box = StreamBox(loop, seqs, cfg, getattr(engine, "stream_interval", 1))
     # The n samples of a prompt share its KV blocks: the others join once the first has its prompt cached.
     first = seqs
     if engine.blocks.prefix_caching and cfg.n > 1 and len(seqs[0].token_ids) > engine.blocks.block_size:
