@@ -1,7 +1,7 @@
 """The native engine on a vision-language model (builtin:tiny-vl, Qwen2-VL), on the CPU in float32, against the
 hf engine: image embeddings from the model's own tower, 3-D M-RoPE positions for prompt tokens and 1-D
-``index + delta`` after them, prefix-cache keys that tell images apart, chunked prefill, preemption, a tiny
-Qwen2.5-VL, and the refusal of families it does not run (LLaVA).
+``index + delta`` after them, prefix-cache keys that tell images apart, chunked prefill, preemption, videos (frame
+lists, alone and beside images), a tiny Qwen2.5-VL, and the refusal of families it does not run (LLaVA).
 
 builtin:tiny-vl's own random weights make every reply one repeated token, which hides position errors; the
 weights are redrawn here with unit-variance activations so that replies vary, and logprobs are compared too.
@@ -143,6 +143,53 @@ def test_n_samples_share_the_image_prompt_and_image_tokens_are_never_sampled(hf,
     assert not any(t in hf.template.vision.token_ids for c in sampled.choices for t in c.token_ids)
 
 
+def _video(colour: str, n: int = 4, size: int = 56) -> list[str]:
+    from test_vl_video import COLOURS, moving_square
+
+    return [data_url(f) for f in moving_square(n, size, COLOURS[colour])]
+
+
+def _ask_video(text: str, videos: list, images: tuple = ()) -> InferRequest:
+    return InferRequest(messages=[{"role": "user", "content": text}], images=list(images), videos=videos)
+
+
+# a 12-frame video has 6 temporal patches of 2x2 merged tokens: its time axis outruns its sides, so the text after
+# it sits below the prompt's largest position and decoding resumes past that (delta from the time axis)
+VIDEO_REQS = [_ask_video("<video>What moves?", [_video("red")]),
+              _ask_video("<image>then<video>, compare them.", [_video("blue", 6)], (WIDE,)),
+              _ask_video("<video> and <image> and <video>?", [_video("green", 12), _video("yellow", 3, 84)], (RED,)),
+              _ask("Hello there, how are you today?")]
+
+
+def test_video_and_mixed_image_video_rows_match_hf(hf, native):
+    want = hf.infer(VIDEO_REQS, GREEDY)
+    assert len({tuple(r.choices[0].token_ids) for r in want}) == len(VIDEO_REQS)
+    _same(native.infer(VIDEO_REQS, GREEDY), want)
+
+
+def test_chunked_prefill_cuts_videos_across_steps(hf, model_tok):
+    engine = _native(model_tok, max_num_seqs=4, max_num_batched_tokens=8, block_size=4)
+    try:
+        got = engine.infer(VIDEO_REQS, GREEDY)
+        assert engine.stats["steps"] > 24 + 10
+    finally:
+        engine.close()
+    _same(got, hf.infer(VIDEO_REQS, GREEDY))
+
+
+def test_same_prompt_other_video_is_not_served_from_the_prefix_cache(hf, native):
+    a, b = (_ask_video("<video>What is moving here, and where to?", [_video(c)]) for c in ("red", "blue"))
+    assert native.encode(a) == native.encode(b)  # the same placeholder ids: only the pixels differ
+    want_a, want_b = hf.infer([a], GREEDY), hf.infer([b], GREEDY)
+    assert want_a[0].choices[0].token_ids != want_b[0].choices[0].token_ids
+    _same(native.infer([a], GREEDY), want_a)
+    hits = native.blocks.hits
+    _same(native.infer([b], GREEDY), want_b)
+    assert native.blocks.hits == hits
+    _same(native.infer([a], GREEDY), want_a)
+    assert native.blocks.hits > hits
+
+
 def test_update_weights_reaches_the_vision_tower(model_tok):
     from lmforge.infer.hf import HfEngine
     from lmforge.model import get_model_tokenizer
@@ -202,6 +249,8 @@ def test_qwen2_5_vl_matches_hf_with_chunked_prefill(tmp_path):
     try:
         assert engine.model.config.model_type == "qwen2_5_vl"
         _same(engine.infer(reqs, GREEDY), want)
+        with pytest.raises(ValueError, match="Qwen2.5-VL videos need time-scaled rotary positions"):
+            engine.infer([_ask_video("<video>What moves?", [_video("red")])], GREEDY)
     finally:
         engine.close()
 

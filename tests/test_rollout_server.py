@@ -118,8 +118,8 @@ def test_grpo_with_rollout_url(tmp_path, served):
 
 
 def test_generate_applies_the_chat_routes_media_policy(served):
-    """Images on /rollout/generate: remote URLs and (without --allow_local_media) local files are refused with a
-    400 naming the image, as on /v1/chat/completions."""
+    """Images and videos on /rollout/generate (fields or content parts): remote URLs and (without
+    --allow_local_media) local files are refused with a 400 naming the reference, as on /v1/chat/completions."""
     import httpx
 
     _, srv = served
@@ -130,3 +130,12 @@ def test_generate_applies_the_chat_routes_media_policy(served):
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert why in err["message"] and err["param"] == "requests[0].images[0]" and err["code"] == "invalid_image"
+    video = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "/tmp/a.mp4"}}]}]}
+    for req, param in ((dict(prompt, videos=[["data:image/png;base64,AA==", "/tmp/a.png"]]), "requests[0].videos[0]"),
+                       (dict(prompt, videos=["/tmp/a.mp4"]), "requests[0].videos[0]"),
+                       (video, "requests[0].messages[0].content[0]")):
+        r = httpx.post(srv.url + "/rollout/generate", json={"requests": [req]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "local video files are not accepted" in err["message"] and err["param"] == param, err
+        assert err["code"] == "invalid_video"

@@ -342,7 +342,7 @@ def test_sft_on_video_rows_lowers_the_loss(tmp_path):
 # ---- generation ----------------------------------------------------------------------------------------
 
 
-def test_hf_engine_answers_a_video_row_and_native_refuses_it(vl, tmp_path):
+def test_hf_and_native_engines_answer_a_video_row_alike(vl, tmp_path):
     pytest.importorskip("av")
     from lmforge.infer import InferRequest, RequestConfig
     from lmforge.infer.hf import HfEngine
@@ -377,8 +377,8 @@ def test_hf_engine_answers_a_video_row_and_native_refuses_it(vl, tmp_path):
 
     native = NativeEngine(model_obj=model, tokenizer=template.tokenizer, allow_cpu=True, device="cpu",
                           enforce_eager=True, num_blocks=64)
-    try:
-        with pytest.raises(ValueError, match="the native engine does not take videos yet; use --infer_backend hf"):
-            native.infer([request], cfg)
+    try:  # the .mp4 row and the OpenAI-parts row, in one batch (token-for-token: tests/test_native_vl.py)
+        assert [r.choices[0].token_ids for r in native.infer([request, InferRequest(messages=parts)], cfg)] \
+            == [got, both]
     finally:
         native.close()

@@ -57,10 +57,13 @@ from lmforge.serve.pooling import add_pooling_routes, generation_only
 from lmforge.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    VIDEO_PARTS,
     MediaRefused,
     PromptRequest,
     SamplingFields,
     check_media,
+    check_videos_decode,
+    media_parts,
 )
 from lmforge.serve.stream_replies import (
     chat_stream,
@@ -99,7 +102,7 @@ class ServeConfig:
     top_k: int = -1
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
-    allow_local_media: bool = False  # requests may name image files on this machine
+    allow_local_media: bool = False  # requests may name image and video files on this machine
 
     @classmethod
     def from_args(cls, args: Any) -> "ServeConfig":
@@ -244,6 +247,24 @@ class ServeState:
                 raise APIError(400, f"The model's chat template rejected the messages: {e}", param=param,
                                code="invalid_messages") from None
             raise
+
+    def video_refusal(self) -> Optional[str]:
+        """Why the served model takes no videos (None: it takes them, or the engine has no template to ask and
+        decides per request)."""
+        template = getattr(self.engine, "template", None)
+        if template is None:
+            return None
+        vision = getattr(template, "vision", None)
+        return "it is a text-only model" if vision is None else vision.no_video
+
+    async def check_videos(self, http: Request, info: RequestInfo, messages: list) -> None:
+        """Decode-check the video parts in the tokenizer pool: a bad one is a 400 naming its part."""
+        loop = asyncio.get_running_loop()
+        try:
+            job = loop.run_in_executor(self.tokenize_pool, check_videos_decode, messages)
+            await self.until_disconnect(http, info, job, "client disconnected while its videos were read")
+        except MediaRefused as e:
+            raise APIError(400, str(e), param=e.param, code=e.code) from None
 
     def request_config(self, req: SamplingFields, prompt_tokens: Optional[int], new_tokens: Optional[int], *,
                        param_prompt: str, logprobs: bool = False, top_logprobs: Optional[int] = None
@@ -476,10 +497,15 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
         adapter = state.resolve(req.model)
         info.model, info.stream = req.model, req.stream
         state.bound.check(chat_texts(req.messages, req.tools), "messages")
+        videos = [where for where, part in media_parts(req.messages) if part.type in VIDEO_PARTS]
+        refusal = state.video_refusal() if videos else None
+        if refusal:
+            raise APIError(400, f"The model {req.model!r} takes no videos: {refusal}", param=videos[0],
+                           code="invalid_video")
         try:
             check_media(req.messages, cfg.allow_local_media)
         except MediaRefused as e:
-            raise APIError(400, str(e), param=e.param, code="invalid_image") from None
+            raise APIError(400, str(e), param=e.param, code=e.code) from None
         try:
             infer_req = InferRequest(messages=[m.to_engine() for m in req.messages], tools=req.engine_tools(),
                                      adapter=adapter)
@@ -487,6 +513,8 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
             raise from_validation_error(e) from None
         slot = await state.acquire(request, info)
         try:
+            if videos:
+                await state.check_videos(request, info, req.messages)
             prompt_tokens = await state.count_prompt(request, info, infer_req)
             rc = state.request_config(req, prompt_tokens, req.new_tokens(), param_prompt="messages",
                                       logprobs=req.logprobs, top_logprobs=req.top_logprobs)

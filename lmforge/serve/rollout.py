@@ -3,7 +3,8 @@
 - ``GET /rollout/info``: the served model, ``max_model_len``, the engine, how many weight updates it took;
 - ``POST /rollout/generate``: ``{"requests": [...], "config": RequestConfig}`` -> ``{"responses": [...]}``:
   engine requests in (a chat ``{"messages", "tools"}``, or token ids ``{"prompt": [ids], "tools"}``; either may
-  carry ``images``, data: URLs, or files on this machine with ``--allow_local_media``),
+  carry ``images`` and ``videos`` (and image or video content parts), data: URLs, or files on this machine with
+  ``--allow_local_media``),
   :class:`~lmforge.infer.protocol.ChatCompletionResponse` out, with each choice's ``token_ids``;
 - ``POST /rollout/update_weights``: a safetensors body of ``name -> tensor`` (transformers names, any
   subset) loaded with ``engine.update_weights`` between generations.
@@ -76,7 +77,7 @@ def create_rollout_app(engine: InferEngine, args: Any = None) -> FastAPI:
         except ValidationError as e:
             raise from_validation_error(e) from None
         for i, r in enumerate(reqs):
-            _check_images(r.images, state.cfg.allow_local_media, f"requests[{i}].images")
+            _check_media(r, state.cfg.allow_local_media, f"requests[{i}]")
             if isinstance(r, PromptRequest):
                 state.bound.check_prompt(r.prompt, f"requests[{i}].prompt")
             else:
@@ -137,10 +138,23 @@ def _request_texts(request: InferRequest) -> list:
 
 
 
-def _check_images(images: list[str], allow_local: bool, param: str) -> None:
-    """A generate request's images under the chat routes' media policy."""
-    for k, ref in enumerate(images):
+def _check_media(request: InferRequest, allow_local: bool, param: str) -> None:
+    """A generate request's images, videos (frames or files) and media content parts under the chat routes' media
+    policy: the engine reads whatever a request names, so this is where local files are refused."""
+    refs = [(f"{param}.images[{k}]", ref, "image") for k, ref in enumerate(request.images)]
+    for k, video in enumerate(request.videos):
+        refs += [(f"{param}.videos[{k}]", ref, "video") for ref in ([video] if isinstance(video, str) else video)]
+    for i, m in enumerate(request.messages):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("image_url", "image", "video_url", "video"):
+                continue
+            value = part.get(kind)
+            value = value.get("url") if isinstance(value, dict) else value
+            refs += [(f"{param}.messages[{i}].content[{j}]", ref, "video" if kind.startswith("video") else "image")
+                     for ref in (value if isinstance(value, list) else [value]) if isinstance(ref, str)]
+    for where, ref, what in refs:
         try:
-            check_media_url(ref, allow_local, f"{param}[{k}]")
+            check_media_url(ref, allow_local, where, what)
         except MediaRefused as e:
-            raise APIError(400, str(e), param=e.param, code="invalid_image") from None
+            raise APIError(400, str(e), param=e.param, code=e.code) from None

@@ -7,7 +7,7 @@ clients add new optional fields over time.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -59,52 +59,93 @@ class ImageURL(_Strict):
     detail: Optional[Literal["auto", "low", "high"]] = None
 
 
+class VideoURL(_Strict):
+    url: str = Field(min_length=1)
+
+
 class ContentPart(_Strict):
-    type: Literal["text", "image_url", "input_audio", "file"]
+    """A text, image or video part. Videos come as vLLM takes them (``video_url``: a video file's data URL) or
+    as lmforge's own clients send frame lists (``video``: frame image data URLs, as ``openai_messages`` writes)."""
+
+    type: Literal["text", "image_url", "video_url", "video", "input_audio", "file"]
     text: Optional[str] = None
     image_url: Optional[ImageURL] = None
+    video_url: Optional[VideoURL] = None
+    video: Optional[list[Annotated[str, Field(min_length=1)]]] = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _supported(self) -> "ContentPart":
-        if self.type == "image_url":
-            if self.image_url is None:
-                raise ValueError("an image_url content part needs an 'image_url' object with a 'url'")
+        if self.type in ("image_url", "video_url", "video"):
+            if getattr(self, self.type) is None:
+                what = "a list of frame image URLs" if self.type == "video" else "an object with a 'url'"
+                raise ValueError(f"a {self.type} content part needs {self.type!r}: {what}")
             return self
         if self.type != "text":
-            raise ValueError(f"content parts of type {self.type!r} are not supported by this server; send text "
-                             "or image_url")
+            raise ValueError(f"content parts of type {self.type!r} are not supported by this server; send text, "
+                             "image_url, video_url or video")
         if self.text is None:
             raise ValueError("a text content part needs a 'text' string")
         return self
 
+    def media_urls(self) -> list[str]:
+        """The image, video file or frame URLs this part names."""
+        if self.type == "image_url":
+            return [self.image_url.url]
+        if self.type == "video_url":
+            return [self.video_url.url]
+        return list(self.video) if self.type == "video" else []
+
 
 class MediaRefused(ValueError):
-    """An image the server does not read; ``param`` names the content part."""
+    """An image or video the server does not read; ``param`` names the content part, ``code`` is the error's."""
 
-    def __init__(self, message: str, param: str):
+    def __init__(self, message: str, param: str, what: str = "image"):
         super().__init__(message)
         self.param = param
+        self.code = f"invalid_{what}"
+
+
+VIDEO_PARTS = ("video_url", "video")
+
+
+def media_parts(messages: list["Message"]) -> list[tuple[str, "ContentPart"]]:
+    """``(path, part)`` of every image and video part, e.g. ``("messages[0].content[1]", part)``."""
+    return [(f"messages[{i}].content[{j}]", part) for i, m in enumerate(messages)
+            for j, part in enumerate(m.content if isinstance(m.content, list) else []) if part.type != "text"]
 
 
 def check_media(messages: list["Message"], allow_local: bool) -> None:
-    """Images must be base64 ``data:`` URLs, or (``--allow_local_media``) files on this machine; the server
-    never fetches remote URLs. Raises :class:`MediaRefused` naming the part."""
-    for i, m in enumerate(messages):
-        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
-            if part.type == "image_url":
-                check_media_url(part.image_url.url, allow_local, f"messages[{i}].content[{j}]")
+    """Images and videos must be base64 ``data:`` URLs, or (``--allow_local_media``) files on this machine; the
+    server never fetches remote URLs. Raises :class:`MediaRefused` naming the part."""
+    for where, part in media_parts(messages):
+        what = "video" if part.type in VIDEO_PARTS else "image"
+        for url in part.media_urls():
+            check_media_url(url, allow_local, where, what)
 
 
-def check_media_url(url: str, allow_local: bool, where: str) -> None:
-    """One image reference under that policy; ``where`` names it in the :class:`MediaRefused`."""
+def check_videos_decode(messages: list["Message"]) -> None:
+    """Every video part opens (its file's first frame decodes; its frames read and share one size), so that a bad
+    one is refused naming its part rather than failing inside the engine. Run after :func:`check_media`."""
+    from lmforge.dataset.media import MediaError, normalize_video
+
+    for where, part in media_parts(messages):
+        if part.type in VIDEO_PARTS:
+            try:
+                normalize_video(part.media_urls()[0] if part.type == "video_url" else part.video)
+            except MediaError as e:
+                raise MediaRefused(f"the video does not decode: {e}", where, "video") from None
+
+
+def check_media_url(url: str, allow_local: bool, where: str, what: str = "image") -> None:
+    """One image (``what``: or video) reference under that policy; ``where`` names it in the :class:`MediaRefused`."""
     if url.startswith("data:"):
         return
     if url.lower().startswith(("http://", "https://")):
-        raise MediaRefused("remote image URLs are not fetched by this server; send the image as a base64 "
-                           "data: URL", where)
+        raise MediaRefused(f"remote {what} URLs are not fetched by this server; send the {what} as a base64 "
+                           "data: URL", where, what)
     if not allow_local:
-        raise MediaRefused("local image files are not accepted (start the server with --allow_local_media "
-                           "to allow them); send a base64 data: URL", where)
+        raise MediaRefused(f"local {what} files are not accepted (start the server with --allow_local_media "
+                           "to allow them); send a base64 data: URL", where, what)
 
 
 class Message(_Strict):
@@ -130,8 +171,8 @@ class Message(_Strict):
 
     def to_engine(self) -> ChatMessage:
         content: Any = self.text()
-        if isinstance(self.content, list) and any(p.type == "image_url" for p in self.content):
-            content = [p.model_dump(exclude_none=True) for p in self.content]  # images: see infer/convert.py
+        if isinstance(self.content, list) and any(p.type != "text" for p in self.content):
+            content = [p.model_dump(exclude_none=True) for p in self.content]  # images, videos: infer/convert.py
         calls = None
         if self.tool_calls:
             calls = [ToolCall(**({"id": c.id} if c.id else {}), function=c.function.model_dump())

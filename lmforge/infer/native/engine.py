@@ -6,8 +6,8 @@ is how tokens are produced. One background thread owns the GPU and loops: schedu
 (decodes first, then prompt chunks; :mod:`.scheduler`), run it (a CUDA graph for pure decode steps;
 :mod:`.runner`), sample every row on the device (:mod:`.sampler`), append the tokens and hand them to
 whoever waits for them. Requests from any number of threads (the server's, say) join the running
-batch at the next step instead of waiting for a lock. Qwen2-VL and Qwen2.5-VL requests bring images: the
-model's vision tower runs at their prefill and their rotary positions are 3-D (:mod:`.vision`).
+batch at the next step instead of waiting for a lock. Qwen2-VL and Qwen2.5-VL requests bring images (Qwen2-VL
+ones videos too): the model's vision tower runs at their prefill and their rotary positions are 3-D (:mod:`.vision`).
 """
 from __future__ import annotations
 
@@ -96,9 +96,9 @@ class NativeEngine(HfEngine):
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   gpu_memory_utilization=gpu_memory_utilization, num_blocks=num_blocks,
                                   enforce_eager=enforce_eager)
-        self._banned = None  # image placeholders are never sampled (as the hf engine does)
+        self._banned = None  # image and video placeholders are never sampled (as the hf engine does)
         if self.processor is not None:
-            self.runner.encode_images = vision.image_encoder(self.model)
+            self.runner.encode_media = vision.vision_encoder(self.model)
             self._banned = torch.tensor(sorted(self.template.vision.token_ids), device=self.device)
         self.blocks = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
@@ -270,27 +270,22 @@ class NativeEngine(HfEngine):
         name = name if name is not None else self.default_adapter
         return self.native.lora_slots[name] if name else -1
 
-    def _prepare(self, index: int | None, request: Any, cfg: RequestConfig) -> _Job:
-        job = super()._prepare(index, request, cfg)
-        if job.videos:  # its vision path places image features and their positions only
-            raise InferRequestError("the native engine does not take videos yet; use --infer_backend hf for "
-                                    "requests with videos", index=index)
-        return job
-
-    def _request_images(self, job: _Job) -> vision.RequestImages | None:
-        """The pixels of a prompt with images (the processor's, as the hf engine reads them) and its positions."""
-        if not job.images:
+    def _request_media(self, job: _Job) -> vision.RequestMedia | None:
+        """The pixels of a prompt with images or videos (the processor's, as the hf engine reads them) and its
+        positions."""
+        if not job.images and not job.videos:
             return None
         enc = self.template.vision
         try:
-            return vision.RequestImages.build(job.input_ids, enc.pixel_inputs(job.images), enc.image_token_id,
-                                              self.model.config.vision_config.spatial_merge_size)
+            return vision.RequestMedia.build(job.input_ids, enc.pixel_inputs(job.images, job.videos),
+                                             enc.image_token_id, self.model.config.vision_config.spatial_merge_size,
+                                             enc.video_token_id)
         except ValueError as e:
-            raise InferRequestError(f"images: {e}", index=job.index) from e
+            raise InferRequestError(f"images and videos: {e}", index=job.index) from e
 
     def _sequences(self, job: _Job, cfg: RequestConfig, on_token: Callable[[Sequence], None]) -> list[Sequence]:
         stop = StopStrings([*cfg.stop, *self.stop_words])
-        images = self._request_images(job)
+        images = self._request_media(job)
         seqs = []
         seed = job.request.seed if job.request.seed is not None else cfg.seed
         for k in range(cfg.n):

@@ -61,7 +61,7 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.graph_sizes: list[int] = []
         self.graph_steps = 0
-        self.encode_images: Any = None  # vision.image_encoder of a vision-language model (set by the engine)
+        self.encode_media: Any = None  # vision.vision_encoder of a vision-language model (set by the engine)
         if self.on_cuda and not enforce_eager:
             self._capture(default_graph_sizes(max_num_seqs))
 
@@ -176,11 +176,12 @@ class ModelRunner:
                  s.images.delta if s.images is not None else 0) for s, n in batch]
 
     def _vision_inputs(self, batch: list[tuple[Sequence, int]]) -> dict[str, Any]:
-        """The step's image embeddings and, when a token's M-RoPE axes differ, per-token cos/sin (vision.py)."""
+        """The step's image and video embeddings and, when a token's M-RoPE axes differ, per-token cos/sin
+        (vision.py)."""
         rows, values, per_seq, offset = [], [], [], 0
         for seq, n in batch:
             start, img = seq.num_computed, seq.images
-            got = img.chunk_embeds(start, n, self.encode_images) if img is not None else None
+            got = img.chunk_embeds(start, n, self.encode_media) if img is not None else None
             if got is not None:
                 rows.append(got[0] + offset)
                 values.append(got[1])

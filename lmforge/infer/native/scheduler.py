@@ -75,11 +75,11 @@ class Sequence:
     aborted: bool = False
     logprobs: list[tuple[int, float, list[int] | None, list[float] | None]] = field(default_factory=list)
     error: BaseException | None = None  # why the engine could not finish it (raised to the caller)
-    images: Any = None  # a vision.RequestImages (shared by a request's n sequences), None for text
+    images: Any = None  # a vision.RequestMedia (shared by a request's n sequences), None for text
 
     @property
     def cache_salt(self) -> int | None:
-        """Folded into the first block's hash: prompts with equal ids but other images share no blocks."""
+        """Folded into the first block's hash: prompts with equal ids but other images or videos share no blocks."""
         return self.images.digest if self.images is not None else None
 
     def __post_init__(self) -> None:

@@ -1,16 +1,21 @@
-"""Images in the native engine (Qwen2-VL, Qwen2.5-VL): the vision tower's embeddings and M-RoPE positions per request.
+"""Images and videos in the native engine (Qwen2-VL, Qwen2.5-VL; videos: Qwen2-VL only, as the template
+refuses Qwen2.5-VL's): the vision tower's embeddings and M-RoPE positions per request.
 
 What differs from a text prompt, and where it is handled:
 
 - embeddings: the model's own vision tower (and merger) runs once per request, at the first prompt chunk
-  that reaches an image token; its output rows replace the embeddings of the image tokens, in order
-  (as transformers' ``masked_scatter`` does), so a chunked prefill takes the rows of its own chunk;
+  that reaches an image or video token: its image features for the images, its video features (the same
+  tower over the videos' patches and grids) for the videos. Image rows take the image features in order and
+  video rows the video features (as transformers' two ``masked_scatter`` calls do), so a chunked prefill takes
+  the rows of its own chunk, of either kind;
 - positions: Qwen2-VL's rotary positions are 3-D (time, height, width). Prompt tokens take the positions
-  the model itself computes; every later token (and every text token after the last image) has the same
-  value on all three axes, ``index + delta``, which is ordinary 1-D RoPE, so decode steps (and their CUDA
-  graphs) use the usual table. A step with any token whose axes differ gets per-token cos/sin instead;
-- prefix cache: image tokens are the same placeholder id whatever the picture, so the request's digest of
-  its pixels salts the hash of its first block (and so of every block after it).
+  the model's ``get_rope_index`` gives (:func:`lmforge.model.vision.mrope_position_ids`, with the image and
+  the video grids; a video's time axis is its temporal patch index); every later token (and every text token
+  after the last image or video) has the same value on all three axes, ``index + delta``, which is ordinary
+  1-D RoPE, so decode steps (and their CUDA graphs) use the usual table. A step with any token whose axes
+  differ gets per-token cos/sin instead;
+- prefix cache: image and video tokens are the same placeholder ids whatever the pixels, so the request's
+  digest of its pixels (images and videos) salts the hash of its first block (and so of every block after it).
 """
 from __future__ import annotations
 
@@ -48,37 +53,51 @@ def check_adapters(model: Any) -> None:
 
 
 @dataclass(eq=False)
-class RequestImages:
-    """One request's images, shared by its ``n`` sequences: pixels, their digest, the prompt's positions,
-    and the tower's output while a prompt chunk still needs it."""
+class RequestMedia:
+    """One request's images and videos, shared by its ``n`` sequences: pixels, their digest, the prompt's
+    positions, and the tower's output while a prompt chunk still needs it.
 
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
+    Qwen2-VL's image and video tokens are different placeholder ids embedded by the same tower (with each
+    kind's own grids); ``rows`` lists both kinds in prompt order, so a chunk takes its rows whatever their kind.
+    """
+
+    pixel_values: torch.Tensor | None  # images' patches (None: no images)
+    image_grid_thw: torch.Tensor | None
+    pixel_values_videos: torch.Tensor | None  # videos' patches (None: no videos)
+    video_grid_thw: torch.Tensor | None
     digest: int  # salts the first KV block's hash
     positions: torch.Tensor  # [3, prompt_len] long, on the host
     delta: int  # position of token i >= prompt_len (and of text after the last image) is i + delta
-    image_rows: torch.Tensor  # [num image tokens] prompt indices of the image tokens, ascending
+    rows: torch.Tensor  # [num image + video tokens] prompt indices of the image and video tokens, ascending
+    is_video: torch.Tensor  # [len(rows)] bool: that row is a video token
     flat_from: int  # prompt indices >= this have equal axes (1-D RoPE at index + delta)
-    embeds: torch.Tensor | None = None  # [num image tokens, hidden] on the device, computed on demand
+    embeds: torch.Tensor | None = None  # [len(rows), hidden] on the device, computed on demand
 
     @classmethod
-    def build(cls, prompt_ids: list[int], pixels: dict[str, torch.Tensor], image_token_id: int,
-              merge_size: int) -> RequestImages:
+    def build(cls, prompt_ids: list[int], pixels: dict[str, torch.Tensor], image_token_id: int, merge_size: int,
+              video_token_id: int | None = None) -> RequestMedia:
         from lmforge.model.vision import mrope_position_ids
 
         ids = torch.tensor(prompt_ids, dtype=torch.long)
-        grid = pixels["image_grid_thw"]
-        pos = mrope_position_ids(ids, torch.arange(len(ids)), grid, image_token_id, merge_size)
+        grid, vgrid = pixels.get("image_grid_thw"), pixels.get("video_grid_thw")
+        pos = mrope_position_ids(ids, torch.arange(len(ids)), grid, image_token_id, merge_size,
+                                 video_grid_thw=vgrid, video_token_id=video_token_id if vgrid is not None else None)
         delta = int(pos.max()) + 1 - len(ids)
-        rows = (ids == image_token_id).nonzero().flatten()
+        is_image = ids == image_token_id
+        is_video = (ids == video_token_id) if vgrid is not None else torch.zeros_like(is_image)
+        rows = (is_image | is_video).nonzero().flatten()
         flat = (pos == pos[0]).all(0) & (pos[0] == torch.arange(len(ids)) + delta)
         bad = (~flat).nonzero().flatten()
-        pv = pixels["pixel_values"]
+        pv, pvv = pixels.get("pixel_values"), pixels.get("pixel_values_videos")
         h = hashlib.blake2b(digest_size=8)
-        h.update(pv.detach().float().contiguous().cpu().numpy().tobytes())
-        h.update(grid.cpu().numpy().astype("int64").tobytes())
-        return cls(pixel_values=pv, image_grid_thw=grid, digest=int.from_bytes(h.digest(), "little"),
-                   positions=pos, delta=delta, image_rows=rows, flat_from=int(bad[-1]) + 1 if len(bad) else 0)
+        for kind, values, g in ((b"image", pv, grid), (b"video", pvv, vgrid)):  # the kind too: equal bytes, other ids
+            if values is not None:
+                h.update(kind)
+                h.update(values.detach().float().contiguous().cpu().numpy().tobytes())
+                h.update(g.cpu().numpy().astype("int64").tobytes())
+        return cls(pixel_values=pv, image_grid_thw=grid, pixel_values_videos=pvv, video_grid_thw=vgrid,
+                   digest=int.from_bytes(h.digest(), "little"), positions=pos, delta=delta, rows=rows,
+                   is_video=is_video[rows], flat_from=int(bad[-1]) + 1 if len(bad) else 0)
 
     def rope_positions(self, start: int, n: int) -> torch.Tensor | None:
         """[3, n] positions of tokens ``start..start+n-1``, or None when 1-D ``index + delta`` is exact for them."""
@@ -91,31 +110,49 @@ class RequestImages:
         return out
 
     def chunk_embeds(self, start: int, n: int, encode: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(offsets within the chunk, embedding rows) of the image tokens among tokens ``start..start+n-1``."""
-        lo = int(torch.searchsorted(self.image_rows, start))
-        hi = int(torch.searchsorted(self.image_rows, start + n))
+        """(offsets within the chunk, embedding rows) of the image and video tokens among tokens
+        ``start..start+n-1``."""
+        lo = int(torch.searchsorted(self.rows, start))
+        hi = int(torch.searchsorted(self.rows, start + n))
         if lo == hi:
             return None
         if self.embeds is None:
-            self.embeds = encode(self.pixel_values, self.image_grid_thw)
-        return self.image_rows[lo:hi] - start, self.embeds[lo:hi]
+            self.embeds = self._embed(encode)
+        return self.rows[lo:hi] - start, self.embeds[lo:hi]
+
+    def _embed(self, encode: Any) -> torch.Tensor:
+        """Every image and video token's embedding in prompt order: image rows take the image features in order,
+        video rows the video features (as the model's two ``masked_scatter`` calls place them)."""
+        kinds = [(self.pixel_values, self.image_grid_thw, False), (self.pixel_values_videos, self.video_grid_thw, True)]
+        feats = {video: encode(pv, grid, video=video) for pv, grid, video in kinds if pv is not None}
+        first = next(iter(feats.values()))
+        out = torch.empty(len(self.rows), first.shape[-1], dtype=first.dtype, device=first.device)
+        for video, f in feats.items():
+            mask = (self.is_video == video).to(f.device)
+            if int(mask.sum()) != f.shape[0]:
+                raise ValueError(f"the prompt holds {int(mask.sum())} {'video' if video else 'image'} tokens but "
+                                 f"its pixels give {f.shape[0]} features")
+            out[mask] = f
+        return out
 
     def release(self, computed: int) -> None:
-        """Free the tower's output once the prompt's image tokens are all in the cache (a preempted sequence
-        that needs them again recomputes them)."""
-        if self.embeds is not None and (not len(self.image_rows) or computed > int(self.image_rows[-1])):
+        """Free the tower's output once the prompt's image and video tokens are all in the cache (a preempted
+        sequence that needs them again recomputes them)."""
+        if self.embeds is not None and (not len(self.rows) or computed > int(self.rows[-1])):
             self.embeds = None
 
 
-def image_encoder(model: Any) -> Any:
-    """``encode(pixel_values, image_grid_thw) -> [image tokens, hidden]`` through the model's own tower."""
+def vision_encoder(model: Any) -> Any:
+    """``encode(pixels, grid_thw, video=False) -> [tokens, hidden]`` through the model's own tower (its image or
+    video features)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
 
     @torch.inference_mode()
-    def encode(pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    def encode(pixels: torch.Tensor, grid: torch.Tensor, video: bool = False) -> torch.Tensor:
         dev = base.device
-        out = base.get_image_features(pixel_values.to(dev), grid.to(dev))
-        out = getattr(out, "pooler_output", out)  # transformers 5 returns an output object, 4 the per-image tuple
+        features = base.get_video_features if video else base.get_image_features
+        out = features(pixels.to(dev), grid.to(dev))
+        out = getattr(out, "pooler_output", out)  # transformers 5 returns an output object, 4 the per-item tuple
         return out if torch.is_tensor(out) else torch.cat(list(out), dim=0)
 
     return encode
