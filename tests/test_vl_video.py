@@ -194,6 +194,46 @@ def test_file_errors_name_the_file_and_line(tmp_path, monkeypatch):
                         "videos": [[data_url(f) for f in moving_square(2)]]})
 
 
+def test_large_frames_are_resized_as_decoded_and_served_urls_are_not_cached(vl, tmp_path):
+    """A video file's frames are resized to the model's frame size while they are decoded (the same pixels as
+    resizing afterwards, without holding full-size frames), frames over Pillow's pixel limit are refused, and a
+    data: URL (a served request's video, up to the body limit) never enters the media caches."""
+    pytest.importorskip("av")
+    import base64
+
+    from lmforge.dataset.media import MediaError, image_size, video_info
+
+    vision = vl[1].vision
+    big = [f.resize((320, 256)) for f in moving_square(6, 64)]
+    path = write_mp4(tmp_path / "big.mp4", big)
+    h, w = vision.video.frame_size(256, 320)
+    assert (h, w) != (256, 320)  # the budget shrinks them
+    decoded = vision.frames([path])
+    assert {f.size for f in decoded} == {(w, h)}
+    from lmforge.dataset.media import read_video
+
+    full = read_video(path, vision._video_shape((path,))[0])
+    ours = vision.video.pixel_inputs([decoded])["pixel_values_videos"]
+    assert np.array_equal(ours.numpy(), vision.video.pixel_inputs([full])["pixel_values_videos"].numpy())
+
+    url = "data:video/mp4;base64," + base64.b64encode(open(path, "rb").read()).decode()
+    before = video_info.cache_info().currsize, image_size.cache_info().currsize
+    assert video_info(url)[2:] == (256, 320)
+    assert image_size(data_url(big[0])) == (256, 320)
+    vision.num_video_tokens([url])
+    assert (video_info.cache_info().currsize, image_size.cache_info().currsize) == before
+
+    import PIL.Image
+
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    try:
+        PIL.Image.MAX_IMAGE_PIXELS = 256 * 320 - 1
+        with pytest.raises(MediaError, match="exceed the 81,919-pixel limit"):
+            video_info(url)
+    finally:
+        PIL.Image.MAX_IMAGE_PIXELS = limit
+
+
 # ---- template ------------------------------------------------------------------------------------------
 
 

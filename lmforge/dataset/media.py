@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["IMAGE_TAG", "VIDEO_TAG", "MediaError", "count_tags", "data_url", "image_size", "is_video_file",
-           "normalize_image", "normalize_video", "open_image", "openai_messages", "read_video", "source_dir",
-           "video_info"]
+           "normalize_image", "normalize_video", "open_image", "openai_messages", "read_video", "ref_cache",
+           "source_dir", "video_info"]
 
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
@@ -47,6 +47,27 @@ def _pil():
     except ImportError:  # pragma: no cover - pillow is a dependency; say so if it was removed
         raise MediaError("images need Pillow: pip install pillow") from None
     return Image
+
+
+def ref_cache(maxsize: int):
+    """``functools.lru_cache`` for functions of media references that skips calls naming a ``data:`` URL: a
+    served request's URL is up to the body limit (16 MiB), and a cache keyed by it would keep thousands of them
+    alive after their requests; files (training rows) are the references worth caching."""
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        def _inline(value: Any) -> bool:
+            if isinstance(value, str):
+                return value.startswith("data:")
+            return isinstance(value, tuple) and any(isinstance(v, str) and v.startswith("data:") for v in value)
+
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            return fn(*args) if any(_inline(a) for a in args) else cached(*args)
+
+        call.cache_clear, call.cache_info = cached.cache_clear, cached.cache_info  # type: ignore[attr-defined]
+        return call
+    return wrap
 
 
 @functools.lru_cache(maxsize=256)
@@ -220,7 +241,7 @@ def _open_container(ref: str):
     return container, what
 
 
-@functools.lru_cache(maxsize=1024)
+@ref_cache(maxsize=1024)
 def video_info(ref: str) -> tuple[int, float | None, int, int]:
     """``(frames, frames per second, height, width)`` of a video file, from its container (the frames counted from
     its packets when the header does not say); its first frame is decoded to check that the file decodes."""
@@ -228,10 +249,12 @@ def video_info(ref: str) -> tuple[int, float | None, int, int]:
     try:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
+        _check_frame_pixels(stream.codec_context.height or 0, stream.codec_context.width or 0, what)
         first = next(container.decode(stream), None)
         if first is None:
             raise MediaError(f"video {what} has no frames")
         height, width = first.height, first.width
+        _check_frame_pixels(height, width, what)
         total = stream.frames
         if not total:
             container.seek(0)
@@ -245,15 +268,26 @@ def video_info(ref: str) -> tuple[int, float | None, int, int]:
     return int(total), float(rate) if rate else None, int(height), int(width)
 
 
-def read_video(ref: str, indices: list[int]) -> list:
-    """The RGB frames (PIL images) of a video file at ``indices`` (increasing), decoded in one pass."""
+def _check_frame_pixels(height: int, width: int, what: str) -> None:
+    """Frames larger than Pillow's decompression-bomb limit (the one every image meets) are refused."""
+    limit = _pil().MAX_IMAGE_PIXELS
+    if limit and height * width > limit:
+        raise MediaError(f"video {what}: frames of {width}x{height} pixels exceed the {limit:,}-pixel limit of "
+                         "one image")
+
+
+def read_video(ref: str, indices: list[int], resize: Any = None) -> list:
+    """The RGB frames (PIL images) of a video file at ``indices`` (increasing), decoded in one pass; ``resize``
+    (PIL image -> PIL image) is applied to each as it is decoded, so only frames of the size the model takes are
+    held (a minute of 4K video at 2 fps would be gigabytes at full size)."""
     want = set(indices)
     frames: dict[int, Any] = {}
     container, what = _open_container(ref)
     try:
         for k, frame in enumerate(container.decode(container.streams.video[0])):
             if k in want:
-                frames[k] = frame.to_image().convert("RGB")
+                image = frame.to_image().convert("RGB")
+                frames[k] = resize(image) if resize is not None else image
             if k >= indices[-1]:
                 break
     except Exception as e:  # noqa: BLE001
@@ -271,7 +305,7 @@ def _source(ref: str):
     return io.BytesIO(_decode_data_url(ref)) if ref.startswith("data:") else ref
 
 
-@functools.lru_cache(maxsize=4096)
+@ref_cache(maxsize=4096)
 def image_size(ref: str) -> tuple[int, int]:
     """``(height, width)`` of a normalised image, from its header."""
     Image = _pil()

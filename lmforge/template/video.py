@@ -124,6 +124,17 @@ class VideoSpec:
             return height, width
         return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
 
+    def resizer(self, height: int, width: int) -> Any:
+        """A function resizing one ``height`` x ``width`` frame (PIL) to :meth:`frame_size` as :meth:`patches`
+        would (None when the size stays): video files are decoded through it, frame by frame."""
+        h, w = self.frame_size(height, width)
+        if (h, w) == (height, width):
+            return None
+        from PIL import Image
+
+        resample = Image.Resampling(self.resample)
+        return lambda image: image.resize((w, h), resample=resample)
+
     def grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         """``(grid_t, grid_h, grid_w)`` of a video of ``num_frames`` (used) frames of ``height`` x ``width``."""
         h, w = self.frame_size(height, width)

@@ -13,14 +13,13 @@ token, and image and video tokens are never labels. Pixels are read only when a 
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
 from typing import Any, Sequence
 
 from lmforge.dataset.media import (IMAGE_TAG, VIDEO_TAG, MediaError, image_size, is_video_file, open_image,
-                                   read_video, video_info)
+                                   read_video, ref_cache, video_info)
 
 _TAGS = re.compile(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})")
 
@@ -107,7 +106,7 @@ class VisionEncoder:
 
     # ---- placeholders -> image and video tokens -----------------------------------------------------
 
-    @functools.lru_cache(maxsize=4096)
+    @ref_cache(maxsize=4096)
     def num_tokens(self, ref: str) -> int:
         """Image tokens of one image after the processor resizes it."""
         try:
@@ -117,7 +116,7 @@ class VisionEncoder:
         data = self.processor._get_num_multimodal_tokens(image_sizes=[list(size)])
         return int(data["num_image_tokens"][0] if isinstance(data, dict) else data.num_image_tokens[0])
 
-    @functools.lru_cache(maxsize=4096)
+    @ref_cache(maxsize=4096)
     def _video_shape(self, video: tuple[str, ...]) -> tuple[list[int], int, int]:
         """The indices of the frames a video uses, and its frames' height and width (from headers only)."""
         try:
@@ -180,9 +179,9 @@ class VisionEncoder:
         """The RGB frames a video uses (decoded from its file, or its listed frames thinned to the cap)."""
         if self.video is None:
             raise self.error(f"this model takes no videos: {self.no_video}")
-        indices, _, _ = self._video_shape(tuple(video))
+        indices, h, w = self._video_shape(tuple(video))
         if len(video) == 1 and is_video_file(video[0]):
-            return read_video(video[0], indices)
+            return read_video(video[0], indices, self.video.resizer(h, w))
         return [open_image(video[k]) for k in indices]
 
     def token_type_ids(self, input_ids: Any) -> Any:
