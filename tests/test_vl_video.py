@@ -302,20 +302,7 @@ def test_qwen2_5_vl_videos_are_refused(tmp_path):
 # ---- batches and training ------------------------------------------------------------------------------
 
 
-def _collator(template, family, padding_free):
-    from lmforge.trainers.vision_collator import VisionCollator
-
-    return VisionCollator(template.tokenizer.pad_token_id, template.vision, family, padding_free=padding_free)
-
-
-def _token_losses(model, batch):
-    batch = dict(batch)
-    labels = batch.pop("labels")
-    with torch.no_grad():
-        logits = model(**batch, use_cache=False).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                             reduction="none", ignore_index=-100)
-    return loss[labels[:, 1:].flatten() != -100]
+from test_vl_training import _collator, _token_losses  # noqa: E402  (the image tests' helpers)
 
 
 def test_packed_video_rows_get_the_models_positions_and_losses(vl, tmp_path):

@@ -119,33 +119,22 @@ def to_canonical_row(request: InferRequest | dict[str, Any], *, index: int | Non
                                 index=index)
     row: dict[str, Any] = {"messages": messages, "tools": request.tools or None}
     if images:
-        row["images"] = _normalize_images(images, index)
+        row["images"] = _normalize_media(images, index, "image")
     if videos:
-        row["videos"] = _normalize_videos(videos, index)
+        row["videos"] = _normalize_media(videos, index, "video")
     return row
 
 
-def _normalize_videos(videos: list, index: int | None) -> list[list[str]]:
-    """Each video's frames (or its file) checked to open, as a dataset row's are."""
-    from lmforge.dataset.media import MediaError, normalize_video
+def _normalize_media(items: list, index: int | None, kind: str) -> list:
+    """Each image (data: URLs, local paths, file:// URLs; remote URLs are refused) or video (its frames, or its
+    file) checked to open, as a dataset row's are."""
+    from lmforge.dataset.media import MediaError, normalize_image, normalize_video
 
+    normalize = normalize_video if kind == "video" else normalize_image
     out = []
-    for k, video in enumerate(videos):
+    for k, item in enumerate(items):
         try:
-            out.append(normalize_video(video))
+            out.append(normalize(item))
         except MediaError as e:
-            raise InferRequestError(f"video {k}: {e}", index=index) from None
-    return out
-
-
-def _normalize_images(images: list[str], index: int | None) -> list[str]:
-    """Each image checked to open (data: URLs, local paths and file:// URLs; remote URLs are refused)."""
-    from lmforge.dataset.media import MediaError, normalize_image
-
-    out = []
-    for k, ref in enumerate(images):
-        try:
-            out.append(normalize_image(ref))
-        except MediaError as e:
-            raise InferRequestError(f"image {k}: {e}", index=index) from None
+            raise InferRequestError(f"{kind} {k}: {e}", index=index) from None
     return out
