@@ -241,16 +241,21 @@ def test_qwen2_5_vl_matches_hf_with_chunked_prefill(tmp_path):
     from lmforge.infer.native import NativeEngine
 
     folder = _tiny_qwen2_5_vl(tmp_path)
+    pytest.importorskip("av")
+    from test_vl_video import COLOURS, moving_square, write_mp4
+
+    clip = write_mp4(tmp_path / "clip.mp4", moving_square(10, 56, COLOURS["green"]))  # 4 of 10 frames at 4 fps
     reqs = [_ask("<image>Which colour?", RED), _ask("Hello there, how are you today?"),
-            _ask("Shape?<image> and then <image>, compare.", WIDE, TALL), _ask("<image>Describe.", BIG)]
+            _ask("Shape?<image> and then <image>, compare.", WIDE, TALL), _ask("<image>Describe.", BIG),
+            # videos: their time axes scaled by tokens_per_second x seconds per temporal patch (a file's rate;
+            # a frame list counts as 24 frames a second)
+            _ask_video("<video>What moves?", [[clip]]), _ask_video("<image>then<video>?", [_video("red", 12)], (WIDE,))]
     want = HfEngine(folder, device="cpu").infer(reqs, GREEDY)
     engine = NativeEngine(folder, allow_cpu=True, device="cpu", enforce_eager=True, block_size=4, max_num_seqs=4,
                           max_num_batched_tokens=8)
     try:
         assert engine.model.config.model_type == "qwen2_5_vl"
         _same(engine.infer(reqs, GREEDY), want)
-        with pytest.raises(ValueError, match="Qwen2.5-VL videos need time-scaled rotary positions"):
-            engine.infer([_ask_video("<video>What moves?", [_video("red")])], GREEDY)
     finally:
         engine.close()
 

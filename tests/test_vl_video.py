@@ -275,28 +275,51 @@ def test_template_expands_videos_and_images_in_tag_order(vl):
         template.encode({**row, "messages": [{"role": "user", "content": "<video>?<image>"}, row["messages"][1]]})
 
 
-def test_qwen2_5_vl_videos_are_refused(tmp_path):
-    import shutil
-    from pathlib import Path
+def test_qwen2_5_vl_videos_get_the_models_time_scaled_positions(tmp_path):
+    """Qwen2.5-VL spaces a video's temporal patches by tokens_per_second x its seconds per patch: the batch carries
+    ``second_per_grid_ts`` (a file's sampled rate; a frame list at 24 frames a second, as transformers takes it),
+    packed rows get the model's own positions, and packed and padded losses agree."""
+    pytest.importorskip("av")
+    from test_native_vl import _tiny_qwen2_5_vl
 
-    from transformers import AutoConfig, Qwen2_5_VLConfig
+    from lmforge.dataset.packing import concat_rows
+    from lmforge.model import get_model_tokenizer
+    from lmforge.model.vision import family_of, get_processor, mrope_position_ids
+    from lmforge.template import get_template
 
-    from lmforge.model import builtin_model_dir, get_model_tokenizer
-    from lmforge.model.vision import load_processor
-    from lmforge.template import TemplateError, get_template
-
-    src = Path(builtin_model_dir("tiny-vl"))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
-        shutil.copy(src / name, tmp_path / name)
-    top = json.loads((src / "config.json").read_text())
-    keep = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    Qwen2_5_VLConfig(text_config={k: v for k, v in top["text_config"].items() if k != "model_type"},
-                     **{k: top[k] for k in keep}).save_pretrained(tmp_path)
-    tok = get_model_tokenizer("builtin:tiny-vl", load_model=False)[1]
-    template = get_template(tok, processor=load_processor(tmp_path, AutoConfig.from_pretrained(tmp_path), tok))
-    with pytest.raises(TemplateError, match="Qwen2.5-VL videos need time-scaled rotary positions"):
-        template.encode({"messages": [{"role": "user", "content": "<video>?"}, {"role": "assistant", "content": "x"}],
-                         "videos": [_frames()]})
+    folder = _tiny_qwen2_5_vl(tmp_path)
+    model, tok = get_model_tokenizer(folder, device="cpu")
+    model.eval()
+    template = get_template(tok, processor=get_processor(folder, model.config, tok))
+    template.set_mode("train")
+    family = family_of(model.config)
+    assert template.vision.tokens_per_second == model.config.vision_config.tokens_per_second
+    clip = write_mp4(tmp_path / "clip.mp4", moving_square(10, 64, COLOURS["green"]))  # 4 of 10 frames at 4 fps
+    rows = [{"messages": [{"role": "user", "content": "<image>and<video>: which moves?"},
+                          {"role": "assistant", "content": "red"}],
+             "images": [data_url(Image.new("RGB", (56, 84), (0, 0, 200)))], "videos": [_frames("red", 12, 64)]},
+            {"messages": [{"role": "user", "content": "<video>Colour?"}, {"role": "assistant", "content": "green"}],
+             "videos": [[clip]]}]
+    encs = [template.encode(r) for r in rows]
+    padded = _collator(template, family, False)(encs)
+    # 12 listed frames at 24/s: 2/24 s a patch; 4 of the file's 10 frames at 4/s = 1.6/s: 2/1.6 s a patch
+    assert padded["second_per_grid_ts"].tolist() == pytest.approx([2 / 24, 1.25])
+    ref, _ = model.model.get_rope_index(padded["input_ids"], padded["mm_token_type_ids"],
+                                        image_grid_thw=padded["image_grid_thw"], video_grid_thw=padded["video_grid_thw"],
+                                        attention_mask=padded["attention_mask"],
+                                        second_per_grid_ts=padded["second_per_grid_ts"])
+    scales = template.vision.time_scales(padded)
+    for k, enc in enumerate(encs):
+        ids = torch.tensor(enc["input_ids"])
+        ours = mrope_position_ids(ids, torch.arange(len(ids)), padded["image_grid_thw"] if k == 0 else None,
+                                  template.vision.image_token_id, 2, video_grid_thw=padded["video_grid_thw"][k:k + 1],
+                                  video_token_id=template.vision.video_token_id, video_time_scales=scales[k:k + 1])
+        assert torch.equal(ours, ref[:, k, :len(ids)]), k
+    times = ref[0, 1][padded["input_ids"][1] == template.vision.video_token_id].unique()
+    assert (times[1:] - times[:-1]).tolist() == [5]  # the file's 2 patches: 4 tokens/s x 1.25 s apart
+    packed = _collator(template, family, True)([concat_rows(encs)])
+    a, b = _token_losses(model, padded), _token_losses(model, packed)
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
 # ---- batches and training ------------------------------------------------------------------------------

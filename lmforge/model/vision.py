@@ -221,7 +221,10 @@ def load_processor(model_dir: str | Path, config: Any, tokenizer: Any, *, min_pi
     if "video_processor" in inspect.signature(cls.__init__).parameters:
         parts["video_processor"] = _video_processor(model_dir)
     processor = cls(**parts, chat_template=getattr(tokenizer, "chat_template", None), **extra)
-    processor.video_options = {"config": _video_config(model_dir), "fps": video_fps, "max_frames": video_max_frames}
+    processor.video_options = {"config": _video_config(model_dir), "fps": video_fps, "max_frames": video_max_frames,
+                               # Qwen2.5-VL: rotary time positions per second of video (scales a video's time axis)
+                               "tokens_per_second": getattr(getattr(config, "vision_config", None),
+                                                            "tokens_per_second", None)}
     return processor
 
 
@@ -252,14 +255,17 @@ def get_processor(model: str, config: Any, tokenizer: Any, *, hub: str = "hf", r
 
 
 def mrope_position_ids(input_ids: Any, text_positions: Any, image_grid_thw: Any, image_token_id: int,
-                       merge_size: int, *, video_grid_thw: Any = None, video_token_id: int | None = None) -> Any:
+                       merge_size: int, *, video_grid_thw: Any = None, video_token_id: int | None = None,
+                       video_time_scales: Any = None) -> Any:
     """Qwen2-VL's rotary positions ``[3, L]`` (time, height, width) for a flat sequence of packed rows.
 
     Each row (where ``text_positions`` restarts at 0) is laid out as the model lays out one sequence:
     text tokens advance all three axes by one; an image's or video's tokens take its grid's frame (Qwen2-VL:
     the temporal patch's index), row and column, offset by the position before it, and the text after it
     resumes past the grid's larger side. Image and video grids are consumed in order, each from its own
-    list. For packing, where the model cannot compute this itself.
+    list. ``video_time_scales`` (Qwen2.5-VL: ``tokens_per_second * second_per_grid_ts`` of each video) spaces a
+    video's temporal patches that many positions apart, truncated to integers as the model does; None: 1.
+    For packing, where the model cannot compute this itself.
     """
     import torch
 
@@ -268,6 +274,7 @@ def mrope_position_ids(input_ids: Any, text_positions: Any, image_grid_thw: Any,
     grids = {image_token_id: iter(image_grid_thw.tolist() if image_grid_thw is not None else [])}
     if video_token_id is not None:
         grids[video_token_id] = iter(video_grid_thw.tolist() if video_grid_thw is not None else [])
+    scales = iter([float(x) for x in video_time_scales] if video_time_scales is not None else [])
     k, pos = 0, 0
     restarts = text_positions.tolist()
     while k < len(ids):
@@ -287,7 +294,10 @@ def mrope_position_ids(input_ids: Any, text_positions: Any, image_grid_thw: Any,
         n = t * gh * gw
         if ids[k:k + n] != [token] * n:
             raise ValueError(f"a grid of {t}x{h}x{w} needs {n} consecutive tokens {token} at position {k}")
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        frames = torch.arange(t)
+        if token == video_token_id and video_time_scales is not None:
+            frames = (frames * next(scales)).long()
+        tt, hh, ww = torch.meshgrid(frames, torch.arange(gh), torch.arange(gw), indexing="ij")
         out[:, k:k + n] = torch.stack([tt, hh, ww]).reshape(3, -1) + pos
         pos, k = pos + max(gh, gw), k + n
     return out

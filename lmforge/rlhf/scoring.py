@@ -125,8 +125,8 @@ def prompt_completion_batch(parts: list[tuple[list[int], list[int], list[int]]],
 
 
 # what a vision-language batch adds (trainers/vision_collator.py): the pixels of every sequence's images and videos
-PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids",
-              "image_sizes")
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+              "mm_token_type_ids", "image_sizes")
 
 
 def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -38,6 +38,10 @@ class VisionEncoder:
         self.video_processor = getattr(processor, "video_processor", None)  # transformers' (needs torchvision)
         self.error = error
         self.video, self.no_video = None, _video_refusal(processor)
+        # Qwen2.5-VL: rotary time positions per second of video; None for families whose video time axis is the
+        # temporal patch index (Qwen2-VL)
+        self.tokens_per_second = ((getattr(processor, "video_options", None) or {}).get("tokens_per_second")
+                                  if _time_scaled(processor) else None)
         if self.no_video is None:
             from lmforge.template.video import VideoSpec
 
@@ -171,9 +175,34 @@ class VisionEncoder:
                 out.update(self.image_processor(images=[open_image(ref) for ref in images], return_tensors="pt"))
             if videos:
                 out.update(self.video.pixel_inputs([self.frames(v) for v in videos], self.video_processor))
+                if self.tokens_per_second is not None:
+                    import torch
+
+                    out["second_per_grid_ts"] = torch.tensor([self.seconds_per_grid(v) for v in videos],
+                                                             dtype=torch.float32)
         except MediaError as e:
             raise self.error(str(e)) from None
         return out
+
+    def seconds_per_grid(self, video: Sequence[str]) -> float:
+        """Seconds of video one temporal patch spans: ``temporal_patch_size`` over the rate of the frames used (a
+        file's rate times the share of its frames used; a list of frames has no rate, and counts as 24 frames a
+        second, as transformers' processor takes it)."""
+        indices, _, _ = self._video_shape(tuple(video))
+        if len(video) == 1 and is_video_file(video[0]):
+            total, fps = video_info(video[0])[:2]
+            rate = len(indices) / total * fps if fps else 24.0
+        else:
+            rate = 24.0
+        return self.video.temporal_patch_size / rate
+
+    def time_scales(self, pixels: dict[str, Any]) -> Any:
+        """``tokens_per_second * second_per_grid_ts`` of a batch's videos (Qwen2.5-VL), None otherwise: what
+        :func:`lmforge.model.vision.mrope_position_ids` spaces their time axes by."""
+        seconds = pixels.get("second_per_grid_ts")
+        if seconds is None or self.tokens_per_second is None:
+            return None
+        return [float(self.tokens_per_second) * float(x) for x in seconds]
 
     def frames(self, video: Sequence[str]) -> list[Any]:
         """The RGB frames a video uses (decoded from its file, or its listed frames thinned to the cap)."""
@@ -203,9 +232,12 @@ def _video_refusal(processor: Any) -> str | None:
     """Why a processor's model takes no videos here (None: it does, in Qwen2-VL's layout)."""
     if getattr(processor, "video_token_id", None) is None or getattr(processor, "video_token", None) is None:
         return f"{type(processor).__name__} has no video token"
-    if type(processor).__name__.startswith("Qwen2_5_VL"):
-        # its rotary time axis is scaled by each video's seconds per temporal patch (second_per_grid_ts), which
-        # lmforge does not compute or carry through packing and the engines yet
-        return ("Qwen2.5-VL videos need time-scaled rotary positions (second_per_grid_ts), which lmforge does not "
-                "compute yet; Qwen2-VL videos work")
+    if _time_scaled(processor) and not (getattr(processor, "video_options", None) or {}).get("tokens_per_second"):
+        return ("Qwen2.5-VL videos need the model's vision_config.tokens_per_second (it scales their rotary time "
+                "axis), which this processor was loaded without")
     return None
+
+
+def _time_scaled(processor: Any) -> bool:
+    """Qwen2.5-VL spaces a video's temporal patches by its seconds per patch (``second_per_grid_ts``)."""
+    return type(processor).__name__.startswith("Qwen2_5_VL")

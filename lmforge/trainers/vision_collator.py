@@ -35,7 +35,8 @@ class VisionCollator(Collator):
             text = out["position_ids"][0]
             rope = mrope_position_ids(ids[0], text, out.get("image_grid_thw"), self.vision.image_token_id,
                                       self.merge_size, video_grid_thw=out.get("video_grid_thw"),
-                                      video_token_id=self.vision.video_token_id)
+                                      video_token_id=self.vision.video_token_id,
+                                      video_time_scales=self.vision.time_scales(out))
             out["position_ids"] = _packed_positions(text, rope)
         elif self.family is not None and self.family.token_type_ids:
             out["mm_token_type_ids"] = self.vision.token_type_ids(ids)

@@ -277,9 +277,10 @@ class NativeEngine(HfEngine):
             return None
         enc = self.template.vision
         try:
-            return vision.RequestMedia.build(job.input_ids, enc.pixel_inputs(job.images, job.videos),
-                                             enc.image_token_id, self.model.config.vision_config.spatial_merge_size,
-                                             enc.video_token_id)
+            pixels = enc.pixel_inputs(job.images, job.videos)
+            return vision.RequestMedia.build(job.input_ids, pixels, enc.image_token_id,
+                                             self.model.config.vision_config.spatial_merge_size, enc.video_token_id,
+                                             video_time_scales=enc.time_scales(pixels))
         except ValueError as e:
             raise InferRequestError(f"images and videos: {e}", index=job.index) from e
 

@@ -75,13 +75,14 @@ class RequestMedia:
 
     @classmethod
     def build(cls, prompt_ids: list[int], pixels: dict[str, torch.Tensor], image_token_id: int, merge_size: int,
-              video_token_id: int | None = None) -> RequestMedia:
+              video_token_id: int | None = None, video_time_scales: Any = None) -> RequestMedia:
         from lmforge.model.vision import mrope_position_ids
 
         ids = torch.tensor(prompt_ids, dtype=torch.long)
         grid, vgrid = pixels.get("image_grid_thw"), pixels.get("video_grid_thw")
         pos = mrope_position_ids(ids, torch.arange(len(ids)), grid, image_token_id, merge_size,
-                                 video_grid_thw=vgrid, video_token_id=video_token_id if vgrid is not None else None)
+                                 video_grid_thw=vgrid, video_token_id=video_token_id if vgrid is not None else None,
+                                 video_time_scales=video_time_scales)
         delta = int(pos.max()) + 1 - len(ids)
         is_image = ids == image_token_id
         is_video = (ids == video_token_id) if vgrid is not None else torch.zeros_like(is_image)
@@ -90,6 +91,8 @@ class RequestMedia:
         bad = (~flat).nonzero().flatten()
         pv, pvv = pixels.get("pixel_values"), pixels.get("pixel_values_videos")
         h = hashlib.blake2b(digest_size=8)
+        if video_time_scales is not None:  # equal pixels at another frame rate: other positions, other keys
+            h.update(repr([float(x) for x in video_time_scales]).encode())
         for kind, values, g in ((b"image", pv, grid), (b"video", pvv, vgrid)):  # the kind too: equal bytes, other ids
             if values is not None:
                 h.update(kind)
