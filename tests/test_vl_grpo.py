@@ -1,6 +1,6 @@
-"""GRPO on image rows: completions are sampled with the prompt's images, scored by the policy and the reference
-with the same pixels (repeated for each generation of a group), and `lmforge rlhf --rlhf_type grpo` runs on
-builtin:tiny-vl + builtin:shapes end to end."""
+"""GRPO on image and video rows: completions are sampled with the prompt's images and videos, scored by the policy
+and the reference with the same pixels (repeated for each generation of a group), and `lmforge rlhf --rlhf_type
+grpo` runs on builtin:tiny-vl + builtin:shapes (and on video rows) end to end."""
 from __future__ import annotations
 
 import json
@@ -141,15 +141,93 @@ def test_grpo_cli_on_shapes_runs_end_to_end(tmp_path):
     assert "<image>" in row["prompt"][0]["content"] and len(row["completions"]) == 4
 
 
-def test_grpo_refuses_videos(tmp_path):
-    from datasets import Dataset
+def _frames(colour: tuple[int, int, int], n: int = 2, size: int = 56) -> list[str]:
+    """``n`` frames of a ``colour`` square moving right: a video as a list of frame data URLs."""
+    frames = []
+    for k in range(n):
+        image = Image.new("RGB", (size, size), (255, 255, 255))
+        image.paste(colour, (4 + 8 * k, 16, 28 + 8 * k, 40))
+        frames.append(data_url(image))
+    return frames
 
-    from lmforge.rlhf.grpo_trainer import prompt_rows
 
-    ds = Dataset.from_list([{"messages": [{"role": "user", "content": "<video>What happens?"}],
-                             "videos": [[_image((1, 2, 3))]]}])
-    with pytest.raises(ValueError, match="GRPO on rows with videos is not supported yet"):
-        prompt_rows(ds)
+def test_rollout_pixels_repeat_each_prompts_images_and_videos_in_sequence_order(vl):
+    """A video prompt, an image prompt and a text prompt, G = 2: every pixel key equals the concatenation of each
+    sequence's own ``pixel_inputs``, and the token check counts video tokens too."""
+    from lmforge.rlhf.grpo_batch import rollout_pixels
+    from lmforge.rlhf.scoring import prompt_completion_batch
+
+    model, template, family = vl
+    tok = template.tokenizer
+    rows = [{"messages": [{"role": "user", "content": "<video>What moves?"}], "videos": [_frames((200, 0, 0), 4)]},
+            {"messages": [{"role": "user", "content": "<image>What colour is it?"}], "images": [_image((0, 0, 200))]},
+            {"messages": [{"role": "user", "content": "Name a colour."}]}]
+    prompts = [template.encode(r)["input_ids"] for r in rows]
+    prompt_of = [0, 0, 1, 1, 2, 2]
+    done = tok.convert_tokens_to_ids("<|im_end|>")
+    seqs = [(prompts[p], [tok.encode("red", add_special_tokens=False)[0], done], [1, 1]) for p in prompt_of]
+    batch = prompt_completion_batch(seqs, tok.pad_token_id, "cpu")
+    images, videos = [r.get("images") or [] for r in rows], [r.get("videos") or [] for r in rows]
+    got = rollout_pixels(template.vision, family, batch["input_ids"], images, prompt_of, videos)
+    own = [template.vision.pixel_inputs(images[p], videos[p]) for p in prompt_of]
+    assert set(got) == {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                        "mm_token_type_ids"}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        torch.testing.assert_close(got[key], torch.cat([o[key] for o in own if key in o]), atol=0, rtol=0)
+    assert got["video_grid_thw"].shape[0] == 2 and got["image_grid_thw"].shape[0] == 2
+    assert torch.equal(got["mm_token_type_ids"], template.vision.token_type_ids(batch["input_ids"]))
+    with pytest.raises(ValueError, match="video tokens"):  # a prompt's ids and its videos disagree
+        rollout_pixels(template.vision, family, batch["input_ids"], images, prompt_of,
+                       [[_frames((200, 0, 0), 8)], [], []])
+    with torch.no_grad():  # the model takes the mixed batch whole
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **got, use_cache=False)
+
+
+def test_grpo_on_video_rows_scores_the_engines_samples_as_it_sampled_them(tmp_path):
+    """`rlhf --rlhf_type grpo` on frame-list video rows (one also with an image) trains; then the log-probs the
+    trainer computes for a rollout (padded batch, each prompt's videos repeated per generation) equal the hf
+    engine's own log-probs of the tokens it sampled from the raw prompt ids and videos."""
+    from lmforge.arguments import RlhfArguments
+    from lmforge.infer.errors import InferRequestError
+    from lmforge.infer.protocol import RequestConfig
+    from lmforge.pipelines.rlhf import rlhf_main
+    from lmforge.rlhf.grpo import selective_log_softmax
+    from lmforge.rlhf.grpo_batch import completion_logits
+    from lmforge.rlhf.rollout import run_rollouts
+    from lmforge.serve.schemas import PromptRequest
+
+    colours = {"red": (200, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 200), "yellow": (230, 230, 0)}
+    rows = [{"messages": [{"role": "user", "content": "<video>Which colour moves?"}],
+             "videos": [_frames(rgb, n=2 + k % 2)], "solution": name} for k, (name, rgb) in enumerate(colours.items())]
+    rows[1] = {**rows[1], "messages": [{"role": "user", "content": "<image>Here it stands;<video>which colour moves?"}],
+               "images": [_image((0, 200, 0))]}
+    data = tmp_path / "videos.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = rlhf_main(RlhfArguments(
+        rlhf_type="grpo", model="builtin:tiny-vl", dataset=[str(data)], reward_funcs=["colour_match"],
+        train_type="full", num_generations=2, max_completion_length=4, per_device_train_batch_size=2,
+        max_steps=2, logging_steps=1, learning_rate=1e-3, beta=0.04, temperature=1.0,
+        output_dir=str(tmp_path / "out"), add_version=False, report_to=["none"], plot=False, save_steps=1000))
+    logs = [json.loads(line) for line in next(tmp_path.rglob("logging.jsonl")).read_text().splitlines()]
+    steps = [h for h in logs if "loss" in h and "reward" in h]
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor([h["loss"], h["kl"]])).all() for h in steps)
+
+    trainer = result["trainer"]
+    trainer.model.eval()
+    engine = trainer._get_engine()
+    prompts = trainer._prepared_prompts([trainer.train_dataset[i] for i in range(len(rows))])
+    assert [len(p.videos) for p in prompts] == [1] * 4 and sum(len(p.images) for p in prompts) == 1
+    episodes = run_rollouts(engine, prompts, trainer._request_config(logprobs=True), num_generations=2,
+                            seeds=trainer._rollout_seeds(prompts))
+    batch = trainer._tensorize(prompts, episodes)
+    assert batch["video_grid_thw"].shape[0] == 8 and batch["image_grid_thw"].shape[0] == 2
+    with torch.no_grad():
+        logps = selective_log_softmax(completion_logits(trainer.model, batch), batch["completion_ids"])
+    mask = batch["completion_mask"] > 0
+    torch.testing.assert_close(logps[mask], batch["sampling_logps"][mask], atol=1e-4, rtol=0)
+    with pytest.raises(InferRequestError, match="video tokens"):  # raw ids with other videos than they hold
+        engine.infer([PromptRequest(prompt=prompts[0].prompt_ids, videos=prompts[0].videos * 2)],
+                     RequestConfig(max_tokens=2))
 
 
 def test_grpo_with_the_native_engine_on_image_rows(tmp_path, monkeypatch):

@@ -333,11 +333,8 @@ class HfEngine(InferEngine):
         """Prompt ids and the prompt's image and video references."""
         prompt = getattr(request, "prompt", None)
         if prompt is not None:
-            if getattr(request, "videos", None):
-                raise InferRequestError("a raw prompt takes images, not videos: send messages with <video> tags or "
-                                        "video parts", index=index)
             ids = self._encode_prompt(prompt, index)
-            return ids, self._prompt_images(request, ids, index), []
+            return (ids, *self._prompt_media(request, ids, index))
         row = to_canonical_row(request, index=index)
         try:
             encoded = self.template.encode(row)
@@ -346,28 +343,32 @@ class HfEngine(InferEngine):
         return ([int(i) for i in encoded["input_ids"]], list(encoded.get("images") or []),
                 [list(v) for v in encoded.get("videos") or []])
 
-    def _prompt_images(self, request: Any, ids: list[int], index: int | None) -> list[str]:
-        """The images of a raw prompt whose ids already hold their expanded image tokens (GRPO sends its own
-        encoding of an image row so); their number of tokens must match."""
+    def _prompt_media(self, request: Any, ids: list[int], index: int | None) -> tuple[list[str], list[list[str]]]:
+        """The images and videos of a raw prompt whose ids already hold their expanded image and video tokens (GRPO
+        sends its own encoding of a media row so); their numbers of tokens must match."""
         images = list(getattr(request, "images", None) or [])
-        if not images:
-            return []
+        videos = list(getattr(request, "videos", None) or [])
+        if not images and not videos:
+            return [], []
         vision = getattr(self.template, "vision", None)
         if vision is None:
-            raise InferRequestError(f"the prompt has {len(images)} image(s) but {self.model_name} is not a "
-                                    "vision-language model", index=index)
-        from lmforge.dataset.media import MediaError, normalize_image
+            raise InferRequestError(f"the prompt has {len(images)} image(s) and {len(videos)} video(s) but "
+                                    f"{self.model_name} is not a vision-language model", index=index)
+        from lmforge.dataset.media import MediaError, normalize_image, normalize_video
 
         try:
             images = [normalize_image(ref) for ref in images]
-            want = sum(vision.num_tokens(ref) for ref in images)
+            videos = [normalize_video(v) for v in videos]
+            want = [sum(vision.num_tokens(ref) for ref in images), sum(vision.num_video_tokens(v) for v in videos)]
         except (MediaError, ValueError) as e:
-            raise InferRequestError(f"prompt images: {e}", index=index) from None
-        have = sum(1 for t in ids if t == vision.image_token_id)
-        if have != want:
-            raise InferRequestError(f"the prompt holds {have} image tokens but its {len(images)} image(s) give "
-                                    f"{want}: encode it with this engine's template and processor", index=index)
-        return images
+            raise InferRequestError(f"prompt images and videos: {e}", index=index) from None
+        for what, token, n, k in (("image", vision.image_token_id, len(images), want[0]),
+                                  ("video", vision.video_token_id, len(videos), want[1])):
+            have = sum(1 for t in ids if t == token) if token is not None else 0
+            if have != k:
+                raise InferRequestError(f"the prompt holds {have} {what} tokens but its {n} {what}(s) give {k}: "
+                                        "encode it with this engine's template and processor", index=index)
+        return images, videos
 
     def _encode_prompt(self, prompt: str | list[int], index: int | None) -> list[int]:
         if isinstance(prompt, str):

@@ -13,8 +13,8 @@ One micro-batch of ``B`` prompts (``--per_device_train_batch_size``) becomes, in
    (several updates reuse one batch of rollouts), the reference's when ``--beta`` > 0 (a frozen copy,
    ``--ref_model``, or for LoRA the same model with its adapters switched off).
 
-On image rows every request carries the prompt's images and every log-prob is computed with the same
-pixels (:mod:`lmforge.rlhf.grpo_batch`).
+On image and video rows every request carries the prompt's images and videos and every log-prob is computed
+with the same pixels (:mod:`lmforge.rlhf.grpo_batch`).
 
 ``compute_loss`` then scores the completions with the current policy and applies the clipped
 objective (:func:`lmforge.rlhf.grpo.grpo_token_loss`). Only tokens the model generated train:
@@ -70,13 +70,11 @@ def prompt_rows(ds: Any) -> Any:
     and any tool calls and results before it, back to the last user message) is dropped, so the model
     answers the last user turn itself; put what rewards need (the answer) in a column such as
     ``solution``. A row without a final reply is a prompt already (it may end on a tool result). A row's
-    ``images`` stay with it: its prompt's ``<image>`` tags are sampled and scored with them.
+    ``images`` and ``videos`` stay with it: its prompt's ``<image>`` and ``<video>`` tags are sampled and scored
+    with them.
     """
 
     def strip(batch: dict[str, list]) -> dict[str, list]:
-        if any(batch.get("videos") or []):
-            raise ValueError("GRPO on rows with videos is not supported yet (its rollouts carry images only); "
-                             "give the frames as images, or train video rows with sft or --rlhf_type dpo")
         prompts, tools = [], []
         messages_out = []
         for messages, t in zip(batch["messages"], batch.get("tools") or [None] * len(batch["messages"])):
@@ -375,15 +373,16 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
         tools = row.get(TOOLS_COLUMN)
         extra = {k: v for k, v in row.items() if k not in _NOT_REWARD_INPUTS}
         return RolloutPrompt(json.loads(row[PROMPT_COLUMN]), json.loads(tools) if tools else None,
-                             list(row["input_ids"]), extra, list(row.get("images") or []))
+                             list(row["input_ids"]), extra, list(row.get("images") or []),
+                             [list(v) for v in row.get("videos") or []])
 
     def _rollout_seeds(self, prompts: list[RolloutPrompt]) -> list[int]:
         """Each prompt's sampling seed, from ``--seed``, the step and the prompt itself: the same prompt at the
         same step samples the same completions on any process and in any batch, so N processes roll out
         what one would (and a run can be repeated)."""
         step = self.state.global_step
-        return [stable_seed(self.args.seed, step, p.messages, p.prompt_ids, *([p.images] if p.images else []))
-                for p in prompts]
+        return [stable_seed(self.args.seed, step, p.messages, p.prompt_ids, *([p.images] if p.images else []),
+                            *([p.videos] if p.videos else [])) for p in prompts]
 
     def _prepared_prompts(self, rows: list[dict[str, Any]]) -> list[RolloutPrompt]:
         return [self._rollout_prompt(r) for r in rows]
@@ -498,30 +497,33 @@ class GRPOTrainer(ReferenceMixin, LmforgeTrainer):
             e.prompt_index = i // G
         return Sampled(keep_p, keep_e, torch.cat(keep_t), seconds, tokens)
 
-    def _sequence(self, e: Episode, tools: Any, images: list[str]) -> tuple[list[int], list[int], list[int]]:
+    def _sequence(self, e: Episode, p: RolloutPrompt) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, completion ids, completion mask): the sampled ids, or for a multi-turn trajectory its
-        template encoding (with the prompt's ``images``) cut at the first trained token, the mask being the
-        template's labels."""
+        template encoding (with the prompt ``p``'s tools, images and videos) cut at the first trained token, the
+        mask being the template's labels."""
         if not e.multi_turn:
             return list(e.prompt_ids or []), e.completion_ids, [1] * len(e.completion_ids)
         messages = list(e.messages)
         while messages and messages[-1]["role"] not in ("assistant", "tool_call"):
             messages.pop()  # a trajectory cut short on a tool result: nothing after the last model turn trains
-        enc = self.train_template.encode({"messages": messages, "tools": tools, "images": images or None})
+        enc = self.train_template.encode({"messages": messages, "tools": p.tools, "images": p.images or None,
+                                          "videos": p.videos or None})
         ids, labels = list(enc["input_ids"]), list(enc["labels"])
         first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids))
         return ids[:first], ids[first:], [int(t != IGNORE_INDEX) for t in labels[first:]]
 
     def _tensorize(self, prompts: list[RolloutPrompt], episodes: list[Episode]) -> dict[str, Tensor]:
         """Left-padded prompts, then right-padded completions: ``[pad.. prompt | completion ..pad]``, and on
-        image rows the pixels of each sequence's prompt images (:func:`lmforge.rlhf.grpo_batch.rollout_pixels`)."""
+        image and video rows the pixels of each sequence's prompt media
+        (:func:`lmforge.rlhf.grpo_batch.rollout_pixels`)."""
         pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
-        seqs = [self._sequence(e, prompts[e.prompt_index].tools, prompts[e.prompt_index].images) for e in episodes]
+        seqs = [self._sequence(e, prompts[e.prompt_index]) for e in episodes]
         dev = self.args.device
         out = prompt_completion_batch(seqs, pad, dev)
-        if any(p.images for p in prompts):
+        if any(p.images or p.videos for p in prompts):
             out.update(rollout_pixels(self.template.vision, self._vision_family(), out["input_ids"],
-                                      [p.images for p in prompts], [e.prompt_index for e in episodes]))
+                                      [p.images for p in prompts], [e.prompt_index for e in episodes],
+                                      [p.videos for p in prompts]))
         C = out["completion_ids"].shape[1]
         if all(e.sampling_logps is not None for e in episodes):
             if any(len(e.sampling_logps) != len(c) for e, (_, c, _) in zip(episodes, seqs)):

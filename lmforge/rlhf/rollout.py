@@ -39,14 +39,15 @@ class RolloutError(RuntimeError):
 @dataclass
 class RolloutPrompt:
     """One prompt to sample: canonical ``messages`` ending on a user (or tool) turn, its ``tools``, the
-    token ids of its encoding when the caller has them, and the image references its ``<image>`` tags stand
-    for (every request of its trajectories carries them)."""
+    token ids of its encoding when the caller has them, and the image and video references its ``<image>`` and
+    ``<video>`` tags stand for (every request of its trajectories carries them, as the ids hold their tokens)."""
 
     messages: list[dict]
     tools: Any = None
     prompt_ids: list[int] | None = None
     row: dict[str, Any] = field(default_factory=dict)  # the dataset row's extra columns (for the scheduler)
     images: list[str] = field(default_factory=list)
+    videos: list[list[str]] = field(default_factory=list)  # each its frames, or [its file]
 
 
 @dataclass
@@ -117,8 +118,10 @@ def _first_request(p: RolloutPrompt, raw_ids: bool, seed: int | None) -> InferRe
     if p.prompt_ids is not None and raw_ids:
         from lmforge.serve.schemas import PromptRequest
 
-        return PromptRequest(prompt=list(p.prompt_ids), tools=p.tools or None, seed=seed, images=list(p.images))
-    return InferRequest(messages=p.messages, tools=p.tools or None, seed=seed, images=list(p.images))
+        return PromptRequest(prompt=list(p.prompt_ids), tools=p.tools or None, seed=seed, images=list(p.images),
+                             videos=[list(v) for v in p.videos])
+    return InferRequest(messages=p.messages, tools=p.tools or None, seed=seed, images=list(p.images),
+                        videos=[list(v) for v in p.videos])
 
 
 def stable_seed(*parts: Any) -> int:
@@ -189,6 +192,7 @@ def run_rollouts(engine: InferEngine, prompts: Sequence[RolloutPrompt], config: 
                 follow.append(e)
         requests = [InferRequest(messages=e.messages, tools=prompts[e.prompt_index].tools or None,
                                  images=list(prompts[e.prompt_index].images),
+                                 videos=[list(v) for v in prompts[e.prompt_index].videos],
                                  seed=stable_seed(seeds[e.prompt_index], e.sample_index, e.turns) if seeds else None)
                     for e in follow]
         live = []
