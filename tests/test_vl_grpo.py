@@ -183,6 +183,40 @@ def test_rollout_pixels_repeat_each_prompts_images_and_videos_in_sequence_order(
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **got, use_cache=False)
 
 
+def test_engines_sample_a_raw_prompt_with_its_videos_as_its_messages(vl):
+    """GRPO sends its own prompt ids with the row's videos (and images): the hf engine samples them as it samples
+    the row's messages and never a video placeholder; a rollout server (--rollout_url) and the native engine (CPU
+    reference path) sample as the hf engine does."""
+    from lmforge.infer.hf import HfEngine
+    from lmforge.infer.native import NativeEngine
+    from lmforge.infer.protocol import RequestConfig
+    from lmforge.serve.schemas import PromptRequest
+
+    model, template, _ = vl
+    row = {"messages": [{"role": "user", "content": "<image>and<video>: which colour moves?"}],
+           "images": [_image((0, 200, 0))], "videos": [_frames((200, 0, 0), 4)]}
+    ids = template.encode(row)["input_ids"]
+    raw = PromptRequest(prompt=ids, images=row["images"], videos=row["videos"])
+    hf = HfEngine(model_obj=model, tokenizer=template.tokenizer, template=template)
+    cfg = RequestConfig(max_tokens=6, temperature=1.0, n=3, seed=5)
+    by_ids = [c.token_ids for c in hf.infer([raw], cfg)[0].choices]
+    assert by_ids == [c.token_ids for c in hf.infer([row], cfg)[0].choices]
+    assert not any(t in template.vision.token_ids for c in by_ids for t in c)
+    from lmforge.rlhf.rollout import RolloutClient
+    from lmforge.serve.rollout import create_rollout_app
+    from lmforge.serve.server import ServerThread
+
+    with ServerThread(create_rollout_app(hf)) as srv:
+        assert [c.token_ids for c in RolloutClient(srv.url).infer([raw], cfg)[0].choices] == by_ids
+    greedy = RequestConfig(max_tokens=6, ignore_eos=True)
+    native = NativeEngine(model_obj=model, tokenizer=template.tokenizer, allow_cpu=True, device="cpu",
+                          enforce_eager=True, num_blocks=64)
+    try:
+        assert native.infer([raw], greedy)[0].choices[0].token_ids == hf.infer([raw], greedy)[0].choices[0].token_ids
+    finally:
+        native.close()
+
+
 def test_grpo_on_video_rows_scores_the_engines_samples_as_it_sampled_them(tmp_path):
     """`rlhf --rlhf_type grpo` on frame-list video rows (one also with an image) trains; then the log-probs the
     trainer computes for a rollout (padded batch, each prompt's videos repeated per generation) equal the hf
