@@ -183,6 +183,55 @@ def test_rollout_pixels_repeat_each_prompts_images_and_videos_in_sequence_order(
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **got, use_cache=False)
 
 
+def test_qwen2_5_vl_rollout_log_probs_use_each_videos_seconds_per_patch(tmp_path):
+    """Qwen2.5-VL: a rollout batch of a video file's prompt and a frame list's (other seconds per temporal patch),
+    G = 2, carries ``second_per_grid_ts`` per sequence in order, and its log-probs (left-padded) equal a plain
+    forward pass of each sequence with its own pixels."""
+    pytest.importorskip("av")
+    from test_native_vl import _tiny_qwen2_5_vl
+    from test_vl_video import moving_square, write_mp4
+
+    from lmforge.model import get_model_tokenizer
+    from lmforge.model.vision import family_of, get_processor
+    from lmforge.rlhf.grpo import selective_log_softmax
+    from lmforge.rlhf.grpo_batch import completion_logits, rollout_pixels
+    from lmforge.rlhf.scoring import prompt_completion_batch
+    from lmforge.template import get_template
+
+    folder = _tiny_qwen2_5_vl(tmp_path)
+    model, tok = get_model_tokenizer(folder, device="cpu")
+    model.eval()
+    template = get_template(tok, processor=get_processor(folder, model.config, tok))
+    template.set_mode("infer")
+    clip = write_mp4(tmp_path / "clip.mp4", moving_square(10, 64, (30, 170, 30)))
+    rows = [{"messages": [{"role": "user", "content": "<video>Colour?"}], "videos": [[clip]]},
+            {"messages": [{"role": "user", "content": "Which one moves?<video>"}], "videos": [_frames((200, 0, 0), 4)]}]
+    prompts = [template.encode(r)["input_ids"] for r in rows]
+    done = tok.convert_tokens_to_ids("<|im_end|>")
+    completions = [tok.encode(t, add_special_tokens=False) + [done] for t in ("green", "a red one", "red", "blue")]
+    prompt_of = [0, 0, 1, 1]
+    batch = prompt_completion_batch([(prompts[p], c, [1] * len(c)) for p, c in zip(prompt_of, completions)],
+                                    tok.pad_token_id, "cpu")
+    batch.update(rollout_pixels(template.vision, family_of(model.config), batch["input_ids"], [[], []], prompt_of,
+                                [r["videos"] for r in rows]))
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx([1.25, 1.25, 2 / 24, 2 / 24])
+    with torch.no_grad():
+        got = selective_log_softmax(completion_logits(model, batch), batch["completion_ids"])
+    for i, (p, c) in enumerate(zip(prompt_of, completions)):
+        ids = torch.tensor([prompts[p] + c])
+        pixels = template.vision.pixel_inputs([], rows[p]["videos"])
+        with torch.no_grad():
+            logits = model(input_ids=ids, mm_token_type_ids=template.vision.token_type_ids(ids), **pixels,
+                           use_cache=False).logits[0]
+        want = logits[len(prompts[p]) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        torch.testing.assert_close(got[i, :len(c)], want, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the time scale reaches the positions: another one changes the log-probs
+        other = selective_log_softmax(completion_logits(model, {**batch, "second_per_grid_ts": torch.ones(4)}),
+                                      batch["completion_ids"])
+    mask = batch["completion_mask"] > 0
+    assert (other[mask] - got[mask]).abs().max() > 1e-4
+
+
 def test_engines_sample_a_raw_prompt_with_its_videos_as_its_messages(vl):
     """GRPO sends its own prompt ids with the row's videos (and images): the hf engine samples them as it samples
     the row's messages and never a video placeholder; a rollout server (--rollout_url) and the native engine (CPU
