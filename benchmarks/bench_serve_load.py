@@ -67,10 +67,26 @@ def _free_port() -> int:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far, all its threads (Linux /proc; NaN elsewhere)."""
+    """User + system CPU seconds so far of a process and its live child processes (an engine process, with
+    ``--engine_process``), all their threads (Linux /proc; NaN elsewhere)."""
+    def stat(p: int) -> list[str]:
+        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pids, total = [pid], 0.0
+        children = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    children.setdefault(int(stat(int(d.name))[1]), []).append(int(d.name))
+                except (OSError, IndexError, ValueError):
+                    continue
+        while pids:
+            p = pids.pop()
+            fields = stat(p)
+            total += int(fields[11]) + int(fields[12])
+            pids += children.get(p, [])
+        return total / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
 
@@ -94,6 +110,8 @@ def deploy_options(args: argparse.Namespace) -> dict:
     if args.infer_backend == "native":
         opts.update(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     gpu_memory_utilization=args.gpu_memory_utilization, stream_interval=args.stream_interval)
+    if args.engine_process:
+        opts["engine_process"] = True
         if args.max_concurrency:
             opts["max_concurrency"] = args.max_concurrency
     else:
@@ -192,7 +210,7 @@ def engine_only(args: argparse.Namespace) -> dict:
     from lmforge.infer import RequestConfig
     from lmforge.pipelines.infer import build_engine
 
-    opts = {k: v for k, v in deploy_options(args).items() if k != "max_concurrency"}
+    opts = {k: v for k, v in deploy_options(args).items() if k not in ("max_concurrency", "engine_process")}
     engine = build_engine(DeployArguments(**opts))
     try:
         work = workload(args)
@@ -381,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch_dtype", default=None, help="the engine's weights dtype (default: the server's)")
     p.add_argument("--max_num_seqs", type=int, default=256, help="native: sequences decoded together")
     p.add_argument("--stream_interval", type=int, default=1, help="native: tokens per streamed chunk (the server's)")
+    p.add_argument("--engine_process", action="store_true", help="the server's engine in a process of its own")
     p.add_argument("--max_num_batched_tokens", type=int, default=8192, help="native: tokens per step")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.85, help="native: share of GPU memory")
     p.add_argument("--native_on_cpu", action="store_true",

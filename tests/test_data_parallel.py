@@ -93,3 +93,131 @@ def test_cli_flag_builds_replicas_and_checks_the_gpu_count(monkeypatch):
     assert replica_devices(2) == ["cuda:0", "cuda:1"]
     with pytest.raises(ValueError, match="only 2 GPU"):
         replica_devices(4)
+
+
+# ---- one replica: the engine in a process of its own (lmforge deploy --engine_process true) ------------------
+
+
+@pytest.fixture(scope="module")
+def engine_process():
+    """The native engine (on the CPU) in one replica process, and the same engine in this process."""
+    import os
+
+    from lmforge.infer.data_parallel import DataParallelEngine
+    from lmforge.infer.native import NativeEngine
+    from lmforge.infer.native.engine import ALLOW_CPU_ENV
+
+    kw = dict(model="builtin:tiny", torch_dtype="float32", max_num_seqs=8, num_blocks=512, stream_interval=2)
+    old = os.environ.get(ALLOW_CPU_ENV)
+    os.environ[ALLOW_CPU_ENV] = "1"  # read by the spawned replica
+    try:
+        remote = DataParallelEngine("native", ["cpu"], **kw)
+    finally:
+        if old is None:
+            os.environ.pop(ALLOW_CPU_ENV)
+        else:
+            os.environ[ALLOW_CPU_ENV] = old
+    local = NativeEngine(allow_cpu=True, **kw)
+    yield remote, local
+    remote.close()
+    local.close()
+
+
+def _streams(engine, prompts, cfg):
+    import asyncio
+
+    async def one(p):
+        return [c async for c in engine.infer_stream_async(InferRequest(messages=[{"role": "user", "content": p}]),
+                                                            cfg)]
+
+    async def all_():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    return asyncio.run(all_())
+
+
+def _streamed_text(chunks) -> str:
+    return "".join(c.delta.content or "" for x in chunks for c in x.choices)
+
+
+def test_engine_process_streams_what_the_engine_streams_in_process(engine_process):
+    remote, local = engine_process
+    cfg = RequestConfig(max_tokens=12, temperature=0, logprobs=True, ignore_eos=True)
+    got, want = _streams(remote, QUESTIONS[:6], cfg), _streams(local, QUESTIONS[:6], cfg)
+    assert [_streamed_text(c) for c in got] == [_streamed_text(c) for c in want]
+    assert all(len(_streamed_text(c)) > 0 for c in got)
+    assert [c[-1].usage.model_dump() for c in got] == [c[-1].usage.model_dump() for c in want]
+    tokens = [[e.token for x in c for ch in x.choices if ch.logprobs for e in ch.logprobs.content] for c in got]
+    assert tokens == [[e.token for x in c for ch in x.choices if ch.logprobs for e in ch.logprobs.content]
+                      for c in want]
+    assert remote._replicas[0].in_flight == 0 and not remote._replicas[0].streams
+
+
+def test_engine_process_stream_errors_and_cancellation(engine_process):
+    import asyncio
+    import time
+
+    remote, _ = engine_process
+    bad = InferRequest(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}])
+
+    async def failing():
+        return [c async for c in remote.infer_stream_async(bad, RequestConfig(max_tokens=4))]
+
+    with pytest.raises(InferRequestError, match="the model replies to a user or tool message"):
+        asyncio.run(failing())
+
+    async def walk_away():
+        stream = remote.infer_stream_async(InferRequest(messages=[{"role": "user", "content": "go on"}]),
+                                           RequestConfig(max_tokens=1000, ignore_eos=True))
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                break
+        await stream.aclose()
+
+    before = remote.stats["tokens"]
+    asyncio.run(walk_away())
+    time.sleep(0.5)  # the replica drops the sequence at its next step
+    stopped = remote.stats["tokens"]
+    time.sleep(0.5)
+    assert remote.stats["tokens"] == stopped < before + 200  # generation stopped long before its 1,000 tokens
+    assert remote._replicas[0].in_flight == 0 and not remote._replicas[0].streams
+    out = remote.infer([InferRequest(messages=[{"role": "user", "content": "still there?"}])],
+                       RequestConfig(max_tokens=4))
+    assert out[0].usage.completion_tokens > 0
+
+
+def test_a_server_in_front_of_the_engine_process_streams_to_the_openai_client(engine_process, monkeypatch):
+    import concurrent.futures
+
+    import openai
+
+    from lmforge.arguments import DeployArguments
+    from lmforge.serve import create_app
+    from lmforge.serve.server import ServerThread
+
+    remote, local = engine_process
+    cfg = RequestConfig(max_tokens=10, temperature=0, ignore_eos=True)
+    want = [_streamed_text(c) for c in _streams(local, QUESTIONS, cfg)]
+    with ServerThread(create_app(remote, DeployArguments(served_model_name="tiny"))) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(q: str) -> str:
+            stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                                    max_tokens=10, temperature=0, stream=True,
+                                                    extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, QUESTIONS))
+    assert got == want
+
+    # the flag: one replica on this machine's device, whatever --data_parallel_size says
+    import lmforge.infer.data_parallel as dp
+    from lmforge.pipelines.infer import build_engine
+
+    built = {}
+    monkeypatch.setattr(dp, "DataParallelEngine", lambda backend, devices, **kw: built.update(devices=devices) or "E")
+    assert build_engine(DeployArguments(model="builtin:tiny", engine_process=True)) == "E"
+    assert built["devices"] == ["cpu"]

@@ -76,6 +76,9 @@ class DeployArguments(InferArguments):
     shutdown_timeout: float = field(30.0, "on SIGTERM/Ctrl-C, seconds running requests get to finish before "
                                           "they are cancelled")
     stream: bool = field(False, "unused by the server (clients ask for streaming per request)")
+    engine_process: bool = field(False, "run the engine in a process of its own, so that the server's work per "
+                                        "streamed token and the engine's loop use two cores instead of sharing "
+                                        "one (--data_parallel_size > 1 always does)")
     allow_local_media: bool = field(False, "let requests name image files on this machine (path or file://); "
                                            "off: only base64 data: URLs are accepted")
 

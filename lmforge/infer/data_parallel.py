@@ -8,17 +8,25 @@ stream goes to the replica with the fewest requests in flight. ``infer``, ``eval
 reader thread per replica dispatches the answers); replicas answer many requests at a time, since the
 engines batch concurrent callers themselves.
 
+With one replica (``lmforge deploy --engine_process true``) the same machinery moves the engine out of the
+server's process: the HTTP work per streamed token (SSE, the socket) and the engine's loop then run on two
+cores instead of sharing one GIL, which bounds a busy single-process server (benchmarks/RESULTS.md,
+2026-11-30: 71 us of the server's CPU per token against the engine's own 16). Streams (``infer_stream_async``)
+go through the engine's own asyncio streams in the replica (no thread per stream), and the chunks one pass of
+the replica's event loop produced cross the pipe as one message.
+
 Why not torch.distributed: replicas share nothing while generating, and a dead or slow replica must
 not stall a collective; plain processes and pipes are the whole need.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
 import queue
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 from lmforge.infer.base import InferEngine
 from lmforge.infer.errors import InferRequestError, PromptTooLongError
@@ -47,6 +55,56 @@ def _raise_from(payload: tuple, replica: int, offset: int = 0) -> None:
     raise RuntimeError(f"data-parallel replica {replica}: {name}: {detail}")
 
 
+class _AsyncStreams:
+    """Replica side of ``astream`` messages: the engine's ``infer_stream_async`` on one event loop thread, the
+    chunks of one loop pass sent as one ``batch`` message (a step's chunks of every stream, not one message each)."""
+
+    def __init__(self, engine: Any, send: Any):
+        self.engine, self.send = engine, send
+        self.loop = asyncio.new_event_loop()
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.outbox: list[tuple] = []
+        threading.Thread(target=self.loop.run_forever, name="replica-streams", daemon=True).start()
+
+    def start(self, msg_id: int, payload: tuple) -> None:  # the pipe thread
+        self.loop.call_soon_threadsafe(self._start, msg_id, payload)
+
+    def cancel(self, msg_id: int) -> None:  # the pipe thread
+        self.loop.call_soon_threadsafe(self._cancel, msg_id)
+
+    def _start(self, msg_id: int, payload: tuple) -> None:
+        self.tasks[msg_id] = self.loop.create_task(self._pump(msg_id, *payload))
+
+    def _cancel(self, msg_id: int) -> None:
+        task = self.tasks.get(msg_id)
+        if task is not None:
+            task.cancel()
+
+    async def _pump(self, msg_id: int, request: InferRequest, cfg: RequestConfig | None) -> None:
+        stream = self.engine.infer_stream_async(request, cfg)
+        try:
+            async for chunk in stream:
+                self._out(msg_id, "chunk", chunk)
+            self._out(msg_id, "result", None)
+        except asyncio.CancelledError:  # the front's consumer went away: closing the stream stops generation
+            pass
+        except BaseException as e:  # noqa: BLE001 - every stream gets an answer
+            self._out(msg_id, "error", _error_payload(e))
+        finally:
+            await stream.aclose()
+            self.tasks.pop(msg_id, None)
+
+    def _out(self, msg_id: int, kind: str, payload: Any) -> None:
+        if not self.outbox:  # after every callback already queued: the other streams woken by this step
+            self.loop.call_soon(self._flush)
+        self.outbox.append((msg_id, kind, payload))
+
+    def _flush(self) -> None:
+        batch, self.outbox = self.outbox, []
+        if batch:
+            self.send(None, "batch", batch)
+
+
 def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any) -> None:
     """One replica: build the engine on its device, then answer messages until told to stop."""
     from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +131,7 @@ def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any)
                          "max_model_len": engine.max_model_len, "max_num_seqs": getattr(engine, "max_num_seqs", None),
                          "supports_raw_prompt": getattr(engine, "supports_raw_prompt", True)})
     cancelled: dict[int, threading.Event] = {}
+    streams = _AsyncStreams(engine, send)
 
     def handle(msg_id: int, kind: str, payload: Any) -> None:
         try:
@@ -89,6 +148,8 @@ def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any)
                 finally:
                     stream.close()
                 send(msg_id, "result", None)
+            elif kind == "stats":
+                send(msg_id, "result", dict(getattr(engine, "stats", None) or {}))
             elif kind == "count":
                 send(msg_id, "result", engine.count_prompt_tokens(payload))
             elif kind == "weights":
@@ -110,6 +171,12 @@ def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any)
             if kind == "cancel":
                 cancelled.setdefault(payload, threading.Event()).set()
                 continue
+            if kind == "acancel":
+                streams.cancel(payload)
+                continue
+            if kind == "astream":
+                streams.start(msg_id, payload)
+                continue
             pool.submit(handle, msg_id, kind, payload)
 
 
@@ -123,6 +190,7 @@ class _Replica:
         self.in_flight = 0
         self.sent = 0  # messages sent, for logs and tests: how the work was spread
         self.info: dict[str, Any] = {}
+        self.streams: dict[int, tuple[Any, asyncio.Queue]] = {}  # astream id -> (its event loop, its queue)
 
     def wait_ready(self) -> None:
         _, kind, payload = self.conn.recv()
@@ -138,10 +206,45 @@ class _Replica:
             except (EOFError, OSError):
                 for q in list(self.pending.values()):  # the replica died: wake everyone waiting on it
                     q.put(("error", ("RuntimeError", "the replica process exited", None)))
+                self._deliver([(i, "error", ("RuntimeError", "the replica process exited", None))
+                               for i in list(self.streams)])
                 return
+            if kind == "batch":
+                self._deliver(payload)
+                continue
             q = self.pending.get(msg_id)
             if q is not None:
                 q.put((kind, payload))
+
+    def _deliver(self, items: list[tuple]) -> None:
+        """Reader thread: a batch of stream answers, one ``call_soon_threadsafe`` per event loop."""
+        by_loop: dict[Any, list] = {}
+        for msg_id, kind, payload in items:
+            target = self.streams.get(msg_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], (kind, payload)))
+        for loop, puts in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, puts)
+            except RuntimeError:  # that loop is closed: nobody waits there any more
+                pass
+
+    def open_stream(self, msg_id: int, payload: Any) -> asyncio.Queue:
+        """Send an ``astream`` message; its answers arrive on the returned queue of the calling event loop."""
+        q: asyncio.Queue = asyncio.Queue()
+        with self.lock:
+            self.streams[msg_id] = (asyncio.get_running_loop(), q)
+            self.in_flight += 1
+            self.sent += 1
+            self.conn.send((msg_id, "astream", payload))
+        return q
+
+    def close_stream(self, msg_id: int, cancel: bool) -> None:
+        with self.lock:
+            if cancel:
+                self.conn.send((None, "acancel", msg_id))
+            if self.streams.pop(msg_id, None) is not None:
+                self.in_flight -= 1
 
     def send(self, msg_id: int, kind: str, payload: Any) -> queue.Queue:
         q: queue.Queue = queue.Queue()
@@ -168,14 +271,19 @@ class _Replica:
         return value
 
 
+def _put_all(puts: list) -> None:
+    for q, item in puts:
+        q.put_nowait(item)
+
+
 class DataParallelEngine(InferEngine):
     """N replicas of ``backend`` on ``devices`` (``cuda:0``, ``cuda:1``, ... or ``cpu``)."""
 
     def __init__(self, backend: str, devices: list[str], **engine_kwargs: Any):
         import multiprocessing as mp
 
-        if len(devices) < 2:
-            raise ValueError("--data_parallel_size needs at least 2 replicas")
+        if not devices:
+            raise ValueError("an engine in other processes needs at least one device")
         ctx = mp.get_context("spawn")
         self._ids = itertools.count()
         self._replicas: list[_Replica] = []
@@ -198,7 +306,8 @@ class DataParallelEngine(InferEngine):
         per = [r.info["max_num_seqs"] or 8 for r in self._replicas]
         self.max_num_seqs = sum(per)  # the server admits as many requests as all replicas batch
         self.devices = list(devices)
-        logger.info("data parallel: %d %s replicas on %s", len(devices), backend, ", ".join(devices))
+        logger.info("%s: %d %s replica(s) on %s", "data parallel" if len(devices) > 1 else "engine process",
+                    len(devices), backend, ", ".join(devices))
 
     # ---------------------------------------------------------------------------------------------- routing
 
@@ -252,6 +361,35 @@ class DataParallelEngine(InferEngine):
                 with r.lock:
                     r.conn.send((None, "cancel", msg_id))
             r.done(msg_id)
+
+    async def infer_stream_async(self, request: InferRequest, request_config: RequestConfig | None = None
+                                 ) -> AsyncIterator[ChatCompletionStreamResponse]:
+        """The replica's own asyncio stream (see the module docstring); closing this one stops generation there."""
+        r, msg_id = self._least_busy(), next(self._ids)
+        q = r.open_stream(msg_id, (request, request_config))
+        finished = False
+        try:
+            while True:
+                kind, value = await q.get()
+                if kind == "chunk":
+                    yield value
+                elif kind == "error":
+                    finished = True
+                    _raise_from(value, r.rank)
+                else:
+                    finished = True
+                    return
+        finally:
+            r.close_stream(msg_id, cancel=not finished)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The replicas' engine counters (steps, tokens, ...) summed; empty for engines that keep none."""
+        out: dict[str, int] = {}
+        for r in self._replicas:
+            for k, v in r.call(next(self._ids), "stats", None).items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def count_prompt_tokens(self, request: InferRequest) -> int:
         return self._least_busy().call(next(self._ids), "count", request)

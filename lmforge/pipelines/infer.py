@@ -56,7 +56,7 @@ def build_engine(args: InferArguments) -> Any:
     elif args.stream_interval != 1:
         raise ValueError(f"--stream_interval {args.stream_interval}: only the native engine groups streamed tokens "
                          "(--infer_backend native); the hf engine streams every token")
-    if args.data_parallel_size > 1:
+    if args.data_parallel_size > 1 or getattr(args, "engine_process", False):
         from lmforge.infer.data_parallel import DataParallelEngine
 
         return DataParallelEngine(args.infer_backend, replica_devices(args.data_parallel_size), **kwargs)
@@ -85,7 +85,9 @@ def replica_devices(size: int) -> list[str]:
     import torch
 
     if not torch.cuda.is_available():
-        logger.warning("--data_parallel_size %d without a GPU: %d CPU replicas share this machine's cores", size, size)
+        if size > 1:
+            logger.warning("--data_parallel_size %d without a GPU: %d CPU replicas share this machine's cores", size,
+                           size)
         return ["cpu"] * size
     visible = torch.cuda.device_count()
     if size > visible:
