@@ -96,6 +96,8 @@ async def stream_async(engine: Any, request: InferRequest, cfg: RequestConfig
             await box.event.wait()
             box.event.clear()
             done = box.done  # read before draining: every step of a finished request is already queued
+            if not done and box.sent > len(box.steps) and len(box.steps) < box.interval:
+                continue  # a late wake-up (its steps taken already): wait for the interval's worth
             steps = []
             while box.steps:
                 toks, raw = box.steps.popleft()
