@@ -110,12 +110,12 @@ def deploy_options(args: argparse.Namespace) -> dict:
     if args.infer_backend == "native":
         opts.update(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     gpu_memory_utilization=args.gpu_memory_utilization, stream_interval=args.stream_interval)
-    if args.engine_process:
-        opts["engine_process"] = True
         if args.max_concurrency:
             opts["max_concurrency"] = args.max_concurrency
     else:
         opts["max_concurrency"] = opts["max_batch_size"] = args.max_concurrency or 8
+    if args.engine_process:
+        opts["engine_process"] = True
     return opts
 
 
