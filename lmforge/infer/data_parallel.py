@@ -271,6 +271,12 @@ class _Replica:
         return value
 
 
+def _stream_end(kind: str, value: Any, rank: int) -> None:
+    """A stream's last answer: ``result`` ends it, ``error`` is raised."""
+    if kind == "error":
+        _raise_from(value, rank)
+
+
 def _put_all(puts: list) -> None:
     for q, item in puts:
         q.put_nowait(item)
@@ -348,14 +354,11 @@ class DataParallelEngine(InferEngine):
         try:
             while True:
                 kind, value = q.get()
-                if kind == "chunk":
-                    yield value
-                elif kind == "error":
+                if kind != "chunk":
                     finished = True
-                    _raise_from(value, r.rank)
-                else:
-                    finished = True
+                    _stream_end(kind, value, r.rank)
                     return
+                yield value
         finally:
             if not finished:  # the consumer went away: the replica stops generating
                 with r.lock:
@@ -371,14 +374,11 @@ class DataParallelEngine(InferEngine):
         try:
             while True:
                 kind, value = await q.get()
-                if kind == "chunk":
-                    yield value
-                elif kind == "error":
+                if kind != "chunk":
                     finished = True
-                    _raise_from(value, r.rank)
-                else:
-                    finished = True
+                    _stream_end(kind, value, r.rank)
                     return
+                yield value
         finally:
             r.close_stream(msg_id, cancel=not finished)
 
