@@ -118,8 +118,9 @@ def test_stream_interval_groups_tokens_and_changes_nothing_else(native):
     for r, choice in enumerate(want.choices):
         assert _text(chunks, r) == choice.message.content
         sizes = [len(c.logprobs.content) for x in chunks for c in x.choices if c.index == r and c.logprobs]
+        sizes = [k for k in sizes if k]  # the final chunk (finish reason, usage) may carry no token
         assert sum(sizes) == 21
-        assert all(k >= 4 for k in sizes[1:-1]), sizes
+        assert all(k >= 4 for k in sizes[1:-1]), sizes  # the last one carries what was left at the end
     body = [x for x in chunks[1:-1] if x.choices]  # the role chunk and the final one aside
     assert len(body) <= 1 + 21 // 4
     assert chunks[-1].usage.model_dump() == want.usage.model_dump()
