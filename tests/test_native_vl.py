@@ -236,6 +236,20 @@ def _tiny_qwen2_5_vl(folder):
     return str(folder)
 
 
+def tiny_qwen2_5_vl_loaded(folder, mode: str):
+    """:func:`_tiny_qwen2_5_vl` written to ``folder`` and loaded: (model in eval mode, tokenizer, template in
+    ``mode`` with the folder's processor)."""
+    from lmforge.model import get_model_tokenizer
+    from lmforge.model.vision import get_processor
+    from lmforge.template import get_template
+
+    path = _tiny_qwen2_5_vl(folder)
+    model, tok = get_model_tokenizer(path, device="cpu")
+    template = get_template(tok, processor=get_processor(path, model.config, tok))
+    template.set_mode(mode)
+    return model.eval(), tok, template
+
+
 def test_qwen2_5_vl_matches_hf_with_chunked_prefill(tmp_path):
     from lmforge.infer.hf import HfEngine
     from lmforge.infer.native import NativeEngine

@@ -188,21 +188,15 @@ def test_qwen2_5_vl_rollout_log_probs_use_each_videos_seconds_per_patch(tmp_path
     G = 2, carries ``second_per_grid_ts`` per sequence in order, and its log-probs (left-padded) equal a plain
     forward pass of each sequence with its own pixels."""
     pytest.importorskip("av")
-    from test_native_vl import _tiny_qwen2_5_vl
+    from test_native_vl import tiny_qwen2_5_vl_loaded
     from test_vl_video import moving_square, write_mp4
 
-    from lmforge.model import get_model_tokenizer
-    from lmforge.model.vision import family_of, get_processor
+    from lmforge.model.vision import family_of
     from lmforge.rlhf.grpo import selective_log_softmax
     from lmforge.rlhf.grpo_batch import completion_logits, rollout_pixels
     from lmforge.rlhf.scoring import prompt_completion_batch
-    from lmforge.template import get_template
 
-    folder = _tiny_qwen2_5_vl(tmp_path)
-    model, tok = get_model_tokenizer(folder, device="cpu")
-    model.eval()
-    template = get_template(tok, processor=get_processor(folder, model.config, tok))
-    template.set_mode("infer")
+    model, tok, template = tiny_qwen2_5_vl_loaded(tmp_path, "infer")
     clip = write_mp4(tmp_path / "clip.mp4", moving_square(10, 64, (30, 170, 30)))
     rows = [{"messages": [{"role": "user", "content": "<video>Colour?"}], "videos": [[clip]]},
             {"messages": [{"role": "user", "content": "Which one moves?<video>"}], "videos": [_frames((200, 0, 0), 4)]}]

@@ -280,18 +280,12 @@ def test_qwen2_5_vl_videos_get_the_models_time_scaled_positions(tmp_path):
     ``second_per_grid_ts`` (a file's sampled rate; a frame list at 24 frames a second, as transformers takes it),
     packed rows get the model's own positions, and packed and padded losses agree."""
     pytest.importorskip("av")
-    from test_native_vl import _tiny_qwen2_5_vl
+    from test_native_vl import tiny_qwen2_5_vl_loaded
 
     from lmforge.dataset.packing import concat_rows
-    from lmforge.model import get_model_tokenizer
-    from lmforge.model.vision import family_of, get_processor, mrope_position_ids
-    from lmforge.template import get_template
+    from lmforge.model.vision import family_of, mrope_position_ids
 
-    folder = _tiny_qwen2_5_vl(tmp_path)
-    model, tok = get_model_tokenizer(folder, device="cpu")
-    model.eval()
-    template = get_template(tok, processor=get_processor(folder, model.config, tok))
-    template.set_mode("train")
+    model, tok, template = tiny_qwen2_5_vl_loaded(tmp_path, "train")
     family = family_of(model.config)
     assert template.vision.tokens_per_second == model.config.vision_config.tokens_per_second
     clip = write_mp4(tmp_path / "clip.mp4", moving_square(10, 64, COLOURS["green"]))  # 4 of 10 frames at 4 fps

@@ -121,14 +121,16 @@ class VisionEncoder:
         return int(data["num_image_tokens"][0] if isinstance(data, dict) else data.num_image_tokens[0])
 
     @ref_cache(maxsize=4096)
-    def _video_shape(self, video: tuple[str, ...]) -> tuple[list[int], int, int]:
-        """The indices of the frames a video uses, and its frames' height and width (from headers only)."""
+    def _video_shape(self, video: tuple[str, ...]) -> tuple[list[int], int, int, float | None]:
+        """The indices of the frames a video uses, its frames' height and width, and the rate of the frames used
+        (a file's rate times the share of its frames used; None for a list of frames), from headers only."""
         try:
             if len(video) == 1 and is_video_file(video[0]):
                 total, fps, h, w = video_info(video[0])
-                return self.video.sample(total, fps), h, w
+                indices = self.video.sample(total, fps)
+                return indices, h, w, (len(indices) / total * fps if fps else None)
             h, w = image_size(video[0])
-            return self.video.sample(len(video), None), h, w
+            return self.video.sample(len(video), None), h, w, None
         except (MediaError, ValueError) as e:
             raise self.error(str(e)) from None
 
@@ -136,7 +138,7 @@ class VisionEncoder:
         """Video tokens of one video (a list of frame references, or ``[video file]``)."""
         if self.video is None:
             raise self.error(f"this model takes no videos: {self.no_video}")
-        frames, h, w = self._video_shape(tuple(video))
+        frames, h, w, _ = self._video_shape(tuple(video))
         return self.video.num_tokens(len(frames), h, w)
 
     def expand(self, text: str, weights: list[float], images: list[str],
@@ -174,27 +176,25 @@ class VisionEncoder:
             if images:
                 out.update(self.image_processor(images=[open_image(ref) for ref in images], return_tensors="pt"))
             if videos:
-                out.update(self.video.pixel_inputs([self.frames(v) for v in videos], self.video_processor))
+                if self.video is None:
+                    raise self.error(f"this model takes no videos: {self.no_video}")
+                shapes = [self._video_shape(tuple(v)) for v in videos]  # one header read per video
+                out.update(self.video.pixel_inputs([self._frames(v, s) for v, s in zip(videos, shapes)],
+                                                   self.video_processor))
                 if self.tokens_per_second is not None:
                     import torch
 
-                    out["second_per_grid_ts"] = torch.tensor([self.seconds_per_grid(v) for v in videos],
+                    out["second_per_grid_ts"] = torch.tensor([self.seconds_per_grid(s[3]) for s in shapes],
                                                              dtype=torch.float32)
         except MediaError as e:
             raise self.error(str(e)) from None
         return out
 
-    def seconds_per_grid(self, video: Sequence[str]) -> float:
-        """Seconds of video one temporal patch spans: ``temporal_patch_size`` over the rate of the frames used (a
-        file's rate times the share of its frames used; a list of frames has no rate, and counts as 24 frames a
-        second, as transformers' processor takes it)."""
-        indices, _, _ = self._video_shape(tuple(video))
-        if len(video) == 1 and is_video_file(video[0]):
-            total, fps = video_info(video[0])[:2]
-            rate = len(indices) / total * fps if fps else 24.0
-        else:
-            rate = 24.0
-        return self.video.temporal_patch_size / rate
+    def seconds_per_grid(self, rate: float | None) -> float:
+        """Seconds of video one temporal patch spans: ``temporal_patch_size`` over the rate of the frames used
+        (:meth:`_video_shape`'s; a list of frames has no rate, and counts as 24 frames a second, as transformers'
+        processor takes it)."""
+        return self.video.temporal_patch_size / (rate or 24.0)
 
     def time_scales(self, pixels: dict[str, Any]) -> Any:
         """``tokens_per_second * second_per_grid_ts`` of a batch's videos (Qwen2.5-VL), None otherwise: what
@@ -208,7 +208,10 @@ class VisionEncoder:
         """The RGB frames a video uses (decoded from its file, or its listed frames thinned to the cap)."""
         if self.video is None:
             raise self.error(f"this model takes no videos: {self.no_video}")
-        indices, h, w = self._video_shape(tuple(video))
+        return self._frames(video, self._video_shape(tuple(video)))
+
+    def _frames(self, video: Sequence[str], shape: tuple) -> list[Any]:
+        indices, h, w, _ = shape
         if len(video) == 1 and is_video_file(video[0]):
             return read_video(video[0], indices, self.video.resizer(h, w))
         return [open_image(video[k]) for k in indices]
