@@ -221,3 +221,17 @@ def test_a_server_in_front_of_the_engine_process_streams_to_the_openai_client(en
     monkeypatch.setattr(dp, "DataParallelEngine", lambda backend, devices, **kw: built.update(devices=devices) or "E")
     assert build_engine(DeployArguments(model="builtin:tiny", engine_process=True)) == "E"
     assert built["devices"] == ["cpu"]
+
+
+def test_a_replica_sees_the_callers_gpu_not_the_machines_gpu_of_that_index():
+    """``CUDA_VISIBLE_DEVICES=1 lmforge deploy --engine_process true`` must put the engine on GPU 1: the
+    replica's ``cuda:0`` is the first entry of the caller's list (it had landed on GPU 0, next to whatever
+    ran there: seen on a two-GPU host, where the second of two servers then failed to start)."""
+    from lmforge.infer.data_parallel import visible_gpu
+
+    assert visible_gpu(0, "1") == "1"
+    assert visible_gpu(1, "2, 3") == "3"
+    assert visible_gpu(0, "GPU-8f1c,GPU-77aa") == "GPU-8f1c"
+    assert visible_gpu(1, "") == "1"  # no list: the index is the machine's
+    with pytest.raises(ValueError, match="cuda:2 is not among the 2 GPU"):
+        visible_gpu(2, "0,1")

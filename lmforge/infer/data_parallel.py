@@ -105,12 +105,25 @@ class _AsyncStreams:
             self.send(None, "batch", batch)
 
 
+def visible_gpu(index: int, visible: str | None = None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value that shows a replica the caller's ``cuda:index``: the index-th entry
+    of the caller's own list when it has one (``CUDA_VISIBLE_DEVICES=2,3`` makes ``cuda:0`` GPU 2), else the
+    index itself."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    ids = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    if not ids:
+        return str(index)
+    if index >= len(ids):
+        raise ValueError(f"cuda:{index} is not among the {len(ids)} GPU(s) CUDA_VISIBLE_DEVICES={visible} shows")
+    return ids[index]
+
+
 def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any) -> None:
     """One replica: build the engine on its device, then answer messages until told to stop."""
     from concurrent.futures import ThreadPoolExecutor
 
     if device.startswith("cuda"):
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(int(device.partition(":")[2] or 0))
         kwargs = {**kwargs, "device": "cuda"} if backend == "hf" else kwargs
     elif backend == "hf":
         kwargs = {**kwargs, "device": "cpu"}
