@@ -18,14 +18,18 @@ Fixed work, engine-only figure beside the server's (``--requests N``, with ``--e
 
 N seeded requests of token-id prompts (``--prompt_tokens`` long, or ``--workload nano``: prompt and
 output lengths uniform in 100..1024), each asking for exactly its ``max_tokens`` (``ignore_eos``) at
-``--temperature``, sent as streaming /v1/completions by ``--clients`` clients that share the list.
+``--temperature``, sent as streaming /v1/completions by ``--clients`` clients that share the list, spread over
+``--client_procs`` processes (default clients/32): one process parsing every chunk through the openai client
+would otherwise cap the figure; the busiest client process's share of a core is printed, with a warning near 1.
 With ``--engine_baseline`` the same requests are first answered by the engine alone, in a child
 process (built by ``lmforge deploy``'s own ``build_engine`` from the same flags; its GPU memory is
 freed when it exits), all submitted at once with the same sampling. Prints both generated-token
 rates and their ratio, the CPU time each process used per generated token (all threads: on a CPU
 engine the server's host work is the difference), errors, lost requests (sent, never finished), TTFT
 p50/p95 and latency p50/p95; a request whose usage is not exactly its max_tokens counts as an error.
-``--native_on_cpu`` runs the native engine on CPU (builtin:tiny) to measure the server's own work there.
+``--native_on_cpu`` runs the native engine on CPU (builtin:tiny) to measure the server's own work there; with
+``--model micro`` (one layer of width 64, float32) the model costs almost nothing on CPU, so the engine's and
+the server's host work set the pace as they do on a GPU.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QWEN25_05B, QWEN25_7B, make_model_dir, model_vocab, offline_generate, token_workload  # noqa: E402
+from common import MICRO, QWEN25_05B, QWEN25_7B, make_model_dir, model_vocab, offline_generate, token_workload  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -66,14 +70,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds so far of a process and its live child processes (an engine process, with
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds so far of a process and of its live child processes (an engine process, with
     ``--engine_process``), all their threads (Linux /proc; NaN elsewhere)."""
     def stat(p: int) -> list[str]:
         return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
 
     try:
-        pids, total = [pid], 0.0
+        pids, own, total = [pid], None, 0.0
         children = {}
         for d in Path("/proc").iterdir():
             if d.name.isdigit():
@@ -85,10 +89,12 @@ def _cpu_seconds(pid: int) -> float:
             p = pids.pop()
             fields = stat(p)
             total += int(fields[11]) + int(fields[12])
+            own = total if own is None else own
             pids += children.get(p, [])
-        return total / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return own / tick, (total - own) / tick
     except (OSError, IndexError, ValueError):
-        return float("nan")
+        return float("nan"), float("nan")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -260,6 +266,59 @@ async def fixed_client(client, model: str, work: list, next_i: list[int], args: 
         record(stats, f"request {i}", t0, first, finish, usage, want_tokens=m)
 
 
+def _openai_client(url: str, clients: int, limit: float):
+    import httpx
+    import openai
+
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=limit,
+                              http_client=openai.DefaultAsyncHttpxClient(
+                                  limits=httpx.Limits(max_connections=clients + 8)))
+
+
+def client_process(url: str, model: str, work: list, clients: int, args: argparse.Namespace,
+                   limit: float) -> tuple[Stats, float, int, float, float]:
+    """One client process of ``--client_procs``: ``clients`` streaming clients over its share of the requests.
+    Returns its stats, its CPU seconds, the requests still waiting at ``limit`` (hangs), and when (wall clock)
+    its first request went out and its last one ended: the run's time excludes the processes' start-up."""
+    async def go() -> tuple[Stats, float, int, float, float]:
+        client, stats, next_i = _openai_client(url, clients, limit), Stats(), [0]
+        cpu0, start = time.process_time(), time.time()
+        tasks = [asyncio.create_task(fixed_client(client, model, work, next_i, args, stats)) for _ in range(clients)]
+        _, pending = await asyncio.wait(tasks, timeout=limit)
+        for t in pending:
+            t.cancel()
+        cpu, end = time.process_time() - cpu0, time.time()
+        await client.close()
+        return stats, cpu, len(pending), start, end
+    return asyncio.run(go())
+
+
+async def fixed_clients(url: str, model: str, work: list, args: argparse.Namespace, limit: float
+                        ) -> tuple[Stats, list[float], int, float]:
+    """The fixed requests over ``args.clients`` clients in ``args.client_procs`` processes (request i goes to
+    process i mod P): one Python process parsing every stream's chunks through the openai client tops out
+    near 10k chunks/s, which a fast server outruns; the benchmark must not measure its own client."""
+    import concurrent.futures
+    import multiprocessing
+
+    procs = args.client_procs
+    shares = [args.clients // procs + (j < args.clients % procs) for j in range(procs)]
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = await asyncio.gather(*(loop.run_in_executor(pool, client_process, url, model, work[j::procs],
+                                                            shares[j], args, limit) for j in range(procs)))
+    total = Stats()
+    for stats, *_ in parts:
+        total.sent += stats.sent
+        total.ok += stats.ok
+        total.tokens += stats.tokens
+        total.errors += stats.errors
+        total.latency += stats.latency
+        total.ttft += stats.ttft
+    seconds = max(p[4] for p in parts) - min(p[3] for p in parts)
+    return total, [p[1] for p in parts], sum(p[2] for p in parts), seconds
+
+
 def _server_completed(metrics: str, endpoint: str) -> float:
     return sum(float(v) for v in re.findall(
         rf'lmforge_requests_total\{{endpoint="{endpoint}",model="[^"]*",status="200"\}} (\S+)', metrics))
@@ -267,7 +326,6 @@ def _server_completed(metrics: str, endpoint: str) -> float:
 
 async def run(args: argparse.Namespace, baseline: dict | None) -> int:
     import httpx
-    import openai
 
     fixed = args.requests > 0
     work = workload(args) if fixed else []
@@ -283,31 +341,36 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
         print(f"server ready on {url} in {time.monotonic() - t_start:.1f} s (log: {log_path})", flush=True)
         async with httpx.AsyncClient() as http:
             model = (await http.get(url + "/v1/models")).json()["data"][0]["id"]
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=limit,
-                                    http_client=openai.DefaultAsyncHttpxClient(
-                                        limits=httpx.Limits(max_connections=args.clients + 8)))
+        client = _openai_client(url, args.clients, limit)
         stats = Stats()
         if fixed:  # warm-up as the engine-only run had: 8 short requests, not counted
             await asyncio.gather(*(fixed_client(client, model, [(ids, 4)], [0], args, Stats())
                                    for ids, _ in work[:8]))
         async with httpx.AsyncClient() as http:
             before = _server_completed((await http.get(url + "/metrics")).text, endpoint)
-        t0, cpu0 = time.monotonic(), _cpu_seconds(proc.pid)
-        if fixed:
-            next_i = [0]
-            tasks = [asyncio.create_task(fixed_client(client, model, work, next_i, args, stats))
-                     for _ in range(args.clients)]
+        t0, cpu0, client_cpu0 = time.monotonic(), _cpu_seconds(proc.pid), time.process_time()
+        hung, seconds = 0, None
+        if fixed and args.client_procs > 1:
+            stats, client_cpus, hung, seconds = await fixed_clients(url, model, work, args, limit)
         else:
-            stop_at = t0 + args.duration
-            tasks = [asyncio.create_task(client_loop(client, model, k, stop_at, args.max_tokens, stats))
-                     for k in range(args.clients)]
-        done, pending = await asyncio.wait(tasks, timeout=limit)
-        for t in pending:
-            t.cancel()
-        elapsed, server_cpu = time.monotonic() - t0, _cpu_seconds(proc.pid) - cpu0
+            if fixed:
+                next_i = [0]
+                tasks = [asyncio.create_task(fixed_client(client, model, work, next_i, args, stats))
+                         for _ in range(args.clients)]
+            else:
+                stop_at = t0 + args.duration
+                tasks = [asyncio.create_task(client_loop(client, model, k, stop_at, args.max_tokens, stats))
+                         for k in range(args.clients)]
+            _, pending = await asyncio.wait(tasks, timeout=limit)
+            for t in pending:
+                t.cancel()
+            hung, client_cpus = len(pending), [time.process_time() - client_cpu0]
+        cpu1 = _cpu_seconds(proc.pid)
+        elapsed, server_cpu = seconds or time.monotonic() - t0, cpu1[0] + cpu1[1] - cpu0[0] - cpu0[1]
+        child_cpu = cpu1[1] - cpu0[1]
         lost = (len(work) if fixed else stats.sent) - stats.ok - len(stats.errors)
-        if pending:
-            stats.errors.append(f"{len(pending)} clients still waiting after {limit:g} s (hang)")
+        if hung:
+            stats.errors.append(f"{hung} clients still waiting after {limit:g} s (hang)")
         async with httpx.AsyncClient() as http:
             server_ok = _server_completed((await http.get(url + "/metrics")).text, endpoint) - before
         await client.close()
@@ -340,10 +403,15 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
         print(f"ttft      p50 {_pct(stats.ttft, 50) * 1000:.1f} ms   p95 {_pct(stats.ttft, 95) * 1000:.1f} ms   "
               f"p99 {_pct(stats.ttft, 99) * 1000:.1f} ms")
     server_tps = stats.tokens / elapsed
+    busiest = max(client_cpus) / elapsed
+    print(f"client CPU: {len(client_cpus)} process(es), busiest at {busiest:.0%} of a core"
+          + ("  WARNING: a saturated client process bounds this figure (raise --client_procs)"
+             if busiest > 0.85 else ""))
     print(f"throughput {stats.ok / elapsed:.2f} req/s, {server_tps:.1f} generated tok/s over {elapsed:.1f} s")
     result = {"requests": len(work) or stats.sent, "completed": stats.ok, "errors": len(stats.errors), "lost": lost,
               "server_counted": server_ok, "server_tok_s": round(server_tps, 1), "seconds": round(elapsed, 2),
-              "server_cpu_s": round(server_cpu, 2),
+              "server_cpu_s": round(server_cpu, 2), "server_children_cpu_s": round(child_cpu, 2),
+              "client_procs": len(client_cpus), "client_busiest_core": round(busiest, 2),
               "ttft_p50_ms": round(_pct(stats.ttft, 50) * 1000, 1),
               "ttft_p95_ms": round(_pct(stats.ttft, 95) * 1000, 1),
               "latency_p50_s": round(_pct(stats.latency, 50), 3), "latency_p95_s": round(_pct(stats.latency, 95), 3)}
@@ -358,7 +426,8 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
         print(f"server / engine-only = {ratio:.3f}")
         if b.get("cpu_s") and stats.tokens:  # all threads of each process: the server's host work shows here
             print(f"CPU ms per generated token: engine only {1000 * b['cpu_s'] / b['tokens']:.3f}, "
-                  f"server {1000 * server_cpu / stats.tokens:.3f}")
+                  f"server {1000 * server_cpu / stats.tokens:.3f} (of it in child processes: "
+                  f"{1000 * child_cpu / stats.tokens:.3f})")
         if baseline["wrong_length"]:
             bad_baseline = True
             print(f"  error: the engine-only run gave {baseline['wrong_length']} outputs of the wrong length")
@@ -381,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_tokens", type=int, default=16, help="max_tokens of each request")
     p.add_argument("--max_concurrency", type=int, default=None,
                    help="the server's --max_concurrency (default: 8 for hf, the server's own for native)")
-    p.add_argument("--model", default="builtin:tiny", help="model for lmforge deploy (0.5b, 7b: random weights)")
+    p.add_argument("--model", default="builtin:tiny", help="model for lmforge deploy (0.5b, 7b, micro: random weights)")
     p.add_argument("--infer_backend", default="hf", choices=["hf", "native"], help="the server's engine")
     p.add_argument("--grace", type=float, default=120.0, help="seconds in-flight requests get after --duration")
     p.add_argument("--startup_timeout", type=float, default=180.0, help="seconds to wait for the server")
@@ -393,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.6, help="with --requests: sampling temperature")
     p.add_argument("--seeded_sampling", action="store_true", help="with --requests: request i sends seed + i")
     p.add_argument("--seed", type=int, default=0, help="seed of the fixed requests")
+    p.add_argument("--client_procs", type=int, default=None,
+                   help="with --requests: client processes (default: clients/32, at most the CPU count - 2)")
     p.add_argument("--engine_baseline", action="store_true",
                    help="with --requests: first answer the same requests with the engine alone (child process)")
     p.add_argument("--max_model_len", type=int, default=None, help="the engine's (default: prompt + output + 16)")
@@ -412,11 +483,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LMFORGE_NATIVE_ALLOW_CPU"] = "1"
     if args.duration <= 0 or args.clients < 1 or args.requests < 0:
         p.error("--duration must be > 0, --clients >= 1 and --requests >= 0")
+    if args.client_procs is None:
+        args.client_procs = max(1, min(args.clients // 32, (os.cpu_count() or 1) - 2)) if args.requests else 1
+    if args.client_procs < 1 or args.client_procs > args.clients or (args.client_procs > 1 and not args.requests):
+        p.error("--client_procs must be between 1 and --clients, and above 1 only with --requests")
     if args.engine_baseline and not args.requests:
         p.error("--engine_baseline needs --requests N (the same fixed requests for both runs)")
-    if args.model in ("0.5b", "7b"):
-        spec, name = (QWEN25_05B, "qwen2.5-0.5b-arch") if args.model == "0.5b" else (QWEN25_7B, "qwen2.5-7b-arch")
-        args.model_path = str(make_model_dir(spec, Path(args.cache) / name))
+    if args.model in ("0.5b", "7b", "micro"):
+        spec, name = {"0.5b": (QWEN25_05B, "qwen2.5-0.5b-arch"), "7b": (QWEN25_7B, "qwen2.5-7b-arch"),
+                      "micro": (MICRO, "micro")}[args.model]
+        args.model_path = str(make_model_dir(spec, Path(args.cache) / name,
+                                             dtype="float32" if args.model == "micro" else "bfloat16"))
     else:
         args.model_path = args.model
     if args.requests and args.max_model_len is None:

@@ -15,6 +15,10 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
 QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, tie_word_embeddings=False)
 
+# A model that costs almost nothing on CPU (one layer of width 64): the host work around it sets the pace
+MICRO = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+             vocab_size=1024, max_position_embeddings=4096, tie_word_embeddings=True)
+
 # Qwen2-VL-2B-Instruct's architecture (text_config / vision_config of Qwen2VLConfig in transformers 5)
 QWEN2_VL_2B = dict(
     text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
