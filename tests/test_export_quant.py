@@ -313,3 +313,21 @@ def test_awq_refuses_an_architecture_it_has_no_layer_map_for(tmp_path):
         check_awq_support(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
     check_awq_support(tmp_path)
+
+
+def test_an_adapter_checkpoint_is_merged_then_calibrated_from_the_command_line(tmp_path):
+    pytest.importorskip("llmcompressor")
+    from test_infer_hf import make_lora_checkpoint
+
+    from lmforge.cli.main import main
+
+    ckpt = make_lora_checkpoint(tmp_path / "run", seed=5)
+    assert main(["export", "--ckpt_dir", str(ckpt), "--quant_method", "gptq", "--dataset", "builtin:arith#64",
+                 "--quant_n_samples", "32"]) == 0
+    (out,) = (tmp_path / "run").glob("export-checkpoint-5-*-gptq-w4a16")  # the one output rule
+    assert not list((tmp_path / "run").glob(".lmforge-merge-*"))  # the scratch merge is gone
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert json.loads((out / "args.json").read_text())["system"] == "You are a careful calculator."
+    card = (out / "README.md").read_text()
+    assert "--quant_method gptq --dataset 'builtin:arith#64' --quant_n_samples 32" in card
