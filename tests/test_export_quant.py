@@ -181,7 +181,7 @@ def test_flags_that_do_not_fit_the_method_are_refused():
 # ---------------------------------------------------------------------------------------------- gptq / awq on CPU
 # llm-compressor runs on the CPU too (seconds for these models). Each family's source model is calibrated once per
 # method on the same 128 builtin:arith rows and scored on held-out arith rows against the source: mean KL(source ||
-# export) per token and top-1 agreement, at every position.
+# export) per token and top-1 agreement, at every position. The tests sharing these exports run on one xdist worker.
 
 CALIBRATION = ["builtin:arith#256"]
 
@@ -249,6 +249,7 @@ def calibrated(tmp_path_factory):
     return get
 
 
+@pytest.mark.xdist_group("calibrated")
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_calibrated_export_reloads_and_generates(family, method, calibrated):
@@ -281,6 +282,7 @@ def test_calibrated_export_reloads_and_generates(family, method, calibrated):
     assert reply.choices[0].token_ids  # `lmforge infer --ckpt_dir <export>` runs it
 
 
+@pytest.mark.xdist_group("calibrated")
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_gptq_beats_round_to_nearest(family, calibrated):
     """What GPTQ is for: the same int4 grid as round-to-nearest, a far smaller error.
@@ -296,6 +298,7 @@ def test_gptq_beats_round_to_nearest(family, calibrated):
     assert awq["kl"] < 2 * rtn["kl"], (rtn, awq)
 
 
+@pytest.mark.xdist_group("calibrated")
 def test_gptq_8bit_is_closer_than_4bit(calibrated):
     out, dist8 = calibrated("qwen2", "gptq", 8)
     weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
