@@ -32,8 +32,9 @@ import contextlib
 import importlib.util
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lmforge.utils.errors import SetupError
 
@@ -102,7 +103,7 @@ def calibration_ids(tokenizer: Any, dataset: list[str], *, n_samples: int, max_l
 def _recipe(method: str, quant_bits: int | None) -> list[Any]:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    quant = dict(scheme=scheme(quant_bits), targets="Linear", ignore=["lm_head"])
+    quant = {"scheme": scheme(quant_bits), "targets": "Linear", "ignore": ["lm_head"]}
     if method == "gptq":
         return [GPTQModifier(**quant)]
     if method == "awq":
