@@ -1,5 +1,6 @@
-"""GPU-only exports (the lead runs these on the H200): bitsandbytes 4/8-bit, block-wise FP8 and torchao
-int4 weight-only reload with transformers and generate; each stays close to the bf16 source."""
+"""GPU exports (the lead runs these on the H200): bitsandbytes 4/8-bit, block-wise FP8, torchao int4 weight-only,
+and GPTQ/AWQ through llm-compressor on the GPU, reload with transformers and generate; each stays close to the bf16
+source."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ def source(tmp_path_factory):
 
 @pytest.mark.parametrize("method, bits, package, tol", [
     ("bnb", 4, "bitsandbytes", 0.5), ("bnb", 8, "bitsandbytes", 0.2), ("fp8", None, "kernels", 0.2),
-    ("int4", None, "torchao", 0.5), ("int8", None, "torchao", 0.1)])
+    ("int4", None, "torchao", 0.5), ("int8", None, "torchao", 0.1),
+    ("gptq", 4, "llmcompressor", 0.5), ("gptq", 8, "llmcompressor", 0.2), ("awq", 4, "llmcompressor", 0.5)])
 def test_gpu_export_reloads_and_generates(method, bits, package, tol, source, tmp_path):
     if package:
         pytest.importorskip(package)
@@ -35,6 +37,7 @@ def test_gpu_export_reloads_and_generates(method, bits, package, tol, source, tm
 
     try:
         out = export_main(ExportArguments(model=str(source), quant_method=method, quant_bits=bits,
+                                          dataset=["builtin:arith#256"] if method in ("gptq", "awq") else [],
                                           output_dir=str(tmp_path / "out")))["output_dir"]
     except SetupError as e:
         if method == "fp8" and "Hub" in str(e):  # an offline machine without the Hub kernel cached: said clearly
@@ -52,4 +55,5 @@ def test_gpu_export_reloads_and_generates(method, bits, package, tol, source, tm
         if method == "fp8" and "offline mode" in str(e):
             pytest.skip(f"the FP8 export was written; transformers cannot run it offline: {str(e)[:160]}")
         raise
+    print(f"{method} {bits}: max |logit difference| {diff:.4f}")
     assert diff < tol and gen.shape[1] > ids.shape[1]  # tolerances are first guesses: the lead records the measured ones

@@ -96,11 +96,16 @@ class ExportArguments(ModelArguments, TemplateArguments):
     max_shard_size: str = field("5GB", "largest weight file")
     quant_method: Optional[Literal["gguf", "bnb", "fp8", "int4", "int8", "gptq", "awq"]] = field(
         None, "gguf: one file for llama.cpp/Ollama; bnb: bitsandbytes 4/8-bit; fp8: block-wise FP8 (GPU); "
-              "int8/int4: torchao weight-only (int4 needs a GPU); gptq/awq: not built in yet. An adapter "
-              "checkpoint is merged first")
+              "int8/int4: torchao weight-only (int4 needs a GPU); gptq/awq: compressed-tensors W4A16/W8A16 "
+              "for vLLM, calibrated on --dataset through llm-compressor. An adapter checkpoint is merged first")
     quant_type: Optional[Literal["f16", "bf16", "q8_0", "q4_k_m"]] = field(
         None, "gguf tensor type (default f16; q4_k_m is llama.cpp's 4-bit mix)")
-    quant_bits: Optional[int] = field(None, "bnb: 4 (nf4, default) or 8")
+    quant_bits: Optional[int] = field(None, "bnb: 4 (nf4, default) or 8; gptq/awq: 4 (W4A16, default) or 8 "
+                                            "(W8A16), groups of 128")
+    dataset: list[str] = field(default_factory=list,
+                               help="gptq/awq calibration rows (files, hub ids or builtin:NAME; name#N sub-samples), "
+                                    "rendered by the model's template and cut to --max_length")
+    quant_n_samples: int = field(128, "gptq/awq: calibration rows used (the first N after a seeded shuffle)")
     push_to_hub: bool = field(False, "upload the result (or --ckpt_dir as it is) with a generated model card")
     hub_model_id: Optional[str] = field(None, "repository id for --push_to_hub (owner/name)")
     hub_token: Optional[str] = field(None, "hub token for --push_to_hub (default: the hub client's login)")

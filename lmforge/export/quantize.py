@@ -1,14 +1,16 @@
 """Quantised exports that transformers (and vLLM) load from ``config.json``'s ``quantization_config``.
 
-Each method is transformers' own quantiser, run while loading the model and kept by
+Data-free methods are transformers' own quantisers, run while loading the model and kept by
 ``save_pretrained``: bitsandbytes 4/8-bit (``bnb``), torchao int8 and int4 weight-only, and block-wise
 FP8 (``fp8``, transformers' ``FineGrainedFP8Config``: float8 weights with one scale per 128x128 block,
 the ``quant_method: fp8`` layout vLLM reads). Nothing is written by hand here.
 
+Calibrated methods, ``gptq`` and ``awq``, run llm-compressor over ``--dataset`` rows and write the
+compressed-tensors W4A16/W8A16 layout (``calibrated.py``).
+
 ``check_quant_request`` runs before any work (before a merge, a download or a load), so a missing
-package or a GPU-only method on a CPU machine fails in a second with the fix in the message.
-GPTQ and AWQ need calibration passes over data through gptqmodel / llm-compressor on a GPU; lmforge
-does not drive those yet, and says so instead of offering flags that cannot work.
+package, a missing ``--dataset`` or a GPU-only method on a CPU machine fails in a second with the fix in
+the message.
 """
 from __future__ import annotations
 
@@ -29,12 +31,6 @@ _PACKAGES = {"gguf": ("gguf", "pip install 'lmforge[export]'"),
 # transformers' fine-grained FP8 runs its matmuls through the `kernels` package (seen on an H200 with
 # transformers 5.17: "finegrained-fp8 kernel unavailable" without it); checked after the GPU is
 _FP8_PACKAGE = ("kernels", "pip install 'kernels>=0.16,<0.17'")
-_NOT_BUILT = {
-    "gptq": "GPTQ needs calibration passes over data on a CUDA GPU through gptqmodel (pip install gptqmodel), "
-            "which lmforge does not drive yet",
-    "awq": "AWQ needs calibration passes over data on a CUDA GPU through llm-compressor "
-           "(pip install llmcompressor), which lmforge does not drive yet",
-}
 
 
 def _cuda() -> bool:
@@ -43,23 +39,35 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def check_quant_request(method: str | None, quant_type: str | None, quant_bits: int | None) -> None:
-    """Raise, before any work, if this request cannot run here; the message says what to install or use."""
+def check_quant_request(method: str | None, quant_type: str | None, quant_bits: int | None, *,
+                        dataset: list[str] | None = None, n_samples: int = 128) -> None:
+    """Raise, before any work, if this request cannot run here; the message says what to install or use.
+
+    ``dataset`` and ``n_samples`` are ``--dataset`` and ``--quant_n_samples``: the calibration rows of gptq/awq."""
+    from lmforge.export import calibrated
+
     if method is None:
         if quant_type or quant_bits:
             flag = "--quant_type" if quant_type else "--quant_bits"
-            raise ValueError(f"{flag} needs --quant_method (gguf for --quant_type, bnb for --quant_bits)")
+            raise ValueError(f"{flag} needs --quant_method (gguf for --quant_type, bnb, gptq or awq for --quant_bits)")
+        if dataset:
+            raise ValueError("--dataset is the calibration data of --quant_method gptq|awq; export takes no data "
+                             "otherwise")
         return
     if method not in METHODS:
         raise ValueError(f"--quant_method {method!r}: expected one of {', '.join(METHODS)}")
-    if method in _NOT_BUILT:
-        raise NotImplementedError(f"--quant_method {method}: {_NOT_BUILT[method]}. Export a merged model "
-                                  f"(--merge_lora true) and quantise it with that tool, or use "
-                                  f"--quant_method bnb|fp8|int8|int4|gguf")
     if quant_type and method != "gguf":
-        raise ValueError(f"--quant_type {quant_type} is for --quant_method gguf (bnb takes --quant_bits 4|8)")
+        raise ValueError(f"--quant_type {quant_type} is for --quant_method gguf (bnb, gptq and awq take "
+                         f"--quant_bits 4|8)")
+    if method in calibrated.METHODS:
+        calibrated.check_calibrated_request(method, quant_bits, dataset, n_samples)
+        return
+    if dataset:
+        raise ValueError(f"--dataset is the calibration data of --quant_method gptq|awq; --quant_method {method} "
+                         f"needs no data")
     if quant_bits is not None and method != "bnb":
-        raise ValueError(f"--quant_bits is for --quant_method bnb; --quant_method {method} has a fixed width")
+        raise ValueError(f"--quant_bits is for --quant_method bnb, gptq or awq; --quant_method {method} has a "
+                         f"fixed width")
     if method == "bnb" and quant_bits not in (None, 4, 8):
         raise ValueError(f"--quant_bits {quant_bits}: bitsandbytes exports 4 or 8 bits")
     if method in _PACKAGES:

@@ -3,6 +3,7 @@
     lmforge export --ckpt_dir output/.../checkpoint-50 --merge_lora true [--output_dir D]
     lmforge export --ckpt_dir output/.../checkpoint-50 --quant_method gguf --quant_type q4_k_m
     lmforge export --ckpt_dir output/.../checkpoint-50 --quant_method int8 --push_to_hub true --hub_model_id me/m
+    lmforge export --ckpt_dir output/.../checkpoint-50 --quant_method gptq --dataset train.jsonl   # W4A16 for vLLM
     lmforge merge-lora --ckpt_dir output/.../checkpoint-50
     lmforge export --ckpt_dir output/.../checkpoint-50      # an embedding checkpoint: a sentence-transformers folder
 
@@ -60,6 +61,20 @@ def _quantize(args: ExportArguments, src: Any, model_dir: Path, out: Path) -> Pa
             quant_type = args.quant_type or "f16"
             convert_to_gguf(model_dir, tmp / f"{_name(args, src.model)}-{quant_type}.gguf", quant_type,
                             name=_name(args, src.model))
+        elif args.quant_method in ("gptq", "awq"):
+            from lmforge.export.calibrated import calibration_ids, quantize_calibrated
+            from lmforge.model.loader import load_tokenizer
+
+            tokenizer = load_tokenizer(model_dir, trust_remote_code=args.trust_remote_code)
+            samples = calibration_ids(
+                tokenizer, args.dataset, n_samples=args.quant_n_samples, max_length=args.max_length,
+                template=src.template, system=src.system, hub=args.hub,
+                enable_thinking=src.enable_thinking if args.enable_thinking is None else args.enable_thinking,
+                agent_template=args.agent_template or src.agent_template)
+            quantize_calibrated(model_dir, tmp, args.quant_method, samples, tokenizer, quant_bits=args.quant_bits,
+                                torch_dtype=args.torch_dtype, trust_remote_code=args.trust_remote_code,
+                                max_shard_size=args.max_shard_size)
+            save_tokenizer_and_args(tmp, tokenizer, src, out)
         else:
             from lmforge.export.quantize import quantize_model
             from lmforge.model.loader import load_tokenizer
@@ -116,10 +131,15 @@ def _run(args: ExportArguments) -> dict[str, Any]:
         from lmforge.export.to_gguf import check_gguf_support
 
         check_gguf_support(resolve_model_dir(src.model, hub=args.hub, revision=args.revision))
+    if method == "awq":  # an architecture without an AWQ layer map is refused before any merge or weight load
+        from lmforge.export.calibrated import check_awq_support
+
+        check_awq_support(resolve_model_dir(src.model, hub=args.hub, revision=args.revision))
     out = None
     if method:
         suffix = f"{method}-{args.quant_type or 'f16'}" if method == "gguf" else (
-            f"bnb-{args.quant_bits or 4}bit" if method == "bnb" else method)
+            f"bnb-{args.quant_bits or 4}bit" if method == "bnb" else
+            f"{method}-w{args.quant_bits or 4}a16" if method in ("gptq", "awq") else method)
         out = Path(args.output_dir) if args.output_dir else _default_output(args, src.model, f"-{suffix}")
     result: dict[str, Any] = {}
     folder: Path | None = None  # what the last step wrote
@@ -163,7 +183,12 @@ def export_main(args: ExportArguments) -> dict[str, Any]:
     from lmforge.registry import load_plugins
 
     load_plugins(args.external_plugins)
-    check_quant_request(args.quant_method, args.quant_type, args.quant_bits)
+    check_quant_request(args.quant_method, args.quant_type, args.quant_bits, dataset=args.dataset,
+                        n_samples=args.quant_n_samples)
+    if args.dataset:  # a missing calibration file or unknown built-in fails now, not after a merge
+        from lmforge.dataset.loader import check_datasets
+
+        check_datasets(args.dataset)
     if args.push_to_hub:
         from lmforge.export.hub import check_push
 
