@@ -43,6 +43,10 @@ def test_card_says_where_the_model_came_from(tmp_path):
     assert "`AI-ModelScope/alpaca#500`, `data/mine.jsonl`" in body and cmd in body
     assert "| builtin:arith | acc | 0.6200 |" in body and "llama-cli -m checkpoint-9-q4_k_m.gguf" in body
     assert "secret" not in card
+    # without a repository id: the GGUF file names the card, or the base model and the format for a folder
+    for files, fmt, title in ((["config.json", "checkpoint-9-q4_k_m.gguf"], "gguf", "# checkpoint-9-q4_k_m\n"),
+                              (["args.json", "config.json", "model.safetensors"], "gptq", "# Qwen2.5-0.5B-Instruct-gptq\n")):
+        assert title in model_card(base_model=train["model"], train_args=train, export_command=cmd, fmt=fmt, files=files)
 
 
 def test_merge_writes_a_card_beside_the_weights(tmp_path):

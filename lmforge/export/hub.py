@@ -124,7 +124,11 @@ def model_card(*, base_model: str, train_args: dict[str, Any], export_command: s
     if hub_data:
         meta += ["datasets:"] + [f"- {d}" for d in hub_data]
     meta.append("---")
-    title = repo_id.split("/")[-1] if repo_id else Path(files[0]).stem if files else "model"
+    # the repository's name, else the GGUF file's, else the base model's with the format (a folder's first file,
+    # args.json when sorted, named every card "args")
+    gguf = [f for f in files if f.endswith(".gguf")]
+    title = (repo_id.split("/")[-1] if repo_id else Path(gguf[0]).stem if gguf
+             else f"{base_model.rstrip('/').split('/')[-1]}-{fmt}")
     body = ["", f"# {title}", "", f"Exported by lmforge ({fmt}).", "", "## Provenance", "",
             f"- Base model: `{base_model}`"]
     if train_args.get("train_type"):
