@@ -153,6 +153,57 @@ def test_engine_process_streams_what_the_engine_streams_in_process(engine_proces
     assert remote._replicas[0].in_flight == 0 and not remote._replicas[0].streams
 
 
+def test_engine_process_builds_the_chunks_from_token_ids_as_the_engine_does(engine_process):
+    """A text model on the native engine: the replica sends token ids per step and the front builds the chunks
+    (lmforge/infer/token_streams.py). n = 2 choices, top logprobs, a stop string, and tools offered (the
+    tool-call hold) give the same text, finish reasons, logprob tables and usage as the engine's own streams;
+    the replica's stream interval (2) still sets the chunk size."""
+    remote, local = engine_process
+    assert remote._replies is not None  # the token path is the one taken
+    stopped = 0
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    cases = [(RequestConfig(max_tokens=10, temperature=0.8, seed=7, n=2, logprobs=True, top_logprobs=3), None),
+             (RequestConfig(max_tokens=16, temperature=1.0, stop=["e"]), None),
+             (RequestConfig(max_tokens=12, temperature=1.0, ignore_eos=True), tools)]
+    for cfg, tool_list in cases:
+        def req(q):  # a seed per request: both engines sample the same tokens (the random model's greedy text is
+            # one repeated newline, which would let a stop string or a decoding slip pass unseen)
+            return InferRequest(messages=[{"role": "user", "content": q}], tools=tool_list, seed=QUESTIONS.index(q))
+
+        async def run(engine):
+            import asyncio
+
+            async def one(q):
+                return [c async for c in engine.infer_stream_async(req(q), cfg)]
+            return await asyncio.gather(*(one(q) for q in QUESTIONS[:4]))
+
+        import asyncio
+        got, want = asyncio.run(run(remote)), asyncio.run(run(local))
+        for g, w in zip(got, want):
+            for k in range(cfg.n):
+                def text(chunks, k=k):
+                    return "".join(c.delta.content or "" for x in chunks for c in x.choices if c.index == k)
+
+                def finish(chunks, k=k):
+                    return [c.finish_reason for x in chunks for c in x.choices if c.index == k and c.finish_reason]
+
+                def table(chunks, k=k):
+                    return [(e.token, round(e.logprob, 4), [(t.token, round(t.logprob, 4)) for t in e.top_logprobs])
+                            for x in chunks for c in x.choices if c.index == k and c.logprobs
+                            for e in c.logprobs.content]
+                assert (text(g), finish(g), table(g)) == (text(w), finish(w), table(w))
+            assert g[-1].usage.model_dump() == w[-1].usage.model_dump()
+            if cfg.stop:
+                assert "e" not in text(g) and finish(g) in (["stop"], ["length"])
+                stopped += finish(g) == ["stop"]
+        if cfg.logprobs:
+            sizes = [len(c.logprobs.content) for x in got[0] for c in x.choices if c.logprobs and c.index == 0]
+            sizes = [n for n in sizes if n]
+            assert sizes and all(n >= 2 for n in sizes[1:-1]), sizes  # the first at once, then >= the interval
+    assert stopped >= 2  # the stop string did end replies
+    assert remote._replicas[0].in_flight == 0 and not remote._replicas[0].streams
+
+
 def test_engine_process_stream_errors_and_cancellation(engine_process):
     import asyncio
     import time

@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator
 from lmforge.infer.base import InferEngine
 from lmforge.infer.errors import InferRequestError, PromptTooLongError
 from lmforge.infer.protocol import ChatCompletionResponse, ChatCompletionStreamResponse, InferRequest, RequestConfig
+from lmforge.infer.token_streams import ReplyBuilder, TokenStreams, front_stream, replies_info
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +141,13 @@ def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any)
     except BaseException as e:  # noqa: BLE001 - reported to the front, which raises it with the replica named
         send(None, "error", _error_payload(e))
         return
+    replies = replies_info(engine)
     send(None, "ready", {"model_name": engine.model_name, "adapters": dict(engine.adapters),
                          "max_model_len": engine.max_model_len, "max_num_seqs": getattr(engine, "max_num_seqs", None),
-                         "supports_raw_prompt": getattr(engine, "supports_raw_prompt", True)})
+                         "supports_raw_prompt": getattr(engine, "supports_raw_prompt", True), "replies": replies})
     cancelled: dict[int, threading.Event] = {}
     streams = _AsyncStreams(engine, send)
+    tokens = TokenStreams(engine, send, _error_payload) if replies is not None else None
 
     def handle(msg_id: int, kind: str, payload: Any) -> None:
         try:
@@ -189,6 +192,12 @@ def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any)
                 continue
             if kind == "astream":
                 streams.start(msg_id, payload)
+                continue
+            if kind == "tstream" and tokens is not None:
+                tokens.start(msg_id, payload)
+                continue
+            if kind == "tcancel" and tokens is not None:
+                tokens.cancel(payload)
                 continue
             pool.submit(handle, msg_id, kind, payload)
 
@@ -242,20 +251,21 @@ class _Replica:
             except RuntimeError:  # that loop is closed: nobody waits there any more
                 pass
 
-    def open_stream(self, msg_id: int, payload: Any) -> asyncio.Queue:
-        """Send an ``astream`` message; its answers arrive on the returned queue of the calling event loop."""
+    def open_stream(self, msg_id: int, payload: Any, kind: str = "astream") -> asyncio.Queue:
+        """Send an ``astream`` (or ``tstream``) message; its answers arrive on the returned queue of the calling
+        event loop."""
         q: asyncio.Queue = asyncio.Queue()
         with self.lock:
             self.streams[msg_id] = (asyncio.get_running_loop(), q)
             self.in_flight += 1
             self.sent += 1
-            self.conn.send((msg_id, "astream", payload))
+            self.conn.send((msg_id, kind, payload))
         return q
 
-    def close_stream(self, msg_id: int, cancel: bool) -> None:
+    def close_stream(self, msg_id: int, cancel: bool, kind: str = "acancel") -> None:
         with self.lock:
             if cancel:
-                self.conn.send((None, "acancel", msg_id))
+                self.conn.send((None, kind, msg_id))
             if self.streams.pop(msg_id, None) is not None:
                 self.in_flight -= 1
 
@@ -320,6 +330,8 @@ class DataParallelEngine(InferEngine):
             self.close()
             raise
         info = self._replicas[0].info
+        # a text model on the native engine: streams come back as token ids, their chunks are built here
+        self._replies = ReplyBuilder(info["replies"]) if info.get("replies") is not None else None
         self.model_name, self.adapters = info["model_name"], info["adapters"]
         self.max_model_len, self.supports_raw_prompt = info["max_model_len"], info["supports_raw_prompt"]
         per = [r.info["max_num_seqs"] or 8 for r in self._replicas]
@@ -380,8 +392,21 @@ class DataParallelEngine(InferEngine):
 
     async def infer_stream_async(self, request: InferRequest, request_config: RequestConfig | None = None
                                  ) -> AsyncIterator[ChatCompletionStreamResponse]:
-        """The replica's own asyncio stream (see the module docstring); closing this one stops generation there."""
+        """The replica's own asyncio stream (see the module docstring), or for a text model on the native engine its
+        token ids with the chunks built here (:mod:`~lmforge.infer.token_streams`); closing this one stops
+        generation there."""
         r, msg_id = self._least_busy(), next(self._ids)
+        if self._replies is not None:
+            q = r.open_stream(msg_id, (request, request_config), "tstream")
+            finished = False
+            try:
+                async for chunk in front_stream(self._replies, q, request, request_config or RequestConfig(),
+                                                lambda kind, value: _stream_end(kind, value, r.rank)):
+                    yield chunk
+                finished = True
+            finally:
+                r.close_stream(msg_id, cancel=not finished, kind="tcancel")
+            return
         q = r.open_stream(msg_id, (request, request_config))
         finished = False
         try:
