@@ -120,8 +120,8 @@ def deploy_options(args: argparse.Namespace) -> dict:
             opts["max_concurrency"] = args.max_concurrency
     else:
         opts["max_concurrency"] = opts["max_batch_size"] = args.max_concurrency or 8
-    if args.engine_process:
-        opts["engine_process"] = True
+    if args.engine_process != "auto":  # auto: deploy's default (on for the native engine on a GPU)
+        opts["engine_process"] = args.engine_process == "true"
     return opts
 
 
@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch_dtype", default=None, help="the engine's weights dtype (default: the server's)")
     p.add_argument("--max_num_seqs", type=int, default=256, help="native: sequences decoded together")
     p.add_argument("--stream_interval", type=int, default=1, help="native: tokens per streamed chunk (the server's)")
-    p.add_argument("--engine_process", action="store_true", help="the server's engine in a process of its own")
+    p.add_argument("--engine_process", default="auto", choices=["auto", "true", "false"],
+                   help="the server's engine in a process of its own (auto: deploy's default, on for native on a GPU)")
     p.add_argument("--max_num_batched_tokens", type=int, default=8192, help="native: tokens per step")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.85, help="native: share of GPU memory")
     p.add_argument("--native_on_cpu", action="store_true",

@@ -286,3 +286,17 @@ def test_a_replica_sees_the_callers_gpu_not_the_machines_gpu_of_that_index():
     assert visible_gpu(1, "") == "1"  # no list: the index is the machine's
     with pytest.raises(ValueError, match="cuda:2 is not among the 2 GPU"):
         visible_gpu(2, "0,1")
+
+
+def test_deploy_puts_the_native_engine_in_its_own_process_on_a_gpu_by_default(monkeypatch):
+    import torch
+
+    from lmforge.arguments import DeployArguments
+    from lmforge.pipelines.deploy import engine_process_default
+
+    assert DeployArguments(model="builtin:tiny").engine_process is None  # not given: deploy decides
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_process_default(DeployArguments(model="builtin:tiny", infer_backend="native"))
+    assert not engine_process_default(DeployArguments(model="builtin:tiny", infer_backend="hf"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not engine_process_default(DeployArguments(model="builtin:tiny", infer_backend="native"))

@@ -76,9 +76,11 @@ class DeployArguments(InferArguments):
     shutdown_timeout: float = field(30.0, "on SIGTERM/Ctrl-C, seconds running requests get to finish before "
                                           "they are cancelled")
     stream: bool = field(False, "unused by the server (clients ask for streaming per request)")
-    engine_process: bool = field(False, "run the engine in a process of its own, so that the server's work per "
-                                        "streamed token and the engine's loop use two cores instead of sharing "
-                                        "one (--data_parallel_size > 1 always does)")
+    engine_process: Optional[bool] = field(
+        None, "run the engine in a process of its own: the engine's loop and the server's work per streamed token "
+              "on two cores instead of one (a text model on the native engine streams token ids, the server builds "
+              "the chunks). Default: on for `deploy --infer_backend native` on a GPU, off otherwise "
+              "(--data_parallel_size > 1 always does)")
     allow_local_media: bool = field(False, "let requests name image files on this machine (path or file://); "
                                            "off: only base64 data: URLs are accepted")
 

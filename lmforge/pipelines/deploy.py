@@ -114,9 +114,20 @@ def deploy_main(args: DeployArguments) -> None:
         from lmforge.registry import load_plugins
 
         load_plugins(args.external_plugins)
+    if args.engine_process is None:
+        args.engine_process = engine_process_default(args)
     engine = build_engine(args)  # --adapters name=dir is parsed there (lmforge.infer.checkpoint.parse_adapters)
     app = create_app(engine, args)
     logger.info("OpenAI-compatible server on http://%s:%d/v1 (model %r)", args.host, args.port,
                 app.state.lmforge.base_name)
     make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
                 max_connections=args.max_connections, header_timeout=args.body_timeout).run()
+
+
+def engine_process_default(args: DeployArguments) -> bool:
+    """``--engine_process`` when not given: on for the native engine on a GPU, where the engine's own loop is
+    host-bound and the server's streaming work halved what it could make (256 streams on an H200: 0.27 of the
+    engine alone in one process, 0.56 with the engine in its own; benchmarks/RESULTS.md, 2026-11-30)."""
+    import torch
+
+    return args.infer_backend == "native" and torch.cuda.is_available()
