@@ -325,3 +325,28 @@ def test_import_stays_cheap():
     code = ("import sys, lmforge, lmforge.template, lmforge.template.registered; "
             "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_decode_calls_the_tokenizers_library_directly_with_the_same_text():
+    """Template.decode skips transformers' conversions around the fast tokenizer's own decode (a streamed reply
+    decodes twice per chunk), only where transformers would add nothing: same text on random ids, special
+    tokens included; a tokenizer that cleans up spaces keeps transformers' path."""
+    import copy
+    import random
+
+    from lmforge.model import load_tokenizer
+    from lmforge.model.builtin import TOKENIZER_DIR
+    from lmforge.template import get_template
+    from lmforge.template.base import raw_decoder
+
+    tok = load_tokenizer(TOKENIZER_DIR)
+    fast, slow = get_template(tok), get_template(tok)
+    slow._raw_backend = None
+    assert raw_decoder(tok) is tok._tokenizer
+    rng = random.Random(0)
+    for _ in range(500):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 24))]
+        assert fast.decode(ids) == slow.decode(ids)
+    cleaning = copy.deepcopy(tok)
+    cleaning.clean_up_tokenization_spaces = True
+    assert raw_decoder(cleaning) is None

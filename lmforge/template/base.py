@@ -251,7 +251,11 @@ class Template:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         while ids and ids[-1] == pad:
             ids.pop()
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        backend = self.__dict__.get("_raw_backend", _UNSET)
+        if backend is _UNSET:
+            backend = self._raw_backend = raw_decoder(self.tokenizer)
+        text = (backend.decode(ids, skip_special_tokens=False) if backend is not None
+                else self.tokenizer.decode(ids, skip_special_tokens=False))
         stripped = True
         while stripped:
             stripped = False
@@ -569,6 +573,26 @@ class Template:
             if len(enc) == 1:
                 ids.append(enc[0])
         return list(dict.fromkeys(ids))
+
+
+_UNSET = object()
+
+
+def raw_decoder(tokenizer: Any) -> Any:
+    """The tokenizers library's tokenizer behind ``tokenizer`` when transformers' ``decode`` would only call its
+    ``decode`` (a fast tokenizer that overrides neither method and cleans up no spaces), else None. A streamed
+    reply decodes a window of ids twice per chunk; transformers' conversions around that call cost about as much
+    as the call itself (the server's host work per token: benchmarks/RESULTS.md, 2026-11-30)."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if (isinstance(tokenizer, TokenizersBackend) and cls.decode is PreTrainedTokenizerBase.decode
+            and cls._decode is TokenizersBackend._decode and not tokenizer.clean_up_tokenization_spaces):
+        return getattr(tokenizer, "_tokenizer", None)
+    return None
 
 
 def _as_list(ids: Any) -> list[int]:
