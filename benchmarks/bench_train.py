@@ -122,7 +122,8 @@ def run_lmforge(cfg: dict) -> dict:
         per_device_train_batch_size=per_step, per_device_eval_batch_size=per_step, gradient_accumulation_steps=1,
         warmup_ratio=0.0, logging_steps=10 if cfg.get("curve") else 10**6, save_steps=10**9, save_only_model=True,
         report_to=["none"], plot=False, packing=True, max_length=cfg["max_length"], callbacks=["bench_timer"],
-        gradient_checkpointing=ck != "off", gradient_checkpointing_every=int(ck) if ck != "off" else 1,
+        gradient_checkpointing=ck not in ("off", "offload"), activation_offloading=ck == "offload",
+        gradient_checkpointing_every=int(ck) if ck not in ("off", "offload") else 1,
         use_liger_kernel=cfg["liger"], lora_rank=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0,
         fused_ce=force, varlen_attention=force, lean_layers=force, torch_compile=cfg.get("compile", False),
         **train_args_common(cfg))
@@ -178,7 +179,8 @@ def _child(cfg: dict) -> None:
 
 def _describe(cfg: dict) -> str:
     if cfg["path"] == "lmforge" and not cfg.get("curve"):
-        return f"checkpointing {cfg['ckpt']}, {cfg['pack_tokens']} tokens/step"
+        how = "activations offloaded" if cfg["ckpt"] == "offload" else f"checkpointing {cfg['ckpt']}"
+        return f"{how}, {cfg['pack_tokens']} tokens/step"
     if cfg["path"] == "padfree":
         return f"<= {cfg['padfree_tokens']} tokens/step" + (" (matching lmforge's peak)" if cfg.get("matched") else "")
     if cfg["path"] == "padded":
@@ -436,7 +438,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pack_tokens", type=int, nargs="+", default=None,
                    help="lmforge and padfree: tokens per step (preset: 0.5b 16384, 7b 8192); each value is a comparison")
     p.add_argument("--ckpt", nargs="+", default=["off", "4", "2", "1"],
-                   help="lmforge checkpointing settings tried in order (off, or every k-th layer) until one fits")
+                   help="lmforge memory settings tried in order (off, every k-th layer checkpointed, or offload: --activation_offloading) until one fits")
     p.add_argument("--plain_ckpt", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="padded baseline with gradient checkpointing (default true)")
     p.add_argument("--no_padded", action="store_true", help="skip the padded (weak baseline) row")

@@ -48,3 +48,15 @@ def test_the_check_runs_on_the_meta_device_before_the_load(monkeypatch):
         check_model_fits(args, "sft", 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=H100))
     check_model_fits(args, "sft", 1)
+
+
+def test_activation_offloading_leaves_two_layers_of_activations_in_the_estimate():
+    from lmforge.trainers.memory import TrainPlan, estimate
+
+    plan = dict(train_type="full", trainable=SHAPE_14B.params, tokens=16384)
+    base, off = estimate(SHAPE_14B, TrainPlan(**plan)), estimate(SHAPE_14B, TrainPlan(**plan, offloading=True))
+    per_layer = base["activation_bytes_per_token_per_layer"]
+    assert off["activations"] < base["activations"] / 10 and off["peak"] < base["peak"]
+    assert off["activations"] >= 2 * 16384 * per_layer  # the working layer and one in flight stay
+    ck = estimate(SHAPE_14B, TrainPlan(**plan, checkpointing=True, offloading=True))
+    assert ck["activations"] < off["activations"]  # checkpointed layers keep only their inputs

@@ -91,6 +91,10 @@ class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgu
     gradient_checkpointing_every: int = field(
         1, "with --gradient_checkpointing: recompute only every k-th decoder layer (1: all; 2: half of them, "
            "less recompute for more memory)")
+    activation_offloading: bool = field(
+        False, "keep the activations saved for the backward pass in pinned host memory (copied on a stream of their "
+               "own) instead of on the GPU; weights stay. Trades PCIe traffic for activation memory; combines with "
+               "--gradient_checkpointing")
     packing: bool = field(False, "pack several rows into one sequence (no cross-row attention)")
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"],
                                  help="tensorboard, wandb, swanlab, none")

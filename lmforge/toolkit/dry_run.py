@@ -302,7 +302,8 @@ def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sam
         train_type=args.train_type, trainable=params["trainable"], dtype_bytes=4 if args.torch_dtype == "float32" else 2,
         tokens=tokens, labelled_tokens=int(tokens * share), padded=not packing, objective=objective,
         completion_tokens=completion, checkpointing=bool(args.gradient_checkpointing),
-        checkpoint_every=args.gradient_checkpointing_every, lean_layers=(lean is not False) or args.use_liger_kernel,
+        checkpoint_every=args.gradient_checkpointing_every, offloading=bool(getattr(args, "activation_offloading", False)),
+        lean_layers=(lean is not False) or args.use_liger_kernel,
         fused_ce=fused is not False and objective == "sft", lora_dropout=args.lora_dropout,
         head_trainable=params["head_trainable"], optim=args.optim or "adamw_torch_fused", world=world,
         fsdp=args.fsdp, deepspeed=deepspeed_name(args.deepspeed), reference_copy=reference)

@@ -113,6 +113,7 @@ class TrainPlan:
     completion_tokens: int = 0  # grpo
     checkpointing: bool = False
     checkpoint_every: int = 1
+    offloading: bool = False  # --activation_offloading: saved activations wait in host memory
     lean_layers: bool = True
     fused_ce: bool = True
     lora_dropout: float = 0.0
@@ -168,6 +169,8 @@ def estimate(shape: ModelShape, plan: TrainPlan) -> dict[str, Any]:
     plain_layers = shape.layers - ckpt_layers
     outside = OUTSIDE_COEF[kind] * shape.hidden * scale * N
     acts = N * (plain_layers * per_layer + ckpt_layers * d * shape.hidden) + outside
+    if plan.offloading:  # on the GPU: the layer being computed and the one whose copy is in flight
+        acts = N * min(shape.layers, 2) * (per_layer if plain_layers else d * shape.hidden) + outside
     recompute = N * per_layer if ckpt_layers else 0
     # ---- the loss
     n_lab = plan.labelled_tokens if plan.labelled_tokens is not None else N

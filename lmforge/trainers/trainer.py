@@ -84,6 +84,19 @@ class LmforgeTrainer(Trainer):
         self.finite_loss_filter = "nan_guard" not in (getattr(lmforge_args, "callbacks", None) or [])
         self._tokens_seen: Any = None  # num_input_tokens_seen of all ranks, a device tensor
         self.final_save = False  # run_training's save after an early stop: write consolidated weights too
+        self.offloader = None
+        if getattr(lmforge_args, "activation_offloading", False):
+            from lmforge.trainers.offload import ActivationOffloader
+
+            self.offloader = ActivationOffloader()
+
+    def compute_loss_context_manager(self) -> Any:
+        """The Trainer's (autocast), plus ``--activation_offloading``'s saved-tensor hooks around every loss the
+        trainers compute (SFT, preference, GRPO, GKD): what the forward pass saves for backward waits on the host."""
+        stack = super().compute_loss_context_manager()
+        if self.offloader is not None:
+            stack.enter_context(self.offloader())
+        return stack
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
