@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in ("0.5b", "7b", "micro"):
         spec, name = {"0.5b": (QWEN25_05B, "qwen2.5-0.5b-arch"), "7b": (QWEN25_7B, "qwen2.5-7b-arch"),
                       "micro": (MICRO, "micro")}[args.model]
-        args.model_path = str(make_model_dir(spec, Path(args.cache) / name,
+        # decodable: every streamed token carries text, as a trained model's do (see make_model_dir)
+        args.model_path = str(make_model_dir(spec, Path(args.cache) / f"{name}-decodable", decodable=True,
                                              dtype="float32" if args.model == "micro" else "bfloat16"))
     else:
         args.model_path = args.model

@@ -28,8 +28,14 @@ QWEN2_VL_2B = dict(
     vocab_size=151936, rope_theta=1e6, mrope_section=[16, 24, 24], min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
 
 
-def make_model_dir(spec: dict, out: str | Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """Write a random-weight Qwen2 checkpoint of the given shape (once) and return its folder."""
+def make_model_dir(spec: dict, out: str | Path, dtype: str = "bfloat16", seed: int = 0, decodable: bool = False) -> Path:
+    """Write a random-weight Qwen2 checkpoint of the given shape (once) and return its folder.
+
+    ``decodable``: the output rows of the ids the built-in tokenizer has are scaled up and the rest zeroed, so
+    the model samples ids that decode to text. The shapes (and so the compute) are the spec's; without this a
+    151,936-row head samples ids past the tokenizer's 943 almost every time, which decode to nothing, and a
+    streamed reply then carries text on a few tokens only (a server benchmark would see few chunks, and its
+    time to first token would be the time to the first decodable id)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -45,6 +51,11 @@ def make_model_dir(spec: dict, out: str | Path, dtype: str = "bfloat16", seed: i
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
+    if decodable:
+        with torch.no_grad():
+            head = model.get_output_embeddings().weight
+            head[len(tok):] = 0
+            head[:len(tok)] *= 20
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
