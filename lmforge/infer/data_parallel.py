@@ -12,8 +12,10 @@ With one replica (``lmforge deploy --engine_process true``) the same machinery m
 server's process: the HTTP work per streamed token (SSE, the socket) and the engine's loop then run on two
 cores instead of sharing one GIL, which bounds a busy single-process server (benchmarks/RESULTS.md,
 2026-11-30: 71 us of the server's CPU per token against the engine's own 16). Streams (``infer_stream_async``)
-go through the engine's own asyncio streams in the replica (no thread per stream), and the chunks one pass of
-the replica's event loop produced cross the pipe as one message.
+of a text model on the native engine come back as token ids, one message per engine step for every stream,
+and the chunks are built in the front (:mod:`~lmforge.infer.token_streams`); other engines' streams go
+through the engine's own asyncio streams in the replica (no thread per stream), the chunks one pass of the
+replica's event loop produced crossing the pipe as one message.
 
 Why not torch.distributed: replicas share nothing while generating, and a dead or slow replica must
 not stall a collective; plain processes and pipes are the whole need.
