@@ -60,7 +60,9 @@ class ReplyStream:
     def steps(self, steps: Sequence[Step]) -> ChatCompletionStreamResponse | None:
         """One chunk for any number of steps (None when nothing is settled yet)."""
         new: list[list[int]] = [[] for _ in range(self.n)]
-        per_token = bool(self.stop)  # a stop string ends a choice mid-batch: decode token by token then
+        # A stop string may end a choice mid-batch; its text is cut there either way, but the logprob entries of
+        # the tokens after it must not be sent: with logprobs and stop strings, decode token by token.
+        per_token = bool(self.stop) and bool(self.cfg.logprobs)
         deltas = [""] * self.n
         for tokens, entries in steps:
             for r, tok in enumerate(tokens):

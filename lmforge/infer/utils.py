@@ -64,6 +64,7 @@ class IncrementalDecoder:
     """
 
     CONTEXT = 4
+    REANCHOR = 8  # tokens past the anchor before it moves: a move costs a decode, a longer window costs little
 
     def __init__(self, decode: Callable[[list[int]], str], stop: StopStrings | None = None, *,
                  window: bool = False, hold_ids: Iterable[int] = ()):
@@ -107,7 +108,7 @@ class IncrementalDecoder:
             text = self._anchor_text + tail[len(self._context_text):]
         else:
             text = self._decode(ids)
-        if not text.endswith(REPLACEMENT_CHAR):
+        if not text.endswith(REPLACEMENT_CHAR) and len(ids) - self._anchor >= self.REANCHOR:
             context = self._decode(ids[max(0, len(ids) - self.CONTEXT):])
             if text.endswith(context):  # not so when decode stripped more than the context holds
                 self._anchor, self._anchor_text, self._context_text = len(ids), text, context

@@ -241,16 +241,23 @@ class Template:
         return self._finish(enc)
 
     def decode(self, generated_ids: Sequence[int]) -> str:
-        """Reply text of generated ids: cut at the first stop token, trailing padding and stop words removed."""
-        ids = _as_list(generated_ids)
-        stops = set(self.stop_token_ids)
+        """Reply text of generated ids: cut at the first stop token, trailing padding and stop words removed.
+
+        A streamed reply calls this twice per chunk, so the per-call work outside the tokenizer is kept small:
+        a list of ints is not copied, and the pad id is looked up again only when the tokenizer's pad token
+        changes (transformers' attribute lookup for it cost more than the decode itself)."""
+        ids = generated_ids if type(generated_ids) is list else _as_list(generated_ids)
+        stops = self._stop_set
         for k, t in enumerate(ids):
             if t in stops:
                 ids = ids[:k]
                 break
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        while ids and ids[-1] == pad:
-            ids.pop()
+        pad = self._pad_id()
+        end = len(ids)
+        while end and ids[end - 1] == pad:
+            end -= 1
+        if end < len(ids):
+            ids = ids[:end]
         backend = self.__dict__.get("_raw_backend", _UNSET)
         if backend is _UNSET:
             backend = self._raw_backend = raw_decoder(self.tokenizer)
@@ -263,6 +270,25 @@ class Template:
                 if text.endswith(w):
                     text, stripped = text[: -len(w)], True
         return text
+
+    @property
+    def _stop_set(self) -> frozenset:
+        ids, cached = self.stop_token_ids, self.__dict__.get("_stop_cache")
+        if cached is None or cached[0] is not ids or cached[1] != len(ids):  # reassigned or appended to
+            cached = self._stop_cache = (ids, len(ids), frozenset(ids))
+        return cached[2]
+
+    def _pad_id(self) -> int | None:
+        """The tokenizer's pad id, cached against its pad token (transformers 5 keeps it in _special_tokens_map)."""
+        tok = self.tokenizer
+        token = getattr(tok, "__dict__", {}).get("_special_tokens_map", {}).get("pad_token", _UNSET)
+        cached = self.__dict__.get("_pad_cache")
+        if token is not _UNSET and cached is not None and cached[0] is token:
+            return cached[1]
+        pad = getattr(tok, "pad_token_id", None)
+        if token is not _UNSET:
+            self._pad_cache = (token, pad)
+        return pad
 
     def safe_decode(self, ids: Sequence[int]) -> str:
         """Text of ids that may hold -100 or out-of-range values (shown as ``[-100 * 7]``), for logging samples."""
