@@ -319,6 +319,10 @@ class ServeState:
 
     async def acquire(self, request: Request, info: RequestInfo) -> Slot:
         """Wait for a slot, giving up if the client goes away while queued."""
+        if self.limiter.try_acquire():
+            info.queue_wait = 0.0
+            self.metrics.queue_wait.observe(0.0)
+            return Slot(self.limiter)
         acquire = asyncio.ensure_future(self.limiter.acquire())
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:

@@ -43,6 +43,13 @@ class ConcurrencyLimiter:
     def draining(self) -> bool:
         return self._draining
 
+    def try_acquire(self) -> bool:
+        """Take a free slot now if there is one and nobody waits (no task, no wait: the common case)."""
+        if self._draining or self._waiters or self._running >= self.max_concurrency:
+            return False
+        self._running += 1
+        return True
+
     async def acquire(self) -> float:
         """Wait for a slot; returns the seconds waited. Raises APIError 429 (queue full) or 503."""
         if self._draining:
