@@ -1,0 +1,69 @@
+"""merge_streams, the server's way of reading engine streams: items from several sources as they arrive, tagged with
+their source; the server's abort ends a stream that is waiting for its next item; closing the merged stream closes
+its sources."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lmforge.serve.streaming import StreamAborted, merge_streams
+
+
+class Source:
+    """An async generator of ``items`` with ``delay`` seconds before each; records whether it was closed."""
+
+    def __init__(self, items: list, delay: float = 0.0):
+        self.items, self.delay, self.closed = items, delay, False
+
+    async def gen(self):
+        try:
+            for x in self.items:
+                await asyncio.sleep(self.delay)
+                yield x
+        finally:
+            self.closed = True
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_items_arrive_tagged_with_their_source_and_sources_are_closed(n):
+    sources = [Source([f"{k}-{i}" for i in range(4)], delay=0.001 * (k + 1)) for k in range(n)]
+
+    async def run():
+        return [x async for x in merge_streams([s.gen() for s in sources], asyncio.Event())]
+
+    got = asyncio.run(run())
+    for k in range(n):
+        assert [item for i, item in got if i == k] == [f"{k}-{i}" for i in range(4)]
+    assert all(s.closed for s in sources)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_abort_ends_a_stream_waiting_for_its_next_item(n):
+    sources = [Source(["a", "b"], delay=30.0) for _ in range(n)]
+
+    async def run():
+        abort = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, abort.set)
+        got = []
+        with pytest.raises(StreamAborted):
+            async for item in merge_streams([s.gen() for s in sources], abort):
+                got.append(item)
+        return got, asyncio.current_task().cancelling()
+
+    got, cancelling = asyncio.run(asyncio.wait_for(run(), 5))
+    assert got == [] and cancelling == 0  # no cancellation left pending on the consumer's task
+    assert all(s.closed for s in sources)
+
+
+def test_closing_the_merged_stream_closes_its_sources():
+    source = Source(["a", "b", "c"])
+
+    async def run():
+        merged = merge_streams([source.gen()], asyncio.Event())
+        first = await merged.__anext__()
+        await merged.aclose()
+        return first
+
+    assert asyncio.run(run()) == (0, "a")
+    assert source.closed
