@@ -350,3 +350,23 @@ def test_decode_calls_the_tokenizers_library_directly_with_the_same_text():
     cleaning = copy.deepcopy(tok)
     cleaning.clean_up_tokenization_spaces = True
     assert raw_decoder(cleaning) is None
+
+
+def test_decode_strips_stops_and_padding_leaves_its_input_alone_and_follows_a_new_pad_token(tok):
+    import numpy as np
+    import torch
+
+    template = get_template(copy.deepcopy(tok))
+    text_ids = tok("Hello world", add_special_tokens=False)["input_ids"]
+    pad = template.tokenizer.pad_token_id
+    ids = [*text_ids, pad, pad]
+    want = tok.decode(text_ids)
+    assert template.decode(ids) == want and ids == [*text_ids, pad, pad]  # the caller's list is not cut
+    assert template.decode(np.array(ids)) == template.decode(torch.tensor(ids)) == want
+    assert template.decode([np.int64(i) for i in ids]) == want
+    assert template.decode([*text_ids, template.stop_token_ids[0], *text_ids]) == want
+    # a pad token set after the first decode is the one stripped from then on
+    new_pad = text_ids[-1]
+    template.tokenizer.pad_token = template.tokenizer.convert_ids_to_tokens(new_pad)
+    assert template.tokenizer.pad_token_id == new_pad
+    assert template.decode(text_ids) == tok.decode(text_ids[:-1])

@@ -246,7 +246,8 @@ class Template:
         A streamed reply calls this twice per chunk, so the per-call work outside the tokenizer is kept small:
         a list of ints is not copied, and the pad id is looked up again only when the tokenizer's pad token
         changes (transformers' attribute lookup for it cost more than the decode itself)."""
-        ids = generated_ids if type(generated_ids) is list else _as_list(generated_ids)
+        ids = generated_ids if type(generated_ids) is list and (not generated_ids or type(generated_ids[0]) is int) \
+            else _as_list(generated_ids)
         stops = self._stop_set
         for k, t in enumerate(ids):
             if t in stops:
