@@ -407,11 +407,15 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
     print(f"client CPU: {len(client_cpus)} process(es), busiest at {busiest:.0%} of a core"
           + ("  WARNING: a saturated client process bounds this figure (raise --client_procs)"
              if busiest > 0.85 else ""))
+    http_core = (server_cpu - child_cpu) / elapsed  # the HTTP process: one GIL, so about one core at most
+    print(f"server CPU: HTTP process {http_core:.0%} of a core, engine process(es) {child_cpu / elapsed:.0%}"
+          + ("  (the HTTP process is near a whole core: it bounds this figure)" if http_core > 0.85 else ""))
     print(f"throughput {stats.ok / elapsed:.2f} req/s, {server_tps:.1f} generated tok/s over {elapsed:.1f} s")
     result = {"requests": len(work) or stats.sent, "completed": stats.ok, "errors": len(stats.errors), "lost": lost,
               "server_counted": server_ok, "server_tok_s": round(server_tps, 1), "seconds": round(elapsed, 2),
               "server_cpu_s": round(server_cpu, 2), "server_children_cpu_s": round(child_cpu, 2),
               "client_procs": len(client_cpus), "client_busiest_core": round(busiest, 2),
+              "http_process_core": round(http_core, 2),
               "ttft_p50_ms": round(_pct(stats.ttft, 50) * 1000, 1),
               "ttft_p95_ms": round(_pct(stats.ttft, 95) * 1000, 1),
               "latency_p50_s": round(_pct(stats.latency, 50), 3), "latency_p95_s": round(_pct(stats.latency, 95), 3)}
