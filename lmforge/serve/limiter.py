@@ -54,8 +54,7 @@ class ConcurrencyLimiter:
         """Wait for a slot; returns the seconds waited. Raises APIError 429 (queue full) or 503."""
         if self._draining:
             raise self._reject("shutting_down", 503, "The server is shutting down; retry on another replica")
-        if self._running < self.max_concurrency and not self._waiters:
-            self._running += 1
+        if self.try_acquire():
             return 0.0
         if len(self._waiters) >= self.max_queue:
             raise self._reject(
