@@ -69,3 +69,45 @@ def make_model(kind: str, out: Path, seed: int = 0, rope: dict | None = None) ->
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def fp8_dequantised(folder: Path, device: str = "cpu"):
+    """An FP8 export (transformers' fine-grained FP8: float8_e4m3fn weights, one float32 ``weight_scale_inv`` per
+    ``weight_block_size`` block) read back by hand: each weight times its block's scale, in bfloat16, loaded into
+    the plain architecture. This checks the exported numbers where transformers cannot run its FP8 matmuls (their
+    kernel comes from the Hugging Face Hub, unreachable offline); activations stay unquantised, so it measures the
+    weights' error only, not the dynamic activation quantisation of a real FP8 runtime."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    qc = config.quantization_config
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    assert qc["quant_method"] == "fp8", qc
+    bo, bi = qc["weight_block_size"]
+    del config.quantization_config
+    tensors: dict = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    state, fp8 = {}, 0
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            scale = tensors[name + "_scale_inv"].float()
+            rows, cols = t.shape
+            assert scale.shape == (-(-rows // bo), -(-cols // bi)), (name, scale.shape)
+            full = scale.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]
+            state[name] = (t.float() * full).to(torch.bfloat16)
+            fp8 += 1
+        else:
+            state[name] = t
+    assert fp8, "no float8 weights in the export"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    assert set(missing) <= tied and not unexpected, (missing, unexpected)
+    if tied:
+        model.tie_weights()
+    return model.to(device).eval()
