@@ -70,31 +70,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_seconds(pid: int) -> tuple[float, float]:
-    """User + system CPU seconds so far of a process and of its live child processes (an engine process, with
-    ``--engine_process``), all their threads (Linux /proc; NaN elsewhere)."""
-    def stat(p: int) -> list[str]:
-        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system, all threads) so far of a process and each of its live descendants (engine
+    processes, more API processes), by pid with the process's name (Linux /proc; empty elsewhere)."""
+    def stat(p: int) -> tuple[str, list[str]]:
+        text = Path(f"/proc/{p}/stat").read_text()
+        return text[text.index("(") + 1:text.rindex(")")], text.rsplit(")", 1)[1].split()
 
+    out: dict[int, tuple[str, float]] = {}
     try:
-        pids, own, total = [pid], None, 0.0
-        children = {}
+        children: dict[int, list[int]] = {}
         for d in Path("/proc").iterdir():
             if d.name.isdigit():
                 try:
-                    children.setdefault(int(stat(int(d.name))[1]), []).append(int(d.name))
+                    children.setdefault(int(stat(int(d.name))[1][1]), []).append(int(d.name))
                 except (OSError, IndexError, ValueError):
                     continue
+        tick, pids = os.sysconf("SC_CLK_TCK"), [pid]
         while pids:
             p = pids.pop()
-            fields = stat(p)
-            total += int(fields[11]) + int(fields[12])
-            own = total if own is None else own
+            try:
+                name, fields = stat(p)
+            except (OSError, IndexError, ValueError):
+                continue
+            out[p] = (name, (int(fields[11]) + int(fields[12])) / tick)
             pids += children.get(p, [])
-        tick = os.sysconf("SC_CLK_TCK")
-        return own / tick, (total - own) / tick
-    except (OSError, IndexError, ValueError):
-        return float("nan"), float("nan")
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _cpu_split(root: int, before: dict, after: dict) -> tuple[list[float], float]:
+    """CPU seconds between two ``_cpu_seconds`` readings: each HTTP process's (the server itself and its
+    ``lmforge-api*`` processes), and the rest together (the engine processes)."""
+    http, rest = [], 0.0
+    for p, (name, seconds) in after.items():
+        spent = seconds - before.get(p, (name, 0.0))[1]
+        if p == root or name.startswith("lmforge-api"):
+            http.append(spent)
+        else:
+            rest += spent
+    return http or [float("nan")], rest
+
+
+async def _settle_metrics(args: argparse.Namespace) -> None:
+    """With several API processes, the others' counts reach /metrics within a second: wait that long."""
+    if args.api_server_count > 1:
+        from lmforge.serve.api_processes import METRICS_INTERVAL
+
+        await asyncio.sleep(METRICS_INTERVAL + 0.5)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -122,6 +146,8 @@ def deploy_options(args: argparse.Namespace) -> dict:
         opts["max_concurrency"] = opts["max_batch_size"] = args.max_concurrency or 8
     if args.engine_process != "auto":  # auto: deploy's default (on for the native engine on a GPU)
         opts["engine_process"] = args.engine_process == "true"
+    if args.api_server_count != 1:
+        opts["api_server_count"] = args.api_server_count
     return opts
 
 
@@ -216,7 +242,8 @@ def engine_only(args: argparse.Namespace) -> dict:
     from lmforge.infer import RequestConfig
     from lmforge.pipelines.infer import build_engine
 
-    opts = {k: v for k, v in deploy_options(args).items() if k not in ("max_concurrency", "engine_process")}
+    opts = {k: v for k, v in deploy_options(args).items()
+            if k not in ("max_concurrency", "engine_process", "api_server_count")}
     engine = build_engine(DeployArguments(**opts))
     try:
         work = workload(args)
@@ -346,6 +373,7 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
         if fixed:  # warm-up as the engine-only run had: 8 short requests, not counted
             await asyncio.gather(*(fixed_client(client, model, [(ids, 4)], [0], args, Stats())
                                    for ids, _ in work[:8]))
+        await _settle_metrics(args)
         async with httpx.AsyncClient() as http:
             before = _server_completed((await http.get(url + "/metrics")).text, endpoint)
         t0, cpu0, client_cpu0 = time.monotonic(), _cpu_seconds(proc.pid), time.process_time()
@@ -365,12 +393,12 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
             for t in pending:
                 t.cancel()
             hung, client_cpus = len(pending), [time.process_time() - client_cpu0]
-        cpu1 = _cpu_seconds(proc.pid)
-        elapsed, server_cpu = seconds or time.monotonic() - t0, cpu1[0] + cpu1[1] - cpu0[0] - cpu0[1]
-        child_cpu = cpu1[1] - cpu0[1]
+        http_cpus, child_cpu = _cpu_split(proc.pid, cpu0, _cpu_seconds(proc.pid))
+        elapsed, server_cpu = seconds or time.monotonic() - t0, sum(http_cpus) + child_cpu
         lost = (len(work) if fixed else stats.sent) - stats.ok - len(stats.errors)
         if hung:
             stats.errors.append(f"{hung} clients still waiting after {limit:g} s (hang)")
+        await _settle_metrics(args)
         async with httpx.AsyncClient() as http:
             server_ok = _server_completed((await http.get(url + "/metrics")).text, endpoint) - before
         await client.close()
@@ -407,15 +435,17 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
     print(f"client CPU: {len(client_cpus)} process(es), busiest at {busiest:.0%} of a core"
           + ("  WARNING: a saturated client process bounds this figure (raise --client_procs)"
              if busiest > 0.85 else ""))
-    http_core = (server_cpu - child_cpu) / elapsed  # the HTTP process: one GIL, so about one core at most
-    print(f"server CPU: HTTP process {http_core:.0%} of a core, engine process(es) {child_cpu / elapsed:.0%}"
-          + ("  (the HTTP process is near a whole core: it bounds this figure)" if http_core > 0.85 else ""))
+    http_core = max(http_cpus) / elapsed  # an HTTP process: one GIL, so about one core at most
+    print(f"server CPU: {len(http_cpus)} HTTP process(es), busiest at {http_core:.0%} of a core "
+          f"(all: {' '.join(f'{c / elapsed:.0%}' for c in http_cpus)}), engine process(es) {child_cpu / elapsed:.0%}"
+          + ("  (an HTTP process is near a whole core: it bounds this figure; try --api_server_count)"
+             if http_core > 0.85 else ""))
     print(f"throughput {stats.ok / elapsed:.2f} req/s, {server_tps:.1f} generated tok/s over {elapsed:.1f} s")
     result = {"requests": len(work) or stats.sent, "completed": stats.ok, "errors": len(stats.errors), "lost": lost,
               "server_counted": server_ok, "server_tok_s": round(server_tps, 1), "seconds": round(elapsed, 2),
-              "server_cpu_s": round(server_cpu, 2), "server_children_cpu_s": round(child_cpu, 2),
+              "server_cpu_s": round(server_cpu, 2), "server_engine_cpu_s": round(child_cpu, 2),
               "client_procs": len(client_cpus), "client_busiest_core": round(busiest, 2),
-              "http_process_core": round(http_core, 2),
+              "http_process_core": round(http_core, 2), "http_processes": len(http_cpus),
               "ttft_p50_ms": round(_pct(stats.ttft, 50) * 1000, 1),
               "ttft_p95_ms": round(_pct(stats.ttft, 95) * 1000, 1),
               "latency_p50_s": round(_pct(stats.latency, 50), 3), "latency_p95_s": round(_pct(stats.latency, 95), 3)}
@@ -430,7 +460,7 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
         print(f"server / engine-only = {ratio:.3f}")
         if b.get("cpu_s") and stats.tokens:  # all threads of each process: the server's host work shows here
             print(f"CPU ms per generated token: engine only {1000 * b['cpu_s'] / b['tokens']:.3f}, "
-                  f"server {1000 * server_cpu / stats.tokens:.3f} (of it in child processes: "
+                  f"server {1000 * server_cpu / stats.tokens:.3f} (of it in engine processes: "
                   f"{1000 * child_cpu / stats.tokens:.3f})")
         if baseline["wrong_length"]:
             bad_baseline = True
@@ -476,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream_interval", type=int, default=1, help="native: tokens per streamed chunk (the server's)")
     p.add_argument("--engine_process", default="auto", choices=["auto", "true", "false"],
                    help="the server's engine in a process of its own (auto: deploy's default, on for native on a GPU)")
+    p.add_argument("--api_server_count", type=int, default=1, help="the server's HTTP processes")
     p.add_argument("--max_num_batched_tokens", type=int, default=8192, help="native: tokens per step")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.85, help="native: share of GPU memory")
     p.add_argument("--native_on_cpu", action="store_true",

@@ -83,6 +83,10 @@ class DeployArguments(InferArguments):
               "(--data_parallel_size > 1 always does)")
     allow_local_media: bool = field(False, "let requests name image files on this machine (path or file://); "
                                            "off: only base64 data: URLs are accepted")
+    api_server_count: int = field(1, "HTTP processes serving the port, in front of the engine process: each "
+                                     "streamed token's HTTP work spread over that many cores (implies "
+                                     "--engine_process true); --max_concurrency and --max_queue are split "
+                                     "between them, /metrics sums them all")
 
 
 @dataclass

@@ -121,20 +121,89 @@ def visible_gpu(index: int, visible: str | None = None) -> str:
     return ids[index]
 
 
-def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any) -> None:
-    """One replica: build the engine on its device, then answer messages until told to stop."""
-    from concurrent.futures import ThreadPoolExecutor
+def name_process(name: str) -> None:
+    """Show ``name`` (15 characters at most) for this process in ps, top and /proc (Linux; elsewhere nothing)."""
+    try:
+        with open("/proc/self/comm", "w") as f:  # the main thread's name is the process's
+            f.write(name[:15])
+    except OSError:
+        pass
 
+
+class _Outbox:
+    """A replica's pipe to one API process, written by a thread of its own.
+
+    Stream answers (``batch`` items) are queued and leave together: the engine's loop hands over a step's
+    answers without waiting on the pipe, and when the API process reads more slowly than the engine steps (its
+    reader thread waits for its own interpreter lock), the answers of several steps go as one message instead of
+    the engine stalling on a full pipe. Other messages (results, ``ready``) are written at once."""
+
+    def __init__(self, conn: Any):
+        from multiprocessing.reduction import ForkingPickler
+
+        self.conn, self._dumps = conn, ForkingPickler.dumps
+        self.items: list = []
+        self.lock, self.write_lock, self.ready = threading.Lock(), threading.Lock(), threading.Event()
+        threading.Thread(target=self._run, name="replica-outbox", daemon=True).start()
+
+    def put(self, items: list) -> None:
+        with self.lock:
+            self.items += items
+        self.ready.set()
+
+    def send(self, msg: tuple) -> None:
+        with self.write_lock:
+            self.conn.send(msg)
+
+    def _run(self) -> None:
+        while True:
+            self.ready.wait()
+            self.ready.clear()
+            with self.lock:
+                items, self.items = self.items, []
+            if not items:
+                continue
+            data = self._dumps((None, "batch", items))
+            try:
+                with self.write_lock:
+                    self.conn.send_bytes(data)
+            except OSError:  # the API process has gone; the replica's loop sees its pipe close
+                return
+
+
+def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conns: list) -> None:
+    """One replica: build the engine on its device, then answer messages until told to stop.
+
+    ``conns`` holds one pipe per API process (``lmforge deploy --api_server_count N``); process ``i`` numbers its
+    messages ``i, i + N, i + 2N, ...``, so every answer goes back on the pipe ``msg_id % N``, and a step's batch of
+    stream answers is split by the same rule."""
+    from concurrent.futures import ThreadPoolExecutor
+    from multiprocessing.connection import wait
+
+    name_process(f"lmforge-engine{rank}")
     if device.startswith("cuda"):
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(int(device.partition(":")[2] or 0))
         kwargs = {**kwargs, "device": "cuda"} if backend == "hf" else kwargs
     elif backend == "hf":
         kwargs = {**kwargs, "device": "cpu"}
-    send_lock = threading.Lock()
+    n = len(conns)
+    outboxes = [_Outbox(conn) for conn in conns]
 
-    def send(*msg: Any) -> None:
-        with send_lock:
-            conn.send(msg)
+    def send(msg_id: Any, kind: str, payload: Any) -> None:
+        if msg_id is not None:
+            outboxes[msg_id % n].send((msg_id, kind, payload))
+        elif kind == "batch":
+            if n == 1:
+                outboxes[0].put(payload)
+                return
+            parts: dict[int, list] = {}
+            for item in payload:
+                parts.setdefault(item[0] % n, []).append(item)
+            for i, items in parts.items():
+                outboxes[i].put(items)
+        else:  # "ready", a start-up error: to every API process
+            for box in outboxes:
+                box.send((msg_id, kind, payload))
 
     try:
         from lmforge.infer import get_engine
@@ -174,34 +243,49 @@ def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conn: Any)
                 engine.update_weights(payload)
                 send(msg_id, "result", None)
         except BaseException as e:  # noqa: BLE001 - every request gets an answer
-            send(msg_id, "error", _error_payload(e))
+            try:
+                send(msg_id, "error", _error_payload(e))
+            except OSError:  # its API process has gone
+                pass
         finally:
             cancelled.pop(msg_id, None)
 
+    def gone(i: int) -> None:
+        """API process ``i`` closed its pipe (it exited): stop generating for its streams."""
+        for msg_id in [m for m in list(streams.tasks) if m % n == i]:
+            streams.cancel(msg_id)
+        if tokens is not None:
+            for msg_id in [m for m in list(tokens.live) + list(tokens.starting) if m % n == i]:
+                tokens.cancel(msg_id)
+        for msg_id, event in list(cancelled.items()):
+            if msg_id % n == i:
+                event.set()
+
+    open_conns = dict(enumerate(conns))
     with ThreadPoolExecutor(max_workers=512, thread_name_prefix=f"replica{rank}") as pool:
-        while True:
-            try:
-                msg_id, kind, payload = conn.recv()
-            except EOFError:
-                break
-            if kind == "stop":
-                break
-            if kind == "cancel":
-                cancelled.setdefault(payload, threading.Event()).set()
-                continue
-            if kind == "acancel":
-                streams.cancel(payload)
-                continue
-            if kind == "astream":
-                streams.start(msg_id, payload)
-                continue
-            if kind == "tstream" and tokens is not None:
-                tokens.start(msg_id, payload)
-                continue
-            if kind == "tcancel" and tokens is not None:
-                tokens.cancel(payload)
-                continue
-            pool.submit(handle, msg_id, kind, payload)
+        while open_conns:
+            for conn in wait(list(open_conns.values())):
+                i = next(k for k, c in open_conns.items() if c is conn)
+                try:
+                    msg_id, kind, payload = conn.recv()
+                except (EOFError, OSError):
+                    del open_conns[i]
+                    gone(i)
+                    continue
+                if kind == "stop":
+                    return
+                if kind == "cancel":
+                    cancelled.setdefault(payload, threading.Event()).set()
+                elif kind == "acancel":
+                    streams.cancel(payload)
+                elif kind == "astream":
+                    streams.start(msg_id, payload)
+                elif kind == "tstream" and tokens is not None:
+                    tokens.start(msg_id, payload)
+                elif kind == "tcancel" and tokens is not None:
+                    tokens.cancel(payload)
+                else:
+                    pool.submit(handle, msg_id, kind, payload)
 
 
 class _Replica:
@@ -308,23 +392,49 @@ def _put_all(puts: list) -> None:
 
 
 class DataParallelEngine(InferEngine):
-    """N replicas of ``backend`` on ``devices`` (``cuda:0``, ``cuda:1``, ... or ``cpu``)."""
+    """N replicas of ``backend`` on ``devices`` (``cuda:0``, ``cuda:1``, ... or ``cpu``).
 
-    def __init__(self, backend: str, devices: list[str], **engine_kwargs: Any):
+    ``api_server_count`` > 1 gives every replica that many pipes: this object uses the first, and
+    :meth:`attach` builds the same front in each other API process from :meth:`api_connections` ``(i)``."""
+
+    def __init__(self, backend: str, devices: list[str], *, api_server_count: int = 1, **engine_kwargs: Any):
         import multiprocessing as mp
 
         if not devices:
             raise ValueError("an engine in other processes needs at least one device")
+        if api_server_count < 1:
+            raise ValueError(f"api_server_count {api_server_count}: at least 1")
         ctx = mp.get_context("spawn")
-        self._ids = itertools.count()
-        self._replicas: list[_Replica] = []
+        replicas, self._spare = [], []
         for rank, device in enumerate(devices):
-            front, back = ctx.Pipe()
-            proc = ctx.Process(target=_replica_main, args=(rank, device, backend, engine_kwargs, back), daemon=True,
-                               name=f"lmforge-replica{rank}")
+            pipes = [ctx.Pipe() for _ in range(api_server_count)]
+            proc = ctx.Process(target=_replica_main, args=(rank, device, backend, engine_kwargs,
+                                                           [back for _, back in pipes]),
+                               daemon=True, name=f"lmforge-replica{rank}")
             proc.start()
-            back.close()
-            self._replicas.append(_Replica(rank, proc, front))
+            for _, back in pipes:
+                back.close()
+            replicas.append(_Replica(rank, proc, pipes[0][0]))
+            self._spare.append([front for front, _ in pipes[1:]])  # the other API processes' ends
+        self._setup(replicas, devices, backend, 0, api_server_count)
+
+    @classmethod
+    def attach(cls, conns: list, devices: list[str], backend: str, index: int, count: int) -> "DataParallelEngine":
+        """The front of API process ``index`` of ``count`` over replicas another process started; ``conns`` (one per
+        replica) come from that process's :meth:`api_connections`. :meth:`close` then only lets go of the pipes."""
+        self = cls.__new__(cls)
+        self._spare = []
+        self._setup([_Replica(rank, None, conn) for rank, conn in enumerate(conns)], devices, backend, index, count)
+        return self
+
+    def api_connections(self, index: int) -> list:
+        """API process ``index``'s pipe to each replica (1 <= index < api_server_count), to pass to that process."""
+        return [spare[index - 1] for spare in self._spare]
+
+    def _setup(self, replicas: list[_Replica], devices: list[str], backend: str, index: int, count: int) -> None:
+        self._ids = itertools.count(index, count)  # the replicas route answers by msg_id % count
+        self._replicas = replicas
+        self._owner = index == 0
         try:
             for r in self._replicas:
                 r.wait_ready()
@@ -338,9 +448,11 @@ class DataParallelEngine(InferEngine):
         self.max_model_len, self.supports_raw_prompt = info["max_model_len"], info["supports_raw_prompt"]
         per = [r.info["max_num_seqs"] or 8 for r in self._replicas]
         self.max_num_seqs = sum(per)  # the server admits as many requests as all replicas batch
-        self.devices = list(devices)
-        logger.info("%s: %d %s replica(s) on %s", "data parallel" if len(devices) > 1 else "engine process",
-                    len(devices), backend, ", ".join(devices))
+        self.devices, self.backend = list(devices), backend
+        if self._owner:
+            logger.info("%s: %d %s replica(s) on %s%s", "data parallel" if len(devices) > 1 else "engine process",
+                        len(devices), backend, ", ".join(devices),
+                        f", {count} API processes" if count > 1 else "")
 
     # ---------------------------------------------------------------------------------------------- routing
 
@@ -440,6 +552,10 @@ class DataParallelEngine(InferEngine):
             r.call(next(self._ids), "weights", weights)
 
     def close(self) -> None:
+        if not self._owner:  # an attached API process: the replicas belong to the process that started them
+            for r in self._replicas:
+                r.conn.close()
+            return
         for r in self._replicas:
             try:
                 with r.lock:
@@ -450,6 +566,9 @@ class DataParallelEngine(InferEngine):
             r.process.join(timeout=10)
             if r.process.is_alive():
                 r.process.kill()
+        for spare in self._spare:
+            for conn in spare:
+                conn.close()
 
     def __del__(self) -> None:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Any
 
 from lmforge.arguments import DeployArguments
 
@@ -114,14 +115,62 @@ def deploy_main(args: DeployArguments) -> None:
         from lmforge.registry import load_plugins
 
         load_plugins(args.external_plugins)
-    if args.engine_process is None:
+    if args.api_server_count < 1:
+        raise ValueError(f"--api_server_count {args.api_server_count}: at least 1")
+    if args.api_server_count > 1:
+        if args.engine_process is False:
+            raise ValueError("--api_server_count > 1 needs the engine in its own process; drop --engine_process false")
+        args.engine_process = True
+    elif args.engine_process is None:
         args.engine_process = engine_process_default(args)
     engine = build_engine(args)  # --adapters name=dir is parsed there (lmforge.infer.checkpoint.parse_adapters)
+    if args.api_server_count > 1:
+        return _serve_from_processes(args, engine)
     app = create_app(engine, args)
     logger.info("OpenAI-compatible server on http://%s:%d/v1 (model %r)", args.host, args.port,
                 app.state.lmforge.base_name)
     make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
                 max_connections=args.max_connections, header_timeout=args.body_timeout).run()
+
+
+def _serve_from_processes(args: DeployArguments, engine: Any) -> None:
+    """``--api_server_count N``: this process and N - 1 more serve the port (:mod:`lmforge.serve.api_processes`)."""
+    import shutil
+    import socket
+    import tempfile
+
+    from lmforge.infer.data_parallel import DataParallelEngine
+    from lmforge.serve import create_app
+    from lmforge.serve.api_processes import ApiProcesses, listen_socket, split_limits
+    from lmforge.serve.metrics import SharedMetrics
+    from lmforge.serve.server import make_server
+
+    count = args.api_server_count
+    if not isinstance(engine, DataParallelEngine):
+        raise ValueError(f"--api_server_count {count}: this model runs on a {type(engine).__name__}, which serves "
+                         "from one process; use --api_server_count 1")
+    reuse_port = hasattr(socket, "SO_REUSEPORT")
+    procs = shared = None
+    metrics_dir = tempfile.mkdtemp(prefix="lmforge-metrics-")
+    try:
+        share = split_limits(args, engine, count)
+        sock = listen_socket(args.host, args.port, reuse_port)
+        share.port = sock.getsockname()[1]  # --port 0: the others bind the port this one got
+        app = create_app(engine, share)
+        shared = SharedMetrics(app.state.lmforge.metrics, metrics_dir, 0).start()
+        procs = ApiProcesses(share, engine, count, sock, metrics_dir, reuse_port)
+        logger.info("OpenAI-compatible server on http://%s:%d/v1 (model %r), %d API processes", args.host,
+                    share.port, app.state.lmforge.base_name, count)
+        make_server(app, args.host, share.port, shutdown_timeout=args.shutdown_timeout,
+                    max_connections=args.max_connections, header_timeout=args.body_timeout,
+                    on_shutdown=procs.signal_stop).run(sockets=[sock])
+    finally:
+        if procs is not None:
+            procs.stop(args.shutdown_timeout)
+        if shared is not None:
+            shared.stop()
+        engine.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def engine_process_default(args: DeployArguments) -> bool:

@@ -59,7 +59,8 @@ def build_engine(args: InferArguments) -> Any:
     if args.data_parallel_size > 1 or getattr(args, "engine_process", False):
         from lmforge.infer.data_parallel import DataParallelEngine
 
-        return DataParallelEngine(args.infer_backend, replica_devices(args.data_parallel_size), **kwargs)
+        return DataParallelEngine(args.infer_backend, replica_devices(args.data_parallel_size),
+                                  api_server_count=getattr(args, "api_server_count", 1), **kwargs)
     return get_engine(args.infer_backend, **kwargs)
 
 

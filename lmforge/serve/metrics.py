@@ -3,11 +3,19 @@
 The format is a few lines per sample, so a dependency (prometheus_client) would buy little; this
 keeps the server's imports small and the metrics per app instance (tests run several servers in
 one process, which a process-global registry would mix up).
+
+With several API processes (``lmforge deploy --api_server_count N``) each keeps its own metrics and
+writes a snapshot of them to a shared folder every second (:class:`SharedMetrics`); a scrape, which
+lands on any one process, adds the others' latest snapshots to its own live values: counters and
+histograms summed, gauges summed (requests running, waiting and the limits are per process).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import threading
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -50,8 +58,22 @@ class _Metric:
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
-    def render(self) -> list[str]:
+    def snapshot(self) -> object:
         raise NotImplementedError
+
+    def render(self, others: Sequence = ()) -> list[str]:
+        """The text lines of this metric, with other processes' snapshots of it added."""
+        raise NotImplementedError
+
+
+def _merged(own: dict, others: Sequence, add: Callable) -> list:
+    """``own`` (key -> value) with the others' snapshots (lists of [key, value]) added, sorted by key."""
+    total = dict(own)
+    for snap in others:
+        for key, value in snap or ():
+            key = tuple(key)
+            total[key] = add(total[key], value) if key in total else value
+    return sorted(total.items())
 
 
 class Counter(_Metric):
@@ -71,9 +93,14 @@ class Counter(_Metric):
     def value(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
-    def render(self) -> list[str]:
+    def snapshot(self) -> list:
         with self._lock:
-            items = sorted(self._values.items())
+            return [[list(k), v] for k, v in self._values.items()]
+
+    def render(self, others: Sequence = ()) -> list[str]:
+        with self._lock:
+            own = dict(self._values)
+        items = _merged(own, others, lambda a, b: a + b)
         return self.header() + [f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items]
 
 
@@ -86,8 +113,11 @@ class Gauge(_Metric):
         super().__init__(name, help)
         self._fn = fn
 
-    def render(self) -> list[str]:
-        return self.header() + [f"{self.name} {_num(float(self._fn()))}"]
+    def snapshot(self) -> float:
+        return float(self._fn())
+
+    def render(self, others: Sequence = ()) -> list[str]:
+        return self.header() + [f"{self.name} {_num(float(self._fn()) + sum(float(o or 0) for o in others))}"]
 
 
 class Histogram(_Metric):
@@ -114,11 +144,15 @@ class Histogram(_Metric):
         series = self._series.get(self._key(labels))
         return series[-1] if series else 0
 
-    def render(self) -> list[str]:
+    def snapshot(self) -> list:
+        with self._lock:
+            return [[list(k), list(v)] for k, v in self._series.items()]
+
+    def render(self, others: Sequence = ()) -> list[str]:
         lines = self.header()
         with self._lock:
-            items = sorted((k, list(v)) for k, v in self._series.items())
-        for key, series in items:
+            own = {k: list(v) for k, v in self._series.items()}
+        for key, series in _merged(own, others, lambda a, b: [x + y for x, y in zip(a, b)]):
             cumulative = 0
             for bound, n in zip(self.buckets, series):
                 cumulative += n
@@ -159,6 +193,7 @@ class ServerMetrics:
         self._all = [self.requests, self.prompt_tokens, self.completion_tokens, self.rejected, self.latency,
                      self.ttft, self.queue_wait, self.prompt_len, self.completion_len, self.running,
                      self.waiting, self.capacity, self.queue_capacity]
+        self.shared: Optional["SharedMetrics"] = None  # set in each of several API processes
 
     def record(self, *, endpoint: str, model: str, status: int, latency: float, stream: bool,
                prompt_tokens: int = 0, completion_tokens: int = 0, ttft: Optional[float] = None) -> None:
@@ -172,8 +207,67 @@ class ServerMetrics:
             self.prompt_len.observe(prompt_tokens)
             self.completion_len.observe(completion_tokens)
 
+
+    def snapshot(self) -> dict:
+        return {m.name: m.snapshot() for m in self._all}
+
     def render(self) -> str:
+        others = self.shared.others() if self.shared is not None else []
         lines: list[str] = []
         for metric in self._all:
-            lines += metric.render()
+            lines += metric.render([snap.get(metric.name) for _, snap in others])
+        if self.shared is not None:  # how the requests spread over the API processes
+            name = "lmforge_api_process_requests_total"
+            lines += [f"# HELP {name} HTTP requests answered by each API process",
+                      f"# TYPE {name} counter"]
+            per = sorted([(self.shared.index, self.snapshot()), *others], key=lambda item: item[0])
+            for index, snap in per:
+                total = sum(v for _, v in snap.get(self.requests.name) or ())
+                lines.append(f'{name}{{process="{index}"}} {_num(total)}')
         return "\n".join(lines) + "\n"
+
+
+class SharedMetrics:
+    """One API process's part in metrics shared through ``directory``: its snapshot written there every
+    ``interval`` seconds (a temporary file renamed over ``<index>.json``, so a reader never sees half of one),
+    the other processes' latest snapshots read back at a scrape. The others' figures are up to ``interval`` old."""
+
+    def __init__(self, metrics: ServerMetrics, directory: str | os.PathLike, index: int, interval: float = 1.0):
+        self.metrics, self.dir, self.index, self.interval = metrics, Path(directory), index, interval
+        self._stop = threading.Event()
+        metrics.shared = self
+
+    def publish(self) -> None:
+        tmp = self.dir / f".{self.index}.json.tmp"
+        tmp.write_text(json.dumps(self.metrics.snapshot()), encoding="utf-8")
+        os.replace(tmp, self.dir / f"{self.index}.json")
+
+    def others(self) -> list[tuple[int, dict]]:
+        out = []
+        for path in self.dir.glob("*.json"):
+            if path.stem.isdigit() and int(path.stem) != self.index:
+                try:
+                    out.append((int(path.stem), json.loads(path.read_text(encoding="utf-8"))))
+                except (OSError, ValueError):  # being replaced right now, or its process died mid-write
+                    continue
+        return out
+
+    def start(self) -> "SharedMetrics":
+        self.publish()
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                try:
+                    self.publish()
+                except OSError:  # the folder went away at shutdown
+                    return
+
+        threading.Thread(target=loop, name="lmforge-metrics-share", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.publish()  # the final counts
+        except OSError:
+            pass

@@ -111,12 +111,16 @@ def _http_protocol(header_timeout: float, max_connections: Optional[int], app: F
 class _DrainingServer(uvicorn.Server):
     """uvicorn.Server that drains the app's admission queue before waiting for running requests."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_timeout: float,
+                 on_shutdown: Optional[Callable[[], None]] = None) -> None:
         super().__init__(config)
         self._app = app
         self._shutdown_timeout = shutdown_timeout
+        self._on_shutdown = on_shutdown
 
     async def shutdown(self, sockets: Optional[list] = None) -> None:
+        if self._on_shutdown is not None:  # the other API processes drain at the same time as this one
+            self._on_shutdown()
         state = getattr(self._app.state, "lmforge", None)
         if state is not None:
             for server in self.servers:  # no new connections while running requests finish
@@ -129,14 +133,14 @@ class _DrainingServer(uvicorn.Server):
 
 def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 30.0,
                 log_level: str = "info", max_connections: Optional[int] = 1024, header_timeout: float = 30.0,
-                **uvicorn_kwargs: Any) -> uvicorn.Server:
+                on_shutdown: Optional[Callable[[], None]] = None, **uvicorn_kwargs: Any) -> uvicorn.Server:
     """A uvicorn server for ``app`` that leaves logging to us (one line per request, no access log),
     with at most ``max_connections`` open connections and a ``header_timeout`` per request's headers."""
     # uvicorn's own grace period starts after ours and only covers sending the final events.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, log_level=log_level,
                             timeout_graceful_shutdown=5.0, lifespan="on",
                             http=_http_protocol(header_timeout, max_connections, app), **uvicorn_kwargs)
-    return _DrainingServer(config, app, shutdown_timeout)
+    return _DrainingServer(config, app, shutdown_timeout, on_shutdown)
 
 
 class ServerThread:
