@@ -413,7 +413,7 @@ def _row(rng: random.Random, chunk_size: int, chunk_overlap: int, max_turns: int
 
 def generate_rag_reader(split: str = "train", n: int = 20000, seed: int = 0, chunk_size: int = 200,
                         chunk_overlap: int = 50, max_turns: int = 3,
-                        passage_counts: tuple[int, ...] = (1, 1, 2, 2, 2, 3), max_chars: int = 720,
+                        passage_counts: tuple[int, ...] = (1, 1, 2, 2, 2, 3), max_chars: int = 660,
                         meta: bool = False) -> list[dict]:
     """``n`` rows (see the module docstring); ``train`` and ``test`` never share a seed.
 
