@@ -376,7 +376,9 @@ DATASETS.register(
         "rag-reader",
         _load_rag_reader,
         splits=("train", "test"),
-        description="20,000 rag-agent prompts (system prompt, numbered passages of made-up documents, question) "
-                    "answered by a span copied from one passage ('solution'); test is 500 rows from another seed",
+        description="20,000 rag-agent prompts (system prompt, numbered passages of made-up documents in many "
+                    "styles, questions) answered by a span copied from one passage ('solution'); test is 500 rows "
+                    "from another seed",
+        version="2",
     ),
 )
