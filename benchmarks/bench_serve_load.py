@@ -252,16 +252,20 @@ def engine_only(args: argparse.Namespace) -> dict:
         offline_generate(engine, [(ids, 4) for ids, _ in work[:8]], cfg)  # warm-up, as the server gets
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        t0, cpu0, counts0 = time.perf_counter(), time.process_time(), dict(getattr(engine, "stats", None) or {})
         rows = offline_generate(engine, work, cfg, seed=seed)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        counts1 = dict(getattr(engine, "stats", None) or {})
     finally:
         if hasattr(engine, "close"):
             engine.close()
     tokens = sum(len(r[0].token_ids) for r in rows)
     short = sum(1 for r, (_, m) in zip(rows, work) if len(r[0].token_ids) != m)
+    steps = counts1.get("steps", 0) - counts0.get("steps", 0)
+    per_step = (counts1.get("tokens", 0) - counts0.get("tokens", 0)) / steps if steps else None
     return {"requests": len(work), "tokens": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1), "wrong_length": short, "cpu_s": round(cpu, 2)}
+            "tokens_per_s": round(tokens / seconds, 1), "wrong_length": short, "cpu_s": round(cpu, 2),
+            "steps": steps, "tokens_per_step": per_step}
 
 
 def run_engine_child(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -351,6 +355,15 @@ def _server_completed(metrics: str, endpoint: str) -> float:
         rf'lmforge_requests_total\{{endpoint="{endpoint}",model="[^"]*",status="200"\}} (\S+)', metrics))
 
 
+def _engine_counts(metrics: str) -> tuple[float, float]:
+    """(engine steps, sampled tokens) from /metrics (the native engine's counters; NaN without them)."""
+    def one(name: str) -> float:
+        m = re.search(rf"^{name} (\S+)$", metrics, re.M)
+        return float(m.group(1)) if m else float("nan")
+
+    return one("lmforge_engine_steps_total"), one("lmforge_engine_sampled_tokens_total")
+
+
 async def run(args: argparse.Namespace, baseline: dict | None) -> int:
     import httpx
 
@@ -375,7 +388,8 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
                                    for ids, _ in work[:8]))
         await _settle_metrics(args)
         async with httpx.AsyncClient() as http:
-            before = _server_completed((await http.get(url + "/metrics")).text, endpoint)
+            text = (await http.get(url + "/metrics")).text
+            before, engine0 = _server_completed(text, endpoint), _engine_counts(text)
         t0, cpu0, client_cpu0 = time.monotonic(), _cpu_seconds(proc.pid), time.process_time()
         hung, seconds = 0, None
         if fixed and args.client_procs > 1:
@@ -400,7 +414,8 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
             stats.errors.append(f"{hung} clients still waiting after {limit:g} s (hang)")
         await _settle_metrics(args)
         async with httpx.AsyncClient() as http:
-            server_ok = _server_completed((await http.get(url + "/metrics")).text, endpoint) - before
+            text = (await http.get(url + "/metrics")).text
+            server_ok, engine1 = _server_completed(text, endpoint) - before, _engine_counts(text)
         await client.close()
     finally:
         if proc.poll() is None:
@@ -441,11 +456,19 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
           + ("  (an HTTP process is near a whole core: it bounds this figure; try --api_server_count)"
              if http_core > 0.85 else ""))
     print(f"throughput {stats.ok / elapsed:.2f} req/s, {server_tps:.1f} generated tok/s over {elapsed:.1f} s")
+    steps = engine1[0] - engine0[0]
+    batch = (engine1[1] - engine0[1]) / steps if steps > 0 else float("nan")  # NaN: an engine without counters
+    if steps > 0:
+        print(f"engine: {steps:.0f} steps, {batch:.1f} sampled tokens per step, {1000 * elapsed / steps:.2f} ms per step"
+              + (f" (engine alone: {baseline['steps']} steps, {baseline['tokens_per_step']:.1f} tokens per step, "
+                 f"{1000 * baseline['seconds'] / baseline['steps']:.2f} ms per step)"
+                 if baseline and baseline.get("steps") else ""))
     result = {"requests": len(work) or stats.sent, "completed": stats.ok, "errors": len(stats.errors), "lost": lost,
               "server_counted": server_ok, "server_tok_s": round(server_tps, 1), "seconds": round(elapsed, 2),
               "server_cpu_s": round(server_cpu, 2), "server_engine_cpu_s": round(child_cpu, 2),
               "client_procs": len(client_cpus), "client_busiest_core": round(busiest, 2),
               "http_process_core": round(http_core, 2), "http_processes": len(http_cpus),
+              "engine_steps": steps, "engine_tokens_per_step": round(batch, 1),
               "ttft_p50_ms": round(_pct(stats.ttft, 50) * 1000, 1),
               "ttft_p95_ms": round(_pct(stats.ttft, 95) * 1000, 1),
               "latency_p50_s": round(_pct(stats.latency, 50), 3), "latency_p95_s": round(_pct(stats.latency, 95), 3)}

@@ -237,6 +237,10 @@ def test_deploy_with_two_api_processes_serves_the_openai_client_and_stops_on_sig
                  if line.startswith('lmforge_requests_total{endpoint="chat"')]
         assert sum(float(line.split()[-1]) for line in total) == 24, total
         assert "lmforge_max_concurrency 16" in metrics  # the total, split 8 + 8
+        engine = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("lmforge_engine_")}
+        assert engine["lmforge_engine_steps_total"] > 0  # the one engine's own counters, read from its process
+        assert engine["lmforge_engine_sampled_tokens_total"] >= engine["lmforge_engine_steps_total"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         output = proc.stdout.read()

@@ -52,7 +52,7 @@ from lmforge.serve.errors import (
     unexpected,
 )
 from lmforge.serve.limiter import ConcurrencyLimiter, Slot
-from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
+from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics, engine_lines
 from lmforge.serve.pooling import add_pooling_routes, generation_only
 from lmforge.serve.schemas import (
     ChatCompletionRequest,
@@ -604,6 +604,9 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
 
     @app.get("/metrics", dependencies=[] if cfg.metrics_public else [Depends(check_auth)])
     async def metrics() -> Response:
-        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+        # an engine in another process answers over its pipe: off the event loop
+        stats = await asyncio.to_thread(lambda: getattr(state.engine, "stats", None))
+        text = state.metrics.render() + "".join(line + "\n" for line in engine_lines(stats))
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     return app

@@ -227,6 +227,24 @@ class ServerMetrics:
         return "\n".join(lines) + "\n"
 
 
+ENGINE_COUNTERS = {  # engine.stats key -> (metric name, help)
+    "steps": ("lmforge_engine_steps_total", "engine steps (one forward pass over the running batch each)"),
+    "tokens": ("lmforge_engine_sampled_tokens_total", "tokens the engine sampled (all requests, every choice)"),
+    "prefill_tokens": ("lmforge_engine_prefill_tokens_total", "prompt tokens the engine computed"),
+    "graph_steps": ("lmforge_engine_graph_steps_total", "engine steps replayed from a CUDA graph"),
+}
+
+
+def engine_lines(stats: Optional[dict]) -> list[str]:
+    """The engine's own counters (the native engine's ``stats``; summed over its replicas), one process's view of
+    the one engine: tokens per step is the batch the engine really ran."""
+    lines: list[str] = []
+    for key, (name, help) in ENGINE_COUNTERS.items():
+        if stats and key in stats:
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {_num(float(stats[key]))}"]
+    return lines
+
+
 class SharedMetrics:
     """One API process's part in metrics shared through ``directory``: its snapshot written there every
     ``interval`` seconds (a temporary file renamed over ``<index>.json``, so a reader never sees half of one),
