@@ -263,9 +263,10 @@ def engine_only(args: argparse.Namespace) -> dict:
     short = sum(1 for r, (_, m) in zip(rows, work) if len(r[0].token_ids) != m)
     steps = counts1.get("steps", 0) - counts0.get("steps", 0)
     per_step = (counts1.get("tokens", 0) - counts0.get("tokens", 0)) / steps if steps else None
+    graph_share = (counts1.get("graph_steps", 0) - counts0.get("graph_steps", 0)) / steps if steps else None
     return {"requests": len(work), "tokens": tokens, "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "wrong_length": short, "cpu_s": round(cpu, 2),
-            "steps": steps, "tokens_per_step": per_step}
+            "steps": steps, "tokens_per_step": per_step, "graph_share": graph_share}
 
 
 def run_engine_child(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -355,13 +356,15 @@ def _server_completed(metrics: str, endpoint: str) -> float:
         rf'lmforge_requests_total\{{endpoint="{endpoint}",model="[^"]*",status="200"\}} (\S+)', metrics))
 
 
-def _engine_counts(metrics: str) -> tuple[float, float]:
-    """(engine steps, sampled tokens) from /metrics (the native engine's counters; NaN without them)."""
+def _engine_counts(metrics: str) -> tuple[float, float, float]:
+    """(engine steps, sampled tokens, CUDA-graph steps) from /metrics (the native engine's counters; NaN without
+    them)."""
     def one(name: str) -> float:
         m = re.search(rf"^{name} (\S+)$", metrics, re.M)
         return float(m.group(1)) if m else float("nan")
 
-    return one("lmforge_engine_steps_total"), one("lmforge_engine_sampled_tokens_total")
+    return (one("lmforge_engine_steps_total"), one("lmforge_engine_sampled_tokens_total"),
+            one("lmforge_engine_graph_steps_total"))
 
 
 async def run(args: argparse.Namespace, baseline: dict | None) -> int:
@@ -459,9 +462,12 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
     steps = engine1[0] - engine0[0]
     batch = (engine1[1] - engine0[1]) / steps if steps > 0 else float("nan")  # NaN: an engine without counters
     if steps > 0:
-        print(f"engine: {steps:.0f} steps, {batch:.1f} sampled tokens per step, {1000 * elapsed / steps:.2f} ms per step"
+        graphs = (engine1[2] - engine0[2]) / steps
+        print(f"engine: {steps:.0f} steps ({graphs:.0%} from CUDA graphs), {batch:.1f} sampled tokens per step, "
+              f"{1000 * elapsed / steps:.2f} ms per step"
               + (f" (engine alone: {baseline['steps']} steps, {baseline['tokens_per_step']:.1f} tokens per step, "
-                 f"{1000 * baseline['seconds'] / baseline['steps']:.2f} ms per step)"
+                 f"{1000 * baseline['seconds'] / baseline['steps']:.2f} ms per step, "
+                 f"{baseline.get('graph_share') or 0:.0%} from CUDA graphs)"
                  if baseline and baseline.get("steps") else ""))
     result = {"requests": len(work) or stats.sent, "completed": stats.ok, "errors": len(stats.errors), "lost": lost,
               "server_counted": server_ok, "server_tok_s": round(server_tps, 1), "seconds": round(elapsed, 2),
