@@ -251,3 +251,48 @@ def test_deploy_with_two_api_processes_serves_the_openai_client_and_stops_on_sig
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_killing_the_first_process_stops_the_others_and_the_engine(tmp_path):
+    """SIGKILL of ``lmforge deploy`` (no chance to clean up): the other API process notices, drains and exits,
+    and with its pipe closed the engine process ends too; nothing is left holding the port."""
+    from lmforge.infer.native.engine import ALLOW_CPU_ENV
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "lmforge.cli.main", "deploy", "--model", "builtin:tiny", "--port", str(port),
+           "--infer_backend", "native", "--torch_dtype", "float32", "--api_server_count", "2", "--max_num_seqs", "4"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), ALLOW_CPU_ENV: "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "deploy did not come up"
+            time.sleep(0.2)
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        names = {Path(f"/proc/{c}/comm").read_text().strip() for c in children}
+        assert {"lmforge-api1", "lmforge-engine0"} <= names, names
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while any(Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text().split()[2]
+                  for c in children):
+            assert time.monotonic() < deadline, [Path(f"/proc/{c}/comm").read_text() for c in children
+                                                 if Path(f"/proc/{c}").exists()]
+            time.sleep(0.2)
+        with pytest.raises(httpx.HTTPError):  # nobody serves the port any more
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for c in children:
+            try:
+                os.kill(c, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -91,12 +91,31 @@ def _api_main(index: int, count: int, args: Any, conns: list, devices: list[str]
         raise
     ready.send(None)
     ready.close()
+    _stop_with_parent()
     try:
         make_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
                     max_connections=args.max_connections, header_timeout=args.body_timeout).run(sockets=[sock])
     finally:
         shared.stop()
         engine.close()
+
+
+def _stop_with_parent() -> None:
+    """Shut this API process down (gracefully, as SIGTERM does) when the first one dies without stopping it, even
+    by SIGKILL: it must not go on holding the port and the engine."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        logger.warning("the first API process (pid %s) has exited: shutting down", parent.pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lmforge-parent-watch", daemon=True).start()
 
 
 class ApiProcesses:
