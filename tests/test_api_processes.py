@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,9 @@ import pytest
 
 from lmforge.infer import InferRequest, RequestConfig
 from lmforge.serve.metrics import Counter, Gauge, Histogram, ServerMetrics, SharedMetrics
+
+sys.path.insert(0, str(Path(__file__).parent))
+from deploy_process import free_port, start_deploy  # noqa: E402
 
 QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(10, 22), range(30, 42))]
 
@@ -184,12 +185,6 @@ def test_a_front_that_goes_away_has_its_streams_stopped_and_the_other_goes_on(tw
 
 # ---- the CLI ------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_deploy_with_two_api_processes_serves_the_openai_client_and_stops_on_sigterm(tmp_path):
     import concurrent.futures
 
@@ -197,26 +192,14 @@ def test_deploy_with_two_api_processes_serves_the_openai_client_and_stops_on_sig
 
     from lmforge.infer.native.engine import ALLOW_CPU_ENV
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "requests.log"
-    cmd = [sys.executable, "-m", "lmforge.cli.main", "deploy", "--model", "builtin:tiny", "--port", str(port),
-           "--infer_backend", "native", "--torch_dtype", "float32", "--api_server_count", "2",
-           "--max_num_seqs", "16", "--api_key", "sk-two", "--max_new_tokens", "8", "--log_file", str(log),
-           "--served_model_name", "tiny"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), ALLOW_CPU_ENV: "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_deploy(["--model", "builtin:tiny", "--infer_backend", "native", "--torch_dtype", "float32",
+                         "--api_server_count", "2", "--max_num_seqs", "16", "--api_key", "sk-two",
+                         "--max_new_tokens", "8", "--log_file", str(log), "--served_model_name", "tiny"],
+                        port, {ALLOW_CPU_ENV: "1"})
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "deploy did not come up"
-            time.sleep(0.2)
 
         def ask(i: int) -> str:  # one client each: its own connection, so the kernel spreads them
             with openai.OpenAI(base_url=url + "/v1", api_key="sk-two", max_retries=0) as c:
@@ -258,23 +241,11 @@ def test_killing_the_first_process_stops_the_others_and_the_engine(tmp_path):
     and with its pipe closed the engine process ends too; nothing is left holding the port."""
     from lmforge.infer.native.engine import ALLOW_CPU_ENV
 
-    port = _free_port()
-    cmd = [sys.executable, "-m", "lmforge.cli.main", "deploy", "--model", "builtin:tiny", "--port", str(port),
-           "--infer_backend", "native", "--torch_dtype", "float32", "--api_server_count", "2", "--max_num_seqs", "4"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), ALLOW_CPU_ENV: "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = free_port()
+    proc = start_deploy(["--model", "builtin:tiny", "--infer_backend", "native", "--torch_dtype", "float32",
+                         "--api_server_count", "2", "--max_num_seqs", "4"], port, {ALLOW_CPU_ENV: "1"})
     children: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "deploy did not come up"
-            time.sleep(0.2)
         children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         names = {Path(f"/proc/{c}/comm").read_text().strip() for c in children}
         assert {"lmforge-api1", "lmforge-engine0"} <= names, names

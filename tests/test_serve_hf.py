@@ -6,15 +6,9 @@ every answer checkable against the engine called directly.
 """
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -168,31 +162,15 @@ def test_context_limit_and_auth(engine):
         assert good.chat.completions.create(model="builtin:tiny", messages=MSG, max_tokens=2).choices
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_deploy_cli_serves_and_shuts_down_on_sigterm(tmp_path):
-    port = _free_port()
+    from deploy_process import free_port, start_deploy
+
+    port = free_port()
     log = tmp_path / "requests.log"
-    cmd = [sys.executable, "-m", "lmforge.cli.main", "deploy", "--model", "builtin:tiny", "--port", str(port),
-           "--api_key", "sk-cli", "--max_new_tokens", "6", "--log_file", str(log), "--served_model_name", "tiny"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_deploy(["--model", "builtin:tiny", "--api_key", "sk-cli", "--max_new_tokens", "6", "--log_file",
+                         str(log), "--served_model_name", "tiny"], port, timeout=90)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "deploy did not come up"
-            time.sleep(0.2)
         c = openai.OpenAI(base_url=url + "/v1", api_key="sk-cli", max_retries=0)
         assert [m.id for m in c.models.list()] == ["tiny"]
         r = c.chat.completions.create(model="tiny", messages=MSG)
