@@ -91,15 +91,9 @@ def two_fronts():
     from lmforge.infer.native.engine import ALLOW_CPU_ENV
 
     kw = dict(model="builtin:tiny", torch_dtype="float32", max_num_seqs=8, num_blocks=512, stream_interval=2)
-    old = os.environ.get(ALLOW_CPU_ENV)
-    os.environ[ALLOW_CPU_ENV] = "1"  # read by the spawned replica
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ALLOW_CPU_ENV, "1")  # read by the spawned replica
         first = DataParallelEngine("native", ["cpu"], api_server_count=2, **kw)
-    finally:
-        if old is None:
-            os.environ.pop(ALLOW_CPU_ENV)
-        else:
-            os.environ[ALLOW_CPU_ENV] = old
     second = DataParallelEngine.attach(first.api_connections(1), first.devices, "native", 1, 2)
     local = NativeEngine(allow_cpu=True, **kw)
     yield first, second, local
@@ -149,12 +143,10 @@ def test_a_front_that_goes_away_has_its_streams_stopped_and_the_other_goes_on(tw
     # a fresh replica with two pipes, so the shared fixture's second front stays usable
     from lmforge.infer.native.engine import ALLOW_CPU_ENV
 
-    os.environ[ALLOW_CPU_ENV] = "1"
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ALLOW_CPU_ENV, "1")
         owner = DataParallelEngine("native", ["cpu"], api_server_count=2, model="builtin:tiny",
                                    torch_dtype="float32", max_num_seqs=4, num_blocks=256)
-    finally:
-        os.environ.pop(ALLOW_CPU_ENV)
     try:
         third_conns = owner.api_connections(1)
         gone = DataParallelEngine.attach(third_conns, owner.devices, "native", 1, 2)
