@@ -140,6 +140,8 @@ def deploy_options(args: argparse.Namespace) -> dict:
     if args.infer_backend == "native":
         opts.update(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     gpu_memory_utilization=args.gpu_memory_utilization, stream_interval=args.stream_interval)
+        if args.prefill_wait_steps:
+            opts["prefill_wait_steps"] = args.prefill_wait_steps
         if args.max_concurrency:
             opts["max_concurrency"] = args.max_concurrency
     else:
@@ -536,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine_process", default="auto", choices=["auto", "true", "false"],
                    help="the server's engine in a process of its own (auto: deploy's default, on for native on a GPU)")
     p.add_argument("--api_server_count", type=int, default=1, help="the server's HTTP processes")
+    p.add_argument("--prefill_wait_steps", type=int, default=0, help="native: steps new prompts may wait")
     p.add_argument("--max_num_batched_tokens", type=int, default=8192, help="native: tokens per step")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.85, help="native: share of GPU memory")
     p.add_argument("--native_on_cpu", action="store_true",

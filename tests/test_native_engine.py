@@ -66,6 +66,40 @@ def test_scheduler_chunks_long_prompts_and_puts_decodes_first():
     assert [(s.seq_id, n) for s, n in step] == [(a.seq_id, 1), (b.seq_id, 9)]
 
 
+def test_scheduler_holds_new_prompts_back_for_prefill_wait_steps():
+    """--prefill_wait_steps k: while others decode, one new prompt waits k steps (so several can share the one
+    eager step); it joins at once when nothing decodes, when a step prefills anyway, or when the waiting prompts
+    fill every free slot."""
+    bm = BlockManager(num_blocks=64, block_size=4)
+    sch = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=32, prefill_wait_steps=2)
+    a = _seq(range(3), max_tokens=20)
+    sch.add(a)
+    assert [s for s, _ in sch.schedule()] == [a]  # nothing decoding: admitted at once
+    sch.advance(a, 3)
+
+    def decode_step():
+        step = sch.schedule()
+        for s, n in step:
+            sch.advance(s, n)
+            s.token_ids.append(5)
+        return step
+
+    a.token_ids.append(7)
+    b = _seq(range(10, 14), max_tokens=20)
+    sch.add(b)
+    assert [(s, n) for s, n in decode_step()] == [(a, 1)]  # held: 1 step
+    assert [(s, n) for s, n in decode_step()] == [(a, 1)]  # held: 2 steps
+    assert [(s, n) for s, n in decode_step()] == [(a, 1), (b, 4)]  # k steps reached: admitted
+    c, d = _seq(range(20, 23)), _seq(range(30, 33))
+    sch.add(c)
+    assert [s for s, _ in decode_step()] == [a, b]  # c waits (two slots free)
+    sch.add(d)
+    assert [s for s, _ in decode_step()] == [a, b, c, d]  # two waiting fill the two free slots: at once
+    assert not sch.waiting and sch.held == 0
+    with pytest.raises(ValueError, match="prefill_wait_steps"):
+        Scheduler(bm, max_num_seqs=3, max_num_batched_tokens=32, prefill_wait_steps=-1)
+
+
 def test_scheduler_preempts_newest_when_blocks_run_out():
     bm = BlockManager(num_blocks=5, block_size=2)  # 4 usable blocks = 8 tokens
     sch = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
@@ -192,6 +226,34 @@ def test_preemption_and_chunked_prefill_change_nothing(lora_dir, hf):
         eng.close()
     assert got == want
     assert eng.runner.k_cache == [] and not eng.runner.graphs  # a closed engine gives its KV cache back
+
+
+def test_prefill_wait_steps_changes_no_output(hf):
+    """Prompts held back a few steps (and arriving while others decode) get the very tokens they get at once."""
+    import threading
+
+    cfg = RequestConfig(max_tokens=64, ignore_eos=True)
+    want = _ids(hf.infer(_reqs(), cfg))
+    eng = _native(prefill_wait_steps=3)
+    try:
+        got: dict[int, list] = {}
+
+        def ask(i: int) -> None:
+            got[i] = _ids(eng.infer(_reqs(PROMPTS[i:i + 1]), cfg))[0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+        threads[0].start()
+        while eng.stats["tokens"] < 2:  # the first is decoding: the others arrive while it does
+            threads[0].join(0.005)
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join()
+        held = eng.scheduler.num_held
+    finally:
+        eng.close()
+    assert [got[i] for i in range(len(PROMPTS))] == want
+    assert held > 0  # prompts really were held back
 
 
 def test_prefix_cache_hit_gives_the_same_reply(native):

@@ -47,6 +47,9 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
     stream_interval: int = field(1, "native: a streamed reply gets a chunk every this many tokens (its first and "
                                     "last at once); more tokens per chunk cost a busy server less host time per "
                                     "token")
+    prefill_wait_steps: int = field(0, "native: steps new prompts may wait while others decode, so several are "
+                                       "prefilled in one step (a step with a prompt runs without CUDA graphs); "
+                                       "0: at once. Costs at most that many steps of time to first token")
     seed: int = field(42, "random seed")
 
 

@@ -58,7 +58,7 @@ class NativeEngine(HfEngine):
     def __init__(self, model: str | None = None, *, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, num_blocks: int | None = None, device: str | None = None,
-                 allow_cpu: bool = False, stream_interval: int = 1, **kwargs: Any):
+                 allow_cpu: bool = False, stream_interval: int = 1, prefill_wait_steps: int = 0, **kwargs: Any):
         if os.environ.get(ALLOW_CPU_ENV) == "1":  # benchmarks of the host-side path through `lmforge deploy`
             allow_cpu = True
             if num_blocks is None and not torch.cuda.is_available():  # room for every sequence at full length
@@ -102,7 +102,8 @@ class NativeEngine(HfEngine):
             self._banned = torch.tensor(sorted(self.template.vision.token_ids), device=self.device)
         self.blocks = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens)
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   prefill_wait_steps=int(prefill_wait_steps))
         self.max_num_seqs = max_num_seqs
         self.max_batch_size = max_num_seqs  # what the server may send at once
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

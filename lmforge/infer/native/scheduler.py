@@ -5,6 +5,13 @@ contribute one token each; the rest of the step's token budget (``max_num_batche
 prompts, oldest first, cut into chunks when a prompt is longer than what is left (chunked prefill),
 so a long prompt never stalls the decoding of others for more than one step's worth of tokens.
 
+With ``prefill_wait_steps`` k > 0, new prompts may wait up to k steps while others decode, so that several
+arrive in one step: a step with a prompt chunk cannot replay a CUDA graph (only pure decode steps do), and a
+server whose clients send one request after another otherwise mixes a prompt into most steps. They are
+admitted at once when nothing is decoding or when they would fill every free slot (waiting longer could not
+batch more); at most k steps of extra time to first token (as text-generation-inference's
+``max_waiting_tokens``).
+
 When a decoding sequence needs a new KV block and none is left, the most recently admitted running
 sequence is preempted: its blocks are released (its full blocks stay in the prefix cache) and it
 goes back to the front of the queue, to be recomputed from its prompt plus what it has generated so
@@ -97,8 +104,14 @@ class Sequence:
 class Scheduler:
     """Decides each step's work; the engine runs it and reports back through :meth:`advance`."""
 
-    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_wait_steps: int = 0):
+        if prefill_wait_steps < 0:
+            raise ValueError(f"prefill_wait_steps must be 0 or more, got {prefill_wait_steps}")
         self.blocks = blocks
+        self.prefill_wait_steps = prefill_wait_steps
+        self.held = 0  # steps in a row that left waiting prompts out (prefill_wait_steps)
+        self.num_held = 0  # ... and in all
         self.bs = blocks.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -144,6 +157,11 @@ class Scheduler:
             out.append((seq, n))
             budget -= n
             i += 1
+        if self.waiting and not self._admit_now(out):
+            self.held += 1
+            self.num_held += 1
+            return out
+        self.held = 0
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and self.num_preempted == preempted):  # no admissions in a step that had to preempt
             seq = self.waiting[0]
@@ -166,6 +184,14 @@ class Scheduler:
             out.append((seq, n))
             budget -= n
         return out
+
+    def _admit_now(self, scheduled: list[tuple[Sequence, int]]) -> bool:
+        """Whether waiting prompts join this step (always, unless ``prefill_wait_steps`` holds them back)."""
+        if self.prefill_wait_steps == 0 or self.held >= self.prefill_wait_steps:
+            return True
+        if not scheduled or any(n > 1 for _, n in scheduled):  # nothing decoding, or already a prefill step
+            return True
+        return len(self.waiting) >= self.max_num_seqs - len(self.running)  # they fill every free slot
 
     def _grow(self, seq: Sequence, n: int) -> bool:
         need = -(-(seq.num_computed + n) // self.bs) - len(seq.blocks)
