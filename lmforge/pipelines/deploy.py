@@ -42,32 +42,42 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_port(host: str, port: int) -> None:
-    """Bind ``host:port`` as uvicorn will and let go: a busy port fails here, before the model loads."""
+def bind_port(host: str, port: int, *, reuse_port: bool = False) -> Any:
+    """A TCP socket bound to ``host:port`` as uvicorn binds (``SO_REUSEADDR``; ``SO_REUSEPORT`` when asked); a port
+    that cannot be had fails with an error that says why and what to pass instead."""
     import errno
     import socket
 
-    if port == 0:
-        return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise OSError(f"--host {host}: cannot resolve it ({e.strerror})") from None
     family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        try:
-            sock.bind(address)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                why = "is already in use (another server?); stop it or pass another --port"
-            elif e.errno == errno.EACCES:
-                why = "needs privileges this user lacks (ports below 1024); pass --port 1024 or higher"
-            elif e.errno == errno.EADDRNOTAVAIL:
-                why = f"cannot be listened on: --host {host} is not an address of this machine"
-            else:
-                why = f"cannot be listened on ({e.strerror})"
-            raise OSError(f"--port {port}: {host}:{port} {why}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            why = "is already in use (another server?); stop it or pass another --port"
+        elif e.errno == errno.EACCES:
+            why = "needs privileges this user lacks (ports below 1024); pass --port 1024 or higher"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            why = f"cannot be listened on: --host {host} is not an address of this machine"
+        else:
+            why = f"cannot be listened on ({e.strerror})"
+        raise OSError(f"--port {port}: {host}:{port} {why}") from None
+    return sock
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` as uvicorn will and let go: a busy port fails here, before the model loads."""
+    if port == 0:
+        return
+    bind_port(host, port).close()
 
 
 def _passive_openmp() -> None:

@@ -33,15 +33,10 @@ METRICS_INTERVAL = 1.0  # seconds between an API process's metric snapshots
 
 def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A listening TCP socket on ``host:port`` (``port`` 0: a free one), with ``SO_REUSEPORT`` when asked."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
+    from lmforge.pipelines.deploy import bind_port
+
+    sock = bind_port(host, port, reuse_port=reuse_port)
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 

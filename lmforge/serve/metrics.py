@@ -220,10 +220,10 @@ class ServerMetrics:
             name = "lmforge_api_process_requests_total"
             lines += [f"# HELP {name} HTTP requests answered by each API process",
                       f"# TYPE {name} counter"]
-            per = sorted([(self.shared.index, self.snapshot()), *others], key=lambda item: item[0])
-            for index, snap in per:
-                total = sum(v for _, v in snap.get(self.requests.name) or ())
-                lines.append(f'{name}{{process="{index}"}} {_num(total)}')
+            per = sorted([(self.shared.index, self.requests.snapshot()),
+                          *((index, snap.get(self.requests.name)) for index, snap in others)])
+            for index, requests in per:
+                lines.append(f'{name}{{process="{index}"}} {_num(sum(v for _, v in requests or ()))}')
         return "\n".join(lines) + "\n"
 
 
