@@ -12,7 +12,6 @@ _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
 if not torch.cuda.is_available():  # must precede the first import of the kernels (read when decorated)
     os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,6 +21,9 @@ triton = pytest.importorskip("triton")
 import torch.nn.functional as F  # noqa: E402
 
 from lmforge.infer.native import attention as A  # noqa: E402
+from tests.triton_interpreter import interpreter_fixture, restore  # noqa: E402
+
+restore(_PREV_INTERPRET)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -29,31 +31,8 @@ TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpreter():
-    """Keep TRITON_INTERPRET for this module only, and make the interpreter work with numpy >= 2.4
-    (triton 3.6 calls int() on a 1-element array for dynamic loop bounds: triton-lang/triton#9171)."""
-    if DEV == "cuda":
-        yield
-        return
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    if type(A._paged_attn_kernel).__name__ != "InterpretedFunction":  # imported earlier, compiled for GPU
-        importlib.reload(A)
-    from triton.runtime import interpreter
-
-    orig = getattr(interpreter, "_patch_lang_tensor", None)
-    if orig is not None:  # fixed upstream after 3.6; harmless where the fix is in
-
-        def patch(tensor, scope):
-            orig(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        mp.setattr(interpreter, "_patch_lang_tensor", patch)
-    yield
-    mp.undo()
-    if _PREV_INTERPRET is None:  # later test modules get the plain CPU path again
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+    """Keep TRITON_INTERPRET for this module only (tests/triton_interpreter.py)."""
+    yield from interpreter_fixture(_PREV_INTERPRET, lambda: A._paged_attn_kernel, A)
 
 
 class Case:

@@ -192,6 +192,14 @@ def test_greedy_equals_hf_token_for_token(hf, native):
     assert all(len(t) == 40 for t in got)
 
 
+def test_greedy_with_repetition_penalty_equals_hf(hf, native):
+    """A greedy batch with a penalty must not take the sampler's plain-argmax shortcut."""
+    cfg = RequestConfig(max_tokens=30, ignore_eos=True, repetition_penalty=1.5)
+    want = _ids(hf.infer(_reqs(), cfg))
+    assert want != _ids(hf.infer(_reqs(), RequestConfig(max_tokens=30, ignore_eos=True)))  # the penalty bites
+    assert _ids(native.infer(_reqs(), cfg)) == want
+
+
 def test_greedy_equals_hf_with_stop_tokens_and_text(hf, native):
     cfg = RequestConfig(max_tokens=30)
     want, got = hf.infer(_reqs(), cfg), native.infer(_reqs(), cfg)

@@ -365,4 +365,4 @@ class NativeModel:
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return F.linear(hidden, self.lm_head)  # the model's dtype: the sampler upcasts only where it must

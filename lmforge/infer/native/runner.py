@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.infer.native import sample_kernel
 from lmforge.infer.native.model import AttentionMeta, NativeModel
 from lmforge.infer.native.scheduler import Sequence
 from lmforge.infer.native.vision import mrope_cos_sin
@@ -122,8 +123,10 @@ class ModelRunner:
         meta, ids, pos, _ = self._prepare_raw([(0, n, b, [1] * n, -1, 0) for n, b in zip(lens, seqs_blocks)])
         h = self.model.forward(ids, pos, meta, kc * self.model.num_layers, vc * self.model.num_layers)
         logits = self.model.logits(h[-B:])
-        probs = logits.softmax(-1)
+        probs = logits.float().softmax(-1)  # the sampler's float32 path: its largest temporaries
         probs.sort(dim=-1, descending=True)  # top-p's scratch
+        if sample_kernel.available(logits):  # compiled here, not on the first request
+            sample_kernel.gumbel_argmax(logits, torch.ones(B, device=logits.device))
         del kc, vc, h, logits, probs
 
     # ---- inputs ------------------------------------------------------------------------------
@@ -204,7 +207,7 @@ class ModelRunner:
     # ---- execution ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
-        """Logits [len(sample_rows), vocab] (float32) for the last token of the listed batch rows."""
+        """Logits [len(sample_rows), vocab] (the model's dtype) for the last token of the listed batch rows."""
         rows = self.rows_for(batch)
         # only a step that computes some image prompt's tokens needs the tower or 3-D positions: past its prompt a
         # sequence decodes at 1-D index + delta, so image requests keep the decode path (and its graphs) cheap

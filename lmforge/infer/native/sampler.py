@@ -12,6 +12,7 @@ from typing import Sequence as Seq
 
 import torch
 
+from lmforge.infer.native import sample_kernel
 from lmforge.infer.native.scheduler import Sequence
 
 
@@ -40,11 +41,19 @@ def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], banned: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Tokens for each row of ``logits`` [B, V] (float32), plus (chosen logprob, top ids, top logprobs)
-    when any row asked for logprobs. The log-probabilities are those of the model's raw distribution.
+    """Tokens for each row of ``logits`` [B, V] (the model's dtype), plus (chosen logprob, top ids, top
+    logprobs) when any row asked for logprobs. The log-probabilities are those of the model's raw distribution.
 
-    ``banned`` ids are never chosen (a vision-language model's image placeholders, as the hf engine does)."""
+    ``banned`` ids are never chosen (a vision-language model's image placeholders, as the hf engine does).
+    When every row is greedy or plain temperature sampling, one kernel reads the logits once
+    (:mod:`~lmforge.infer.native.sample_kernel`); otherwise the float32 torch path below."""
     params = [s.params for s in seqs]
+    if banned is None and all(p.greedy and not p.penalised and p.logprobs < 0 for p in params):
+        return logits.argmax(-1), None, None, None  # model dtype: the same ids as float32 (exact upcast)
+    if banned is None and sample_kernel.fast_rows(params) and sample_kernel.available(logits):
+        inv_t = torch.tensor([1.0 / p.temperature if p.temperature > 0 else 0.0 for p in params])
+        return sample_kernel.gumbel_argmax(logits, inv_t.to(logits.device, non_blocking=True)), None, None, None
+    logits = logits.float()
     want_lp = max(p.logprobs for p in params)
     raw_lp = logits.log_softmax(-1) if want_lp >= 0 else None
     if banned is not None:

@@ -1,0 +1,58 @@
+"""Run Triton kernels on CPU tensors under the Triton interpreter, for one test module at a time.
+
+A module that tests kernels sets ``TRITON_INTERPRET=1`` before importing them (the decorator reads it) when no
+GPU is present, calls :func:`restore` right after those imports, and uses :func:`interpreter_fixture` as an autouse module fixture: it keeps the variable set
+while the module runs, rebuilds kernels that were compiled for a GPU by an earlier import, makes triton 3.6's
+interpreter work with numpy >= 2.4 (it calls ``int()`` on a 1-element array for dynamic loop bounds:
+triton-lang/triton#9171), and afterwards restores the variable and reloads the modules so later test modules
+get the normal path again.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Callable, Iterator
+
+import pytest
+
+
+def restore(previous: str | None) -> None:
+    """Put TRITON_INTERPRET back as it was before the module's imports, so that the tests of other modules
+    collected in the same process never run kernels under the interpreter (the fixture sets it again)."""
+    if previous is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+
+
+def interpreter_fixture(previous: str | None, kernel: Callable[[], object], *modules: ModuleType) -> Iterator[None]:
+    """The body of a module fixture: ``previous`` is TRITON_INTERPRET before the module set it, ``kernel()``
+    returns one kernel of ``modules[0]`` (to see whether it was built under the interpreter), ``modules`` are
+    reloaded in order when it was not (and once more at the end)."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    rebuilt = type(kernel()).__name__ != "InterpretedFunction"
+    if rebuilt:
+        for m in modules:
+            importlib.reload(m)
+    from triton.runtime import interpreter
+
+    orig = getattr(interpreter, "_patch_lang_tensor", None)
+    if orig is not None:  # fixed upstream after 3.6; harmless where the fix is in
+
+        def patch(tensor, scope):
+            orig(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        mp.setattr(interpreter, "_patch_lang_tensor", patch)
+    yield
+    mp.undo()
+    restore(previous)
+    for m in modules:  # later modules get the compiled (or the plain torch) path again
+        importlib.reload(m)
