@@ -4,26 +4,15 @@ Without a GPU the kernel runs under the Triton interpreter on CPU tensors (tiny 
 the interpreter's bf16 dot is broken). With a GPU the same tests run the compiled kernel on CUDA, and
 the ``gpu`` tests add bf16 model-sized shapes and CUDA-graph capture.
 """
-import os
+import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():  # must precede the first import of the kernels (read when decorated)
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.triton_interpreter import import_kernels, interpreter_fixture
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
-import torch.nn.functional as F  # noqa: E402
-
-from lmforge.infer.native import attention as A  # noqa: E402
-from tests.triton_interpreter import interpreter_fixture, restore  # noqa: E402
-
-restore(_PREV_INTERPRET)
+A, _PREV_INTERPRET = import_kernels("lmforge.infer.native.attention")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}

@@ -1,26 +1,16 @@
 """The one-pass sampling kernel: greedy rows equal ``torch.argmax``, sampled rows follow ``softmax(logits / T)``.
 
 Without a GPU the kernel runs under the Triton interpreter on CPU tensors (small shapes); with one, compiled on
-CUDA. Skipped where triton is not installed (the CPU sampler is then the only path; ``test_sample.py``).
+CUDA. Skipped where triton is not installed (the torch sampler is then the only path: ``test_native_engine.py``).
 """
-import os
-
+import pytest
 import torch
 
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():  # must precede the first import of the kernel (read when decorated)
-    os.environ["TRITON_INTERPRET"] = "1"
+from lmforge.infer.native.scheduler import SamplingParams
+from tests.triton_interpreter import import_kernels, interpreter_fixture
 
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
-from lmforge.infer.native import sample_kernel as K  # noqa: E402
-from lmforge.infer.native import sampler as S  # noqa: E402
-from lmforge.infer.native.scheduler import SamplingParams  # noqa: E402
-from tests.triton_interpreter import interpreter_fixture, restore  # noqa: E402
-
-restore(_PREV_INTERPRET)
+K, _PREV_INTERPRET = import_kernels("lmforge.infer.native.sample_kernel")
+from lmforge.infer.native import sampler as S  # noqa: E402  (after the kernel module: it imports it)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

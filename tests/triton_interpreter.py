@@ -1,7 +1,8 @@
 """Run Triton kernels on CPU tensors under the Triton interpreter, for one test module at a time.
 
-A module that tests kernels sets ``TRITON_INTERPRET=1`` before importing them (the decorator reads it) when no
-GPU is present, calls :func:`restore` right after those imports, and uses :func:`interpreter_fixture` as an autouse module fixture: it keeps the variable set
+A module that tests kernels imports them with :func:`import_kernels` (``TRITON_INTERPRET=1`` while the
+decorators run when no GPU is present, put back right after, so that other modules' tests collected in the same
+process never run kernels under the interpreter) and uses :func:`interpreter_fixture` as an autouse module fixture: it keeps the variable set
 while the module runs, rebuilds kernels that were compiled for a GPU by an earlier import, makes triton 3.6's
 interpreter work with numpy >= 2.4 (it calls ``int()`` on a 1-element array for dynamic loop bounds:
 triton-lang/triton#9171), and afterwards restores the variable and reloads the modules so later test modules
@@ -18,12 +19,32 @@ import pytest
 
 
 def restore(previous: str | None) -> None:
-    """Put TRITON_INTERPRET back as it was before the module's imports, so that the tests of other modules
-    collected in the same process never run kernels under the interpreter (the fixture sets it again)."""
+    """Put TRITON_INTERPRET back to ``previous`` (None: unset)."""
     if previous is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = previous
+
+
+def import_kernels(name: str) -> tuple[ModuleType, str | None]:
+    """Import triton and module ``name`` with TRITON_INTERPRET=1 when no GPU is present (triton's own language
+    helpers are ``@triton.jit`` functions too, built when triton is first imported); return the module and the
+    variable's value from before (for :func:`interpreter_fixture`). Skips the calling module without triton, or
+    when triton was already imported in this process outside the interpreter (its helpers then cannot run in it)."""
+    import torch
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton = pytest.importorskip("triton")
+        if on_cpu and type(triton.language.standard.zeros).__name__ != "InterpretedFunction":
+            pytest.skip("triton was imported earlier in this process outside the Triton interpreter",
+                        allow_module_level=True)
+        return importlib.import_module(name), previous
+    finally:
+        restore(previous)
 
 
 def interpreter_fixture(previous: str | None, kernel: Callable[[], object], *modules: ModuleType) -> Iterator[None]:
