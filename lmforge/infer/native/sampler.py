@@ -45,8 +45,8 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], banned: torch.Tensor | Non
     logprobs) when any row asked for logprobs. The log-probabilities are those of the model's raw distribution.
 
     ``banned`` ids are never chosen (a vision-language model's image placeholders, as the hf engine does).
-    When every row is greedy or plain temperature sampling, one kernel reads the logits once
-    (:mod:`~lmforge.infer.native.sample_kernel`); otherwise the float32 torch path below."""
+    An all-greedy batch takes one ``argmax``; greedy and plain-temperature rows one kernel that reads the
+    logits once (:mod:`~lmforge.infer.native.sample_kernel`); anything else the float32 torch path below."""
     params = [s.params for s in seqs]
     if banned is None and all(p.greedy and not p.penalised and p.logprobs < 0 for p in params):
         return logits.argmax(-1), None, None, None  # model dtype: the same ids as float32 (exact upcast)
