@@ -1,40 +1,22 @@
 """The native engine's fused element-wise kernels against their torch definitions (Triton interpreter)."""
 from __future__ import annotations
 
-import importlib
-import os
-
+import pytest
 import torch
 
-_PREV = os.environ.get("TRITON_INTERPRET")
-# Without a GPU, before triton is imported (the interpreter patches it at import). With one, never at
-# collection: a module-level setting outlived this module when its tests were deselected (`pytest -m gpu`)
-# and turned every later kernel, the GPU tests' included, into interpreted ones. The fixture below sets it
-# for this module's tests only.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.triton_interpreter import import_kernels, interpreter_fixture
 
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
+# The tests use CPU tensors, so the kernels run under the interpreter even on a GPU machine.
+K, _PREV = import_kernels("lmforge.infer.native.kernels", always=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreter():
-    """The kernels built under the interpreter for this module only (later modules get the plain path)."""
-    import lmforge.infer.native.kernels as k
-
-    os.environ["TRITON_INTERPRET"] = "1"  # another module's teardown may have cleared it since collection
-    importlib.reload(k)
-    yield k
-    if _PREV is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV
-    importlib.reload(k)
+    """The kernels built under the interpreter for this module only (tests/triton_interpreter.py)."""
+    yield from interpreter_fixture(_PREV, lambda: K._add_rms_norm_kernel, K, always=True)
 
 
-from lmforge.infer.native.model import _rotate_half, rms_norm  # noqa: E402
+from lmforge.infer.native.model import _rotate_half, rms_norm  # noqa: E402  (after the kernels' import)
 
 
 def test_add_rms_norm(interpreter):

@@ -26,15 +26,16 @@ def restore(previous: str | None) -> None:
         os.environ["TRITON_INTERPRET"] = previous
 
 
-def import_kernels(name: str) -> tuple[ModuleType, str | None]:
+def import_kernels(name: str, always: bool = False) -> tuple[ModuleType, str | None]:
     """Import triton and module ``name`` with TRITON_INTERPRET=1 when no GPU is present (triton's own language
     helpers are ``@triton.jit`` functions too, built when triton is first imported); return the module and the
-    variable's value from before (for :func:`interpreter_fixture`). Skips the calling module without triton, or
-    when triton was already imported in this process outside the interpreter (its helpers then cannot run in it)."""
+    variable's value from before (for :func:`interpreter_fixture`); ``always``: the interpreter even with a GPU
+    (tests on CPU tensors). Skips the calling module without triton, or when triton was already imported in
+    this process outside the interpreter (its helpers then cannot run in it)."""
     import torch
 
     previous = os.environ.get("TRITON_INTERPRET")
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = always or not torch.cuda.is_available()
     if on_cpu:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -47,14 +48,16 @@ def import_kernels(name: str) -> tuple[ModuleType, str | None]:
         restore(previous)
 
 
-def interpreter_fixture(previous: str | None, kernel: Callable[[], object], *modules: ModuleType) -> Iterator[None]:
-    """The body of a module fixture: ``previous`` is TRITON_INTERPRET before the module set it, ``kernel()``
-    returns one kernel of ``modules[0]`` (to see whether it was built under the interpreter), ``modules`` are
-    reloaded in order when it was not (and once more at the end)."""
+def interpreter_fixture(previous: str | None, kernel: Callable[[], object], *modules: ModuleType,
+                        always: bool = False) -> Iterator[ModuleType]:
+    """The body of a module fixture (yields ``modules[0]``): ``previous`` is TRITON_INTERPRET from before the
+    module's import, ``kernel()`` returns one kernel of ``modules[0]`` (to see whether it was built under the
+    interpreter), ``modules`` are reloaded in order when it was not (and once more at the end); ``always`` as
+    for :func:`import_kernels`."""
     import torch
 
-    if torch.cuda.is_available():
-        yield
+    if torch.cuda.is_available() and not always:
+        yield modules[0]
         return
     mp = pytest.MonkeyPatch()
     mp.setenv("TRITON_INTERPRET", "1")
@@ -72,7 +75,7 @@ def interpreter_fixture(previous: str | None, kernel: Callable[[], object], *mod
             scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
         mp.setattr(interpreter, "_patch_lang_tensor", patch)
-    yield
+    yield modules[0]
     mp.undo()
     restore(previous)
     for m in modules:  # later modules get the compiled (or the plain torch) path again
