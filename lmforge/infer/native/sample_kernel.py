@@ -19,10 +19,11 @@ them to fill the GPU; a second, tiny reduction picks each row's winner (ties: th
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
+
+from lmforge.infer.native.attention import _interpreting, _sm_count  # one SM-count cache, one switch
 
 try:  # optional, as for the attention kernels: CPU installs run the torch sampler
     import triton
@@ -34,11 +35,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 __all__ = ["available", "fast_rows", "gumbel_argmax"]
 
 _BLOCK = 2048
-_SM_COUNT: dict[int, int] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def available(logits: torch.Tensor) -> bool:
@@ -96,15 +92,6 @@ if triton is not None:
         idx = tl.min(tl.where(best_v == m, best_i, 2147483647), 0)
         tl.store(OUT_V + row * splits + sp, m)
         tl.store(OUT_I + row * splits + sp, idx)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def gumbel_argmax(logits: torch.Tensor, inv_temperature: torch.Tensor, block: int = _BLOCK) -> torch.Tensor:
