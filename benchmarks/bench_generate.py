@@ -170,6 +170,8 @@ def run_nano(nat, args) -> dict:
            "loop_between_steps_s": prof["between_steps_seconds"],
            "preempted": nat.scheduler.num_preempted - preempted,
            "graph_steps": nat.stats["graph_steps"] - steps_before["graph_steps"],
+           "overlapped_steps": nat.stats["overlapped_steps"] - steps_before["overlapped_steps"],
+           "async_scheduling": nat.async_scheduling,
            "temperature": args.temperature, "seeded_sampling": args.seeded_sampling}
     if args.step_profile:
         res["profile"] = prof
@@ -220,7 +222,8 @@ def native_workload(args, path: str, name: str, dtype: str) -> None:
     t0 = time.perf_counter()
     nat = NativeEngine(path, torch_dtype=dtype, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       gpu_memory_utilization=args.gpu_memory_utilization, **kw)
+                       gpu_memory_utilization=args.gpu_memory_utilization,
+                       async_scheduling=args.async_scheduling == "true", **kw)
     results: dict = {"model": name, "device": device_name(), "workload": args.workload,
                      "native_startup_s": round(time.perf_counter() - t0, 1), "max_num_seqs": args.max_num_seqs,
                      "max_num_batched_tokens": args.max_num_batched_tokens, "kv_blocks": nat.runner.num_blocks}
@@ -274,6 +277,8 @@ def main() -> None:
     p.add_argument("--max_num_seqs", type=int, default=256)
     p.add_argument("--max_num_batched_tokens", type=int, default=8192)
     p.add_argument("--gpu_memory_utilization", type=float, default=0.85)
+    p.add_argument("--async_scheduling", default="true", choices=["true", "false"],
+                   help="native: launch each step before the previous one's tokens are read back")
     p.add_argument("--skip_hf", action="store_true")
     p.add_argument("--skip_native", action="store_true")
     p.add_argument("--cache", default="/tmp/lmforge-bench")
@@ -330,7 +335,8 @@ def main() -> None:
         t0 = time.perf_counter()
         nat = NativeEngine(path, torch_dtype=dtype, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
                            max_num_batched_tokens=args.max_num_batched_tokens,
-                           gpu_memory_utilization=args.gpu_memory_utilization)
+                           gpu_memory_utilization=args.gpu_memory_utilization,
+                           async_scheduling=args.async_scheduling == "true")
         results["native_startup_s"] = round(time.perf_counter() - t0, 1)
         reqs = exact_requests(nat, args.requests, args.prompt_tokens, seed=0)
         nat.infer(reqs[:4], RequestConfig(max_tokens=4), use_tqdm=False)  # warm-up (Triton compiles)

@@ -142,6 +142,8 @@ def deploy_options(args: argparse.Namespace) -> dict:
                     gpu_memory_utilization=args.gpu_memory_utilization, stream_interval=args.stream_interval)
         if args.prefill_wait_steps:
             opts["prefill_wait_steps"] = args.prefill_wait_steps
+        if args.async_scheduling == "false":
+            opts["async_scheduling"] = False
         if args.max_concurrency:
             opts["max_concurrency"] = args.max_concurrency
     else:
@@ -539,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's engine in a process of its own (auto: deploy's default, on for native on a GPU)")
     p.add_argument("--api_server_count", type=int, default=1, help="the server's HTTP processes")
     p.add_argument("--prefill_wait_steps", type=int, default=0, help="native: steps new prompts may wait")
+    p.add_argument("--async_scheduling", default="true", choices=["true", "false"],
+                   help="native: launch each step before the previous one's tokens are read back")
     p.add_argument("--max_num_batched_tokens", type=int, default=8192, help="native: tokens per step")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.85, help="native: share of GPU memory")
     p.add_argument("--native_on_cpu", action="store_true",

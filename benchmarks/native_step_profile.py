@@ -16,7 +16,10 @@ the forward and of the sampler. The only behavioural difference: ``torch.cuda.sy
 before and after sampling (the step's ``.tolist()`` waits after it anyway, and with temperature > 0
 the sampler's small host-to-device copies wait for the forward before it), so that "waiting for the
 device" is one number and every other phase is host time; the sampler's launches no longer overlap
-the end of the forward, a small cost the host-time figures already carry.
+the end of the forward, a small cost the host-time figures already carry. Those synchronisations also undo
+the engine's asynchronous scheduling (a step's host work overlapping the previous step's device work), so
+phase figures describe the engine as it runs with ``async_scheduling=False``; without ``phases`` only step
+wall times and batches are recorded, and nothing is synchronised.
 """
 from __future__ import annotations
 
@@ -157,10 +160,10 @@ class StepRecorder:
         return out
 
     def _make_execute(self, original):
-        def execute(batch, sample_rows):
+        def execute(batch, sample_rows, *rest):
             cur = self._cur
             t = time.perf_counter()
-            out = self._events("forward", original, batch, sample_rows)
+            out = self._events("forward", original, batch, sample_rows, *rest)
             if cur is not None:
                 cur["execute"] += time.perf_counter() - t
             return out

@@ -44,6 +44,8 @@ class InferArguments(ModelArguments, DataArguments, TemplateArguments, Generatio
     block_size: int = field(16, "native: tokens per KV-cache block")
     enable_prefix_caching: bool = field(True, "native: share KV blocks of common prompt prefixes")
     enforce_eager: bool = field(False, "native: no CUDA graphs (debugging)")
+    async_scheduling: bool = field(True, "native: launch each step before the previous step's tokens are read "
+                                         "back, so the host's work overlaps the GPU's; false: one after the other")
     stream_interval: int = field(1, "native: a streamed reply gets a chunk every this many tokens (its first and "
                                     "last at once); more tokens per chunk cost a busy server less host time per "
                                     "token")

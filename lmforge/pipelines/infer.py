@@ -52,7 +52,8 @@ def build_engine(args: InferArguments) -> Any:
         kwargs.update(gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                       enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                      stream_interval=args.stream_interval, prefill_wait_steps=args.prefill_wait_steps)
+                      stream_interval=args.stream_interval, prefill_wait_steps=args.prefill_wait_steps,
+                      async_scheduling=args.async_scheduling)
     elif args.stream_interval != 1:
         raise ValueError(f"--stream_interval {args.stream_interval}: only the native engine groups streamed tokens "
                          "(--infer_backend native); the hf engine streams every token")

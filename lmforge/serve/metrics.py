@@ -232,6 +232,8 @@ ENGINE_COUNTERS = {  # engine.stats key -> (metric name, help)
     "tokens": ("lmforge_engine_sampled_tokens_total", "tokens the engine sampled (all requests, every choice)"),
     "prefill_tokens": ("lmforge_engine_prefill_tokens_total", "prompt tokens the engine computed"),
     "graph_steps": ("lmforge_engine_graph_steps_total", "engine steps replayed from a CUDA graph"),
+    "overlapped_steps": ("lmforge_engine_overlapped_steps_total",
+                         "engine steps launched before the previous step's tokens were read back (async scheduling)"),
 }
 
 

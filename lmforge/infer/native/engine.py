@@ -5,7 +5,8 @@ templates, tool calls, stop strings, logprob entries and streaming chunks are sh
 is how tokens are produced. One background thread owns the GPU and loops: schedule a step
 (decodes first, then prompt chunks; :mod:`.scheduler`), run it (a CUDA graph for pure decode steps;
 :mod:`.runner`), sample every row on the device (:mod:`.sampler`), append the tokens and hand them to
-whoever waits for them. Requests from any number of threads (the server's, say) join the running
+whoever waits for them. Asynchronously by default: step k+1 is launched before step k's tokens are read back,
+and step k's bookkeeping (stop checks, callbacks, streams) runs while the GPU computes step k+1 (:meth:`_step`). Requests from any number of threads (the server's, say) join the running
 batch at the next step instead of waiting for a lock. Qwen2-VL and Qwen2.5-VL requests bring images (Qwen2-VL
 ones videos too): the model's vision tower runs at their prefill and their rotary positions are 3-D (:mod:`.vision`).
 """
@@ -16,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable
 
 import torch
@@ -51,14 +53,16 @@ class NativeEngine(HfEngine):
     ``gpu_memory_utilization``: fraction of the GPU's memory the engine may use (weights, activations and
     KV cache); ``max_num_seqs``: sequences decoded together; ``max_num_batched_tokens``: tokens per step
     (prompt chunks beyond it wait for the next step); ``block_size``: tokens per KV block;
-    ``enforce_eager``: no CUDA graphs (debugging); ``stream_interval``: a streamed reply gets a chunk every
+    ``enforce_eager``: no CUDA graphs (debugging); ``async_scheduling``: launch step k+1 before step k's tokens
+    are read back (host and device work overlap; off: one after the other); ``stream_interval``: a streamed reply gets a chunk every
     this many tokens (its first and last at once; see :mod:`.streams`).
     """
 
     def __init__(self, model: str | None = None, *, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, num_blocks: int | None = None, device: str | None = None,
-                 allow_cpu: bool = False, stream_interval: int = 1, prefill_wait_steps: int = 0, **kwargs: Any):
+                 allow_cpu: bool = False, stream_interval: int = 1, prefill_wait_steps: int = 0,
+                 async_scheduling: bool = True, **kwargs: Any):
         if os.environ.get(ALLOW_CPU_ENV) == "1":  # benchmarks of the host-side path through `lmforge deploy`
             allow_cpu = True
             if num_blocks is None and not torch.cuda.is_available():  # room for every sequence at full length
@@ -110,8 +114,10 @@ class NativeEngine(HfEngine):
         self._wake = threading.Event()
         self._step_lock = threading.Lock()  # held for a whole step; update_weights takes it too
         self._closed = False
-        self._counts = {"steps": 0, "tokens": 0, "prefill_tokens": 0}
+        self._counts = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "overlapped_steps": 0}
         self._touched: list[StreamBox] = []  # asyncio streams with new steps (engine thread only)
+        self.async_scheduling = bool(async_scheduling)
+        self._inflight: _Launched | None = None  # the launched step whose tokens are not read back yet
         self._thread = threading.Thread(target=self._loop, name="lmforge-native", daemon=True)
         self._thread.start()
 
@@ -124,7 +130,7 @@ class NativeEngine(HfEngine):
                     self.scheduler.add(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            if not self.scheduler.has_work():
+            if not self.scheduler.has_work() and self._inflight is None:
                 self._wake.wait(0.5)
                 continue
             with self._step_lock:
@@ -143,7 +149,9 @@ class NativeEngine(HfEngine):
         self._wake_streams()
 
     def _fail_all(self, error: BaseException) -> None:
+        self._inflight = None
         for seq in (*self.scheduler.running, *self.scheduler.waiting):
+            self._drop_placeholder(seq)
             seq.error = error
             self._finish(seq, "abort")
 
@@ -163,15 +171,29 @@ class NativeEngine(HfEngine):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Steps, sampled tokens, prompt-chunk tokens and CUDA-graph replays so far."""
+        """Steps, sampled tokens, prompt-chunk tokens, steps launched before the previous one's tokens were
+        read back (async scheduling) and CUDA-graph replays so far."""
         return {**self._counts, "graph_steps": self.runner.graph_steps}
 
     def _step(self) -> None:
+        """Schedule and launch step k+1, then read back and hand out step k's tokens while the device runs k+1.
+
+        With ``async_scheduling`` the host work of a step (reading tokens back, stop checks, streaming, the
+        next step's inputs) overlaps the device's forward instead of alternating with it: a sequence's next
+        input token is taken on the device from the tokens just sampled (its host copy is a placeholder until
+        read back). A sequence that stops on a token only seen after the next step was launched costs that step
+        one wasted row. A batch with a penalised sequence waits for its history first (penalties read it)."""
         sched = self.scheduler
         batch = sched.schedule()
         while sched.dropped:  # cancelled while running or waiting: their callers stop waiting now
-            self._notify(sched.dropped.pop())
+            seq = sched.dropped.pop()
+            self._drop_placeholder(seq)
+            self._notify(seq)
+        prev, self._inflight = self._inflight, None
         if not batch:
+            if prev is not None:
+                self._complete(prev)
+                return
             head = sched.waiting[0] if sched.waiting and not sched.running else None
             if head is not None and -(-(len(head.token_ids) + 1) // self.blocks.block_size) >= self.blocks.num_blocks:
                 head.error = RuntimeError(  # it cannot fit even alone
@@ -179,30 +201,74 @@ class NativeEngine(HfEngine):
                     f"request's {len(head.token_ids)} tokens")
                 self._finish(head, "abort")
             return
-        sample_rows = [i for i, (s, n) in enumerate(batch) if s.num_computed + n == len(s.token_ids)]
-        logits = self.runner.execute(batch, sample_rows)
+        if prev is not None and (not self.async_scheduling
+                                 or any(s.num_pending and s.params.penalised for s, _ in batch)):
+            self._complete(prev)
+            prev = None
+        launched = self._launch(batch, prev)
+        if prev is not None:
+            self._counts["overlapped_steps"] += 1
+            self._complete(prev)  # the device runs the step just launched meanwhile
         for seq, n in batch:
+            if seq.status is Status.FINISHED:  # stopped on the token read back just now: this row was wasted
+                continue
             sched.advance(seq, n)
             if seq.images is not None:
                 seq.images.release(seq.num_computed)
+        if launched is not None:
+            for seq in launched.seqs:
+                if seq.status is not Status.FINISHED:
+                    seq.token_ids.append(-1)
+                    seq.num_pending = 1
+            self._inflight = launched
+
+    def _launch(self, batch: list[tuple[Sequence, int]], prev: "_Launched | None") -> "_Launched | None":
+        """Queue the step's forward and sampling on the device and the copy of its tokens to the host."""
+        sample_rows = [i for i, (s, n) in enumerate(batch) if s.num_computed + n == len(s.token_ids)]
+        pending = None
+        if prev is not None:
+            row_of = {s.seq_id: i for i, s in enumerate(prev.seqs)}
+            dst, src, pos = [], [], 0
+            for seq, n in batch:
+                pos += n
+                if seq.num_pending:
+                    dst.append(pos - 1)
+                    src.append(row_of[seq.seq_id])
+            if dst:
+                pending = (dst, src, prev.tokens)
+        logits = self.runner.execute(batch, sample_rows, pending)
         self._counts["steps"] += 1
         self._counts["prefill_tokens"] += sum(n for s, n in batch if n > 1)
         if not sample_rows:
-            return
+            return None
         seqs = [batch[i][0] for i in sample_rows]
         tokens, chosen, top_ids, top_lps = sample(logits, seqs, self._banned)
-        tokens = tokens.tolist()
-        chosen = chosen.tolist() if chosen is not None else None
-        top_ids = top_ids.tolist() if top_ids is not None else None
-        top_lps = top_lps.tolist() if top_lps is not None else None
-        self._counts["tokens"] += len(tokens)
-        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            if seq.status is not Status.RUNNING:
+        host = tuple(_to_host(t) if t is not None else None for t in (tokens, chosen, top_ids, top_lps))
+        event = None
+        if tokens.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return _Launched(seqs, tokens, host, event)
+
+    def _complete(self, step: "_Launched") -> None:
+        """Step k's tokens on the host: fill the placeholders, then check stops and notify (after every
+        placeholder is filled: a request's callback reads all of its ``n`` sequences)."""
+        if step.event is not None:
+            step.event.synchronize()
+        tokens, chosen, top_ids, top_lps = (t.tolist() if t is not None else None for t in step.host)
+        live = []
+        for i, (seq, tok) in enumerate(zip(step.seqs, tokens)):
+            if not seq.num_pending:  # finished (cancelled, failed) after this step was launched
                 continue
-            seq.token_ids.append(tok)
+            seq.token_ids[-1] = tok
+            seq.num_pending = 0
             if seq.params.logprobs >= 0:
                 k = seq.params.logprobs
                 seq.logprobs.append((tok, chosen[i], top_ids[i][:k] if k else None, top_lps[i][:k] if k else None))
+            live.append(seq)
+        self._counts["tokens"] += len(live)
+        for seq in live:
+            tok = seq.token_ids[-1]
             reason = None
             if tok in seq.stop_ids and not seq.params.ignore_eos:
                 reason = "stop"
@@ -214,6 +280,12 @@ class NativeEngine(HfEngine):
                 self._finish(seq, reason)
             else:
                 self._notify(seq)
+
+    @staticmethod
+    def _drop_placeholder(seq: Sequence) -> None:
+        if seq.num_pending:
+            seq.token_ids.pop()
+            seq.num_pending = 0
 
     def _stop_string_in_tail(self, seq: Sequence) -> bool:
         # A stop string of L characters spans at most 4L byte-level tokens; a few more for context.
@@ -410,6 +482,25 @@ class NativeEngine(HfEngine):
             logger.info("native engine: %d tokens in %.2f s (%.0f tok/s)", toks, time.perf_counter() - t0,
                         toks / max(time.perf_counter() - t0, 1e-9))
         return out
+
+
+@dataclass
+class _Launched:
+    """A step on its way: its sampled sequences (in row order), their tokens on the device (the next step's
+    inputs) and on their way to the host (pinned copies, valid once ``event`` has completed)."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor
+    host: tuple
+    event: Any
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_cuda:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
 
 
 class _Lockstep:

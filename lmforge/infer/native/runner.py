@@ -162,16 +162,25 @@ class ModelRunner:
                      ) -> tuple[AttentionMeta, torch.Tensor, torch.Tensor, list[int]]:
         """The eager forward's inputs for ``rows`` (see :meth:`_step_arrays`) and each row's last token."""
         a = self._step_arrays(rows)
-        dev = self.device
+        up = self.upload
         meta = AttentionMeta(
-            slot_mapping=torch.from_numpy(a["slots"]).to(dev),
-            block_tables=torch.from_numpy(a["tables"]).to(dev),
-            seq_lens=torch.from_numpy(a["lens"]).to(dev),
-            query_start_loc=torch.from_numpy(a["qsl"].astype(np.int32)).to(dev),
-            max_query_len=int(a["counts"].max()),
-            lora_idx=torch.from_numpy(np.repeat(a["lora"], a["counts"])).to(dev) if self.model.lora_slots else None)
+            slot_mapping=up(a["slots"]), block_tables=up(a["tables"]), seq_lens=up(a["lens"]),
+            query_start_loc=up(a["qsl"].astype(np.int32)), max_query_len=int(a["counts"].max()),
+            lora_idx=up(np.repeat(a["lora"], a["counts"])) if self.model.lora_slots else None)
         last = (a["qsl"][1:] - 1).tolist()
-        return meta, torch.from_numpy(a["ids"]).to(dev), torch.from_numpy(a["pos"]).to(dev), last
+        return meta, up(a["ids"]), up(a["pos"]), last
+
+    def upload(self, a: np.ndarray | list) -> torch.Tensor:
+        """A host array on the device without waiting for the device: staged through pinned memory (a plain
+        ``.to(cuda)`` from pageable memory waits for every kernel queued before it, which would undo the
+        engine's overlap of host and device work). The caching host allocator keeps the pinned block until
+        the copy has run."""
+        return self.stage(a).to(self.device, non_blocking=True)
+
+    def stage(self, a: np.ndarray | list) -> torch.Tensor:
+        """``a`` as a CPU tensor, pinned where the device is a GPU (to be copied with ``non_blocking=True``)."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.pin_memory() if self.on_cuda else t
 
     @staticmethod
     def rows_for(batch: list[tuple[Sequence, int]]) -> list[tuple[int, int, list[int], list[int], int, int]]:
@@ -206,8 +215,12 @@ class ModelRunner:
 
     # ---- execution ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> torch.Tensor:
-        """Logits [len(sample_rows), vocab] (the model's dtype) for the last token of the listed batch rows."""
+    def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int],
+                pending: tuple[list[int], list[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [len(sample_rows), vocab] (the model's dtype) for the last token of the listed batch rows.
+
+        ``pending`` (token positions in the step, rows of ``tokens``, ``tokens``): those input tokens are still
+        placeholders on the host; they are taken from the previous step's sampled ``tokens`` on the device."""
         rows = self.rows_for(batch)
         # only a step that computes some image prompt's tokens needs the tower or 3-D positions: past its prompt a
         # sequence decodes at 1-D index + delta, so image requests keep the decode path (and its graphs) cheap
@@ -215,12 +228,22 @@ class ModelRunner:
         vision = self._vision_inputs(batch) if prefilling_images else {}
         if (self.graphs and not vision and all(n == 1 for _, n in batch)
                 and len(batch) <= self.graph_sizes[-1]):
-            logits = self._replay(rows)
+            logits = self._replay(rows, pending)
             self.graph_steps += 1
-            return logits[sample_rows] if len(sample_rows) != logits.shape[0] else logits
+            return logits if len(sample_rows) == logits.shape[0] else logits.index_select(0, self.upload(
+                np.asarray(sample_rows, dtype=np.int64)))
         meta, ids, pos, last = self._prepare_raw(rows)
+        self._fill_pending(ids, pending)
         hidden = self.model.forward(ids, pos, meta, self.k_cache, self.v_cache, **vision)
-        return self.model.logits(hidden[[last[i] for i in sample_rows]])
+        return self.model.logits(hidden.index_select(0, self.upload(np.asarray([last[i] for i in sample_rows],
+                                                                                dtype=np.int64))))
+
+    def _fill_pending(self, ids: torch.Tensor, pending: tuple[list[int], list[int], torch.Tensor] | None) -> None:
+        if pending is None:
+            return
+        dst, src, tokens = pending
+        ids.index_copy_(0, self.upload(np.asarray(dst, dtype=np.int64)),
+                        tokens.index_select(0, self.upload(np.asarray(src, dtype=np.int64))).to(ids.dtype))
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def _static_inputs(self, B: int) -> dict[str, torch.Tensor]:
@@ -258,7 +281,8 @@ class ModelRunner:
         logger.info("native engine: captured %d CUDA graphs (batch 1..%d) in %.1f s", len(sizes), max(sizes),
                     time.perf_counter() - t0)
 
-    def _replay(self, rows: list[tuple[int, int, list[int], list[int], int, int]]) -> torch.Tensor:
+    def _replay(self, rows: list[tuple[int, int, list[int], list[int], int, int]],
+                pending: tuple[list[int], list[int], torch.Tensor] | None = None) -> torch.Tensor:
         """One decode step (a token per row) through the smallest captured graph that holds the rows; the
         graph's rows past ``len(rows)`` get inert inputs (slot -1: their keys and values are not written)."""
         n = len(rows)
@@ -268,10 +292,11 @@ class ModelRunner:
         for name, default in (("ids", 0), ("pos", 0), ("slots", -1), ("lens", 1), ("lora", -1)):
             full = np.full(B, default, dtype=a[name].dtype)
             full[:n] = a[name]
-            buf[name].copy_(torch.from_numpy(full))
+            buf[name].copy_(self.stage(full), non_blocking=True)
         width = a["tables"].shape[1]
         table = np.zeros((B, width), dtype=np.int32)  # columns past a row's length are never read
         table[:n] = a["tables"]
-        buf["tables"][:, :width].copy_(torch.from_numpy(table))
+        buf["tables"][:, :width].copy_(self.stage(table), non_blocking=True)
+        self._fill_pending(buf["ids"], pending)
         graph.replay()
         return out[:n]

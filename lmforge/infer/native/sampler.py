@@ -16,8 +16,15 @@ from lmforge.infer.native import sample_kernel
 from lmforge.infer.native.scheduler import Sequence
 
 
+def _on(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on the device without waiting for queued kernels (pinned, non-blocking copy: the
+    engine launches the next step's forward before this step's tokens are read back)."""
+    t = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
 def _column(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.tensor(values, device=device, dtype=dtype)[:, None]
+    return _on(values, device, dtype)[:, None]
 
 
 def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
@@ -29,11 +36,11 @@ def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         p = seqs[i].params
         row = logits[i]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seqs[i].token_ids)), device=device)
+            seen = _on(sorted(set(seqs[i].token_ids)), device, torch.int64)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and seqs[i].num_output:
-            out = torch.tensor(seqs[i].output_ids, device=device)
+            out = _on(seqs[i].output_ids, device, torch.int64)
             counts = torch.zeros_like(row).scatter_add_(0, out, torch.ones_like(out, dtype=row.dtype))
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return logits
@@ -51,8 +58,8 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], banned: torch.Tensor | Non
     if banned is None and all(p.greedy and not p.penalised and p.logprobs < 0 for p in params):
         return logits.argmax(-1), None, None, None  # model dtype: the same ids as float32 (exact upcast)
     if banned is None and sample_kernel.fast_rows(params) and sample_kernel.available(logits):
-        inv_t = torch.tensor([1.0 / p.temperature if p.temperature > 0 else 0.0 for p in params])
-        return sample_kernel.gumbel_argmax(logits, inv_t.to(logits.device, non_blocking=True)), None, None, None
+        inv_t = _on([1.0 / p.temperature if p.temperature > 0 else 0.0 for p in params], logits.device, torch.float32)
+        return sample_kernel.gumbel_argmax(logits, inv_t), None, None, None
     logits = logits.float()
     want_lp = max(p.logprobs for p in params)
     raw_lp = logits.log_softmax(-1) if want_lp >= 0 else None
@@ -82,9 +89,9 @@ def _sample_rows(logits: torch.Tensor, params: list, greedy: list[bool]) -> torc
     if any(top_k):
         k_max = min(max(top_k), scores.shape[-1])
         kth = scores.topk(k_max, dim=-1).values  # [B, k_max], descending
-        idx = torch.tensor([(k if k else k_max) - 1 for k in top_k], device=device)[:, None]
+        idx = _column([(k if k else k_max) - 1 for k in top_k], device, torch.int64)
         limit = kth.gather(1, idx)
-        limit = torch.where(torch.tensor(top_k, device=device)[:, None] > 0, limit, torch.full_like(limit, -float("inf")))
+        limit = torch.where(_column(top_k, device, torch.int64) > 0, limit, torch.full_like(limit, -float("inf")))
         scores = scores.masked_fill(scores < limit, -float("inf"))
     probs = scores.softmax(-1)
     if any(p.top_p < 1.0 for p in params):
@@ -102,5 +109,5 @@ def _sample_rows(logits: torch.Tensor, params: list, greedy: list[bool]) -> torc
             noise[i] = torch.empty(probs.shape[-1], device=device).exponential_(generator=p.generator)
     tokens = (probs / noise).argmax(-1)
     if any(greedy):
-        tokens = torch.where(torch.tensor(greedy, device=device), logits.argmax(-1), tokens)
+        tokens = torch.where(_on(greedy, device, torch.bool), logits.argmax(-1), tokens)
     return tokens

@@ -83,6 +83,9 @@ class Sequence:
     logprobs: list[tuple[int, float, list[int] | None, list[float] | None]] = field(default_factory=list)
     error: BaseException | None = None  # why the engine could not finish it (raised to the caller)
     images: Any = None  # a vision.RequestMedia (shared by a request's n sequences), None for text
+    # 1 while the last entry of token_ids is a placeholder for a token sampled on the device and not read back
+    # yet (the engine's asynchronous scheduling); the next step takes it from the device.
+    num_pending: int = 0
 
     @property
     def cache_salt(self) -> int | None:
@@ -140,6 +143,9 @@ class Scheduler:
         i = 0
         while i < len(self.running):  # decodes and unfinished prompt chunks of running sequences
             seq = self.running[i]
+            if seq.num_pending and seq.num_output >= seq.max_tokens:
+                i += 1  # its last token is in flight: it ends when that token is read back
+                continue
             todo = len(seq.token_ids) - seq.num_computed
             n = min(todo, budget) if todo > 1 else 1
             if n <= 0 or budget <= 0:
