@@ -212,3 +212,27 @@ def test_engine_from_checkpoint_uses_args_json(lora_ckpt):
     e = HfEngine(ckpt_dir=str(lora_ckpt), device="cpu")
     assert e.model_name == "builtin:tiny" and list(e.adapters) == ["checkpoint-5"]
     assert e.template.system == "You are a careful calculator."
+
+
+def test_repetition_penalty_equals_transformers_processor():
+    """The hf engine's own repetition penalty (older transformers 5 releases refuse per-row ignore lengths) gives
+    transformers' processor's scores where that processor takes them: left padding not counted."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from lmforge.infer.hf import repetition_penalty
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (3, 12), generator=g)
+    scores = torch.randn(3, 50, generator=g)
+    pad = torch.tensor([0, 4, 11])
+    got = repetition_penalty(ids, scores.clone(), 1.7, pad)
+    for i in range(3):  # row by row, the processor's int form (every transformers 5 release has it)
+        want = RepetitionPenaltyLogitsProcessor(1.7, prompt_ignore_length=int(pad[i]))(ids[i:i + 1], scores[i:i + 1].clone())
+        assert torch.equal(got[i:i + 1], want)
+    assert not torch.equal(got, scores)
+    try:  # the batched form, where this transformers takes a tensor
+        batched = RepetitionPenaltyLogitsProcessor(1.7, prompt_ignore_length=pad)(ids, scores.clone())
+    except (TypeError, ValueError):
+        return
+    assert torch.equal(got, batched)

@@ -25,8 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-from transformers.generation import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, \
-    TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.streamers import BaseStreamer
 
 from lmforge.infer.base import InferEngine
@@ -64,6 +63,22 @@ class _Row:
     logprobs: list[TokenLogprob] | None = None
 
 
+def repetition_penalty(input_ids: torch.Tensor, scores: torch.Tensor, penalty: float,
+                       pad_lens: torch.Tensor) -> torch.Tensor:
+    """transformers' repetition penalty (every id seen in prompt or output: positive scores / penalty, negative x
+    penalty) over left-padded rows, the first ``pad_lens[i]`` ids of row i not counted. Written here because
+    ``RepetitionPenaltyLogitsProcessor`` takes per-row ignore lengths only in recent transformers 5 releases
+    (5.17 refuses a tensor), and the hf engine supports every 5.x."""
+    vocab = scores.shape[-1]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    padding = positions[None, :] < pad_lens.to(input_ids.device)[:, None]
+    ids = input_ids.masked_fill(padding, vocab)  # padding points at a spare column, dropped at the end
+    wide = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
+    seen = wide.gather(1, ids)
+    wide = wide.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+    return wide[:, :vocab]
+
+
 class _Sampler(LogitsProcessor):
     """Picks every next token itself (see the module docstring) and records its logprobs if asked."""
 
@@ -75,8 +90,8 @@ class _Sampler(LogitsProcessor):
         self.banned = torch.tensor(sorted(banned), dtype=torch.long, device=device) if banned else None
         self.prompt_len = prompt_len
         self.greedy = cfg.temperature == 0
-        self.rep = (RepetitionPenaltyLogitsProcessor(float(cfg.repetition_penalty), prompt_ignore_length=pad_lens)
-                    if cfg.repetition_penalty != 1.0 else None)
+        self.rep = float(cfg.repetition_penalty) if cfg.repetition_penalty != 1.0 else None
+        self.pad_lens = pad_lens
         self.presence, self.frequency = cfg.presence_penalty, cfg.frequency_penalty
         self.warpers: list[LogitsProcessor] = []
         if not self.greedy:
@@ -101,7 +116,7 @@ class _Sampler(LogitsProcessor):
         if self.banned is not None:
             scores = scores.index_fill(1, self.banned, float("-inf"))
         if self.rep is not None:
-            scores = self.rep(input_ids, scores)
+            scores = repetition_penalty(input_ids, scores, self.rep, self.pad_lens)
         if self.presence or self.frequency:
             generated = input_ids[:, self.prompt_len:]
             if generated.numel():
