@@ -272,6 +272,10 @@ def _config(max_query_len: int, group: int, d_pad: int, dtype: torch.dtype):
         block_n, max_m, stages = 64, 128, 3
     if max_query_len == 1:  # decode: one G-row tile per (sequence, kv head); memory bound
         block_m = max(16, _next_pow2(group))
+        if d_pad <= 64 and dtype != torch.float32:
+            # wider key tiles: fewer loop trips, more bytes in flight per program. H200, 24 layers' caches (no L2
+            # reuse), 256 sequences at 100..2048 tokens: 39-42 us per layer against 50-52 with 64-key tiles
+            block_n = 128
     else:
         block_m = min(max_m, max(16, _next_pow2(max_query_len * group)))
     wide = d_pad > 128 or dtype == torch.float32

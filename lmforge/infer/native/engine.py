@@ -236,7 +236,7 @@ class NativeEngine(HfEngine):
                     src.append(row_of[seq.seq_id])
             if dst:
                 pending = (dst, src, prev.tokens)
-        logits = self.runner.execute(batch, sample_rows, pending)
+        logits = self.runner.execute(batch, sample_rows, pending, self.scheduler.table)
         self._counts["steps"] += 1
         self._counts["prefill_tokens"] += sum(n for s, n in batch if n > 1)
         if not sample_rows:

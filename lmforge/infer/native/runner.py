@@ -12,6 +12,7 @@ read and write only the scratch block 0.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -130,14 +131,16 @@ class ModelRunner:
         del kc, vc, h, logits, probs
 
     # ---- inputs ------------------------------------------------------------------------------
-    def _step_arrays(self, rows: list[tuple[int, int, list[int], list[int], int, int]]) -> dict[str, Any]:
+    def _step_arrays(self, rows: list[tuple[int, int, list[int], list[int], int, int]],
+                     tables: np.ndarray | None = None) -> dict[str, Any]:
         """rows: (start index, new tokens, block ids, token ids of the new tokens, lora slot, rope offset)
         -> the step's inputs as numpy arrays: ``ids``, ``pos`` (index + offset, Qwen2-VL's M-RoPE delta; 0 for
         text), ``slots`` (KV-cache slot of each token), per row ``lens``, ``lora`` and ``tables``, and ``qsl``.
 
         Per-token values are computed with numpy over the whole step (a prefill step holds thousands of
         tokens; a Python loop over them cost milliseconds of host time per step); only the per-row parts
-        loop in Python."""
+        loop in Python. ``tables``: the rows' block tables already gathered (the scheduler's mirror), else built
+        here from the block lists."""
         bs = self.block_size
         n_rows = len(rows)
         starts = np.fromiter((r[0] for r in rows), dtype=np.int64, count=n_rows)
@@ -145,23 +148,24 @@ class ModelRunner:
         deltas = np.fromiter((r[5] for r in rows), dtype=np.int64, count=n_rows)
         qsl = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(counts, out=qsl[1:])
-        width = max(len(r[2]) for r in rows)
-        tables = np.zeros((n_rows, width), dtype=np.int32)
-        for i, r in enumerate(rows):
-            tables[i, :len(r[2])] = r[2]
+        if tables is None:
+            tables = np.zeros((n_rows, max(len(r[2]) for r in rows)), dtype=np.int32)
+            for i, r in enumerate(rows):
+                tables[i, :len(r[2])] = r[2]
         row = np.repeat(np.arange(n_rows), counts)                       # the row of each token
         index = np.arange(int(qsl[-1])) - qsl[:-1][row] + starts[row]    # each token's index in its sequence
-        return {"ids": np.concatenate([np.asarray(r[3], dtype=np.int64) for r in rows]),
+        return {"ids": np.fromiter(itertools.chain.from_iterable(r[3] for r in rows), dtype=np.int64,
+                                   count=int(qsl[-1])),
                 "pos": index + deltas[row],
                 "slots": tables[row, index // bs].astype(np.int64) * bs + index % bs,
                 "lens": (starts + counts).astype(np.int32),
                 "lora": np.fromiter((r[4] for r in rows), dtype=np.int64, count=n_rows),
                 "tables": tables, "qsl": qsl, "counts": counts}
 
-    def _prepare_raw(self, rows: list[tuple[int, int, list[int], list[int], int, int]]
-                     ) -> tuple[AttentionMeta, torch.Tensor, torch.Tensor, list[int]]:
+    def _prepare_raw(self, rows: list[tuple[int, int, list[int], list[int], int, int]],
+                     tables: np.ndarray | None = None) -> tuple[AttentionMeta, torch.Tensor, torch.Tensor, list[int]]:
         """The eager forward's inputs for ``rows`` (see :meth:`_step_arrays`) and each row's last token."""
-        a = self._step_arrays(rows)
+        a = self._step_arrays(rows, tables)
         up = self.upload
         meta = AttentionMeta(
             slot_mapping=up(a["slots"]), block_tables=up(a["tables"]), seq_lens=up(a["lens"]),
@@ -216,23 +220,28 @@ class ModelRunner:
     # ---- execution ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], sample_rows: list[int],
-                pending: tuple[list[int], list[int], torch.Tensor] | None = None) -> torch.Tensor:
+                pending: tuple[list[int], list[int], torch.Tensor] | None = None,
+                table: np.ndarray | None = None) -> torch.Tensor:
         """Logits [len(sample_rows), vocab] (the model's dtype) for the last token of the listed batch rows.
 
         ``pending`` (token positions in the step, rows of ``tokens``, ``tokens``): those input tokens are still
-        placeholders on the host; they are taken from the previous step's sampled ``tokens`` on the device."""
+        placeholders on the host; they are taken from the previous step's sampled ``tokens`` on the device.
+        ``table``: the scheduler's block table (a row per running sequence, ``Sequence.row``)."""
         rows = self.rows_for(batch)
+        tables = None
+        if table is not None:
+            tables = table[[s.row for s, _ in batch], :max(len(s.blocks) for s, _ in batch)]
         # only a step that computes some image prompt's tokens needs the tower or 3-D positions: past its prompt a
         # sequence decodes at 1-D index + delta, so image requests keep the decode path (and its graphs) cheap
         prefilling_images = any(s.images is not None and s.num_computed < s.prompt_len for s, _ in batch)
         vision = self._vision_inputs(batch) if prefilling_images else {}
         if (self.graphs and not vision and all(n == 1 for _, n in batch)
                 and len(batch) <= self.graph_sizes[-1]):
-            logits = self._replay(rows, pending)
+            logits = self._replay(rows, pending, tables)
             self.graph_steps += 1
             return logits if len(sample_rows) == logits.shape[0] else logits.index_select(0, self.upload(
                 np.asarray(sample_rows, dtype=np.int64)))
-        meta, ids, pos, last = self._prepare_raw(rows)
+        meta, ids, pos, last = self._prepare_raw(rows, tables)
         self._fill_pending(ids, pending)
         hidden = self.model.forward(ids, pos, meta, self.k_cache, self.v_cache, **vision)
         return self.model.logits(hidden.index_select(0, self.upload(np.asarray([last[i] for i in sample_rows],
@@ -282,13 +291,14 @@ class ModelRunner:
                     time.perf_counter() - t0)
 
     def _replay(self, rows: list[tuple[int, int, list[int], list[int], int, int]],
-                pending: tuple[list[int], list[int], torch.Tensor] | None = None) -> torch.Tensor:
+                pending: tuple[list[int], list[int], torch.Tensor] | None = None,
+                tables: np.ndarray | None = None) -> torch.Tensor:
         """One decode step (a token per row) through the smallest captured graph that holds the rows; the
         graph's rows past ``len(rows)`` get inert inputs (slot -1: their keys and values are not written)."""
         n = len(rows)
         B = next(s for s in self.graph_sizes if s >= n)
         graph, buf, out = self.graphs[B]
-        a = self._step_arrays(rows)
+        a = self._step_arrays(rows, tables)
         for name, default in (("ids", 0), ("pos", 0), ("slots", -1), ("lens", 1), ("lora", -1)):
             full = np.full(B, default, dtype=a[name].dtype)
             full[:n] = a[name]

@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from lmforge.infer.native.cache import BlockManager, NoFreeBlocks
 
 
@@ -86,6 +88,7 @@ class Sequence:
     # 1 while the last entry of token_ids is a placeholder for a token sampled on the device and not read back
     # yet (the engine's asynchronous scheduling); the next step takes it from the device.
     num_pending: int = 0
+    row: int = -1  # its row of the scheduler's block table (while running; kept until the row is taken again)
 
     @property
     def cache_salt(self) -> int | None:
@@ -123,6 +126,11 @@ class Scheduler:
         self.num_preempted = 0
         self.watermark = max(1, blocks.num_blocks // 100)  # room kept for running sequences' next blocks
         self.dropped: list[Sequence] = []  # aborted sequences finished by schedule(), for the engine to report
+        # Every running sequence's block ids, one row each, written as blocks are allocated: a step's block
+        # table is then one numpy gather instead of a Python copy of every sequence's block list (about 0.4 ms
+        # of host time per 256-sequence step). A row freed by a finished sequence keeps its ids until reused.
+        self.table = np.zeros((max_num_seqs, 16), dtype=np.int32)
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -187,6 +195,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
+            seq.row = self._free_rows.pop()
+            self._write_table(seq, 0)
             out.append((seq, n))
             budget -= n
         return out
@@ -207,10 +217,21 @@ class Scheduler:
             seq.blocks += self.blocks.allocate(need)
         except NoFreeBlocks:
             return False
+        self._write_table(seq, len(seq.blocks) - need)
         return True
+
+    def _write_table(self, seq: Sequence, start: int) -> None:
+        """Mirror ``seq.blocks[start:]`` into its row of the block table."""
+        n = len(seq.blocks)
+        if n > self.table.shape[1]:
+            grown = np.zeros((self.table.shape[0], max(n, 2 * self.table.shape[1])), dtype=np.int32)
+            grown[:, :self.table.shape[1]] = self.table
+            self.table = grown
+        self.table[seq.row, start:n] = seq.blocks[start:]
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._free_rows.append(seq.row)
         self.blocks.release(seq.blocks)
         seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
         seq.status = Status.WAITING
@@ -237,6 +258,7 @@ class Scheduler:
         """End ``seq`` wherever it is (running or waiting) and release its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+            self._free_rows.append(seq.row)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.blocks)
