@@ -299,3 +299,18 @@ def test_gpu_cuda_graph_replay(max_q):
     graph.replay()
     torch.cuda.synchronize()
     check(case, out)
+
+
+@pytest.mark.parametrize("group,head_dim,dtype", [(7, 64, torch.bfloat16), (1, 64, torch.float16), (4, 128, torch.bfloat16),
+                                                  (8, 256, torch.bfloat16), (7, 64, torch.float32)])
+def test_prefill_query_lengths_cover_every_kernel_config(group, head_dim, dtype):
+    """The engine compiles the prefill kernel at start for these lengths; any other chunk length must select one
+    of their configurations (else a server's step would stall on a compile)."""
+    from lmforge.infer.native.attention import _config, _next_pow2, prefill_query_lengths
+
+    d_pad = max(16, _next_pow2(head_dim))
+    lengths = prefill_query_lengths(group, head_dim, dtype, 8192)
+    warmed = {_config(q, group, d_pad, dtype) for q in lengths}
+    assert len(warmed) == len(lengths) > 1
+    assert {_config(q, group, d_pad, dtype) for q in range(2, 8193)} == warmed
+    assert prefill_query_lengths(group, head_dim, dtype, 3) == [q for q in lengths if q <= 3]

@@ -212,6 +212,10 @@ def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conns: lis
     except BaseException as e:  # noqa: BLE001 - reported to the front, which raises it with the replica named
         send(None, "error", _error_payload(e))
         return
+    try:  # the server's request classes: unpickling the first request would otherwise import them (and fastapi)
+        import lmforge.serve.schemas  # noqa: F401 - with the interpreter lock held, 0.35 s into serving
+    except ImportError:  # an install without the server's extra serves no such requests
+        pass
     replies = replies_info(engine)
     send(None, "ready", {"model_name": engine.model_name, "adapters": dict(engine.adapters),
                          "max_model_len": engine.max_model_len, "max_num_seqs": getattr(engine, "max_num_seqs", None),

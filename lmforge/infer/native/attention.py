@@ -283,6 +283,23 @@ def _config(max_query_len: int, group: int, d_pad: int, dtype: torch.dtype):
     return block_m, block_n, num_warps, stages
 
 
+def prefill_query_lengths(group: int, head_dim: int, dtype: torch.dtype, longest: int) -> list[int]:
+    """One query length (> 1) for every kernel configuration a prefill or mixed step can select (the tile height
+    and warps follow the step's longest query), so that an engine can compile them all when it starts instead of
+    stalling a server's step for a compile the first time a prompt chunk of a new size arrives."""
+    d_pad = max(16, _next_pow2(head_dim))
+    last = _config(max(2, longest), group, d_pad, dtype)  # the tile only grows with the query length, up to this
+    seen, out = set(), []
+    for q in range(2, max(2, longest) + 1):
+        cfg = _config(q, group, d_pad, dtype)
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append(q)
+        if cfg == last:
+            break
+    return out
+
+
 def _num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
     """Context partitions for a decode call: > 1 only when the (sequence, kv head) programs leave SMs idle;
     aims at about two programs per SM. Depends only on shapes (batch, heads, block-table width), so a

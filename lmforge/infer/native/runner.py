@@ -66,6 +66,8 @@ class ModelRunner:
         self.encode_media: Any = None  # vision.vision_encoder of a vision-language model (set by the engine)
         if self.on_cuda and not enforce_eager:
             self._capture(default_graph_sizes(max_num_seqs))
+        if self.on_cuda:
+            self._warm_prefill_kernels()
 
     # ---- memory ------------------------------------------------------------------------------
     def release(self) -> None:
@@ -129,6 +131,30 @@ class ModelRunner:
         if sample_kernel.available(logits):  # compiled here, not on the first request
             sample_kernel.gumbel_argmax(logits, torch.ones(B, device=logits.device))
         del kc, vc, h, logits, probs
+
+    @torch.inference_mode()
+    def _warm_prefill_kernels(self) -> None:
+        """Compile the attention kernel for every tile shape a prompt chunk can select (one short eager forward
+        each, over a scratch cache): compiling one on a server's first 3-token chunk stalled its engine for
+        0.5 s (py-spy, benchmarks/RESULTS.md 2026-11-30 seventh lease)."""
+        from lmforge.infer.native.attention import prefill_query_lengths
+
+        m = self.model
+        lengths = prefill_query_lengths(m.num_heads // m.num_kv_heads, m.head_dim, self.dtype,
+                                        self.max_num_batched_tokens)
+        if not lengths:
+            return
+        t0 = time.perf_counter()
+        nb = -(-max(lengths) // self.block_size)
+        kc = [torch.zeros(nb + 1, self.block_size, m.num_kv_heads, m.head_dim, device=self.device,
+                          dtype=self.dtype)]
+        vc = [torch.zeros_like(kc[0])]
+        for q in lengths:
+            meta, ids, pos, _ = self._prepare_raw([(0, q, list(range(1, nb + 1)), [1] * q, -1, 0)])
+            m.forward(ids, pos, meta, kc * m.num_layers, vc * m.num_layers)
+        torch.cuda.synchronize()
+        logger.info("native engine: prefill kernels for query lengths %s ready in %.1f s", lengths,
+                    time.perf_counter() - t0)
 
     # ---- inputs ------------------------------------------------------------------------------
     def _step_arrays(self, rows: list[tuple[int, int, list[int], list[int], int, int]],
