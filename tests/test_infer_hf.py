@@ -228,7 +228,8 @@ def test_repetition_penalty_equals_transformers_processor():
     pad = torch.tensor([0, 4, 11])
     got = repetition_penalty(ids, scores.clone(), 1.7, pad)
     for i in range(3):  # row by row, the processor's int form (every transformers 5 release has it)
-        want = RepetitionPenaltyLogitsProcessor(1.7, prompt_ignore_length=int(pad[i]))(ids[i:i + 1], scores[i:i + 1].clone())
+        proc = RepetitionPenaltyLogitsProcessor(1.7, prompt_ignore_length=int(pad[i]))
+        want = proc(ids[i:i + 1], scores[i:i + 1].clone())
         assert torch.equal(got[i:i + 1], want)
     assert not torch.equal(got, scores)
     try:  # the batched form, where this transformers takes a tensor

@@ -301,8 +301,9 @@ def test_gpu_cuda_graph_replay(max_q):
     check(case, out)
 
 
-@pytest.mark.parametrize("group,head_dim,dtype", [(7, 64, torch.bfloat16), (1, 64, torch.float16), (4, 128, torch.bfloat16),
-                                                  (8, 256, torch.bfloat16), (7, 64, torch.float32)])
+@pytest.mark.parametrize("group,head_dim,dtype", [(7, 64, torch.bfloat16), (1, 64, torch.float16),
+                                                  (4, 128, torch.bfloat16), (8, 256, torch.bfloat16),
+                                                  (7, 64, torch.float32)])
 def test_prefill_query_lengths_cover_every_kernel_config(group, head_dim, dtype):
     """The engine compiles the prefill kernel at start for these lengths; any other chunk length must select one
     of their configurations (else a server's step would stall on a compile)."""

@@ -6,8 +6,9 @@ is how tokens are produced. One background thread owns the GPU and loops: schedu
 (decodes first, then prompt chunks; :mod:`.scheduler`), run it (a CUDA graph for pure decode steps;
 :mod:`.runner`), sample every row on the device (:mod:`.sampler`), append the tokens and hand them to
 whoever waits for them. Asynchronously by default: step k+1 is launched before step k's tokens are read back,
-and step k's bookkeeping (stop checks, callbacks, streams) runs while the GPU computes step k+1 (:meth:`_step`). Requests from any number of threads (the server's, say) join the running
-batch at the next step instead of waiting for a lock. Qwen2-VL and Qwen2.5-VL requests bring images (Qwen2-VL
+and step k's bookkeeping (stop checks, callbacks, streams) runs while the GPU computes step k+1 (:meth:`_step`).
+Requests from any number of threads (the server's, say) join the running batch at the next step instead of
+waiting for a lock. Qwen2-VL and Qwen2.5-VL requests bring images (Qwen2-VL
 ones videos too): the model's vision tower runs at their prefill and their rotary positions are 3-D (:mod:`.vision`).
 """
 from __future__ import annotations
@@ -54,8 +55,8 @@ class NativeEngine(HfEngine):
     KV cache); ``max_num_seqs``: sequences decoded together; ``max_num_batched_tokens``: tokens per step
     (prompt chunks beyond it wait for the next step); ``block_size``: tokens per KV block;
     ``enforce_eager``: no CUDA graphs (debugging); ``async_scheduling``: launch step k+1 before step k's tokens
-    are read back (host and device work overlap; off: one after the other); ``stream_interval``: a streamed reply gets a chunk every
-    this many tokens (its first and last at once; see :mod:`.streams`).
+    are read back (host and device work overlap; off: one after the other); ``stream_interval``: a streamed reply
+    gets a chunk every this many tokens (its first and last at once; see :mod:`.streams`).
     """
 
     def __init__(self, model: str | None = None, *, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
