@@ -153,3 +153,21 @@ def test_a_penalised_batch_waits_for_its_history(engines):
     before = on.stats["overlapped_steps"]
     on.infer(_reqs(PROMPTS[:2]), RequestConfig(max_tokens=10, ignore_eos=True, frequency_penalty=0.7))
     assert on.stats["overlapped_steps"] == before
+
+
+@pytest.mark.parametrize("which", ["on", "off"])
+def test_a_long_sequence_stopping_beside_a_short_one(engines, which):
+    """The longest sequence of a batch stops on a token read back after the next batch was scheduled: that batch's
+    block table must still be built (its row dropped or wasted), and the short one goes on."""
+    eng = dict(zip(("on", "off"), engines))[which]
+    long_ids = eng.tokenizer.encode(" ".join(["paint"] * 70))
+    short_ids = eng.tokenizer.encode("hi")
+    probe = _submit(eng, long_ids, 2)
+    assert probe[1].wait(60)
+    first = probe[0].output_ids[0]
+    a = _submit(eng, long_ids, 12, {first})  # stops on its first token, known only after the next step is planned
+    b = _submit(eng, short_ids, 12)
+    assert a[1].wait(60) and b[1].wait(60)
+    assert a[0].error is None and b[0].error is None
+    assert a[0].finish_reason == "stop" and a[0].output_ids == [first]
+    assert b[0].finish_reason == "length" and len(b[0].output_ids) == 12

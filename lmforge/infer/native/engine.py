@@ -206,6 +206,9 @@ class NativeEngine(HfEngine):
                                  or any(s.num_pending and s.params.penalised for s, _ in batch)):
             self._complete(prev)
             prev = None
+            batch = [(s, n) for s, n in batch if s.status is not Status.FINISHED]  # stopped on those tokens
+            if not batch:
+                return
         launched = self._launch(batch, prev)
         if prev is not None:
             self._counts["overlapped_steps"] += 1
