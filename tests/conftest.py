@@ -46,6 +46,26 @@ def pytest_configure(config):
     except ImportError:
         return
     torch.set_num_threads(test_threads())
+    if not torch.cuda.is_available():
+        _import_triton_for_the_interpreter()
+
+
+def _import_triton_for_the_interpreter() -> None:
+    """Without a GPU, triton is first imported here under ``TRITON_INTERPRET=1``: its language helpers are built
+    once, at that first import, and the kernel test modules (tests/triton_interpreter.py) can run only if they
+    were built for the interpreter. Otherwise the first module that imports ``torch._dynamo`` (which imports
+    triton when it is installed) would decide it and those modules would skip. No kernel runs on a CPU outside
+    the interpreter, so nothing else notices."""
+    from tests.triton_interpreter import restore
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        restore(previous)
 
 
 def pytest_collection_modifyitems(config, items):
