@@ -519,7 +519,7 @@ def test_step_inputs_equal_a_token_by_token_reference(lora):
     from lmforge.infer.native.runner import ModelRunner
 
     runner = object.__new__(ModelRunner)  # only the input builder: no model, no cache
-    runner.block_size, runner.device, runner.on_cuda = 16, torch.device("cpu"), False
+    runner.block_size, runner.device = 16, torch.device("cpu")
     runner.model = SimpleNamespace(lora_slots={"calc": 0} if lora else {})
     rng = random.Random(0)
     for n_tokens in ([256] * 4, [1] * 9, [1, 57, 1, 1, 300, 1]):  # prefill chunks, decode, mixed
@@ -550,7 +550,7 @@ def test_graph_replay_fills_its_static_inputs_like_the_reference():
 
     replays = []
     runner = object.__new__(ModelRunner)
-    runner.block_size, runner.device, runner.max_blocks_per_seq, runner.on_cuda = 16, torch.device("cpu"), 64, False
+    runner.block_size, runner.device, runner.max_blocks_per_seq = 16, torch.device("cpu"), 64
     runner.model = SimpleNamespace(lora_slots={})
     buf = runner._static_inputs(8)
     out = torch.arange(8.0)[:, None]

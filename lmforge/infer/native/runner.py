@@ -33,6 +33,21 @@ class OutOfMemoryForModel(RuntimeError):
     """The weights and the activations leave no room for a KV cache."""
 
 
+def pinned(values: np.ndarray | list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``values`` (a numpy array, or a list of ``dtype``) as a CPU tensor, pinned where ``device`` is a GPU, to be
+    copied there with ``non_blocking=True``."""
+    t = torch.from_numpy(np.ascontiguousarray(values)) if isinstance(values, np.ndarray) else \
+        torch.tensor(values, dtype=dtype)
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+def upload(values: np.ndarray | list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values on the device without waiting for the device: staged through pinned memory (a plain
+    ``.to(cuda)`` from pageable memory waits for every kernel queued before it, which would undo the engine's
+    overlap of host and device work). The caching host allocator keeps the pinned block until the copy has run."""
+    return pinned(values, device, dtype).to(device, non_blocking=True)
+
+
 def default_graph_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(320, 1025, 64))
     return [s for s in sizes if s <= max_num_seqs] or [1]
@@ -114,23 +129,29 @@ class ModelRunner:
         B = min(self.max_num_seqs, T)
         lens = [T // B] * B
         lens[-1] += T - sum(lens)
-        seqs_blocks = []
-        next_block = 1  # block 0 is the scratch block, as in the real cache
-        for n in lens:
-            k = math.ceil(n / self.block_size)
-            seqs_blocks.append(list(range(next_block, next_block + k)))
-            next_block += k
-        kc = [torch.zeros(next_block, self.block_size, self.model.num_kv_heads, self.model.head_dim,
-                          device=self.device, dtype=self.dtype)]
-        vc = [torch.zeros_like(kc[0])]
-        meta, ids, pos, _ = self._prepare_raw([(0, n, b, [1] * n, -1, 0) for n, b in zip(lens, seqs_blocks)])
-        h = self.model.forward(ids, pos, meta, kc * self.model.num_layers, vc * self.model.num_layers)
+        h = self._scratch_forward(lens)
         logits = self.model.logits(h[-B:])
         probs = logits.float().softmax(-1)  # the sampler's float32 path: its largest temporaries
         probs.sort(dim=-1, descending=True)  # top-p's scratch
         if sample_kernel.available(logits):  # compiled here, not on the first request
             sample_kernel.gumbel_argmax(logits, torch.ones(B, device=logits.device))
-        del kc, vc, h, logits, probs
+        del h, logits, probs
+
+    def _scratch_forward(self, lens: list[int]) -> torch.Tensor:
+        """An eager forward of sequences of ``lens`` prompt tokens over a scratch cache just big enough for them
+        (block 0 stays the scratch block, as in the real cache); returns the hidden states."""
+        seqs_blocks = []
+        next_block = 1
+        for n in lens:
+            k = math.ceil(n / self.block_size)
+            seqs_blocks.append(list(range(next_block, next_block + k)))
+            next_block += k
+        m = self.model
+        kc = [torch.zeros(next_block, self.block_size, m.num_kv_heads, m.head_dim, device=self.device,
+                          dtype=self.dtype)]
+        vc = [torch.zeros_like(kc[0])]
+        meta, ids, pos, _ = self._prepare_raw([(0, n, b, [1] * n, -1, 0) for n, b in zip(lens, seqs_blocks)])
+        return m.forward(ids, pos, meta, kc * m.num_layers, vc * m.num_layers)
 
     @torch.inference_mode()
     def _warm_prefill_kernels(self) -> None:
@@ -142,16 +163,9 @@ class ModelRunner:
         m = self.model
         lengths = prefill_query_lengths(m.num_heads // m.num_kv_heads, m.head_dim, self.dtype,
                                         self.max_num_batched_tokens)
-        if not lengths:
-            return
         t0 = time.perf_counter()
-        nb = -(-max(lengths) // self.block_size)
-        kc = [torch.zeros(nb + 1, self.block_size, m.num_kv_heads, m.head_dim, device=self.device,
-                          dtype=self.dtype)]
-        vc = [torch.zeros_like(kc[0])]
         for q in lengths:
-            meta, ids, pos, _ = self._prepare_raw([(0, q, list(range(1, nb + 1)), [1] * q, -1, 0)])
-            m.forward(ids, pos, meta, kc * m.num_layers, vc * m.num_layers)
+            self._scratch_forward([q])
         torch.cuda.synchronize()
         logger.info("native engine: prefill kernels for query lengths %s ready in %.1f s", lengths,
                     time.perf_counter() - t0)
@@ -192,25 +206,14 @@ class ModelRunner:
                      tables: np.ndarray | None = None) -> tuple[AttentionMeta, torch.Tensor, torch.Tensor, list[int]]:
         """The eager forward's inputs for ``rows`` (see :meth:`_step_arrays`) and each row's last token."""
         a = self._step_arrays(rows, tables)
-        up = self.upload
+        dev = self.device
         meta = AttentionMeta(
-            slot_mapping=up(a["slots"]), block_tables=up(a["tables"]), seq_lens=up(a["lens"]),
-            query_start_loc=up(a["qsl"].astype(np.int32)), max_query_len=int(a["counts"].max()),
-            lora_idx=up(np.repeat(a["lora"], a["counts"])) if self.model.lora_slots else None)
+            slot_mapping=upload(a["slots"], dev), block_tables=upload(a["tables"], dev),
+            seq_lens=upload(a["lens"], dev), query_start_loc=upload(a["qsl"].astype(np.int32), dev),
+            max_query_len=int(a["counts"].max()),
+            lora_idx=upload(np.repeat(a["lora"], a["counts"]), dev) if self.model.lora_slots else None)
         last = (a["qsl"][1:] - 1).tolist()
-        return meta, up(a["ids"]), up(a["pos"]), last
-
-    def upload(self, a: np.ndarray | list) -> torch.Tensor:
-        """A host array on the device without waiting for the device: staged through pinned memory (a plain
-        ``.to(cuda)`` from pageable memory waits for every kernel queued before it, which would undo the
-        engine's overlap of host and device work). The caching host allocator keeps the pinned block until
-        the copy has run."""
-        return self.stage(a).to(self.device, non_blocking=True)
-
-    def stage(self, a: np.ndarray | list) -> torch.Tensor:
-        """``a`` as a CPU tensor, pinned where the device is a GPU (to be copied with ``non_blocking=True``)."""
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        return t.pin_memory() if self.on_cuda else t
+        return meta, upload(a["ids"], dev), upload(a["pos"], dev), last
 
     @staticmethod
     def rows_for(batch: list[tuple[Sequence, int]]) -> list[tuple[int, int, list[int], list[int], int, int]]:
@@ -265,20 +268,20 @@ class ModelRunner:
                 and len(batch) <= self.graph_sizes[-1]):
             logits = self._replay(rows, pending, tables)
             self.graph_steps += 1
-            return logits if len(sample_rows) == logits.shape[0] else logits.index_select(0, self.upload(
-                np.asarray(sample_rows, dtype=np.int64)))
+            return logits if len(sample_rows) == logits.shape[0] else logits.index_select(0, upload(
+                np.asarray(sample_rows, dtype=np.int64), self.device))
         meta, ids, pos, last = self._prepare_raw(rows, tables)
         self._fill_pending(ids, pending)
         hidden = self.model.forward(ids, pos, meta, self.k_cache, self.v_cache, **vision)
-        return self.model.logits(hidden.index_select(0, self.upload(np.asarray([last[i] for i in sample_rows],
-                                                                                dtype=np.int64))))
+        rows_out = upload(np.asarray([last[i] for i in sample_rows], dtype=np.int64), self.device)
+        return self.model.logits(hidden.index_select(0, rows_out))
 
     def _fill_pending(self, ids: torch.Tensor, pending: tuple[list[int], list[int], torch.Tensor] | None) -> None:
         if pending is None:
             return
         dst, src, tokens = pending
-        ids.index_copy_(0, self.upload(np.asarray(dst, dtype=np.int64)),
-                        tokens.index_select(0, self.upload(np.asarray(src, dtype=np.int64))).to(ids.dtype))
+        ids.index_copy_(0, upload(np.asarray(dst, dtype=np.int64), self.device),
+                        tokens.index_select(0, upload(np.asarray(src, dtype=np.int64), self.device)).to(ids.dtype))
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def _static_inputs(self, B: int) -> dict[str, torch.Tensor]:
@@ -328,11 +331,11 @@ class ModelRunner:
         for name, default in (("ids", 0), ("pos", 0), ("slots", -1), ("lens", 1), ("lora", -1)):
             full = np.full(B, default, dtype=a[name].dtype)
             full[:n] = a[name]
-            buf[name].copy_(self.stage(full), non_blocking=True)
+            buf[name].copy_(pinned(full, self.device), non_blocking=True)
         width = a["tables"].shape[1]
         table = np.zeros((B, width), dtype=np.int32)  # columns past a row's length are never read
         table[:n] = a["tables"]
-        buf["tables"][:, :width].copy_(self.stage(table), non_blocking=True)
+        buf["tables"][:, :width].copy_(pinned(table, self.device), non_blocking=True)
         self._fill_pending(buf["ids"], pending)
         graph.replay()
         return out[:n]

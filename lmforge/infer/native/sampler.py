@@ -13,18 +13,12 @@ from typing import Sequence as Seq
 import torch
 
 from lmforge.infer.native import sample_kernel
+from lmforge.infer.native.runner import upload  # no wait for queued kernels (async scheduling)
 from lmforge.infer.native.scheduler import Sequence
 
 
-def _on(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A small host list on the device without waiting for queued kernels (pinned, non-blocking copy: the
-    engine launches the next step's forward before this step's tokens are read back)."""
-    t = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return t.to(device, non_blocking=True)
-
-
 def _column(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return _on(values, device, dtype)[:, None]
+    return upload(values, device, dtype)[:, None]
 
 
 def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
@@ -36,11 +30,11 @@ def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         p = seqs[i].params
         row = logits[i]
         if p.repetition_penalty != 1.0:
-            seen = _on(sorted(set(seqs[i].token_ids)), device, torch.int64)
+            seen = upload(sorted(set(seqs[i].token_ids)), device, torch.int64)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and seqs[i].num_output:
-            out = _on(seqs[i].output_ids, device, torch.int64)
+            out = upload(seqs[i].output_ids, device, torch.int64)
             counts = torch.zeros_like(row).scatter_add_(0, out, torch.ones_like(out, dtype=row.dtype))
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return logits
@@ -58,7 +52,8 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], banned: torch.Tensor | Non
     if banned is None and all(p.greedy and not p.penalised and p.logprobs < 0 for p in params):
         return logits.argmax(-1), None, None, None  # model dtype: the same ids as float32 (exact upcast)
     if banned is None and sample_kernel.fast_rows(params) and sample_kernel.available(logits):
-        inv_t = _on([1.0 / p.temperature if p.temperature > 0 else 0.0 for p in params], logits.device, torch.float32)
+        inv_t = upload([1.0 / p.temperature if p.temperature > 0 else 0.0 for p in params], logits.device,
+                       torch.float32)
         return sample_kernel.gumbel_argmax(logits, inv_t), None, None, None
     logits = logits.float()
     want_lp = max(p.logprobs for p in params)
@@ -109,5 +104,5 @@ def _sample_rows(logits: torch.Tensor, params: list, greedy: list[bool]) -> torc
             noise[i] = torch.empty(probs.shape[-1], device=device).exponential_(generator=p.generator)
     tokens = (probs / noise).argmax(-1)
     if any(greedy):
-        tokens = torch.where(_on(greedy, device, torch.bool), logits.argmax(-1), tokens)
+        tokens = torch.where(upload(greedy, device, torch.bool), logits.argmax(-1), tokens)
     return tokens
