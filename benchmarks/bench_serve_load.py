@@ -360,15 +360,46 @@ def _server_completed(metrics: str, endpoint: str) -> float:
         rf'lmforge_requests_total\{{endpoint="{endpoint}",model="[^"]*",status="200"\}} (\S+)', metrics))
 
 
-def _engine_counts(metrics: str) -> tuple[float, float, float]:
-    """(engine steps, sampled tokens, CUDA-graph steps) from /metrics (the native engine's counters; NaN without
-    them)."""
-    def one(name: str) -> float:
-        m = re.search(rf"^{name} (\S+)$", metrics, re.M)
+def _engine_counts(metrics: str) -> dict[str, float]:
+    """The native engine's counters from /metrics (``lmforge_engine_<key>_total``; NaN without them): steps,
+    sampled tokens, CUDA-graph steps and the per-sequence seconds (queue, first token, the engine process's
+    stream preparation)."""
+    def one(key: str) -> float:
+        m = re.search(rf"^lmforge_engine_{key}_total (\S+)$", metrics, re.M)
         return float(m.group(1)) if m else float("nan")
 
-    return (one("lmforge_engine_steps_total"), one("lmforge_engine_sampled_tokens_total"),
-            one("lmforge_engine_graph_steps_total"))
+    def hist(name: str, part: str) -> float:  # a server histogram's _sum or _count, over its label sets
+        return sum(float(v) for v in re.findall(rf"^lmforge_{name}_{part}(?:{{[^}}]*}})? (\S+)$", metrics, re.M))
+
+    out = {k: one(k) for k in ("steps", "sampled_tokens", "graph_steps", "timed_sequences", "queue_seconds",
+                               "first_token_seconds", "prepared_streams", "prepare_seconds")}
+    for name in ("time_to_first_token_seconds", "queue_wait_seconds"):
+        out[name] = hist(name, "sum")
+        out[name + "_n"] = hist(name, "count")
+    return out
+
+
+def _time_split(e0: dict, e1: dict, ttft: list[float]) -> str | None:
+    """Where a request's time to first token went (means over the run), from the client's clock, the HTTP
+    process's (request handler to first streamed token; of it, waiting for a concurrency slot) and the engine
+    process's (stream preparation; reaching the engine to the first token, of it waiting for a step)."""
+    n = e1["timed_sequences"] - e0["timed_sequences"]
+    if not ttft or not n > 0:
+        return None
+
+    def mean(key: str, count: str, scale: float = 1000.0) -> float:
+        k = e1[count] - e0[count]
+        return scale * (e1[key] - e0[key]) / k if k > 0 else 0.0
+
+    queue, first = mean("queue_seconds", "timed_sequences"), mean("first_token_seconds", "timed_sequences")
+    prep = mean("prepare_seconds", "prepared_streams")
+    server, slot = (mean("time_to_first_token_seconds", "time_to_first_token_seconds_n"),
+                    mean("queue_wait_seconds", "queue_wait_seconds_n"))
+    client = 1000 * statistics.fmean(ttft)
+    return (f"ttft mean {client:.1f} ms: before the HTTP handler (client, sockets, the HTTP process's event loop) "
+            f"{client - server:.1f}; handler to first token {server:.1f} = waiting for a slot {slot:.1f} + engine "
+            f"process preparing {prep:.1f} + engine to first token {first:.1f} (of it waiting for a step "
+            f"{queue:.1f}) + the rest (pipes, the HTTP process) {server - slot - prep - first:.1f}")
 
 
 async def run(args: argparse.Namespace, baseline: dict | None) -> int:
@@ -463,16 +494,20 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
           + ("  (an HTTP process is near a whole core: it bounds this figure; try --api_server_count)"
              if http_core > 0.85 else ""))
     print(f"throughput {stats.ok / elapsed:.2f} req/s, {server_tps:.1f} generated tok/s over {elapsed:.1f} s")
-    steps = engine1[0] - engine0[0]
-    batch = (engine1[1] - engine0[1]) / steps if steps > 0 else float("nan")  # NaN: an engine without counters
+    steps = engine1["steps"] - engine0["steps"]
+    batch = ((engine1["sampled_tokens"] - engine0["sampled_tokens"]) / steps if steps > 0
+             else float("nan"))  # NaN: an engine without counters
     if steps > 0:
-        graphs = (engine1[2] - engine0[2]) / steps
+        graphs = (engine1["graph_steps"] - engine0["graph_steps"]) / steps
         print(f"engine: {steps:.0f} steps ({graphs:.0%} from CUDA graphs), {batch:.1f} sampled tokens per step, "
               f"{1000 * elapsed / steps:.2f} ms per step"
               + (f" (engine alone: {baseline['steps']} steps, {baseline['tokens_per_step']:.1f} tokens per step, "
                  f"{1000 * baseline['seconds'] / baseline['steps']:.2f} ms per step, "
                  f"{baseline.get('graph_share') or 0:.0%} from CUDA graphs)"
                  if baseline and baseline.get("steps") else ""))
+    split = _time_split(engine0, engine1, stats.ttft)
+    if split:
+        print(split)
     result = {"requests": len(work) or stats.sent, "completed": stats.ok, "errors": len(stats.errors), "lost": lost,
               "server_counted": server_ok, "server_tok_s": round(server_tps, 1), "seconds": round(elapsed, 2),
               "server_cpu_s": round(server_cpu, 2), "server_engine_cpu_s": round(child_cpu, 2),

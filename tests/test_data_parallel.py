@@ -204,6 +204,56 @@ def test_engine_process_builds_the_chunks_from_token_ids_as_the_engine_does(engi
     assert remote._replicas[0].in_flight == 0 and not remote._replicas[0].streams
 
 
+def test_the_front_counts_and_encodes_a_text_prompt_once(engine_process):
+    """With token streams the front counts a prompt itself (no round trip through the engine process) and the
+    stream takes the ids it encoded: the same counts and errors as the engine's own, the same replies, and the
+    engine process generates from the front's ids (a swapped encoding shows in the reply)."""
+    import asyncio
+
+    from lmforge.serve.schemas import PromptRequest
+
+    remote, local = engine_process
+    chat = InferRequest(messages=[{"role": "user", "content": QUESTIONS[0]}])
+    raw = PromptRequest(prompt=[5, 9, 11, 3])
+    assert [remote.count_prompt_tokens(r) for r in (chat, raw)] == [local.count_prompt_tokens(r) for r in (chat, raw)]
+    for bad, why in ((PromptRequest(prompt=[1, 10 ** 7]), "outside the vocabulary"),
+                     (InferRequest(messages=[{"role": "assistant", "content": "x"}]), "replies to a user")):
+        with pytest.raises(InferRequestError, match=why):
+            remote.count_prompt_tokens(bad)
+    assert len(remote._encoded) == 2  # the two counted above, kept for streams that never came
+    remote._encoded.clear()
+    sent = remote._replicas[0].sent
+    cfg = RequestConfig(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)  # greedy text is one newline
+
+    async def counted_then_streamed(engine, request):
+        engine.count_prompt_tokens(request)
+        return [c async for c in engine.infer_stream_async(request, cfg)]
+
+    async def counted_then_streamed_no_count(engine, request):
+        return [c async for c in engine.infer_stream_async(request, cfg)]
+
+    prepared = remote.stats["prepared_streams"]
+    requests = [InferRequest(messages=[{"role": "user", "content": q}]) for q in QUESTIONS[:3]]
+    with_ids = [asyncio.run(counted_then_streamed(remote, r)) for r in requests]
+    assert remote._replicas[0].sent == sent + 1 + 3  # one stats call and the three streams: no count messages
+    assert not remote._encoded  # every kept encoding went with its stream
+    assert remote.stats["prepared_streams"] == prepared + 3
+    want = [asyncio.run(counted_then_streamed(local, r)) for r in requests]
+    assert [_streamed_text(c) for c in with_ids] == [_streamed_text(c) for c in want]
+    assert [c[-1].usage.prompt_tokens for c in with_ids] == [local.count_prompt_tokens(r) for r in requests]
+    swapped = requests[0].model_copy()  # its kept ids replaced by a longer prompt's
+    other = InferRequest(messages=[{"role": "user", "content": "Tell me about the sea, the wind and the rain."}])
+    remote.count_prompt_tokens(swapped)
+    remote._encoded[id(swapped)] = (swapped, local.encode(other))
+    got = asyncio.run(counted_then_streamed_no_count(remote, swapped))
+    assert got[-1].usage.prompt_tokens == local.count_prompt_tokens(other) > local.count_prompt_tokens(swapped)
+    assert _streamed_text(got) == _streamed_text(asyncio.run(counted_then_streamed_no_count(local, other)))
+    for i in range(5000):  # counted and never streamed (refused, abandoned): the kept encodings stay bounded
+        remote.count_prompt_tokens(PromptRequest(prompt=[3, 4, i % 50]))
+    assert len(remote._encoded) <= 4096
+    remote._encoded.clear()
+
+
 def test_engine_process_stream_errors_and_cancellation(engine_process):
     import asyncio
     import time

@@ -349,6 +349,26 @@ def test_concurrent_requests_from_threads_batch_together(native):
     assert native.stats["steps"] - steps < 4 * 12  # shared steps, not one request after another
 
 
+def test_stats_time_each_sequence_from_arrival_to_first_token_and_end(native):
+    """The engine's per-sequence seconds (what /metrics shows and bench_serve_load splits a server's time to
+    first token with): one timed sequence per finished sequence, each interval inside the next."""
+    import time
+
+    from lmforge.serve.metrics import engine_lines
+
+    before = dict(native.stats)
+    t0 = time.perf_counter()
+    native.infer(_reqs(), RequestConfig(max_tokens=6, ignore_eos=True, n=2))
+    wall = time.perf_counter() - t0
+    d = {k: native.stats[k] - before[k] for k in before}
+    assert d["timed_sequences"] == 2 * len(_reqs())
+    assert 0 <= d["queue_seconds"] < d["first_token_seconds"] < d["sequence_seconds"]
+    assert d["sequence_seconds"] <= d["timed_sequences"] * wall  # none measured longer than the call
+    text = "\n".join(engine_lines(native.stats))
+    for name in ("timed_sequences", "queue_seconds", "first_token_seconds", "sequence_seconds"):
+        assert f"lmforge_engine_{name}_total " in text
+
+
 def test_update_weights_takes_new_weights(lora_dir):
     from lmforge.model import get_model_tokenizer
 

@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import threading
+from collections import OrderedDict
 from typing import Any, AsyncIterator, Iterable, Iterator
 
 from lmforge.infer.base import InferEngine
@@ -36,6 +37,8 @@ from lmforge.infer.protocol import ChatCompletionResponse, ChatCompletionStreamR
 from lmforge.infer.token_streams import ReplyBuilder, TokenStreams, front_stream, replies_info
 
 logger = logging.getLogger(__name__)
+
+_ENCODED_KEPT = 4096  # prompts counted in the front and not streamed yet, at most (the oldest are dropped)
 
 
 def _error_payload(e: BaseException) -> tuple:
@@ -240,7 +243,7 @@ def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conns: lis
                     stream.close()
                 send(msg_id, "result", None)
             elif kind == "stats":
-                send(msg_id, "result", dict(getattr(engine, "stats", None) or {}))
+                send(msg_id, "result", {**(getattr(engine, "stats", None) or {}), **(tokens.counts if tokens else {})})
             elif kind == "count":
                 send(msg_id, "result", engine.count_prompt_tokens(payload))
             elif kind == "weights":
@@ -446,8 +449,11 @@ class DataParallelEngine(InferEngine):
             self.close()
             raise
         info = self._replicas[0].info
-        # a text model on the native engine: streams come back as token ids, their chunks are built here
+        # a text model on the native engine: streams come back as token ids, their chunks are built here, and
+        # prompts are encoded here as they are counted (their ids go with the stream)
         self._replies = ReplyBuilder(info["replies"]) if info.get("replies") is not None else None
+        self._encoded: OrderedDict[int, tuple[InferRequest, list[int]]] = OrderedDict()
+        self._encoded_lock = threading.Lock()
         self.model_name, self.adapters = info["model_name"], info["adapters"]
         self.max_model_len, self.supports_raw_prompt = info["max_model_len"], info["supports_raw_prompt"]
         per = [r.info["max_num_seqs"] or 8 for r in self._replicas]
@@ -515,7 +521,7 @@ class DataParallelEngine(InferEngine):
         generation there."""
         r, msg_id = self._least_busy(), next(self._ids)
         if self._replies is not None:
-            q = r.open_stream(msg_id, (request, request_config), "tstream")
+            q = r.open_stream(msg_id, (request, request_config, self._take_encoded(request)), "tstream")
             finished = False
             try:
                 async for chunk in front_stream(self._replies, q, request, request_config or RequestConfig(),
@@ -548,7 +554,23 @@ class DataParallelEngine(InferEngine):
         return out
 
     def count_prompt_tokens(self, request: InferRequest) -> int:
-        return self._least_busy().call(next(self._ids), "count", request)
+        """Counted here for a text model on the native engine (no round trip through a busy engine process, whose
+        interpreter lock the step loop holds most of the time), the ids kept for the request's stream; by a
+        replica otherwise."""
+        if self._replies is None:
+            return self._least_busy().call(next(self._ids), "count", request)
+        ids = self._replies.encode(request)
+        with self._encoded_lock:
+            self._encoded[id(request)] = (request, ids)
+            while len(self._encoded) > _ENCODED_KEPT:  # counted, then refused or abandoned before streaming
+                self._encoded.popitem(last=False)
+        return len(ids)
+
+    def _take_encoded(self, request: InferRequest) -> list[int] | None:
+        """The ids :meth:`count_prompt_tokens` encoded for this very request object, if any."""
+        with self._encoded_lock:
+            kept = self._encoded.pop(id(request), None)
+        return kept[1] if kept is not None and kept[0] is request else None
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
         weights = [(name, t.detach().cpu()) for name, t in named_tensors]

@@ -389,7 +389,7 @@ class HfEngine(InferEngine):
         if isinstance(prompt, str):
             ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         else:
-            vocab = self.model.get_input_embeddings().num_embeddings
+            vocab = self.vocab_size
             bad = [t for t in prompt if not 0 <= int(t) < vocab]
             if bad:
                 raise InferRequestError(f"prompt holds token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}",
@@ -399,15 +399,23 @@ class HfEngine(InferEngine):
             raise InferRequestError("the prompt is empty", index=index)
         return ids
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: a raw prompt's token ids must be below it."""
+        return self.model.get_input_embeddings().num_embeddings
+
     def count_prompt_tokens(self, request: InferRequest) -> int:
         return len(self.encode(request))
 
-    def _prepare(self, index: int | None, request: InferRequest | dict, cfg: RequestConfig) -> _Job:
+    def _prepare(self, index: int | None, request: InferRequest | dict, cfg: RequestConfig,
+                 ids: list[int] | None = None) -> _Job:
+        """The request's job; ``ids`` are its prompt ids when the caller encoded them already (the server's
+        front encodes a text model's prompts as it counts them, so the engine process does not again)."""
         request = parse_request(request, index=index)
         if request.adapter and request.adapter not in self.adapters:  # None: the default; "": the base
             known = ", ".join(self.adapters) or "none were loaded (pass --adapters)"
             raise InferRequestError(f"unknown adapter {request.adapter!r}; known adapters: {known}", index=index)
-        ids, images, videos = self._encode(request, index)
+        ids, images, videos = (list(ids), [], []) if ids is not None else self._encode(request, index)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(len(ids), self.max_model_len, index=index)
         room = self.max_model_len - len(ids)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
@@ -36,7 +37,7 @@ def replies_info(engine: Any) -> dict | None:
         return None
     return {"template": engine.template, "stop_words": list(engine.stop_words),
             "stop_token_ids": list(engine.stop_token_ids), "pad_token_id": engine.pad_token_id,
-            "model_name": engine.model_name}
+            "model_name": engine.model_name, "vocab_size": engine.vocab_size}
 
 
 def _logprob_width(cfg: RequestConfig) -> int:
@@ -45,8 +46,13 @@ def _logprob_width(cfg: RequestConfig) -> int:
 
 class ReplyBuilder:
     """The front's stand-in for the replica's engine where a :class:`ReplyStream` needs one: the template, the
-    stop settings, decoding, logprob entries and tool-call parsing (the hf engine's own methods)."""
+    stop settings, decoding, logprob entries and tool-call parsing (the hf engine's own methods); and prompt
+    encoding, so that the front counts and encodes a prompt once and the engine process gets its ids."""
 
+    encode = HfEngine.encode
+    _encode = HfEngine._encode
+    _encode_prompt = HfEngine._encode_prompt
+    _prompt_media = HfEngine._prompt_media
     _decode = HfEngine._decode
     _logprob_entries = HfEngine._logprob_entries
     _parse_tool_calls = HfEngine._parse_tool_calls
@@ -57,6 +63,7 @@ class ReplyBuilder:
         self.tokenizer = self.template.tokenizer
         self.stop_words, self.stop_token_ids = info["stop_words"], info["stop_token_ids"]
         self.pad_token_id, self.model_name = info["pad_token_id"], info["model_name"]
+        self.vocab_size = info["vocab_size"]
         self._token_piece = TokenPieces(self.tokenizer)
 
     def entries(self, raw: list[tuple], width: int) -> list:
@@ -134,18 +141,21 @@ class TokenStreams:
         self.cancelled: set[int] = set()  # ... whose front went away meanwhile
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="replica-encode")  # prompts encoded off the pipe thread
+        self.counts = {"prepared_streams": 0, "prepare_seconds": 0.0}  # merged into the engine's stats
 
     def start(self, msg_id: int, payload: tuple) -> None:  # the pipe thread
         with self.lock:
             self.starting.add(msg_id)
-        self.pool.submit(self._start, msg_id, *payload)
+        request, cfg, ids = (*payload, None)[:3]  # ids: the prompt as the front encoded it (or None)
+        self.pool.submit(self._start, msg_id, request, cfg, ids, time.perf_counter())
 
-    def _start(self, msg_id: int, request: InferRequest, cfg: RequestConfig | None) -> None:
+    def _start(self, msg_id: int, request: InferRequest, cfg: RequestConfig | None, ids: list[int] | None,
+               t_received: float) -> None:
         from lmforge.infer.native.scheduler import Status
 
         engine, cfg = self.engine, cfg or RequestConfig()
         try:
-            job = engine._prepare(None, request, cfg)
+            job = engine._prepare(None, request, cfg, ids)
             box = None
 
             def on_token(seq: Any) -> None:  # the engine thread
@@ -176,6 +186,8 @@ class TokenStreams:
                 self.cancelled.discard(msg_id)
                 return
             self.live[msg_id] = box
+            self.counts["prepared_streams"] += 1
+            self.counts["prepare_seconds"] += time.perf_counter() - t_received
             self.send(None, "batch", [(msg_id, "tstart", (job.max_tokens, len(job.input_ids)))])
         for s in first:
             engine.submit(s)

@@ -234,6 +234,18 @@ ENGINE_COUNTERS = {  # engine.stats key -> (metric name, help)
     "graph_steps": ("lmforge_engine_graph_steps_total", "engine steps replayed from a CUDA graph"),
     "overlapped_steps": ("lmforge_engine_overlapped_steps_total",
                          "engine steps launched before the previous step's tokens were read back (async scheduling)"),
+    "timed_sequences": ("lmforge_engine_timed_sequences_total",
+                        "sequences that ended with at least one token (the count behind the engine's seconds below)"),
+    "queue_seconds": ("lmforge_engine_queue_seconds_total",
+                      "seconds from reaching the engine to the first step that took each sequence, summed"),
+    "first_token_seconds": ("lmforge_engine_first_token_seconds_total",
+                            "seconds from reaching the engine to each sequence's first token on the host, summed"),
+    "sequence_seconds": ("lmforge_engine_sequence_seconds_total",
+                         "seconds from reaching the engine to each sequence's end, summed"),
+    "prepared_streams": ("lmforge_engine_prepared_streams_total",
+                         "streams an engine process encoded before submitting them (--engine_process)"),
+    "prepare_seconds": ("lmforge_engine_prepare_seconds_total",
+                        "seconds from a stream's message reaching the engine process to its submission, summed"),
 }
 
 

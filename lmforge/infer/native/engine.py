@@ -115,7 +115,8 @@ class NativeEngine(HfEngine):
         self._wake = threading.Event()
         self._step_lock = threading.Lock()  # held for a whole step; update_weights takes it too
         self._closed = False
-        self._counts = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "overlapped_steps": 0}
+        self._counts = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "overlapped_steps": 0, "timed_sequences": 0,
+                        "queue_seconds": 0.0, "first_token_seconds": 0.0, "sequence_seconds": 0.0}
         self._touched: list[StreamBox] = []  # asyncio streams with new steps (engine thread only)
         self.async_scheduling = bool(async_scheduling)
         self._inflight: _Launched | None = None  # the launched step whose tokens are not read back yet
@@ -171,9 +172,13 @@ class NativeEngine(HfEngine):
                 pass
 
     @property
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """Steps, sampled tokens, prompt-chunk tokens, steps launched before the previous one's tokens were
-        read back (async scheduling) and CUDA-graph replays so far."""
+        read back (async scheduling) and CUDA-graph replays so far; and, summed over the sequences that ended
+        with at least one token (``timed_sequences``), the seconds from reaching the engine to the first step
+        that took them (``queue_seconds``), to their first token on the host (``first_token_seconds``) and to
+        their end (``sequence_seconds``): a server's time to first token minus the engine's is what the
+        requests spent outside it."""
         return {**self._counts, "graph_steps": self.runner.graph_steps}
 
     def _step(self) -> None:
@@ -260,12 +265,14 @@ class NativeEngine(HfEngine):
         if step.event is not None:
             step.event.synchronize()
         tokens, chosen, top_ids, top_lps = (t.tolist() if t is not None else None for t in step.host)
+        now = time.perf_counter()
         live = []
         for i, (seq, tok) in enumerate(zip(step.seqs, tokens)):
             if not seq.num_pending:  # finished (cancelled, failed) after this step was launched
                 continue
             seq.token_ids[-1] = tok
             seq.num_pending = 0
+            seq.t_first = seq.t_first or now
             if seq.params.logprobs >= 0:
                 k = seq.params.logprobs
                 seq.logprobs.append((tok, chosen[i], top_ids[i][:k] if k else None, top_lps[i][:k] if k else None))
@@ -299,6 +306,12 @@ class NativeEngine(HfEngine):
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, reason)
+            if seq.t_first and seq.t_arrival:
+                counts = self._counts
+                counts["timed_sequences"] += 1
+                counts["queue_seconds"] += seq.t_admitted - seq.t_arrival
+                counts["first_token_seconds"] += seq.t_first - seq.t_arrival
+                counts["sequence_seconds"] += time.perf_counter() - seq.t_arrival
         self._notify(seq)
 
     @staticmethod
@@ -309,6 +322,7 @@ class NativeEngine(HfEngine):
     def submit(self, seq: Sequence) -> None:
         if self._closed:
             raise RuntimeError("the native engine is closed")
+        seq.t_arrival = time.perf_counter()
         self._inbox.put(seq)
         self._wake.set()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -89,6 +90,10 @@ class Sequence:
     # yet (the engine's asynchronous scheduling); the next step takes it from the device.
     num_pending: int = 0
     row: int = -1  # its row of the scheduler's block table (while running; kept until the row is taken again)
+    # perf_counter() when the engine got it, first admitted to a step, and had its first token on the host
+    t_arrival: float = 0.0
+    t_admitted: float = 0.0
+    t_first: float = 0.0
 
     @property
     def cache_salt(self) -> int | None:
@@ -194,6 +199,7 @@ class Scheduler:
             seq.blocks += self.blocks.allocate(need)
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            seq.t_admitted = seq.t_admitted or time.perf_counter()
             self.running.append(seq)
             seq.row = self._free_rows.pop()
             self._write_table(seq, 0)
