@@ -204,7 +204,7 @@ def test_engine_process_builds_the_chunks_from_token_ids_as_the_engine_does(engi
     assert remote._replicas[0].in_flight == 0 and not remote._replicas[0].streams
 
 
-def test_the_front_counts_and_encodes_a_text_prompt_once(engine_process):
+def test_the_front_counts_and_encodes_a_text_prompt_once(engine_process, monkeypatch):
     """With token streams the front counts a prompt itself (no round trip through the engine process) and the
     stream takes the ids it encoded: the same counts and errors as the engine's own, the same replies, and the
     engine process generates from the front's ids (a swapped encoding shows in the reply)."""
@@ -248,10 +248,22 @@ def test_the_front_counts_and_encodes_a_text_prompt_once(engine_process):
     got = asyncio.run(counted_then_streamed_no_count(remote, swapped))
     assert got[-1].usage.prompt_tokens == local.count_prompt_tokens(other) > local.count_prompt_tokens(swapped)
     assert _streamed_text(got) == _streamed_text(asyncio.run(counted_then_streamed_no_count(local, other)))
+    from lmforge.infer import data_parallel
+
+    remote._encoded.clear()
+    remote._encoded_tokens = 0
     for i in range(5000):  # counted and never streamed (refused, abandoned): the kept encodings stay bounded
         remote.count_prompt_tokens(PromptRequest(prompt=[3, 4, i % 50]))
-    assert len(remote._encoded) <= 4096
+    assert len(remote._encoded) == data_parallel._ENCODED_KEPT and remote._encoded_tokens == 3 * len(remote._encoded)
+    long = [PromptRequest(prompt=[7] * 1000) for _ in range(3)]
+    monkeypatch.setattr(data_parallel, "_ENCODED_KEPT_TOKENS", 2500)
+    for r in long:  # ... in token ids too
+        remote.count_prompt_tokens(r)
+    assert remote._encoded_tokens <= 2500 and list(remote._encoded) == [id(long[1]), id(long[2])]
+    assert remote._take_encoded(long[0]) is None and remote._take_encoded(long[2]) == [7] * 1000
+    assert remote._encoded_tokens == 1000
     remote._encoded.clear()
+    remote._encoded_tokens = 0
 
 
 def test_engine_process_stream_errors_and_cancellation(engine_process):

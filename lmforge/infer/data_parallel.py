@@ -38,7 +38,10 @@ from lmforge.infer.token_streams import ReplyBuilder, TokenStreams, front_stream
 
 logger = logging.getLogger(__name__)
 
-_ENCODED_KEPT = 4096  # prompts counted in the front and not streamed yet, at most (the oldest are dropped)
+# Prompts counted in the front and not streamed yet: at most this many, and this many token ids in all (the
+# oldest are dropped; a stream whose ids were dropped is encoded by the engine process). Bounded because a
+# request refused after its count (a bad max_tokens, a client gone) never takes its ids.
+_ENCODED_KEPT, _ENCODED_KEPT_TOKENS = 4096, 1 << 20
 
 
 def _error_payload(e: BaseException) -> tuple:
@@ -453,7 +456,7 @@ class DataParallelEngine(InferEngine):
         # prompts are encoded here as they are counted (their ids go with the stream)
         self._replies = ReplyBuilder(info["replies"]) if info.get("replies") is not None else None
         self._encoded: OrderedDict[int, tuple[InferRequest, list[int]]] = OrderedDict()
-        self._encoded_lock = threading.Lock()
+        self._encoded_lock, self._encoded_tokens = threading.Lock(), 0
         self.model_name, self.adapters = info["model_name"], info["adapters"]
         self.max_model_len, self.supports_raw_prompt = info["max_model_len"], info["supports_raw_prompt"]
         per = [r.info["max_num_seqs"] or 8 for r in self._replicas]
@@ -561,15 +564,19 @@ class DataParallelEngine(InferEngine):
             return self._least_busy().call(next(self._ids), "count", request)
         ids = self._replies.encode(request)
         with self._encoded_lock:
+            old = self._encoded.pop(id(request), None)
+            self._encoded_tokens += len(ids) - (len(old[1]) if old is not None else 0)
             self._encoded[id(request)] = (request, ids)
-            while len(self._encoded) > _ENCODED_KEPT:  # counted, then refused or abandoned before streaming
-                self._encoded.popitem(last=False)
+            while len(self._encoded) > _ENCODED_KEPT or self._encoded_tokens > _ENCODED_KEPT_TOKENS:
+                self._encoded_tokens -= len(self._encoded.popitem(last=False)[1][1])
         return len(ids)
 
     def _take_encoded(self, request: InferRequest) -> list[int] | None:
         """The ids :meth:`count_prompt_tokens` encoded for this very request object, if any."""
         with self._encoded_lock:
             kept = self._encoded.pop(id(request), None)
+            if kept is not None:
+                self._encoded_tokens -= len(kept[1])
         return kept[1] if kept is not None and kept[0] is request else None
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
