@@ -20,7 +20,8 @@ def free_port() -> int:
 def start_deploy(flags: list[str], port: int, env: dict | None = None, timeout: float = 120) -> subprocess.Popen:
     """``lmforge deploy --port PORT FLAGS...`` (output on the process's stdout), once /health answers 200."""
     cmd = [sys.executable, "-m", "lmforge.cli.main", "deploy", "--port", str(port), *flags]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **(env or {})}
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]  # keep what is there
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), **(env or {})}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
     try:

@@ -83,11 +83,13 @@ def test_one_server_in_front_of_the_replicas(dp_engine, single):
 
 
 def test_cli_flag_builds_replicas_and_checks_the_gpu_count(monkeypatch):
-    from lmforge.pipelines.infer import replica_devices
-
-    assert replica_devices(3) == ["cpu"] * 3  # no GPU here: CPU replicas
     import torch
 
+    from lmforge.pipelines.infer import replica_devices
+
+    with monkeypatch.context() as m:  # no GPU: CPU replicas (on a GPU machine too)
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        assert replica_devices(3) == ["cpu"] * 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert replica_devices(2) == ["cuda:0", "cuda:1"]

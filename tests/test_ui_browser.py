@@ -91,7 +91,8 @@ class Page:
     def __init__(self, args: list[str], cwd: Path):
         self.port = _free_port()
         self.log = cwd / f"page-{self.port}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli.main", *args, "--server_port",
                                       str(self.port)], cwd=cwd, env=env, stdout=open(self.log, "wb"),
                                      stderr=subprocess.STDOUT)
