@@ -30,6 +30,11 @@ p50/p95 and latency p50/p95; a request whose usage is not exactly its max_tokens
 ``--native_on_cpu`` runs the native engine on CPU (builtin:tiny) to measure the server's own work there; with
 ``--model micro`` (one layer of width 64, float32) the model costs almost nothing on CPU, so the engine's and
 the server's host work set the pace as they do on a GPU.
+
+With the native engine, the run's mean time to first token is split by the server's clocks (/metrics): before
+the HTTP handler started (client, sockets, the HTTP process's event loop), waiting for a concurrency slot, the
+engine process preparing the stream, the engine from arrival to first token (of it waiting for a step), and the
+rest (the pipes and the HTTP process's own work between them).
 """
 from __future__ import annotations
 
