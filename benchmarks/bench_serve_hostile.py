@@ -159,7 +159,7 @@ def main() -> int:
            "--api_key", KEY, "--log_file", str(log), "--body_timeout", str(args.body_timeout),
            "--max_connections", str(args.max_connections)]
     server = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "PYTHONPATH": str(repo)})
+                              env={**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     try:
         import httpx
 

@@ -17,11 +17,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def repo_env(extra: dict | None = None) -> dict:
+    """This environment for an ``lmforge`` subprocess: the repo first on ``PYTHONPATH``, whatever was there kept
+    (on the GPU machine the carried packages come through it), then ``extra``."""
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), **(extra or {})}
+
+
 def start_deploy(flags: list[str], port: int, env: dict | None = None, timeout: float = 120) -> subprocess.Popen:
     """``lmforge deploy --port PORT FLAGS...`` (output on the process's stdout), once /health answers 200."""
     cmd = [sys.executable, "-m", "lmforge.cli.main", "deploy", "--port", str(port), *flags]
-    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]  # keep what is there
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), **(env or {})}
+    env = repo_env(env)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
     try:

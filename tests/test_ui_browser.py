@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--window-size=1400,1400"]
@@ -91,8 +90,9 @@ class Page:
     def __init__(self, args: list[str], cwd: Path):
         self.port = _free_port()
         self.log = cwd / f"page-{self.port}.log"
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+        from deploy_process import repo_env
+
+        env = repo_env({"PYTHONUNBUFFERED": "1"})
         self.proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli.main", *args, "--server_port",
                                       str(self.port)], cwd=cwd, env=env, stdout=open(self.log, "wb"),
                                      stderr=subprocess.STDOUT)
