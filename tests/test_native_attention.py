@@ -266,6 +266,19 @@ def test_gpu_bf16_model_shapes(hq, hkv, d):
 
 
 @pytest.mark.gpu
+def test_gpu_block_table_width_compiles_once():
+    """An eager step's block table is as wide as its widest row, so its row stride takes any value; the kernel
+    must not compile a variant per stride class (1, multiples of 16, the rest) inside a serving run."""
+    kernel_cache = A._paged_attn_kernel.device_caches[torch.cuda.current_device()][0]
+    sizes = []
+    for ctx in (16, 15 * 16, 16 * 16, 40 * 16 + 3):  # table widths 2, 16, 17, 42 (Case adds one column)
+        case = Case([8, 3], [ctx, 12], 14, 2, 64, dtype=torch.bfloat16, seed=ctx)
+        check(case, case.kernel())
+        sizes.append(len(kernel_cache))
+    assert sizes[-1] == sizes[0], f"compiled variants after each width: {sizes}"
+
+
+@pytest.mark.gpu
 def test_gpu_long_decode_split():
     case = Case([1], [4096], 14, 2, 64, dtype=torch.bfloat16, seed=23)
     assert A._num_splits(1, 2, case.bt.shape[1] * 16, 64, case.q.device) > 1

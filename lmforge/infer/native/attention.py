@@ -101,7 +101,9 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 # ---------------------------------------------------------------------------------------------
 if triton is not None:
 
-    @triton.jit
+    # The block table's row stride is the widest row of each eager (prefill) step's batch: left specialised,
+    # Triton would compile a variant for each of 1, multiples of 16 and the rest inside a timed run.
+    @triton.jit(do_not_specialize=["stride_bt"])
     def _paged_attn_kernel(
         Q, K, V, O, BT, SEQ, QSL, M_PART, L_PART, O_PART,
         qk_scale, window,
