@@ -116,16 +116,16 @@ def build_station_index(folder: str | Path, embedder: Any) -> Any:
     return VectorIndex(folder, embedder)
 
 
-def score_station(model: Any, index: Any, max_tokens: int = 24) -> dict[str, Any]:
+def score_station(model: Any, index: Any, max_tokens: int = 24, extractive: bool = False) -> dict[str, Any]:
     """The rag agent with ``model`` (a checkpoint, or an engine) over the station questions: hit rate,
-    accuracy, and each reply."""
+    accuracy, and each reply (``extractive``: the agent's span-copying decoding)."""
     from lmforge.agents import EngineGenerator, build_agent
     from lmforge.dataset.rag_reader import reader_answer_correct
     from lmforge.infer.hf import HfEngine
 
     engine = HfEngine(model=model, device="cpu") if isinstance(model, (str, Path)) else model
     agent = build_agent("rag", EngineGenerator(engine), index=index, top_k=TOP_K,
-                        max_tokens=max_tokens, temperature=0)
+                        max_tokens=max_tokens, temperature=0, extractive=extractive)
     replies, hits, right = [], 0, 0
     for q in station_questions():
         reply = agent.chat([{"role": "user", "content": q["question"]}])

@@ -309,6 +309,11 @@ def test_cli_builds_the_agents_it_serves(tmp_path, station_index, monkeypatch):
     assert list(agents) == ["rag", "preference", "medical-qa"]
     assert agents["medical-qa"].info()["refuses"] == ["dosage", "emergency"]
     assert agents["rag"].chat([{"role": "user", "content": "When is dinner?"}]).sources[0]["source"] == "food.md"
+    assert not agents["rag"].extractive
+    args.extractive = True
+    quoting = build_agents(args)["rag"]
+    reply = quoting.chat([{"role": "user", "content": "When is dinner?"}])
+    assert quoting.extractive and reply.content.split("\n\nSources:")[0] in " ".join(s["text"] for s in reply.sources)
     args.feedback_file = None
     with pytest.raises(AgentError, match="--feedback_file"):
         build_agents(args)

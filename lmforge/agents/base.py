@@ -76,6 +76,12 @@ class Generator:
         arguments as JSON text) the model made."""
         raise NotImplementedError
 
+    def extract(self, messages: list[dict[str, Any]], passages: list[str], *, temperature: float = 0.0,
+                max_tokens: int = 256) -> str:
+        """A reply that copies a span of ``passages`` (``lmforge.agents.extractive``): needs the model's logits."""
+        raise AgentError(f"--extractive needs a local model answering through the hf engine; {self.name} cannot "
+                         "(a server returns text, not next-token scores)")
+
 
 class EngineGenerator(Generator):
     """A local lmforge engine (``lmforge.infer``: hf, native, vllm)."""
@@ -101,6 +107,16 @@ class EngineGenerator(Generator):
         msg = resp.choices[0].message
         calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in msg.tool_calls or []]
         return msg.content or "", calls
+
+    def extract(self, messages: list[dict[str, Any]], passages: list[str], *, temperature: float = 0.0,
+                max_tokens: int = 256) -> str:
+        from lmforge.agents.extractive import extractive_reply
+        from lmforge.infer.hf import HfEngine
+
+        if not isinstance(self.engine, HfEngine):
+            raise AgentError(f"--extractive decodes with transformers' generate: use --infer_backend hf (the engine "
+                             f"here is {type(self.engine).__name__})")
+        return extractive_reply(self.engine, messages, passages, max_tokens=max_tokens, temperature=temperature)
 
 
 class ServerGenerator(Generator):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.agents.base import Agent, AgentReply, check_messages, last_user_text
+from lmforge.agents.base import Agent, AgentError, AgentReply, check_messages, last_user_text
 from lmforge.registry import AGENTS
 
 DEFAULT_SYSTEM = ("Answer the question using only the numbered passages below, and cite the passages you used as "
@@ -42,16 +42,15 @@ class RagAgent(Agent):
 
     def __init__(self, generator: Any, *, index: Any = None, top_k: int = 4, min_score: float = 0.0,
                  system: str | None = None, embedding_model: str | None = None, embedder: str = "auto",
-                 **settings: Any):
+                 extractive: bool = False, **settings: Any):
         super().__init__(generator, **settings)
         if index is None:
-            from lmforge.agents.base import AgentError
-
             raise AgentError("agent rag: pass --index (a folder made by lmforge rag index)")
         if isinstance(index, (str, bytes)) or hasattr(index, "__fspath__"):
             index = open_index(index, embedding_model, embedder)
         self.index, self.top_k, self.min_score = index, int(top_k), float(min_score)
         self.system = system or DEFAULT_SYSTEM
+        self.extractive = bool(extractive)
 
     def retrieve(self, query: str) -> list[dict[str, Any]]:
         return [h for h in self.index.search(query, self.top_k) if h["score"] >= self.min_score]
@@ -66,7 +65,14 @@ class RagAgent(Agent):
         hits = self.retrieve(last_user_text(messages))
         if not hits:
             return AgentReply(NOT_COVERED, [], refused=True, meta={"reason": "no passage above min_score"})
-        answer = self._generate(self.prompt(messages, hits))[0]
+        prompt = self.prompt(messages, hits)
+        if self.extractive:
+            if self.generator is None:
+                raise AgentError(f"agent {self.name}: no model to answer with (pass --model or --url)")
+            answer = self.generator.extract(prompt, [h["text"] for h in hits], temperature=self.temperature,
+                                            max_tokens=self.max_tokens)
+        else:
+            answer = self._generate(prompt)[0]
         sources = [{"n": i, "source": h["source"], "title": h.get("title"), "score": h["score"],
                     "start": h["start"], "end": h["end"], "text": h["text"]} for i, h in enumerate(hits, 1)]
         return AgentReply(cite(answer, hits), sources)

@@ -56,6 +56,8 @@ class AgentModelArguments(InferArguments):
                                                  "was built with)")
     retrieve_k: int = field(4, "rag: passages retrieved per question")
     min_score: float = field(0.0, "rag: passages less similar than this (cosine) are not used")
+    extractive: bool = field(False, "rag: answer only with a verbatim span of the retrieved passages (constrained "
+                                    "decoding; a local model on the hf engine)")
     max_new_tokens: Optional[int] = field(256, "most tokens generated per reply")
 
 

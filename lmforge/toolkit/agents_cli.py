@@ -59,7 +59,7 @@ def rag_agent(args: Any, generator: Any) -> Any:
         raise ValueError("--index is required (a folder made by lmforge rag index)")
     return RagAgent(generator, index=open_index(args.index, args.embedding_model), top_k=args.retrieve_k,
                     min_score=args.min_score, system=args.system, max_tokens=args.max_new_tokens,
-                    temperature=args.temperature)
+                    temperature=args.temperature, extractive=args.extractive)
 
 
 def rag_query_main(args: Any) -> dict[str, Any]:
