@@ -17,6 +17,8 @@ batches) are tests/test_gkd.py.
 4. Greedy exact match of both on 200 held-out ``builtin:arith:test`` questions.
 
 ``python tests/gkd_arith.py --student CKPT [--teacher DIR]`` (a teacher folder from an earlier run is reused).
+``--rows N`` gives both arms the same N distinct rows, repeated over the steps (a small labelled budget);
+``--temperature`` is GKD's (sampling and both distributions); ``--arms sft`` or ``gkd`` runs one arm.
 """
 from __future__ import annotations
 
@@ -75,10 +77,10 @@ def train_teacher(workdir: Path, target: float, max_steps: int, lr: float) -> tu
 
 
 def arm(kind: str, student: str, teacher: str | None, workdir: Path, steps: int, batch: int, lr: float,
-        lmbda: float, beta: float, seed: int) -> tuple[Any, float]:
+        lmbda: float, beta: float, seed: int, rows: int | None = None, temperature: float = 1.0) -> tuple[Any, float]:
     from lmforge import RlhfArguments, TrainArguments, rlhf_main, sft_main
 
-    common = dict(model=student, dataset=[f"builtin:arith#{steps * batch}"], train_type="full", learning_rate=lr,
+    common = dict(model=student, dataset=[f"builtin:arith#{rows or steps * batch}"], train_type="full", learning_rate=lr,
                   lr_scheduler_type="constant", warmup_ratio=0.0, per_device_train_batch_size=batch,
                   gradient_accumulation_steps=1, max_steps=steps, save_steps=10 ** 6, logging_steps=10, seed=seed,
                   output_dir=str(workdir / f"{kind}-{seed}"), add_version=False, report_to=["none"], plot=False)
@@ -87,7 +89,7 @@ def arm(kind: str, student: str, teacher: str | None, workdir: Path, steps: int,
         result = sft_main(TrainArguments(**common))
     else:
         result = rlhf_main(RlhfArguments(rlhf_type="gkd", teacher_model=teacher, lmbda=lmbda, beta=beta,
-                                         max_completion_length=8, temperature=1.0, **common))
+                                         max_completion_length=8, temperature=temperature, **common))
     return result["trainer"], time.time() - t0
 
 
@@ -104,6 +106,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lmbda", type=float, default=0.5)
     p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--rows", type=int, default=None,
+                   help="distinct training rows both arms share (default steps x batch: each row once); fewer rows "
+                        "are repeated over epochs")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="GKD's temperature: the student's sampling and both distributions in the loss")
+    p.add_argument("--n_eval", type=int, default=200, help="held-out questions scored")
+    p.add_argument("--arms", nargs="*", default=["sft", "gkd"], choices=["sft", "gkd"])
     p.add_argument("--seeds", nargs="*", type=int, default=[0], help="none: train and score the teacher only")
     a = p.parse_args()
     import torch
@@ -118,7 +127,7 @@ def main() -> None:
         t0 = time.time()
         teacher, history = train_teacher(workdir, a.teacher_target, a.teacher_steps, a.teacher_lr)
         report["teacher_stop_checks"], report["teacher_seconds"] = history, round(time.time() - t0, 1)
-    rows = held_out(200)[0]
+    rows = held_out(a.n_eval)[0]
     from lmforge.model import get_model_tokenizer
     from lmforge.template import get_template
 
@@ -127,8 +136,9 @@ def main() -> None:
         report[name] = exact_match(model, tok, get_template(tok), rows)
     print(json.dumps(report), flush=True)
     for seed in a.seeds:
-        for kind in ("sft", "gkd"):
-            trainer, seconds = arm(kind, a.student, teacher, workdir, a.steps, a.batch, a.lr, a.lmbda, a.beta, seed)
+        for kind in a.arms:
+            trainer, seconds = arm(kind, a.student, teacher, workdir, a.steps, a.batch, a.lr, a.lmbda, a.beta, seed,
+                                   a.rows, a.temperature)
             acc = exact_match(trainer.model, trainer.processing_class, get_template(trainer.processing_class), rows)
             print(json.dumps({"arm": kind, "seed": seed, "exact_match": acc, "seconds": round(seconds, 1)}),
                   flush=True)
