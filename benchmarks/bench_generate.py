@@ -13,7 +13,9 @@ the mean time per further token (non-streaming: with random weights the stream h
 characters, which would hide the first token).
 
 Two native-only workloads of token-id prompts (exact lengths; ``ignore_eos``, so every output has
-exactly its length); they are seeded, so every run and every commit answers the same requests:
+exactly its length); they are seeded, so every run and every commit answers the same requests. Both freeze the
+start-up heap before the timed run, as ``lmforge infer`` does (``--gc_freeze 0``: not), and report the garbage
+collector's pauses inside it:
 
     python benchmarks/bench_generate.py --workload nano [--step_profile]
         256 sequences, prompt and output lengths uniform in 100..1024, temperature 0.6, all submitted
@@ -34,6 +36,7 @@ exactly its length); they are seeded, so every run and every commit answers the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -119,10 +122,33 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+class GcPauses:
+    """The interpreter's garbage collections while it is entered: per generation, how many and their seconds (a
+    full collection walks every tracked object, a few hundred thousand once torch and transformers are loaded)."""
+
+    def __init__(self):
+        self.pauses: dict[int, list] = {}
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            n, s = self.pauses.get(info["generation"], (0, 0.0))
+            self.pauses[info["generation"]] = [n + 1, round(s + time.perf_counter() - self._t0, 4)]
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+
 def timed_run(nat, work: list[tuple[list[int], int]], cfg, *, profile: bool, seed: int | None) -> tuple[float, dict]:
     """Answer ``work`` at once under a step recorder; check every output has its exact length."""
     rec = StepRecorder(nat, phases=profile)
-    with rec:
+    with rec, GcPauses() as pauses:
         _sync()
         t0 = time.perf_counter()
         rows = offline_generate(nat, work, cfg, seed=seed)
@@ -133,7 +159,7 @@ def timed_run(nat, work: list[tuple[list[int], int]], cfg, *, profile: bool, see
     if wrong:
         raise SystemExit(f"outputs of the wrong length (request, got, asked): {wrong[:5]}; ignore_eos should make "
                          "every output exactly max_tokens long")
-    return seconds, rec.summary()
+    return seconds, {**rec.summary(), "gc_pauses": pauses.pauses}
 
 
 def prefill_flops(config, prompt_len: int) -> float:
@@ -167,7 +193,7 @@ def run_nano(nat, args) -> dict:
            "full_batch_step_ms": full.get("mean_step_ms"), "decode_only_steps": prof["decode_only"]["steps"],
            "decode_only_step_ms": prof["decode_only"].get("mean_step_ms"),
            "prefill_steps": prefill["steps"], "prefill_time_share": round(prefill.get("seconds", 0) / seconds, 3),
-           "loop_between_steps_s": prof["between_steps_seconds"],
+           "loop_between_steps_s": prof["between_steps_seconds"], "gc_pauses": prof["gc_pauses"],
            "preempted": nat.scheduler.num_preempted - preempted,
            "graph_steps": nat.stats["graph_steps"] - steps_before["graph_steps"],
            "overlapped_steps": nat.stats["overlapped_steps"] - steps_before["overlapped_steps"],
@@ -194,7 +220,7 @@ def run_prefill(nat, args) -> dict:
            "tflops": float(f"{flops / 1e12:.4g}"), "achieved_tflop_s": float(f"{flops / seconds / 1e12:.4g}"),
            "mfu": round(flops / seconds / peak, 4),
            "mfu_steps_only": round(flops / step_s / peak, 4) if step_s else None,
-           "peak_tflops": args.peak_tflops}
+           "peak_tflops": args.peak_tflops, "gc_pauses": prof["gc_pauses"]}
     if args.step_profile:
         res["profile"] = prof
     return res
@@ -228,6 +254,10 @@ def native_workload(args, path: str, name: str, dtype: str) -> None:
                      "native_startup_s": round(time.perf_counter() - t0, 1), "max_num_seqs": args.max_num_seqs,
                      "max_num_batched_tokens": args.max_num_batched_tokens, "kv_blocks": nat.runner.num_blocks}
     try:
+        if args.gc_freeze:
+            from lmforge.utils.gc_heap import freeze
+
+            freeze()
         if args.workload == "nano":
             r = run_nano(nat, args)
             print(f"nano: {r['output_tok_s']:.0f} output tok/s, {r['total_tok_s']:.0f} total tok/s in "
@@ -235,13 +265,15 @@ def native_workload(args, path: str, name: str, dtype: str) -> None:
                   f"{r['steps']} steps; decode at the full batch ({r['full_batch_rows']} rows): "
                   f"{r['full_batch_step_ms']} ms/step over {r['full_batch_steps']} steps; all decode-only steps "
                   f"{r['decode_only_step_ms']} ms over {r['decode_only_steps']}; prefill time share "
-                  f"{100 * r['prefill_time_share']:.1f}% ({r['prefill_steps']} steps); preempted {r['preempted']}",
+                  f"{100 * r['prefill_time_share']:.1f}% ({r['prefill_steps']} steps); preempted {r['preempted']}; "
+                  f"GC (generation: count, s) {r['gc_pauses']}",
                   flush=True)
         else:
             r = run_prefill(nat, args)
             print(f"prefill: {r['prefill_tok_s']:.0f} prompt tok/s in {r['seconds']} s over {r['steps']} steps; "
                   f"{r['achieved_tflop_s']} TFLOP/s = MFU {100 * r['mfu']:.1f}% of {args.peak_tflops:g} "
-                  f"(steps only: {100 * (r['mfu_steps_only'] or 0):.1f}%)", flush=True)
+                  f"(steps only: {100 * (r['mfu_steps_only'] or 0):.1f}%); GC (generation: count, s) {r['gc_pauses']}",
+                  flush=True)
         results[args.workload] = r
         if args.step_profile:
             print_profile(r["profile"], "full_batch_decode" if args.workload == "nano" else "with_prefill")
@@ -267,6 +299,9 @@ def main() -> None:
     p.add_argument("--seeded_sampling", action="store_true",
                    help="nano: each request samples with its own seed (the sampler's per-row generator path)")
     p.add_argument("--seed", type=int, default=0, help="seed of the nano and prefill workloads")
+    p.add_argument("--gc_freeze", type=int, default=1, choices=[0, 1],
+                   help="nano/prefill: 1 (default): freeze the start-up heap before the timed run, as lmforge infer "
+                        "and deploy do (lmforge/utils/gc_heap.py); 0: leave the collector as it is")
     p.add_argument("--step_profile", action="store_true",
                    help="nano/prefill: per-step host phases vs device time (benchmarks/native_step_profile.py)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="prefill: the GPU's bf16 dense peak")

@@ -259,6 +259,9 @@ def engine_only(args: argparse.Namespace) -> dict:
         cfg = RequestConfig(temperature=args.temperature, ignore_eos=True)
         seed = args.seed if args.seeded_sampling else None
         offline_generate(engine, [(ids, 4) for ids, _ in work[:8]], cfg)  # warm-up, as the server gets
+        from lmforge.utils.gc_heap import freeze
+
+        freeze()  # as the server's processes do once started (lmforge/utils/gc_heap.py)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0, cpu0, counts0 = time.perf_counter(), time.process_time(), dict(getattr(engine, "stats", None) or {})

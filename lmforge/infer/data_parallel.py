@@ -222,6 +222,9 @@ def _replica_main(rank: int, device: str, backend: str, kwargs: dict, conns: lis
         import lmforge.serve.schemas  # noqa: F401 - with the interpreter lock held, 0.35 s into serving
     except ImportError:  # an install without the server's extra serves no such requests
         pass
+    from lmforge.utils.gc_heap import freeze
+
+    freeze()  # a process of its own, for the engine's life: no full collection over its start-up heap mid-step
     replies = replies_info(engine)
     send(None, "ready", {"model_name": engine.model_name, "adapters": dict(engine.adapters),
                          "max_model_len": engine.max_model_len, "max_num_seqs": getattr(engine, "max_num_seqs", None),

@@ -127,10 +127,13 @@ def infer_main(args: InferArguments) -> dict[str, Any]:
     adapter = next(iter(engine.adapters), None)  # --adapters/--ckpt_dir: answer with the (first) adapter
     if len(engine.adapters) > 1:
         logger.info("Several adapters loaded; answering with %r", adapter)
-    if args.dataset or args.val_dataset:
-        return batch_infer(engine, args, config, adapter=adapter)
-    keep = args.keep_history if args.keep_history is not None else sys.stdin.isatty()
-    history = chat(engine, config, adapter=adapter, stream=args.stream, keep_history=keep)
+    from lmforge.utils.gc_heap import frozen_heap
+
+    with frozen_heap():  # no full collection of the start-up heap mid-generation
+        if args.dataset or args.val_dataset:
+            return batch_infer(engine, args, config, adapter=adapter)
+        keep = args.keep_history if args.keep_history is not None else sys.stdin.isatty()
+        history = chat(engine, config, adapter=adapter, stream=args.stream, keep_history=keep)
     return {"history": history}
 
 

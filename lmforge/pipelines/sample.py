@@ -118,7 +118,9 @@ def sample_main(args: SampleArguments) -> dict[str, Any]:
     start = time.perf_counter()
     logger.info("Sampling %d x %d replies into %s (rewards %s%s)", len(items), args.num_return_sequences, path,
                 names or "none", f", PRM {args.prm}" if args.prm else "")
-    with open(path, "w", encoding="utf-8") as f, \
+    from lmforge.utils.gc_heap import frozen_heap
+
+    with open(path, "w", encoding="utf-8") as f, frozen_heap(), \
             tqdm(total=len(items), desc="Sampling", unit="prompt", dynamic_ncols=True) as bar:
         for lo in range(0, len(items), args.sample_batch_size):
             chunk = items[lo:lo + args.sample_batch_size]

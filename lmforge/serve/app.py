@@ -72,6 +72,7 @@ from lmforge.serve.stream_replies import (
     legacy_logprobs,
 )
 from lmforge.serve.streaming import EventStreamResponse, orjson
+from lmforge.utils.gc_heap import frozen_heap
 
 logger = logging.getLogger("lmforge.serve")
 
@@ -467,7 +468,8 @@ def create_app(engine: InferEngine, args: Any = None) -> FastAPI:
                     "JSON %s)", state.base_name, ", ".join(state.adapters) or "none", cfg.max_concurrency,
                     cfg.max_queue, "on" if state.auth.enabled else "off",
                     type(asyncio.get_running_loop()).__module__.split(".")[0], "orjson" if orjson else "json")
-        yield
+        with frozen_heap():  # the engine and the app are built: no full collection over them mid-request
+            yield
         state.limiter.drain()
         state.aborting.set()
         state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
