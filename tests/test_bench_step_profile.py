@@ -46,3 +46,18 @@ def test_recorder_counts_steps_and_leaves_generation_unchanged():
         assert "forward_device" not in ph  # device times need CUDA
     finally:
         eng.close()
+
+
+def test_gc_pauses_records_collections_inside_only():
+    import gc
+
+    from bench_generate import GcPauses
+
+    with GcPauses() as pauses:
+        gc.collect()  # a full collection, as the ones that landed inside timed runs
+        gc.collect(0)
+    n_callbacks = len(gc.callbacks)
+    gc.collect()
+    assert pauses.pauses[2][0] == 1 and pauses.pauses[2][1] >= 0 and pauses.pauses[0][0] >= 1
+    assert all(cb.__self__ is not pauses for cb in gc.callbacks if hasattr(cb, "__self__"))
+    assert len(gc.callbacks) == n_callbacks
