@@ -324,7 +324,7 @@ class _Replica:
         while True:
             try:
                 msg_id, kind, payload = self.conn.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):  # TypeError: close() here set the handle to None mid-read
                 for q in list(self.pending.values()):  # the replica died: wake everyone waiting on it
                     q.put(("error", ("RuntimeError", "the replica process exited", None)))
                 self._deliver([(i, "error", ("RuntimeError", "the replica process exited", None))
