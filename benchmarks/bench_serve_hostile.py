@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import socket
 import subprocess
@@ -27,6 +26,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import repo_env  # noqa: E402
 
 HOST = "127.0.0.1"
 KEY = "bench-key"
@@ -159,7 +161,7 @@ def main() -> int:
            "--api_key", KEY, "--log_file", str(log), "--body_timeout", str(args.body_timeout),
            "--max_connections", str(args.max_connections)]
     server = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+                              env=repo_env())
     try:
         import httpx
 

@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MICRO, QWEN25_05B, QWEN25_7B, make_model_dir, model_vocab, offline_generate, token_workload  # noqa: E402
+from common import (MICRO, QWEN25_05B, QWEN25_7B, make_model_dir, model_vocab, offline_generate,  # noqa: E402
+                    repo_env, token_workload)
 
 HOST = "127.0.0.1"
 
@@ -166,9 +167,8 @@ def start_server(args: argparse.Namespace, port: int, log_path: Path) -> subproc
            "--max_queue", str(max(args.clients, 64)), "--shutdown_timeout", "5"]
     for k, v in deploy_options(args).items():
         cmd += [f"--{k}", str(v)]
-    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=repo)
+    return subprocess.Popen(cmd, env=repo_env(), stdout=log, stderr=subprocess.STDOUT, cwd=repo)
 
 
 async def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:

@@ -28,6 +28,13 @@ QWEN2_VL_2B = dict(
     vocab_size=151936, rope_theta=1e6, mrope_section=[16, 24, 24], min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
 
 
+def repo_env(extra: dict | None = None) -> dict:
+    """This environment for an ``lmforge`` subprocess: the repo first on ``PYTHONPATH``, whatever was there kept
+    (on the GPU machine the carried packages come through it), then ``extra``."""
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), **(extra or {})}
+
+
 def make_model_dir(spec: dict, out: str | Path, dtype: str = "bfloat16", seed: int = 0, decodable: bool = False) -> Path:
     """Write a random-weight Qwen2 checkpoint of the given shape (once) and return its folder.
 

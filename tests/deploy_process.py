@@ -1,7 +1,6 @@
 """``lmforge deploy`` in a subprocess for the CLI tests (not a test file): a free port, start, wait for /health."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -10,18 +9,14 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import repo_env  # noqa: E402,F401 - the benchmarks' subprocess environment; test_ui_browser imports it here
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def repo_env(extra: dict | None = None) -> dict:
-    """This environment for an ``lmforge`` subprocess: the repo first on ``PYTHONPATH``, whatever was there kept
-    (on the GPU machine the carried packages come through it), then ``extra``."""
-    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), **(extra or {})}
 
 
 def start_deploy(flags: list[str], port: int, env: dict | None = None, timeout: float = 120) -> subprocess.Popen:

@@ -59,8 +59,7 @@ class SpanConstraint:
         self.text = _SEP.join(passages)
         self.pieces, self.partial, self.longest = token_pieces(tokenizer)
         self.end_ids = sorted({int(i) for i in end_ids if i is not None})
-        text = self.text
-        self.starts = [i for i, c in enumerate(text) if c.isalnum() and (i == 0 or not text[i - 1].isalnum())]
+        self.starts = [i for i in range(len(self.text)) if self._starts_at_word(i)]
 
     def _ends(self, reply: str) -> list[int]:
         """Where the text just after a copy of ``reply`` begins, at every place the passages hold it."""
@@ -113,7 +112,7 @@ class SpanCopyProcessor:
 
 
 def extractive_reply(engine: Any, messages: list[dict[str, Any]], passages: list[str], *, max_tokens: int = 64,
-                     temperature: float = 0.0, seed: int | None = None) -> str:
+                     temperature: float = 0.0) -> str:
     """The reply of ``engine`` (an :class:`~lmforge.infer.hf.HfEngine`) to ``messages``, decoded under the
     span constraint over ``passages``."""
     from transformers import LogitsProcessorList
@@ -129,8 +128,6 @@ def extractive_reply(engine: Any, messages: list[dict[str, Any]], passages: list
     ids = torch.tensor([prompt], device=device)
     kwargs: dict[str, Any] = dict(do_sample=False)
     if temperature > 0:
-        if seed is not None:
-            torch.manual_seed(seed)
         kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     was_training = model.training
     model.eval()
