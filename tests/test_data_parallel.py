@@ -159,9 +159,17 @@ def test_engine_process_builds_the_chunks_from_token_ids_as_the_engine_does(engi
     """A text model on the native engine: the replica sends token ids per step and the front builds the chunks
     (lmforge/infer/token_streams.py). n = 2 choices, top logprobs, a stop string, and tools offered (the
     tool-call hold) give the same text, finish reasons, logprob tables and usage as the engine's own streams;
-    the replica's stream interval (2) still sets the chunk size."""
+    the replica's stream interval (2) still sets the chunk size. One choice without logprobs travels as plain
+    token ids (``toks``), the others as per-step tuples (``steps``)."""
     remote, local = engine_process
     assert remote._replies is not None  # the token path is the one taken
+    replica, seen = remote._replicas[0], []
+    deliver = replica._deliver
+
+    def recording(items):  # the front's reader thread: what each batch message carried
+        seen.extend((msg_id, kind, len(payload)) for msg_id, kind, payload in items if kind in ("toks", "steps"))
+        deliver(items)
+    replica._deliver = recording
     stopped = 0
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     cases = [(RequestConfig(max_tokens=10, temperature=0.8, seed=7, n=2, logprobs=True, top_logprobs=3), None),
@@ -202,6 +210,12 @@ def test_engine_process_builds_the_chunks_from_token_ids_as_the_engine_does(engi
             sizes = [len(c.logprobs.content) for x in got[0] for c in x.choices if c.logprobs and c.index == 0]
             sizes = [n for n in sizes if n]
             assert sizes and all(n >= 2 for n in sizes[1:-1]), sizes  # the first at once, then >= the interval
+        kinds = {kind for _, kind, _ in seen}
+        assert kinds == ({"steps"} if cfg.n > 1 or cfg.logprobs else {"toks"}), kinds
+        for msg_id in {m for m, _, _ in seen}:  # token messages: the first at once, then >= the interval
+            sizes = [n for m, _, n in seen if m == msg_id]
+            assert sizes[0] >= 1 and all(n >= 2 for n in sizes[1:-1]), sizes
+        seen.clear()
     assert stopped >= 2  # the stop string did end replies
     assert remote._replicas[0].in_flight == 0 and not remote._replicas[0].streams
 
@@ -328,14 +342,16 @@ def test_a_server_in_front_of_the_engine_process_streams_to_the_openai_client(en
             got = list(pool.map(ask, QUESTIONS))
     assert got == want
 
-    # the flag: one replica on this machine's device, whatever --data_parallel_size says
+    # the flag: one replica on this machine's device (its first GPU, else its CPU), whatever --data_parallel_size says
+    import torch
+
     import lmforge.infer.data_parallel as dp
     from lmforge.pipelines.infer import build_engine
 
     built = {}
     monkeypatch.setattr(dp, "DataParallelEngine", lambda backend, devices, **kw: built.update(devices=devices) or "E")
     assert build_engine(DeployArguments(model="builtin:tiny", engine_process=True)) == "E"
-    assert built["devices"] == ["cpu"]
+    assert built["devices"] == (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
 
 
 def test_a_replica_sees_the_callers_gpu_not_the_machines_gpu_of_that_index():

@@ -210,3 +210,35 @@ def test_rollout_generate_is_admitted_like_chat():
         assert _metric(text, 'lmforge_requests_total{endpoint="rollout_generate",model="echo-model",status="200"}') == 2
         assert _metric(text, 'lmforge_requests_total{endpoint="rollout_generate",model="echo-model",status="429"}') >= 2
         assert state.limiter.running == 0 and engine.active == 0
+
+
+def test_token_id_prompts_are_counted_on_the_event_loop_and_checked_there(monkeypatch):
+    """A short token-id prompt on an engine that counts in-process is counted on the server's event loop (no
+    tokenizer-pool thread per request); its ids are still checked (400 naming the vocabulary), a text prompt and
+    a longer id prompt still go to the pool, and every reply is the engine's."""
+    import lmforge.serve.app as serve_app
+    from lmforge.infer.hf import HfEngine
+    from lmforge.serve import create_app
+
+    monkeypatch.setattr(serve_app, "_INLINE_COUNT_IDS", 8)
+    engine = HfEngine("builtin:tiny", device="cpu")
+    threads: list[str] = []
+    count = engine.count_prompt_tokens
+
+    def recording(request):
+        threads.append(threading.current_thread().name)
+        return count(request)
+    engine.count_prompt_tokens = recording
+    body = {"model": "builtin:tiny", "max_tokens": 2, "temperature": 0}
+    with ServerThread(create_app(engine, DeployArguments())) as srv:
+        loop_thread = srv._thread.name
+        r = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": [5, 9, 11, 3]}, timeout=60)
+        assert r.is_success and r.json()["usage"]["prompt_tokens"] == 4
+        bad = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": [5, 10 ** 6]}, timeout=60)
+        assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+        assert threads == [loop_thread, loop_thread]
+        text = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": "5 + 3 ="}, timeout=60)
+        long = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": [7] * 9}, timeout=60)
+        assert text.is_success and long.is_success and long.json()["usage"]["prompt_tokens"] == 9
+        assert len(threads) == 4 and loop_thread not in threads[2:]
+        assert srv.app.state.lmforge.limiter.running == 0

@@ -24,6 +24,9 @@ class InferEngine(ABC):
     model_name: str
     adapters: dict[str, str]
     max_model_len: int
+    # Whether count_prompt_tokens runs in this process without waiting on another: the server then counts a
+    # short token-id prompt on its event loop (a length and a range check) instead of in its tokenizer pool.
+    counts_locally: bool = False
 
     @abstractmethod
     def infer(self, requests: list[InferRequest], request_config: RequestConfig | None = None, *,

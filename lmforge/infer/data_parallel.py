@@ -559,6 +559,10 @@ class DataParallelEngine(InferEngine):
                 out[k] = out.get(k, 0) + v
         return out
 
+    @property
+    def counts_locally(self) -> bool:  # type: ignore[override]
+        return self._replies is not None
+
     def count_prompt_tokens(self, request: InferRequest) -> int:
         """Counted here for a text model on the native engine (no round trip through a busy engine process, whose
         interpreter lock the step loop holds most of the time), the ids kept for the request's stream; by a

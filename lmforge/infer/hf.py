@@ -404,6 +404,8 @@ class HfEngine(InferEngine):
         """Rows of the input embedding: a raw prompt's token ids must be below it."""
         return self.model.get_input_embeddings().num_embeddings
 
+    counts_locally = True  # the tokenizer is in this process
+
     def count_prompt_tokens(self, request: InferRequest) -> int:
         return len(self.encode(request))
 

@@ -83,10 +83,16 @@ class ReplyBuilder:
         return _Row(gen, text, "stop" if hit else reason, logprobs)
 
 
+def _as_steps(kind: str, value: list) -> list:
+    """A ``steps`` message's steps, or a ``toks`` message's token ids (one choice, no logprobs) as steps."""
+    return list(value) if kind == "steps" else [((t,), None) for t in value]
+
+
 async def front_stream(builder: ReplyBuilder, q: asyncio.Queue, request: InferRequest, cfg: RequestConfig,
                        raise_error: Any) -> AsyncIterator[ChatCompletionStreamResponse]:
     """The chunks of one token stream whose replica messages arrive on ``q``: ``tstart`` (token budget, prompt
-    length), ``steps`` (lists of (token of each choice, raw logprobs or None)), ``end`` (each choice's tokens,
+    length), ``steps`` (lists of (token of each choice, raw logprobs or None)), or for one choice without
+    logprobs ``toks`` (its new token ids), ``end`` (each choice's tokens,
     finish reason, raw logprobs, error). Steps that piled up while the consumer was busy become one chunk.
     ``raise_error(kind, value)`` raises a replica's error."""
     kind, value = await q.get()
@@ -101,14 +107,14 @@ async def front_stream(builder: ReplyBuilder, q: asyncio.Queue, request: InferRe
     while True:
         kind, value = held or await q.get()
         held = None
-        if kind == "steps":
-            steps = list(value)
+        if kind == "steps" or kind == "toks":
+            steps = _as_steps(kind, value)
             while not q.empty():  # coalesce what is already waiting
                 nxt = q.get_nowait()
-                if nxt[0] != "steps":
+                if nxt[0] != "steps" and nxt[0] != "toks":
                     held = nxt
                     break
-                steps += nxt[1]
+                steps += _as_steps(*nxt)
             out = reply.steps([(toks, builder.entries(raw, width) if raw is not None else None)
                                for toks, raw in steps])
             if out is not None:
@@ -124,6 +130,27 @@ async def front_stream(builder: ReplyBuilder, q: asyncio.Queue, request: InferRe
             raise RuntimeError(f"token stream: unexpected message {kind!r}")
 
 
+class _TokenBox:
+    """What the engine thread keeps of a one-choice stream without logprobs (most requests): the token ids not
+    sent yet. A :class:`~lmforge.infer.native.streams.StreamBox` builds a per-step tuple for every token (its
+    ``n`` choices in lockstep, their logprobs); here a token costs a list append in the engine thread and an
+    int in the pipe message, where that thread's time bounds a served engine's steps."""
+
+    __slots__ = ("loop", "msg_id", "seqs", "toks", "sent", "told", "done", "deferred")
+    width = -1  # no logprobs
+
+    def __init__(self, loop: Any, msg_id: int, seqs: list):
+        self.loop, self.msg_id, self.seqs = loop, msg_id, seqs
+        self.toks: list[int] = []  # generated, not handed to the pipe yet
+        self.sent = 0  # tokens taken from the sequence so far
+        self.told = False  # whether a message with tokens has left (the first goes at once)
+        self.done = False
+        self.deferred: dict = {}  # (n > 1 only)
+
+    def clear(self) -> None:
+        self.toks = []
+
+
 class TokenStreams:
     """Replica side of ``tstream`` messages for the native engine: each request's sequences are submitted with a
     stream box (as the engine's own asyncio streams use) whose "event loop" is this object, so the engine thread
@@ -134,6 +161,9 @@ class TokenStreams:
 
         class _Box(StreamBox):
             __slots__ = ("msg_id", "deferred")
+
+            def clear(self) -> None:
+                self.steps.clear()
 
         self._Box, self.engine, self.send, self.error_payload = _Box, engine, send, error_payload
         self.live: dict[int, Any] = {}
@@ -157,18 +187,31 @@ class TokenStreams:
         try:
             job = engine._prepare(None, request, cfg, ids)
             box = None
+            interval = getattr(engine, "stream_interval", 1)
+            if cfg.n == 1 and not cfg.logprobs:  # the common request: its steps are plain token ids
+                def on_token(seq: Any) -> None:  # the engine thread, once per token: a slice and an append
+                    start, end = seq.prompt_len + box.sent, len(seq.token_ids)
+                    if end > start:
+                        box.toks += seq.token_ids[start:end]
+                        box.sent += end - start
+                    box.done = seq.status is Status.FINISHED
+                    if box.done or len(box.toks) >= interval or (box.toks and not box.told):
+                        engine._touched.append(box)
 
-            def on_token(seq: Any) -> None:  # the engine thread
-                if seq.seq_id in box.deferred and (seq.num_output or seq.status is Status.FINISHED):
-                    for other in box.deferred.pop(seq.seq_id):
-                        engine.submit(other)
-                box.update()
-                if box.due():
-                    engine._touched.append(box)
+                seqs = engine._sequences(job, cfg, on_token)
+                box = _TokenBox(self, msg_id, seqs)
+            else:
+                def on_token(seq: Any) -> None:  # the engine thread
+                    if seq.seq_id in box.deferred and (seq.num_output or seq.status is Status.FINISHED):
+                        for other in box.deferred.pop(seq.seq_id):
+                            engine.submit(other)
+                    box.update()
+                    if box.due():
+                        engine._touched.append(box)
 
-            seqs = engine._sequences(job, cfg, on_token)
-            box = self._Box(self, seqs, cfg, getattr(engine, "stream_interval", 1))
-            box.msg_id, box.deferred = msg_id, {}
+                seqs = engine._sequences(job, cfg, on_token)
+                box = self._Box(self, seqs, cfg, interval)
+                box.msg_id, box.deferred = msg_id, {}
         except BaseException as e:  # noqa: BLE001 - every stream gets an answer
             with self.lock:
                 self.starting.discard(msg_id)
@@ -215,12 +258,17 @@ class TokenStreams:
         with self.lock:
             for box in boxes:
                 if box.msg_id not in self.live:  # cancelled
-                    box.steps.clear()
+                    box.clear()
                     continue
-                steps = list(box.steps)
-                box.steps.clear()
-                if steps:
-                    items.append((box.msg_id, "steps", steps))
+                if type(box) is _TokenBox:
+                    if box.toks:
+                        items.append((box.msg_id, "toks", box.toks))
+                        box.toks, box.told = [], True
+                else:
+                    steps = list(box.steps)
+                    box.steps.clear()
+                    if steps:
+                        items.append((box.msg_id, "steps", steps))
                 if box.done:
                     del self.live[box.msg_id]
                     items.append((box.msg_id, "end", [

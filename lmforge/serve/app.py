@@ -79,6 +79,7 @@ logger = logging.getLogger("lmforge.serve")
 _ENDPOINTS = {"/v1/chat/completions": ("chat", "chatcmpl"), "/v1/completions": ("completions", "cmpl"),
               "/v1/models": ("models", "req"), "/health": ("health", "req"), "/metrics": ("metrics", "req")}
 _QUIET = ("health", "metrics")  # scraped often: logged at DEBUG, not counted
+_INLINE_COUNT_IDS = 4096  # token-id prompts up to this long are counted on the event loop (<= 0.3 ms, slow CPU)
 # Prompts tokenised at once (inside admitted slots): each may be up to max_model_len x chars_per_token
 # characters, so this bounds the tokenizer's memory when --max_concurrency is large (native engine).
 TOKENIZE_WORKERS = 4
@@ -233,10 +234,17 @@ class ServeState:
         """Prompt tokens, or None when the engine cannot count; input the engine rejects becomes a 400.
 
         Runs in the small tokenizer pool, inside an admitted slot; a client that leaves meanwhile
-        stops the wait (499), and a count not started yet is dropped from the pool's queue.
+        stops the wait (499), and a count not started yet is dropped from the pool's queue. A token-id prompt
+        of up to ``_INLINE_COUNT_IDS`` ids on an engine that counts in this process is counted here, on the
+        event loop: a range check of the ids, where the pool's thread would cost two handovers of the
+        interpreter lock and two tasks per request.
         """
         loop = asyncio.get_running_loop()
         try:
+            ids = getattr(request, "prompt", None)
+            if isinstance(ids, list) and len(ids) <= _INLINE_COUNT_IDS and getattr(self.engine, "counts_locally",
+                                                                                   False):
+                return self.engine.count_prompt_tokens(request)
             job = loop.run_in_executor(self.tokenize_pool, self.engine.count_prompt_tokens, request)
             return await self.until_disconnect(http, info, job, "client disconnected while its prompt was counted")
         except NotImplementedError:
