@@ -67,3 +67,42 @@ def test_closing_the_merged_stream_closes_its_sources():
 
     assert asyncio.run(run()) == (0, "a")
     assert source.closed
+
+
+def test_abort_while_the_consumer_is_elsewhere_ends_it_at_its_next_pull_without_cancelling_it():
+    """One source is read in the consumer's own task: an abort that comes while the consumer is busy elsewhere
+    (writing a chunk) must not cancel that work; the stream ends at the consumer's next pull."""
+    source = Source(["a", "b", "c"], delay=0.0)
+
+    async def run():
+        abort = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, abort.set)
+        got, slept = [], False
+        with pytest.raises(StreamAborted):
+            async for item in merge_streams([source.gen()], abort):
+                got.append(item)
+                await asyncio.sleep(0.2)  # the abort fires during this, which must finish
+                slept = True
+        return got, slept, asyncio.current_task().cancelling()
+
+    got, slept, cancelling = asyncio.run(asyncio.wait_for(run(), 5))
+    assert got == [(0, "a")] and slept and cancelling == 0
+    assert source.closed
+
+
+def test_a_consumer_cancelled_while_waiting_is_cancelled_not_aborted():
+    """The client going away cancels the consumer's task: that stays a cancellation (not the server's abort)."""
+    source = Source(["a", "b"], delay=30.0)
+
+    async def consume():
+        return [x async for x in merge_streams([source.gen()], asyncio.Event())]
+
+    async def run():
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(run(), 5))
+    assert source.closed
