@@ -69,8 +69,12 @@ async def merge_streams(streams: Sequence[AsyncIterator[Any]], abort: Optional[a
     rather than at the next item. Closing this generator (or the abort) stops every source.
     """
     if len(streams) == 1:
-        async for item in _one_stream(streams[0], abort):
-            yield 0, item
+        one = _one_stream(streams[0], abort)
+        try:
+            async for item in one:
+                yield 0, item
+        finally:
+            await one.aclose()  # now, not when the collector finds it: it closes the engine stream
         return
     queue: asyncio.Queue = asyncio.Queue()
     done, aborted = object(), object()
