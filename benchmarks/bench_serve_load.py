@@ -31,6 +31,11 @@ p50/p95 and latency p50/p95; a request whose usage is not exactly its max_tokens
 ``--model micro`` (one layer of width 64, float32) the model costs almost nothing on CPU, so the engine's and
 the server's host work set the pace as they do on a GPU.
 
+``--repeat R`` measures R times against one server (and R times with the engine alone, in one child): repetition r
+uses the seed ``--seed`` + r for both, so no repetition reuses another's prompts (no prefix-cache hits between
+them), and the server's and the engine's start-up is paid once. Each repetition prints its own report, then the
+ratios' median and range; server runs on one machine spread by 15% or more, so one pair says little.
+
 With the native engine, the run's mean time to first token is split by the server's clocks (/metrics): before
 the HTTP handler started (client, sockets, the HTTP process's event loop), waiting for a concurrency slot, the
 engine process preparing the stream, the engine from arrival to first token (of it waiting for a step), and the
@@ -235,18 +240,17 @@ def record(stats: Stats, what: str, t0: float, first, finish, usage, want_tokens
     stats.tokens += usage.completion_tokens
 
 
-def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
-    """The fixed requests: (prompt token ids, max_tokens), the same for the engine-only and served runs."""
-    vocab = model_vocab(args.model_path)
+def workload(args: argparse.Namespace, rep: int = 0) -> list[tuple[list[int], int]]:
+    """The fixed requests of repetition ``rep``: (prompt token ids, max_tokens), the same for the engine-only and
+    served runs."""
+    vocab, seed = model_vocab(args.model_path), args.seed + rep
     if args.workload == "nano":
-        return token_workload(args.requests, (100, 1024), (100, 1024), vocab, seed=args.seed)
-    return token_workload(args.requests, (args.prompt_tokens,) * 2, (args.max_tokens,) * 2, vocab, seed=args.seed)
+        return token_workload(args.requests, (100, 1024), (100, 1024), vocab, seed=seed)
+    return token_workload(args.requests, (args.prompt_tokens,) * 2, (args.max_tokens,) * 2, vocab, seed=seed)
 
 
-def engine_only(args: argparse.Namespace) -> dict:
-    """The engine alone on the fixed requests, all at once (runs in the child process)."""
-    import torch
-
+def engine_only(args: argparse.Namespace) -> list[dict]:
+    """The engine alone on each repetition's fixed requests, all at once (runs in the child process)."""
     from lmforge.arguments import DeployArguments
     from lmforge.infer import RequestConfig
     from lmforge.pipelines.infer import build_engine
@@ -255,22 +259,27 @@ def engine_only(args: argparse.Namespace) -> dict:
             if k not in ("max_concurrency", "engine_process", "api_server_count")}
     engine = build_engine(DeployArguments(**opts))
     try:
-        work = workload(args)
         cfg = RequestConfig(temperature=args.temperature, ignore_eos=True)
-        seed = args.seed if args.seeded_sampling else None
-        offline_generate(engine, [(ids, 4) for ids, _ in work[:8]], cfg)  # warm-up, as the server gets
+        offline_generate(engine, [(ids, 4) for ids, _ in workload(args)[:8]], cfg)  # warm-up, as the server gets
         from lmforge.utils.gc_heap import freeze
 
         freeze()  # as the server's processes do once started (lmforge/utils/gc_heap.py)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0, cpu0, counts0 = time.perf_counter(), time.process_time(), dict(getattr(engine, "stats", None) or {})
-        rows = offline_generate(engine, work, cfg, seed=seed)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        counts1 = dict(getattr(engine, "stats", None) or {})
+        return [_engine_run(engine, workload(args, rep), cfg, args.seed + rep if args.seeded_sampling else None)
+                for rep in range(args.repeat)]
     finally:
         if hasattr(engine, "close"):
             engine.close()
+
+
+def _engine_run(engine, work: list, cfg, seed: int | None) -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0, cpu0, counts0 = time.perf_counter(), time.process_time(), dict(getattr(engine, "stats", None) or {})
+    rows = offline_generate(engine, work, cfg, seed=seed)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    counts1 = dict(getattr(engine, "stats", None) or {})
     tokens = sum(len(r[0].token_ids) for r in rows)
     short = sum(1 for r, (_, m) in zip(rows, work) if len(r[0].token_ids) != m)
     steps = counts1.get("steps", 0) - counts0.get("steps", 0)
@@ -281,16 +290,16 @@ def engine_only(args: argparse.Namespace) -> dict:
             "steps": steps, "tokens_per_step": per_step, "graph_share": graph_share}
 
 
-def run_engine_child(args: argparse.Namespace, argv: list[str]) -> dict:
+def run_engine_child(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     out = Path(tempfile.mkdtemp(prefix="lmforge-bench-")) / "engine_only.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--engine_only_json", str(out)]
     print("engine-only run (child process) ...", flush=True)
-    subprocess.run(cmd, check=True, timeout=args.startup_timeout + args.grace + 600)
+    subprocess.run(cmd, check=True, timeout=args.startup_timeout + (args.grace + 600) * args.repeat)
     return json.loads(out.read_text())
 
 
 async def fixed_client(client, model: str, work: list, next_i: list[int], args: argparse.Namespace,
-                       stats: Stats) -> None:
+                       stats: Stats, seed0: int = 0) -> None:
     """Takes the next request of the shared list until none is left; streams it and checks it."""
     while next_i[0] < len(work):
         i = next_i[0]
@@ -298,7 +307,7 @@ async def fixed_client(client, model: str, work: list, next_i: list[int], args: 
         ids, m = work[i]
         stats.sent += 1
         t0 = time.perf_counter()
-        extra = {"seed": args.seed + i} if args.seeded_sampling else {}
+        extra = {"seed": seed0 + i} if args.seeded_sampling else {}
         try:
             stream = await client.completions.create(
                 model=model, prompt=ids, max_tokens=m, temperature=args.temperature, stream=True,
@@ -320,14 +329,15 @@ def _openai_client(url: str, clients: int, limit: float):
 
 
 def client_process(url: str, model: str, work: list, clients: int, args: argparse.Namespace,
-                   limit: float) -> tuple[Stats, float, int, float, float]:
+                   limit: float, seed0: int) -> tuple[Stats, float, int, float, float]:
     """One client process of ``--client_procs``: ``clients`` streaming clients over its share of the requests.
     Returns its stats, its CPU seconds, the requests still waiting at ``limit`` (hangs), and when (wall clock)
     its first request went out and its last one ended: the run's time excludes the processes' start-up."""
     async def go() -> tuple[Stats, float, int, float, float]:
         client, stats, next_i = _openai_client(url, clients, limit), Stats(), [0]
         cpu0, start = time.process_time(), time.time()
-        tasks = [asyncio.create_task(fixed_client(client, model, work, next_i, args, stats)) for _ in range(clients)]
+        tasks = [asyncio.create_task(fixed_client(client, model, work, next_i, args, stats, seed0))
+                 for _ in range(clients)]
         _, pending = await asyncio.wait(tasks, timeout=limit)
         for t in pending:
             t.cancel()
@@ -337,7 +347,7 @@ def client_process(url: str, model: str, work: list, clients: int, args: argpars
     return asyncio.run(go())
 
 
-async def fixed_clients(url: str, model: str, work: list, args: argparse.Namespace, limit: float
+async def fixed_clients(url: str, model: str, work: list, args: argparse.Namespace, limit: float, seed0: int
                         ) -> tuple[Stats, list[float], int, float]:
     """The fixed requests over ``args.clients`` clients in ``args.client_procs`` processes (request i goes to
     process i mod P): one Python process parsing every stream's chunks through the openai client tops out
@@ -350,7 +360,7 @@ async def fixed_clients(url: str, model: str, work: list, args: argparse.Namespa
     loop = asyncio.get_running_loop()
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         parts = await asyncio.gather(*(loop.run_in_executor(pool, client_process, url, model, work[j::procs],
-                                                            shares[j], args, limit) for j in range(procs)))
+                                                            shares[j], args, limit, seed0) for j in range(procs)))
     total = Stats()
     for stats, *_ in parts:
         total.sent += stats.sent
@@ -410,17 +420,57 @@ def _time_split(e0: dict, e1: dict, ttft: list[float]) -> str | None:
             f"{queue:.1f}) + the rest (pipes, the HTTP process) {server - slot - prep - first:.1f}")
 
 
-async def run(args: argparse.Namespace, baseline: dict | None) -> int:
+async def measure(args: argparse.Namespace, url: str, model: str, client, work: list, proc: subprocess.Popen,
+                  limit: float, endpoint: str, seed0: int) -> dict:
+    """One load run against the running server: the client's stats and the server's counters around it."""
+    import httpx
+
+    fixed = bool(work)
+    stats = Stats()
+    await _settle_metrics(args)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url + "/metrics")).text
+        before, engine0 = _server_completed(text, endpoint), _engine_counts(text)
+    t0, cpu0, client_cpu0 = time.monotonic(), _cpu_seconds(proc.pid), time.process_time()
+    hung, seconds = 0, None
+    if fixed and args.client_procs > 1:
+        stats, client_cpus, hung, seconds = await fixed_clients(url, model, work, args, limit, seed0)
+    else:
+        if fixed:
+            next_i = [0]
+            tasks = [asyncio.create_task(fixed_client(client, model, work, next_i, args, stats, seed0))
+                     for _ in range(args.clients)]
+        else:
+            stop_at = t0 + args.duration
+            tasks = [asyncio.create_task(client_loop(client, model, k, stop_at, args.max_tokens, stats))
+                     for k in range(args.clients)]
+        _, pending = await asyncio.wait(tasks, timeout=limit)
+        for t in pending:
+            t.cancel()
+        hung, client_cpus = len(pending), [time.process_time() - client_cpu0]
+    http_cpus, child_cpu = _cpu_split(proc.pid, cpu0, _cpu_seconds(proc.pid))
+    elapsed = seconds or time.monotonic() - t0
+    if hung:
+        stats.errors.append(f"{hung} clients still waiting after {limit:g} s (hang)")
+    await _settle_metrics(args)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url + "/metrics")).text
+        server_ok, engine1 = _server_completed(text, endpoint) - before, _engine_counts(text)
+    return {"stats": stats, "work": work, "elapsed": elapsed, "http_cpus": http_cpus, "child_cpu": child_cpu,
+            "client_cpus": client_cpus, "server_ok": server_ok, "engine0": engine0, "engine1": engine1}
+
+
+async def run(args: argparse.Namespace, baselines: list[dict] | None) -> int:
     import httpx
 
     fixed = args.requests > 0
-    work = workload(args) if fixed else []
     limit = args.duration + args.grace  # fixed work: the whole run's bound; timed: the last request's
     port = _free_port()
     url = f"http://{HOST}:{port}"
     log_path = Path(tempfile.mkdtemp(prefix="lmforge-bench-")) / "server.log"
     endpoint = "completions" if fixed else "chat"
     proc = start_server(args, port, log_path)
+    runs = []
     try:
         t_start = time.monotonic()
         await wait_ready(url, proc, args.startup_timeout)
@@ -428,40 +478,14 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
         async with httpx.AsyncClient() as http:
             model = (await http.get(url + "/v1/models")).json()["data"][0]["id"]
         client = _openai_client(url, args.clients, limit)
-        stats = Stats()
         if fixed:  # warm-up as the engine-only run had: 8 short requests, not counted
             await asyncio.gather(*(fixed_client(client, model, [(ids, 4)], [0], args, Stats())
-                                   for ids, _ in work[:8]))
-        await _settle_metrics(args)
-        async with httpx.AsyncClient() as http:
-            text = (await http.get(url + "/metrics")).text
-            before, engine0 = _server_completed(text, endpoint), _engine_counts(text)
-        t0, cpu0, client_cpu0 = time.monotonic(), _cpu_seconds(proc.pid), time.process_time()
-        hung, seconds = 0, None
-        if fixed and args.client_procs > 1:
-            stats, client_cpus, hung, seconds = await fixed_clients(url, model, work, args, limit)
-        else:
-            if fixed:
-                next_i = [0]
-                tasks = [asyncio.create_task(fixed_client(client, model, work, next_i, args, stats))
-                         for _ in range(args.clients)]
-            else:
-                stop_at = t0 + args.duration
-                tasks = [asyncio.create_task(client_loop(client, model, k, stop_at, args.max_tokens, stats))
-                         for k in range(args.clients)]
-            _, pending = await asyncio.wait(tasks, timeout=limit)
-            for t in pending:
-                t.cancel()
-            hung, client_cpus = len(pending), [time.process_time() - client_cpu0]
-        http_cpus, child_cpu = _cpu_split(proc.pid, cpu0, _cpu_seconds(proc.pid))
-        elapsed, server_cpu = seconds or time.monotonic() - t0, sum(http_cpus) + child_cpu
-        lost = (len(work) if fixed else stats.sent) - stats.ok - len(stats.errors)
-        if hung:
-            stats.errors.append(f"{hung} clients still waiting after {limit:g} s (hang)")
-        await _settle_metrics(args)
-        async with httpx.AsyncClient() as http:
-            text = (await http.get(url + "/metrics")).text
-            server_ok, engine1 = _server_completed(text, endpoint) - before, _engine_counts(text)
+                                   for ids, _ in workload(args)[:8]))
+        for rep in range(args.repeat):
+            work = workload(args, rep) if fixed else []
+            runs.append(await measure(args, url, model, client, work, proc, limit, endpoint, args.seed + rep))
+            if args.repeat > 1:
+                print(f"repetition {rep + 1} of {args.repeat} done", flush=True)
         await client.close()
     finally:
         if proc.poll() is None:
@@ -471,7 +495,39 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    results, failed = [], False
+    for rep, m in enumerate(runs):
+        if args.repeat > 1:
+            print(f"\n=== repetition {rep + 1} of {args.repeat} (seed {args.seed + rep})")
+        result, bad = report(args, m, baselines[rep] if baselines else None)
+        results.append(result)
+        failed = failed or bad
+    if len(results) > 1 and baselines:
+        ratios = sorted(r["ratio"] for r in results)
+        engine = sorted(b["tokens_per_s"] for b in baselines)
+        server = sorted(r["server_tok_s"] for r in results)
+        print(f"\nover {len(results)} repetitions: server / engine-only median {statistics.median(ratios):.3f} "
+              f"(range {ratios[0]:.3f}..{ratios[-1]:.3f}); server tok/s median {statistics.median(server):.1f} "
+              f"({server[0]:.1f}..{server[-1]:.1f}); engine alone median {statistics.median(engine):.1f} "
+              f"({engine[0]:.1f}..{engine[-1]:.1f})")
+    print("RESULT:", "FAIL" if failed else "OK (no error, no lost request)")
+    out = results[0] if len(results) == 1 else {"runs": results, "ratio_median": (
+        statistics.median(r["ratio"] for r in results) if baselines else None)}
+    print(json.dumps(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 1 if failed else 0
 
+
+def report(args: argparse.Namespace, m: dict, baseline: dict | None) -> tuple[dict, bool]:
+    """Print one load run's figures (beside the engine alone's on the same requests); its result and whether it
+    failed (an error, a lost request, a count that disagrees with the server's)."""
+    stats, work, elapsed, server_ok = m["stats"], m["work"], m["elapsed"], m["server_ok"]
+    http_cpus, child_cpu, client_cpus = m["http_cpus"], m["child_cpu"], m["client_cpus"]
+    engine0, engine1 = m["engine0"], m["engine1"]
+    fixed = bool(work)
+    server_cpu = sum(http_cpus) + child_cpu
+    lost = (len(work) if fixed else stats.sent) - stats.ok - len(stats.errors)
     conc = deploy_options(args).get("max_concurrency", f"max_num_seqs {args.max_num_seqs}")
     if fixed:
         shape = ("nano lengths (100..1024)" if args.workload == "nano"
@@ -544,11 +600,7 @@ async def run(args: argparse.Namespace, baseline: dict | None) -> int:
     for e in stats.errors[:10]:
         print("  error:", e)
     failed = bool(stats.errors) or lost != 0 or server_ok != stats.ok or stats.ok == 0 or bad_baseline
-    print("RESULT:", "FAIL" if failed else "OK (no error, no lost request)")
-    print(json.dumps(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 1 if failed else 0
+    return result, failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -591,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native_on_cpu", action="store_true",
                    help="native: run the engine on CPU (LMFORGE_NATIVE_ALLOW_CPU=1) to measure the server's host work")
     p.add_argument("--cache", default="/tmp/lmforge-bench", help="where --model 0.5b/7b is written")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="with --requests: measure this many times against one server (and the engine alone), "
+                        "repetition r with seed --seed + r; prints each and the ratios' median")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--engine_only_json", default=None, help=argparse.SUPPRESS)  # the child's output
     args = p.parse_args(argv)
@@ -602,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
         args.client_procs = max(1, min(args.clients // 32, (os.cpu_count() or 1) - 2)) if args.requests else 1
     if args.client_procs < 1 or args.client_procs > args.clients or (args.client_procs > 1 and not args.requests):
         p.error("--client_procs must be between 1 and --clients, and above 1 only with --requests")
+    if args.repeat < 1 or (args.repeat > 1 and not args.requests):
+        p.error("--repeat must be >= 1, and above 1 only with --requests")
     if args.engine_baseline and not args.requests:
         p.error("--engine_baseline needs --requests N (the same fixed requests for both runs)")
     if args.model in ("0.5b", "7b", "micro"):
@@ -617,10 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine_only_json:
         Path(args.engine_only_json).write_text(json.dumps(engine_only(args)))
         return 0
-    baseline = run_engine_child(args, argv) if args.engine_baseline else None
-    if baseline is not None:
-        print(f"engine only: {baseline}", flush=True)
-    return asyncio.run(run(args, baseline))
+    baselines = run_engine_child(args, argv) if args.engine_baseline else None
+    for b in baselines or []:
+        print(f"engine only: {b}", flush=True)
+    return asyncio.run(run(args, baselines))
 
 
 if __name__ == "__main__":
