@@ -240,13 +240,13 @@ def record(stats: Stats, what: str, t0: float, first, finish, usage, want_tokens
     stats.tokens += usage.completion_tokens
 
 
-def workload(args: argparse.Namespace, rep: int = 0) -> list[tuple[list[int], int]]:
-    """The fixed requests of repetition ``rep``: (prompt token ids, max_tokens), the same for the engine-only and
-    served runs."""
-    vocab, seed = model_vocab(args.model_path), args.seed + rep
-    if args.workload == "nano":
-        return token_workload(args.requests, (100, 1024), (100, 1024), vocab, seed=seed)
-    return token_workload(args.requests, (args.prompt_tokens,) * 2, (args.max_tokens,) * 2, vocab, seed=seed)
+def workloads(args: argparse.Namespace) -> list[list[tuple[list[int], int]]]:
+    """The fixed requests of each repetition r (seed ``--seed`` + r): (prompt token ids, max_tokens), the same for
+    the engine-only and served runs."""
+    vocab = model_vocab(args.model_path)
+    lengths = ((100, 1024), (100, 1024)) if args.workload == "nano" else ((args.prompt_tokens,) * 2,
+                                                                          (args.max_tokens,) * 2)
+    return [token_workload(args.requests, *lengths, vocab, seed=args.seed + rep) for rep in range(args.repeat)]
 
 
 def engine_only(args: argparse.Namespace) -> list[dict]:
@@ -260,12 +260,13 @@ def engine_only(args: argparse.Namespace) -> list[dict]:
     engine = build_engine(DeployArguments(**opts))
     try:
         cfg = RequestConfig(temperature=args.temperature, ignore_eos=True)
-        offline_generate(engine, [(ids, 4) for ids, _ in workload(args)[:8]], cfg)  # warm-up, as the server gets
+        works = workloads(args)
+        offline_generate(engine, [(ids, 4) for ids, _ in works[0][:8]], cfg)  # warm-up, as the server gets
         from lmforge.utils.gc_heap import freeze
 
         freeze()  # as the server's processes do once started (lmforge/utils/gc_heap.py)
-        return [_engine_run(engine, workload(args, rep), cfg, args.seed + rep if args.seeded_sampling else None)
-                for rep in range(args.repeat)]
+        return [_engine_run(engine, work, cfg, args.seed + rep if args.seeded_sampling else None)
+                for rep, work in enumerate(works)]
     finally:
         if hasattr(engine, "close"):
             engine.close()
@@ -299,7 +300,7 @@ def run_engine_child(args: argparse.Namespace, argv: list[str]) -> list[dict]:
 
 
 async def fixed_client(client, model: str, work: list, next_i: list[int], args: argparse.Namespace,
-                       stats: Stats, seed0: int = 0) -> None:
+                       stats: Stats, seed0: int) -> None:
     """Takes the next request of the shared list until none is left; streams it and checks it."""
     while next_i[0] < len(work):
         i = next_i[0]
@@ -478,11 +479,11 @@ async def run(args: argparse.Namespace, baselines: list[dict] | None) -> int:
         async with httpx.AsyncClient() as http:
             model = (await http.get(url + "/v1/models")).json()["data"][0]["id"]
         client = _openai_client(url, args.clients, limit)
+        works = workloads(args) if fixed else [[]]  # timed chat: one repetition, no fixed requests
         if fixed:  # warm-up as the engine-only run had: 8 short requests, not counted
-            await asyncio.gather(*(fixed_client(client, model, [(ids, 4)], [0], args, Stats())
-                                   for ids, _ in workload(args)[:8]))
-        for rep in range(args.repeat):
-            work = workload(args, rep) if fixed else []
+            await asyncio.gather(*(fixed_client(client, model, [(ids, 4)], [0], args, Stats(), args.seed)
+                                   for ids, _ in works[0][:8]))
+        for rep, work in enumerate(works):
             runs.append(await measure(args, url, model, client, work, proc, limit, endpoint, args.seed + rep))
             if args.repeat > 1:
                 print(f"repetition {rep + 1} of {args.repeat} done", flush=True)
