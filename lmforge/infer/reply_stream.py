@@ -26,9 +26,12 @@ class ReplyStream:
         self.engine, self.job, self.cfg, self.n = engine, job, cfg, cfg.n
         self.stop = StopStrings([*cfg.stop, *engine.stop_words])
         # Windowed: each push decodes the new tokens (and a few before them), not the whole reply so far.
-        hold = {*engine.stop_token_ids, getattr(engine, "pad_token_id", None)} - {None}
-        self.decoders = [IncrementalDecoder(engine._decode, self.stop, window=True, hold_ids=hold)
-                         for _ in range(cfg.n)]
+        # Without a tokenizer call where the template allows (byte-level BPE): each token's bytes, decoded as UTF-8.
+        tpl = engine.template
+        hold = {*engine.stop_token_ids, getattr(engine, "pad_token_id", None), *tpl.decode_cut_ids()} - {None}
+        table = tpl.token_bytes()
+        self.decoders = [IncrementalDecoder(engine._decode, self.stop, window=True, hold_ids=hold, token_bytes=table,
+                                            strip=tpl.strip_stop_words) for _ in range(cfg.n)]
         # Text that may be a tool call is held back (from ``<tool_call>`` on, say) and sent as
         # ``delta.tool_calls`` in the last chunk once the whole reply has been parsed.
         agent = getattr(engine.template, "agent_template", None)

@@ -6,8 +6,11 @@ byte arrives) or the start of a stop string (which will be cut away if it comple
 """
 from __future__ import annotations
 
+import codecs
 import logging
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
+
+from lmforge.template.token_bytes import byte_level_alphabet
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ class StopStrings:
 
     def cut(self, text: str) -> tuple[str, bool]:
         """``text`` up to the first stop string (which is dropped, as OpenAI does), and whether one was found."""
+        if not self.stops:
+            return text, False
         i = self.find(text)
         return (text, False) if i < 0 else (text[:i], True)
 
@@ -61,14 +66,25 @@ class IncrementalDecoder:
     reply's text ends with its context's text (so not where ``decode`` stripped a stop word longer
     than the context), and ``hold_ids`` (stop and pad tokens, which ``decode`` cuts or strips) turn
     windowing off, so the pieces still add up to ``decode(all ids)``.
+
+    With ``token_bytes`` (a :class:`~lmforge.template.token_bytes.TokenBytes`: the tokenizer's text of any ids is
+    the UTF-8 of their joined bytes) no tokenizer call is made: each push feeds the new tokens' bytes to an
+    incremental UTF-8 decoder (which holds back an incomplete character) and ``strip`` (the template's
+    trailing stop-word strip, the rest of ``decode``) is applied to the text so far. A held id or a token the
+    table does not trust switches the stream to the tokenizer from then on.
     """
 
     CONTEXT = 4
     REANCHOR = 8  # tokens past the anchor before it moves: a move costs a decode, a longer window costs little
 
     def __init__(self, decode: Callable[[list[int]], str], stop: StopStrings | None = None, *,
-                 window: bool = False, hold_ids: Iterable[int] = ()):
+                 window: bool = False, hold_ids: Iterable[int] = (), token_bytes: Any = None,
+                 strip: Callable[[str], str] | None = None):
         self._decode = decode
+        self._bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if token_bytes is not None else None
+        self._strip = strip
+        self._raw = ""  # with token_bytes: the UTF-8 of every id's bytes so far (an incomplete character held)
         self._stop = stop or StopStrings()
         self.ids: list[int] = []
         self.sent = ""  # text emitted so far
@@ -83,7 +99,7 @@ class IncrementalDecoder:
         if self.stopped:
             return ""
         start = len(self.ids)
-        self.ids.extend(int(i) for i in ids)
+        self.ids += [int(i) for i in ids]
         text = self._text(start)
         cut, self.stopped = self._stop.cut(text)
         if self.stopped:
@@ -94,6 +110,13 @@ class IncrementalDecoder:
 
     def _text(self, start: int) -> str:
         ids = self.ids
+        if self._bytes is not None:
+            new = ids[start:]
+            raw = None if self._hold_ids.intersection(new) else self._bytes.join(new)
+            if raw is not None:
+                self._raw += self._utf8.decode(raw)
+                return self._strip(self._raw) if self._strip is not None else self._raw
+            self._bytes = self._utf8 = None  # the tokenizer from here on (the window starts at the reply's start)
         if not self._window:
             return self._decode(ids)
         if self._hold_ids.intersection(ids[start:]):
@@ -131,18 +154,6 @@ class IncrementalDecoder:
         return ""
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE (GPT-2, Qwen, Llama 3) writes each byte as one printable character; this maps them back."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    char_of = {b: chr(b) for b in printable}
-    shift = 0
-    for b in range(256):
-        if b not in char_of:
-            char_of[b] = chr(256 + shift)
-            shift += 1
-    return {c: b for b, c in char_of.items()}
-
-
 class TokenPieces:
     """Each token's text and its exact bytes, for logprobs.
 
@@ -154,7 +165,7 @@ class TokenPieces:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        self.alphabet = _byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else None
+        self.alphabet = byte_level_alphabet() if type(decoder).__name__ == "ByteLevel" else None
         self.added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
         self._cache: dict[int, tuple[str, list[int]]] = {}
 

@@ -264,6 +264,10 @@ class Template:
             backend = self._raw_backend = raw_decoder(self.tokenizer)
         text = (backend.decode(ids, skip_special_tokens=False) if backend is not None
                 else self.tokenizer.decode(ids, skip_special_tokens=False))
+        return self.strip_stop_words(text)
+
+    def strip_stop_words(self, text: str) -> str:
+        """``text`` without the stop words at its end (the last step of :meth:`decode`)."""
         stripped = True
         while stripped:
             stripped = False
@@ -271,6 +275,21 @@ class Template:
                 if text.endswith(w):
                     text, stripped = text[: -len(w)], True
         return text
+
+    def token_bytes(self) -> Any:
+        """Each token's bytes (a :class:`~lmforge.template.token_bytes.TokenBytes`) where the tokenizer's decode
+        is the UTF-8 of its tokens' joined bytes, else None; built once. ``decode`` of ids that hold no stop or
+        pad token is then ``strip_stop_words`` of that UTF-8: streams decode token by token with it."""
+        table = self.__dict__.get("_token_bytes", _UNSET)
+        if table is _UNSET:
+            from .token_bytes import TokenBytes
+
+            table = self._token_bytes = TokenBytes.for_tokenizer(self.tokenizer)
+        return table
+
+    def decode_cut_ids(self) -> set[int]:
+        """The ids :meth:`decode` cuts at or strips (stop tokens, the pad token)."""
+        return {*self._stop_set, self._pad_id()} - {None}
 
     @property
     def _stop_set(self) -> frozenset:
