@@ -391,7 +391,8 @@ def _engine_counts(metrics: str) -> dict[str, float]:
         return sum(float(v) for v in re.findall(rf"^lmforge_{name}_{part}(?:{{[^}}]*}})? (\S+)$", metrics, re.M))
 
     out = {k: one(k) for k in ("steps", "sampled_tokens", "graph_steps", "timed_sequences", "queue_seconds",
-                               "first_token_seconds", "prepared_streams", "prepare_seconds")}
+                               "first_token_seconds", "prepared_streams", "prepare_seconds", "request_transit_seconds",
+                               "reply_batches", "reply_outbox_seconds", "reply_pipe_seconds", "reply_loop_seconds")}
     for name in ("time_to_first_token_seconds", "queue_wait_seconds"):
         out[name] = hist(name, "sum")
         out[name + "_n"] = hist(name, "count")
@@ -415,10 +416,18 @@ def _time_split(e0: dict, e1: dict, ttft: list[float]) -> str | None:
     server, slot = (mean("time_to_first_token_seconds", "time_to_first_token_seconds_n"),
                     mean("queue_wait_seconds", "queue_wait_seconds_n"))
     client = 1000 * statistics.fmean(ttft)
-    return (f"ttft mean {client:.1f} ms: before the HTTP handler (client, sockets, the HTTP process's event loop) "
+    text = (f"ttft mean {client:.1f} ms: before the HTTP handler (client, sockets, the HTTP process's event loop) "
             f"{client - server:.1f}; handler to first token {server:.1f} = waiting for a slot {slot:.1f} + engine "
             f"process preparing {prep:.1f} + engine to first token {first:.1f} (of it waiting for a step "
             f"{queue:.1f}) + the rest (pipes, the HTTP process) {server - slot - prep - first:.1f}")
+    transit = mean("request_transit_seconds", "prepared_streams")
+    if transit == transit and e1["reply_batches"] == e1["reply_batches"]:  # not NaN: an engine process's counters
+        text += (f"\n  of the rest: the request's message to the engine process {transit:.1f}; each answer message "
+                 f"(mean over {e1['reply_batches'] - e0['reply_batches']:.0f}, this HTTP process's) in the engine "
+                 f"process's outbox {mean('reply_outbox_seconds', 'reply_batches'):.2f}, pickling and the pipe "
+                 f"{mean('reply_pipe_seconds', 'reply_batches'):.2f}, reaching the streams on the event loop "
+                 f"{mean('reply_loop_seconds', 'reply_batches'):.2f}")
+    return text
 
 
 async def measure(args: argparse.Namespace, url: str, model: str, client, work: list, proc: subprocess.Popen,

@@ -248,12 +248,23 @@ def test_the_front_counts_and_encodes_a_text_prompt_once(engine_process, monkeyp
     async def counted_then_streamed_no_count(engine, request):
         return [c async for c in engine.infer_stream_async(request, cfg)]
 
-    prepared = remote.stats["prepared_streams"]
+    before = remote.stats
+    prepared = before["prepared_streams"]
     requests = [InferRequest(messages=[{"role": "user", "content": q}]) for q in QUESTIONS[:3]]
     with_ids = [asyncio.run(counted_then_streamed(remote, r)) for r in requests]
     assert remote._replicas[0].sent == sent + 1 + 3  # one stats call and the three streams: no count messages
     assert not remote._encoded  # every kept encoding went with its stream
-    assert remote.stats["prepared_streams"] == prepared + 3
+    after = remote.stats
+    assert after["prepared_streams"] == prepared + 3
+    # where a stream's time goes between the processes: its message to the engine process, each answer message's
+    # wait in the outbox, the pipe and the event loop (one clock for both processes: never negative, never minutes)
+    batches = after["reply_batches"] - before.get("reply_batches", 0)
+    assert batches >= 3 * 2  # each stream's start, and its tokens with its end at the least
+    for key, count in (("request_transit_seconds", 3), ("reply_outbox_seconds", batches),
+                       ("reply_pipe_seconds", batches), ("reply_loop_seconds", batches)):
+        spent = after[key] - before.get(key, 0.0)
+        assert 0.0 <= spent < 5.0 * count, (key, spent)
+    assert after["request_transit_seconds"] > before.get("request_transit_seconds", 0.0)
     want = [asyncio.run(counted_then_streamed(local, r)) for r in requests]
     assert [_streamed_text(c) for c in with_ids] == [_streamed_text(c) for c in want]
     assert [c[-1].usage.prompt_tokens for c in with_ids] == [local.count_prompt_tokens(r) for r in requests]

@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, AsyncIterator, Iterable, Iterator
 
@@ -149,11 +150,14 @@ class _Outbox:
 
         self.conn, self._dumps = conn, ForkingPickler.dumps
         self.items: list = []
+        self.t_first = 0.0  # when the oldest item not written yet was put (time.monotonic: one clock for the host's processes)
         self.lock, self.write_lock, self.ready = threading.Lock(), threading.Lock(), threading.Event()
         threading.Thread(target=self._run, name="replica-outbox", daemon=True).start()
 
     def put(self, items: list) -> None:
         with self.lock:
+            if not self.items:
+                self.t_first = time.monotonic()
             self.items += items
         self.ready.set()
 
@@ -166,10 +170,11 @@ class _Outbox:
             self.ready.wait()
             self.ready.clear()
             with self.lock:
-                items, self.items = self.items, []
+                items, self.items, t_first = self.items, [], self.t_first
             if not items:
                 continue
-            data = self._dumps((None, "batch", items))
+            # stamped so that the front can tell how long a step's answers waited here and in the pipe
+            data = self._dumps((None, "batch", (items, t_first, time.monotonic())))
             try:
                 with self.write_lock:
                     self.conn.send_bytes(data)
@@ -312,6 +317,11 @@ class _Replica:
         self.sent = 0  # messages sent, for logs and tests: how the work was spread
         self.info: dict[str, Any] = {}
         self.streams: dict[int, tuple[Any, asyncio.Queue]] = {}  # astream id -> (its event loop, its queue)
+        # this process's view of the replica's answer batches (stats): how many, and the seconds each spent in the
+        # replica's outbox (from its oldest answer), the pipe (with the pickling and the reader's wait for this
+        # process's interpreter lock) and this process's event loop, summed
+        self.transit = dict.fromkeys(("reply_batches", "reply_outbox_seconds", "reply_pipe_seconds",
+                                      "reply_loop_seconds"), 0.0)
 
     def wait_ready(self) -> None:
         _, kind, payload = self.conn.recv()
@@ -331,14 +341,16 @@ class _Replica:
                                for i in list(self.streams)])
                 return
             if kind == "batch":
-                self._deliver(payload)
+                items, t_put, t_write = payload
+                self._deliver(items, (t_put, t_write, time.monotonic()))
                 continue
             q = self.pending.get(msg_id)
             if q is not None:
                 q.put((kind, payload))
 
-    def _deliver(self, items: list[tuple]) -> None:
-        """Reader thread: a batch of stream answers, one ``call_soon_threadsafe`` per event loop."""
+    def _deliver(self, items: list[tuple], stamps: tuple | None = None) -> None:
+        """Reader thread: a batch of stream answers, one ``call_soon_threadsafe`` per event loop. ``stamps``: when
+        the batch's oldest answer was handed to the replica's outbox, when the outbox wrote it, when it was read."""
         by_loop: dict[Any, list] = {}
         for msg_id, kind, payload in items:
             target = self.streams.get(msg_id)
@@ -346,9 +358,21 @@ class _Replica:
                 by_loop.setdefault(target[0], []).append((target[1], (kind, payload)))
         for loop, puts in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, puts)
+                loop.call_soon_threadsafe(self._put_all, puts, stamps)
             except RuntimeError:  # that loop is closed: nobody waits there any more
                 pass
+
+    def _put_all(self, puts: list, stamps: tuple | None) -> None:
+        """The event loop: hand a batch's answers to their streams, and time the batch's way here (the
+        ``reply_*`` counters of ``stats``)."""
+        _put_all(puts)
+        if stamps is not None:
+            t_put, t_write, t_read = stamps
+            t = self.transit
+            t["reply_batches"] += 1
+            t["reply_outbox_seconds"] += t_write - t_put
+            t["reply_pipe_seconds"] += t_read - t_write
+            t["reply_loop_seconds"] += time.monotonic() - t_read
 
     def open_stream(self, msg_id: int, payload: Any, kind: str = "astream") -> asyncio.Queue:
         """Send an ``astream`` (or ``tstream``) message; its answers arrive on the returned queue of the calling
@@ -527,7 +551,8 @@ class DataParallelEngine(InferEngine):
         generation there."""
         r, msg_id = self._least_busy(), next(self._ids)
         if self._replies is not None:
-            q = r.open_stream(msg_id, (request, request_config, self._take_encoded(request)), "tstream")
+            q = r.open_stream(msg_id, (request, request_config, self._take_encoded(request), time.monotonic()),
+                              "tstream")
             finished = False
             try:
                 async for chunk in front_stream(self._replies, q, request, request_config or RequestConfig(),
@@ -552,10 +577,12 @@ class DataParallelEngine(InferEngine):
 
     @property
     def stats(self) -> dict[str, int]:
-        """The replicas' engine counters (steps, tokens, ...) summed; empty for engines that keep none."""
+        """The replicas' engine counters (steps, tokens, ...) summed; empty for engines that keep none. With answer
+        batches come this process's timings of them (``reply_*``: see ``_Replica.transit``)."""
         out: dict[str, int] = {}
         for r in self._replicas:
-            for k, v in r.call(next(self._ids), "stats", None).items():
+            transit = r.transit.items() if r.transit["reply_batches"] else ()
+            for k, v in [*r.call(next(self._ids), "stats", None).items(), *transit]:
                 out[k] = out.get(k, 0) + v
         return out
 

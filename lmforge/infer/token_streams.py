@@ -171,16 +171,19 @@ class TokenStreams:
         self.cancelled: set[int] = set()  # ... whose front went away meanwhile
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="replica-encode")  # prompts encoded off the pipe thread
-        self.counts = {"prepared_streams": 0, "prepare_seconds": 0.0}  # merged into the engine's stats
+        # merged into the engine's stats; request_transit_seconds: from the front's send to the pipe thread here
+        self.counts = {"prepared_streams": 0, "prepare_seconds": 0.0, "request_transit_seconds": 0.0}
 
     def start(self, msg_id: int, payload: tuple) -> None:  # the pipe thread
         with self.lock:
             self.starting.add(msg_id)
-        request, cfg, ids = (*payload, None)[:3]  # ids: the prompt as the front encoded it (or None)
-        self.pool.submit(self._start, msg_id, request, cfg, ids, time.perf_counter())
+        t_received = time.monotonic()
+        # ids: the prompt as the front encoded it (or None); t_sent: when the front sent this message
+        request, cfg, ids, t_sent = (*payload, None, None)[:4]
+        self.pool.submit(self._start, msg_id, request, cfg, ids, t_received, t_sent)
 
     def _start(self, msg_id: int, request: InferRequest, cfg: RequestConfig | None, ids: list[int] | None,
-               t_received: float) -> None:
+               t_received: float, t_sent: float | None = None) -> None:
         from lmforge.infer.native.scheduler import Status
 
         engine, cfg = self.engine, cfg or RequestConfig()
@@ -230,7 +233,9 @@ class TokenStreams:
                 return
             self.live[msg_id] = box
             self.counts["prepared_streams"] += 1
-            self.counts["prepare_seconds"] += time.perf_counter() - t_received
+            self.counts["prepare_seconds"] += time.monotonic() - t_received
+            if t_sent is not None:  # the front's clock: time.monotonic is one clock for every process of a host
+                self.counts["request_transit_seconds"] += t_received - t_sent
             self.send(None, "batch", [(msg_id, "tstart", (job.max_tokens, len(job.input_ids)))])
         for s in first:
             engine.submit(s)

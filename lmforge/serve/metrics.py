@@ -246,6 +246,20 @@ ENGINE_COUNTERS = {  # engine.stats key -> (metric name, help)
                          "streams an engine process encoded before submitting them (--engine_process)"),
     "prepare_seconds": ("lmforge_engine_prepare_seconds_total",
                         "seconds from a stream's message reaching the engine process to its submission, summed"),
+    "request_transit_seconds": ("lmforge_engine_request_transit_seconds_total",
+                                "seconds from an HTTP process sending a stream's message to the engine process "
+                                "reading it, summed over the prepared streams"),
+    "reply_batches": ("lmforge_engine_reply_batches_total",
+                      "messages of stream answers (one or more engine steps' tokens) this HTTP process read"),
+    "reply_outbox_seconds": ("lmforge_engine_reply_outbox_seconds_total",
+                             "seconds each answer message waited in the engine process before it was written "
+                             "(from its oldest answer), summed"),
+    "reply_pipe_seconds": ("lmforge_engine_reply_pipe_seconds_total",
+                           "seconds from the engine process writing each answer message to this HTTP process "
+                           "reading it (pickling, the pipe, the reader's wait for the interpreter lock), summed"),
+    "reply_loop_seconds": ("lmforge_engine_reply_loop_seconds_total",
+                           "seconds from reading each answer message to this process's event loop handing it "
+                           "to its streams, summed"),
 }
 
 
