@@ -20,6 +20,15 @@ def _ids(tokenizer, rng: random.Random, source: str) -> list[int]:
             for _ in range(rng.randint(5, 120))]
 
 
+def _pieces(ids: list[int], rng: random.Random, most: int):
+    """``ids`` cut into consecutive pieces of 1 to ``most`` ids (the tokens one chunk carries)."""
+    k = 0
+    while k < len(ids):
+        n = rng.randint(1, most)
+        yield ids[k:k + n]
+        k += n
+
+
 def test_token_bytes_decode_any_ids_as_the_tokenizer_does(tiny_tokenizer):
     table = TokenBytes.for_tokenizer(tiny_tokenizer)
     assert table is not None
@@ -50,10 +59,7 @@ def test_the_byte_decoder_sends_what_the_tokenizer_decoder_sends_without_calling
         calls.clear()
         fast = IncrementalDecoder(counted, StopStrings(["xyz"]), window=True, hold_ids=held, token_bytes=table,
                                   strip=tpl.strip_stop_words)
-        k = 0
-        while k < len(ids):
-            step = ids[k:k + rng.randint(1, 5)]
-            k += len(step)
+        for step in _pieces(ids, rng, 5):
             assert fast.push(step) == plain.push(step)
         final = tpl.decode(ids)
         assert fast.finish(final) == plain.finish(final)
@@ -140,10 +146,8 @@ def test_reply_streams_from_token_bytes_match_the_tokenizer_path(tiny_tokenizer)
     ids = tiny_tokenizer.encode("你好 héllo 😀 words, then xyz and after", add_special_tokens=False)
     streams = [ReplyStream(b, _JobView(PromptRequest(prompt=[1]), 1000, range(1)), cfg) for b in (fast, slow)]
     rng = random.Random(0)
-    k = 0
-    while k < len(ids):
-        step = [((t,), None) for t in ids[k:k + rng.randint(1, 3)]]
-        k += len(step)
+    for piece in _pieces(ids, rng, 3):
+        step = [((t,), None) for t in piece]
         a, b = (s.steps(step) for s in streams)
         assert (a and [c.delta.content for c in a.choices]) == (b and [c.delta.content for c in b.choices])
     assert calls == [] and streams[0].decoders[0].sent == "你好 héllo 😀 words, then "
