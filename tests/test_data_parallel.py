@@ -166,9 +166,9 @@ def test_engine_process_builds_the_chunks_from_token_ids_as_the_engine_does(engi
     replica, seen = remote._replicas[0], []
     deliver = replica._deliver
 
-    def recording(items):  # the front's reader thread: what each batch message carried
+    def recording(items, stamps=None):  # the front's reader thread: what each batch message carried
         seen.extend((msg_id, kind, len(payload)) for msg_id, kind, payload in items if kind in ("toks", "steps"))
-        deliver(items)
+        deliver(items, stamps)
     replica._deliver = recording
     stopped = 0
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
