@@ -150,7 +150,7 @@ class _Outbox:
 
         self.conn, self._dumps = conn, ForkingPickler.dumps
         self.items: list = []
-        self.t_first = 0.0  # when the oldest item not written yet was put (time.monotonic: one clock for the host's processes)
+        self.t_first = 0.0  # when the oldest item not written yet was put (time.monotonic: one clock per host)
         self.lock, self.write_lock, self.ready = threading.Lock(), threading.Lock(), threading.Event()
         threading.Thread(target=self._run, name="replica-outbox", daemon=True).start()
 
@@ -365,7 +365,8 @@ class _Replica:
     def _put_all(self, puts: list, stamps: tuple | None) -> None:
         """The event loop: hand a batch's answers to their streams, and time the batch's way here (the
         ``reply_*`` counters of ``stats``)."""
-        _put_all(puts)
+        for q, item in puts:
+            q.put_nowait(item)
         if stamps is not None:
             t_put, t_write, t_read = stamps
             t = self.transit
@@ -421,11 +422,6 @@ def _stream_end(kind: str, value: Any, rank: int) -> None:
     """A stream's last answer: ``result`` ends it, ``error`` is raised."""
     if kind == "error":
         _raise_from(value, rank)
-
-
-def _put_all(puts: list) -> None:
-    for q, item in puts:
-        q.put_nowait(item)
 
 
 class DataParallelEngine(InferEngine):

@@ -266,6 +266,7 @@ class HfEngine(InferEngine):
                            if w and not set(tokenizer.encode(w, add_special_tokens=False)) & set(self.stop_token_ids)]
         self._lock = threading.Lock()
         self._token_piece = TokenPieces(tokenizer)
+        self.template.token_bytes()  # checked and built now, not in a first stream's chunk
         logger.info("hf engine: %s on %s, max_model_len %d%s", self.model_name, self.device, self.max_model_len,
                     f", adapters {', '.join(self.adapters)}" if self.adapters else "")
 

@@ -65,6 +65,7 @@ class ReplyBuilder:
         self.pad_token_id, self.model_name = info["pad_token_id"], info["model_name"]
         self.vocab_size = info["vocab_size"]
         self._token_piece = TokenPieces(self.tokenizer)
+        self.template.token_bytes()  # checked and built now, not in a first stream's chunk
 
     def entries(self, raw: list[tuple], width: int) -> list:
         """One step's raw logprob tuples (one per choice) -> its TokenLogprob entries."""

@@ -10,7 +10,7 @@ import codecs
 import logging
 from typing import Any, Callable, Iterable
 
-from lmforge.template.token_bytes import byte_level_alphabet
+from lmforge.template.token_bytes import byte_level_alphabet, spelled_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,8 @@ class TokenPieces:
             raw = None
             if self.alphabet is not None and token_id not in self.added:
                 spelling = self.tokenizer.convert_ids_to_tokens(token_id)
-                if isinstance(spelling, str) and all(c in self.alphabet for c in spelling):
-                    raw = [self.alphabet[c] for c in spelling]
+                if isinstance(spelling, str):
+                    spelled = spelled_bytes(spelling, self.alphabet)
+                    raw = list(spelled) if spelled is not None else None
             self._cache[token_id] = (text, raw if raw is not None else list(text.encode("utf-8")))
         return self._cache[token_id]

@@ -36,6 +36,14 @@ def byte_level_alphabet() -> dict[str, int]:
     return {c: b for b, c in char_of.items()}
 
 
+def spelled_bytes(spelling: str, alphabet: dict[str, int]) -> bytes | None:
+    """A byte-level token's bytes from its spelling, or None when a character is outside the byte alphabet (an
+    added token such as ``<|im_end|>`` with a space, say: the ByteLevel decoder then takes its UTF-8 as it is)."""
+    if all(c in alphabet for c in spelling):
+        return bytes(alphabet[c] for c in spelling)
+    return None
+
+
 class TokenBytes:
     """Token id -> its bytes, looked up lazily and checked once each; see the module docstring.
 
@@ -72,10 +80,8 @@ class TokenBytes:
         spelling = self._backend.id_to_token(token_id)
         if spelling is None:
             return None
-        alphabet = self._alphabet
-        if all(c in alphabet for c in spelling):
-            return bytes(alphabet[c] for c in spelling)
-        return spelling.encode("utf-8")
+        raw = spelled_bytes(spelling, self._alphabet)
+        return raw if raw is not None else spelling.encode("utf-8")
 
     def _agrees(self, size: int) -> bool:
         """Random id sequences (half of their ids from the added tokens and the bytes above 0x7f, where the
