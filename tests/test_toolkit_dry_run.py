@@ -13,7 +13,7 @@ import pytest
 from lmforge.arguments import RlhfArguments, TrainArguments
 from lmforge.cli.main import main
 from lmforge.presets import list_presets
-from lmforge.trainers.memory import ACT_COEF, DROPOUT_COEF, GiB, ModelShape, TrainPlan, estimate
+from lmforge.trainers.memory import ACT_COEF, DROPOUT_COEF, PEFT_FORWARD_COEF, GiB, ModelShape, TrainPlan, estimate
 
 DATA = {"dpo": "builtin:arith-preference#64", "kto": "builtin:arith-preference#64", "orpo": "builtin:arith-preference#64",
         "grpo-math": "builtin:arith-rl#64", "vl-lora": "builtin:shapes#64",
@@ -132,7 +132,8 @@ def test_world_size_plan_without_relaunch(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------- the memory estimator
 
-def _saved_bytes_per_token_per_layer(lean: bool, tuner: str, dropout: float, device: str = "cpu") -> float:
+def _saved_bytes_per_token_per_layer(lean: bool, tuner: str, dropout: float, device: str = "cpu", h: int = 192,
+                                     kv_heads: int = 1, inter: int = 640, lean_lora: bool = True) -> float:
     """Bytes autograd keeps per token per decoder layer on lmforge's training path (bf16, autocast, fused loss),
     measured by saved-tensor hooks: two depths and two lengths, so per-layer and per-token constants cancel."""
     import torch
@@ -142,8 +143,8 @@ def _saved_bytes_per_token_per_layer(lean: bool, tuner: str, dropout: float, dev
     from lmforge.trainers.fused_ce import fused_linear_cross_entropy
 
     def saved(layers: int, T: int) -> int:
-        cfg = Qwen2Config(hidden_size=192, intermediate_size=640, num_hidden_layers=layers, num_attention_heads=3,
-                          num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True)
+        cfg = Qwen2Config(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=h // 64,
+                          num_key_value_heads=kv_heads, vocab_size=512, tie_word_embeddings=True)
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
@@ -152,7 +153,11 @@ def _saved_bytes_per_token_per_layer(lean: bool, tuner: str, dropout: float, dev
         if tuner == "lora":
             from peft import LoraConfig, get_peft_model
 
+            from lmforge.tuners.lean_lora import patch_lean_lora
+
             model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, target_modules="all-linear"))
+            if lean_lora:
+                patch_lean_lora(model)
         base = model.get_base_model() if tuner == "lora" else model
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
@@ -172,41 +177,47 @@ def _saved_bytes_per_token_per_layer(lean: bool, tuner: str, dropout: float, dev
     return (saved(2, 64) - saved(1, 64) - saved(2, 32) + saved(1, 32)) / (2 * 32)
 
 
-@pytest.mark.parametrize("lean,tuner,dropout", [(True, "full", 0.0), (False, "full", 0.0), (True, "lora", 0.05)])
-def test_activation_table_matches_saved_tensors(lean, tuner, dropout):
-    _check_table(lean, tuner, dropout, "cpu")
+@pytest.mark.parametrize("lean,tuner,dropout,lean_lora", [(True, "full", 0.0, True), (False, "full", 0.0, True),
+                                                          (True, "lora", 0.0, True), (False, "lora", 0.0, True),
+                                                          (True, "lora", 0.05, True), (True, "lora", 0.05, False)])
+def test_activation_table_matches_saved_tensors(lean, tuner, dropout, lean_lora):
+    _check_table(lean, tuner, dropout, "cpu", lean_lora)
 
 
-def _check_table(lean: bool, tuner: str, dropout: float, device: str) -> None:
+def _check_table(lean: bool, tuner: str, dropout: float, device: str, lean_lora: bool = True) -> None:
     if device == "cuda":  # a fresh process: Liger's patches (other GPU tests) replace transformers' layers globally
         import subprocess
         import sys
 
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_toolkit_dry_run import "
-                f"_saved_bytes_per_token_per_layer as f; print(f({lean}, {tuner!r}, {dropout}, 'cuda'))")
+                f"_saved_bytes_per_token_per_layer as f; print(f({lean}, {tuner!r}, {dropout}, 'cuda', "
+                f"lean_lora={lean_lora}))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         measured = float(out.stdout.strip().splitlines()[-1])
     else:
-        measured = _saved_bytes_per_token_per_layer(lean, tuner, dropout, device)
+        measured = _saved_bytes_per_token_per_layer(lean, tuner, dropout, device, lean_lora=lean_lora)
     ch, ckv, ci = ACT_COEF[("adapter" if tuner == "lora" else "full", lean)]
+    if tuner == "lora" and not lean_lora:
+        ch, ckv, ci = ch + PEFT_FORWARD_COEF[0], ckv + PEFT_FORWARD_COEF[1], ci + PEFT_FORWARD_COEF[2]
     if dropout:
-        dh, dkv, di = DROPOUT_COEF[device]
+        dh, dkv, di = DROPOUT_COEF[(device, lean_lora)]
         ch, ckv, ci = ch + dh, ckv + dkv, ci + di
     table = ch * 192 + ckv * 64 + ci * 640
     assert table == pytest.approx(measured, rel=0.06), (device, lean, tuner, dropout, measured, table)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lean,tuner,dropout", [(True, "full", 0.0), (True, "lora", 0.0), (True, "lora", 0.05),
-                                                (False, "lora", 0.05)])
-def test_activation_table_matches_saved_tensors_on_cuda(lean, tuner, dropout):
+@pytest.mark.parametrize("lean,tuner,dropout,lean_lora", [(True, "full", 0.0, True), (True, "lora", 0.0, True),
+                                                          (True, "lora", 0.05, True), (False, "lora", 0.05, True),
+                                                          (True, "lora", 0.05, False)])
+def test_activation_table_matches_saved_tensors_on_cuda(lean, tuner, dropout, lean_lora):
     """CUDA's fused dropout keeps a 1-byte mask where the CPU kernel keeps float32 noise (the 7B LoRA estimate
     was 1.31x its measured peak while the CPU coefficient was used for both)."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    _check_table(lean, tuner, dropout, "cuda")
+    _check_table(lean, tuner, dropout, "cuda", lean_lora)
 
 
 def _qwen_shape(spec: dict) -> ModelShape:
@@ -226,16 +237,18 @@ QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28
 def test_estimates_match_recorded_gpu_peaks():
     """benchmarks/RESULTS.md, 2026-11-23 (H100, lmforge's path: packed bins, varlen attention, fused loss, Liger
     RMSNorm/SwiGLU, which keep what the lean layers keep; LoRA r16 without dropout) and 2026-11-29 (H200,
-    benchmarks/bench_dry_run_memory.py: LoRA r16 with lmforge's default dropout 0.05): measured peak GiB."""
+    benchmarks/bench_dry_run_memory.py: LoRA r16 with lmforge's default dropout 0.05): measured peak GiB. The LoRA
+    peaks were measured with peft's own forward (``lean_lora=False``, before tuners/lean_lora.py)."""
     small, big = _qwen_shape(QWEN25_05B), _qwen_shape(QWEN25_7B)
     lora16 = 28 * 16 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))
     cases = [(small, dict(train_type="full", trainable=small.params, head_trainable=True, tokens=16384), 18.1),
              (small, dict(train_type="full", trainable=small.params, head_trainable=True, tokens=16384,
                           checkpointing=True, checkpoint_every=4), 14.6),
-             (big, dict(train_type="lora", trainable=lora16, tokens=8192), 56.0),
-             (big, dict(train_type="lora", trainable=lora16, tokens=8192, checkpointing=True, checkpoint_every=2), 36.7),
+             (big, dict(train_type="lora", trainable=lora16, tokens=8192, lean_lora=False), 56.0),
+             (big, dict(train_type="lora", trainable=lora16, tokens=8192, checkpointing=True, checkpoint_every=2,
+                        lean_lora=False), 36.7),
              (small, dict(train_type="full", trainable=small.params, head_trainable=True, tokens=16384), 19.24),
-             (big, dict(train_type="lora", trainable=lora16, tokens=4096, lora_dropout=0.05), 40.28)]
+             (big, dict(train_type="lora", trainable=lora16, tokens=4096, lora_dropout=0.05, lean_lora=False), 40.28)]
     for shape, kw, measured in cases:
         peak = estimate(shape, TrainPlan(padded=False, **kw))["peak"] / GiB
         assert peak == pytest.approx(measured, rel=0.1), (kw, peak, measured)
@@ -248,9 +261,11 @@ def test_estimator_terms():
     assert lora["weights"] == pytest.approx(shape.params * 2 + 4 * 20_000_000)
     assert lora["optimizer"] == 2 * 4 * 20_000_000 and lora["gradients"] == 4 * 20_000_000
     qlora = estimate(shape, TrainPlan(**{**base, "train_type": "qlora"}))
-    # 4-bit decoder weights, float32 embeddings, head and norms (peft's k-bit preparation), float32 adapters
-    assert qlora["weights"] == pytest.approx(0.516 * shape.linear_params + 4 * (shape.params - shape.linear_params)
+    # 4-bit decoder weights, bf16 embeddings, head and norms, float32 adapters; float32 on a float16 base
+    assert qlora["weights"] == pytest.approx(0.516 * shape.linear_params + 2 * (shape.params - shape.linear_params)
                                              + 4 * 20_000_000)
+    fp16 = estimate(shape, TrainPlan(**{**base, "train_type": "qlora", "float16": True}))
+    assert fp16["weights"] - qlora["weights"] == pytest.approx(2 * (shape.params - shape.linear_params))
     ckpt = estimate(shape, TrainPlan(**base, checkpointing=True))
     assert ckpt["activations"] < 0.1 * lora["activations"]
     eight = estimate(shape, TrainPlan(**{**base, "optim": "paged_adamw_8bit"}))

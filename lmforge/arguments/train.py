@@ -108,6 +108,9 @@ class TrainArguments(ModelArguments, DataArguments, TemplateArguments, TunerArgu
         "auto", "with --packing: variable-length attention kernels instead of a block-diagonal mask; auto: on CUDA")
     lean_layers: Literal["auto", "true", "false"] = field(
         "auto", "RMSNorm and SwiGLU that keep fewer activations for backward; auto: on CUDA without Liger")
+    lean_lora: bool = field(True, "LoRA layers cast their small adapter weights to the activations' dtype (not "
+                                  "their input to float32) and add the adapter's output inside its GEMM; false: "
+                                  "peft's own forward")
     torch_compile: bool = field(False, "compile the model with torch.compile (transformers' torch_compile)")
     create_checkpoint_symlink: bool = field(False, "also link output_dir/last to the last checkpoint")
     plot: bool = field(True, "write PNG plots of loss and learning rate at the end")

@@ -305,6 +305,7 @@ def memory_plan(args: Any, command: str, shape: Any, params: dict[str, Any], sam
         checkpoint_every=args.gradient_checkpointing_every, offloading=bool(getattr(args, "activation_offloading", False)),
         lean_layers=(lean is not False) or args.use_liger_kernel,
         fused_ce=fused is not False and objective == "sft", lora_dropout=args.lora_dropout,
+        lean_lora=bool(getattr(args, "lean_lora", True)), float16=args.torch_dtype in ("float16", "fp16"),
         head_trainable=params["head_trainable"], optim=args.optim or "adamw_torch_fused", world=world,
         fsdp=args.fsdp, deepspeed=deepspeed_name(args.deepspeed), reference_copy=reference)
     est = estimate(shape, plan)

@@ -9,9 +9,10 @@ micro-batch on one device (rows x padded length), ``n`` the world size.
 
 Static (held all step):
 
-- weights ``W = P d``; QLoRA: ``0.516 P_lin + 4 (P - P_lin)`` (NF4 with double quantisation is 4.13
-  bits a weight for the decoder's linear layers; peft's k-bit preparation casts the rest -- embeddings,
-  head, norms -- to float32); LoRA/DoRA adapters add ``4 P_t`` (peft keeps them in float32);
+- weights ``W = P d``; QLoRA: ``0.516 P_lin + d' (P - P_lin)`` (NF4 with double quantisation is 4.13
+  bits a weight for the decoder's linear layers; the rest -- embeddings, head, norms -- stays in the model
+  dtype, ``d' = d``, except on a float16 base, where peft's k-bit preparation casts it to float32, ``d' = 4``);
+  LoRA/DoRA adapters add ``4 P_t`` (peft keeps them in float32);
 - gradients ``G = P_t g`` with ``g = d`` for full/freeze and 4 for adapters;
 - optimizer ``O = 2 P_t s`` for AdamW (two moments in the parameter's dtype: ``s = d`` full, 4 for
   adapters); 8-bit optimizers ``s = 1``; Adafactor and SGD about 0;
@@ -26,10 +27,12 @@ four shapes; ``tests/test_toolkit_dry_run.py`` re-measures it):
 ====================  =====================================
 full / freeze          20 h + 4 h_kv + 8 I
   lean layers          12 h + 4 h_kv + 6 I
-LoRA (all-linear)      24 h + 4.5 h_kv + 8 I
-  lean layers          20 h + 4.5 h_kv + 6 I
-  lora_dropout > 0     CUDA: +6 h + I (the fused dropout's 1-byte mask per adapted input element);
-                       CPU: +24 h + 4 I (the unfused dropout keeps a float32 noise tensor instead)
+LoRA (all-linear)      16 h + 4 h_kv + 8 I (lean LoRA: each distinct input of the adapted layers once)
+  lean layers          12 h + 4 h_kv + 6 I
+  lora_dropout > 0     CUDA: +14 h + I (a dropped bf16 copy and a 1-byte mask per adapted input, less the
+                       inputs themselves); CPU: +20 h + 2 I (the unfused dropout keeps a bf16 noise tensor)
+  --lean_lora false    +8 h + 0.5 h_kv (peft's bf16 copy of every adapted input); dropout then adds
+                       CUDA +6 h + I, CPU +24 h + 4 I (peft drops a float32 copy of the input)
 padded batch           +3 h + 3.7 h_kv (the mask sends SDPA to repeat_kv)
 ====================  =====================================
 
@@ -57,11 +60,14 @@ NF4_BYTES = 0.516  # 4 bits + 8-bit absmax per 64 + float32 per 256 blocks
 ACT_COEF = {
     ("full", False): (20.0, 4.0, 8.0),
     ("full", True): (12.0, 4.0, 6.0),
-    ("adapter", False): (24.0, 4.5, 8.0),
-    ("adapter", True): (20.0, 4.5, 6.0),
+    ("adapter", False): (16.0, 4.0, 8.0),
+    ("adapter", True): (12.0, 4.0, 6.0),
 }
-# the dropout on the LoRA path: CUDA's fused kernel saves a bool mask, the CPU kernel a float32 noise tensor
-DROPOUT_COEF = {"cuda": (6.0, 0.0, 1.0), "cpu": (24.0, 0.0, 4.0)}
+PEFT_FORWARD_COEF = (8.0, 0.5, 0.0)  # --lean_lora false: peft's forward keeps a copy of each adapted input
+# the dropout on the LoRA path, by (device, lean LoRA): CUDA's fused kernel saves a bool mask, the CPU kernel a
+# noise tensor in the input's dtype (float32 under peft's forward, which casts the input first)
+DROPOUT_COEF = {("cuda", True): (14.0, 0.0, 1.0), ("cpu", True): (20.0, 0.0, 2.0),
+                ("cuda", False): (6.0, 0.0, 1.0), ("cpu", False): (24.0, 0.0, 4.0)}
 PADDED_COEF = (3.0, 3.7, 0.0)
 OUTSIDE_COEF = {"full": 8.5, "adapter": 0.0}
 EIGHT_BIT_OPTIMS = ("8bit", "bnb")
@@ -117,6 +123,8 @@ class TrainPlan:
     lean_layers: bool = True
     fused_ce: bool = True
     lora_dropout: float = 0.0
+    lean_lora: bool = True  # --lean_lora (tuners/lean_lora.py)
+    float16: bool = False  # a float16 base: QLoRA's non-quantised parameters go to float32 (peft's preparation)
     head_trainable: bool = False
     optim: str = "adamw_torch_fused"
     world: int = 1
@@ -134,7 +142,7 @@ def estimate(shape: ModelShape, plan: TrainPlan) -> dict[str, Any]:
     n = max(1, plan.world)
     # ---- weights, gradients, optimizer
     if plan.train_type == "qlora":
-        weights = NF4_BYTES * shape.linear_params + 4 * (shape.params - shape.linear_params)
+        weights = NF4_BYTES * shape.linear_params + (4 if plan.float16 else d) * (shape.params - shape.linear_params)
     else:
         weights = shape.params * d
     grad_bytes = 4 if adapter else d
@@ -158,8 +166,10 @@ def estimate(shape: ModelShape, plan: TrainPlan) -> dict[str, Any]:
     # ---- activations
     N = plan.tokens
     ch, ckv, ci = ACT_COEF[(kind, plan.lean_layers)]
+    if adapter and not plan.lean_lora:
+        ch, ckv, ci = ch + PEFT_FORWARD_COEF[0], ckv + PEFT_FORWARD_COEF[1], ci + PEFT_FORWARD_COEF[2]
     if adapter and plan.lora_dropout > 0:
-        dh, dkv, di = DROPOUT_COEF["cpu" if plan.device == "cpu" else "cuda"]
+        dh, dkv, di = DROPOUT_COEF[("cpu" if plan.device == "cpu" else "cuda", plan.lean_lora)]
         ch, ckv, ci = ch + dh, ckv + dkv, ci + di
     if plan.padded:
         ch, ckv, ci = ch + PADDED_COEF[0], ckv + PADDED_COEF[1], ci + PADDED_COEF[2]
