@@ -38,7 +38,9 @@ On the H200 (no network; carry .whl/ so liger-kernel installs), each under ~4 mi
     python3 benchmarks/bench_train.py --model 0.5b --train_type full --workdir /tmp/bt05 --out $OUT/bench_05b.json
     # (b) 7B LoRA r16, rows 64..4096 (4,096-token bins), 8,192 tokens per step, lmforge also under 40 GiB
     python3 benchmarks/bench_train.py --model 7b --match_runs 1 --workdir /tmp/bt7 --out $OUT/bench_7b.json
-    # (c) one profiled step each of padfree and lmforge (0.5B full): traces, summaries, side-by-side table
+    # (c) 7B QLoRA (bitsandbytes carried): padfree = Trainer + peft's k-bit preparation + Liger + flattening
+    python3 benchmarks/bench_train.py --model 7b --train_type qlora --no_padded --workdir /tmp/bt7q
+    # (d) one profiled step each of padfree and lmforge (0.5B full): traces, summaries, side-by-side table
     python3 benchmarks/bench_train.py --model 0.5b --train_type full --profile $OUT/profile --workdir /tmp/btp
 
 Shorter if time runs low: ``--no_padded``, ``--match_runs 0``, ``--steps 10``.
@@ -49,6 +51,7 @@ On a CPU: ``python benchmarks/bench_train.py --tiny`` (a 1M-parameter model; eve
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -153,6 +156,9 @@ def _lmforge_kernels(trainer: Any) -> list[str]:
         out.append("layers: Liger RMSNorm/RoPE/SwiGLU")
     else:
         out.append(f"layers: lean ({lean_layers.kernel_status()})")
+    lean = sum(1 for m in trainer.model.modules() if getattr(m, "_lmforge_lean_lora", False))
+    if lean:
+        out.append(f"adapters: lean LoRA ({lean} layers)")
     ck = trainer.lmforge_args
     out.append(f"checkpointing: {'every ' + str(ck.gradient_checkpointing_every) if ck.gradient_checkpointing else 'off'}")
     return out
@@ -233,7 +239,8 @@ def _base_cfg(args: argparse.Namespace, rows: Path) -> dict:
     return dict(model=args.model, rows=str(rows), batch=args.batch, max_length=args.max_length,
                 warmup=args.warmup, steps=args.steps, lora_rank=args.lora_rank, plain_ckpt=args.plain_ckpt,
                 liger=args.liger_on, compile=args.compile, padfree_attn=args.padfree_attn,
-                padfree_ckpt=args.padfree_ckpt, padfree_liger=args.liger != "false")
+                padfree_ckpt=args.padfree_ckpt, padfree_liger=args.liger != "false",
+                model_dir=str(rows.parent / f"base-{args.model}"))
 
 
 def _n_rows(args: argparse.Namespace, steps: int) -> int:
@@ -429,7 +436,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(SPECS), default="0.5b")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: --model tiny")
-    p.add_argument("--train_type", nargs="+", choices=["full", "lora"], default=None)
+    p.add_argument("--train_type", nargs="+", choices=["full", "lora", "qlora"], default=None,
+                   help="qlora (GPU, bitsandbytes): the random model is saved once under the work dir and loaded in 4 bits")
     p.add_argument("--steps", type=int, default=None, help="measured steps per configuration")
     p.add_argument("--warmup", type=int, default=None, help="steps before the clock starts (compilation happens here)")
     p.add_argument("--batch", type=int, default=None, help="padded baseline: rows per step")
@@ -488,6 +496,8 @@ def main() -> None:
         args.liger_on = args.liger == "true"
     if args.model != "tiny" and not on_gpu:
         sys.exit("bench_train: the 0.5b/7b models need a CUDA GPU; use --tiny on a CPU")
+    if "qlora" in args.train_type and not (on_gpu and importlib.util.find_spec("bitsandbytes")):
+        sys.exit("bench_train: --train_type qlora needs a CUDA GPU and bitsandbytes")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"bench_train on {device_name()}: model {args.model}, {args.train_type}, rows {args.min_length}.."

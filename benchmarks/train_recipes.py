@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,8 @@ def build_model(cfg: dict, attn: str = "sdpa", liger: bool = False):
     conf = Qwen2Config(**SPECS[cfg["model"]], rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
                        use_cache=False)
+    if cfg["train_type"] == "qlora":
+        return load_4bit(cfg, conf, attn), tok, on_gpu
     torch.manual_seed(0)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     with torch.device("cuda" if on_gpu else "cpu"):
@@ -125,18 +128,47 @@ def build_model(cfg: dict, attn: str = "sdpa", liger: bool = False):
     return model, tok, on_gpu
 
 
+def load_4bit(cfg: dict, conf: Any, attn: str) -> Any:
+    """QLoRA rows: the random bf16 model is saved once to ``cfg["model_dir"]`` (by the first row that runs), then
+    every row loads it in 4 bits as a user loads a checkpoint. The config is the one the QLoRA recipe and
+    lmforge's ``qlora_quantization_config`` both use: NF4, double quantisation, bf16 compute."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder = Path(cfg["model_dir"])
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
+                                                attn_implementation=attn, device_map={"": 0})
+
+
 def model_flops(model: Any, tokens: int, sum_sq: int, full: bool) -> float:
     """k * N * tokens + 6 * L * d_attn * sum(s^2): the same formula for every recipe (see bench_train)."""
     cfg = model.config
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     emb = base.get_input_embeddings().weight
-    total = sum(p.numel() for p in base.parameters())
+    total = sum(_numel(p) for p in base.parameters())
     n = total - (0 if cfg.tie_word_embeddings else emb.numel())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     k = 6.0 if full else 4.0 + 6.0 * trainable / n
     d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", None) if getattr(cfg, "head_dim", None) else \
         cfg.hidden_size
     return k * n * tokens + 6.0 * cfg.num_hidden_layers * d_attn * sum_sq
+
+
+def _numel(p: Any) -> int:
+    """Elements of the weight a parameter stands for (a 4-bit parameter stores two in a byte)."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return math.prod(state.shape)
+    return p.numel()
 
 
 def load_rows(path: str) -> list[dict]:
@@ -174,10 +206,14 @@ def finish(cfg: dict, model: Any, counter: CountingCollator, timer: Any, trainer
     return out
 
 
-def _lora(model: Any, cfg: dict) -> Any:
-    if cfg["train_type"] != "lora":
+def _lora(model: Any, cfg: dict, ckpt: bool = False) -> Any:
+    """peft LoRA on every linear layer; for QLoRA after peft's k-bit preparation, as its docs show."""
+    if cfg["train_type"] not in ("lora", "qlora"):
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg["train_type"] == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
 
     return get_peft_model(model, LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0,
                                             target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -212,7 +248,7 @@ def run_padded(cfg: dict) -> dict:
     from lmforge.trainers.collator import Collator
 
     model, tok, on_gpu = build_model(cfg)
-    model = _lora(model, cfg)
+    model = _lora(model, cfg, cfg["plain_ckpt"])
     profiling = bool(cfg.get("profile"))
     if profiling:
         _mark_model_loss(model)
@@ -258,7 +294,7 @@ def run_padfree(cfg: dict) -> dict:
     liger = cfg.get("padfree_liger", True) and liger_usable()
     attn = cfg.get("padfree_attn", "sdpa")
     model, _tok, on_gpu = build_model(cfg, attn=attn, liger=liger)
-    model = _lora(model, cfg)
+    model = _lora(model, cfg, cfg.get("padfree_ckpt", False))
     profiling = bool(cfg.get("profile"))
     if profiling:
         if liger:   # lce_forward looks the loss up in its module at call time
