@@ -103,16 +103,36 @@ def test_the_lean_forward_keeps_no_copy_of_the_input_per_adapter():
     assert before - after >= 2 * 3 * tokens * hidden * 2, (before, after)
 
 
-def test_dropout_draws_the_same_masks_as_peft():
+def test_dropout_draws_the_same_masks_as_peft_and_keeps_a_mask_not_a_copy():
     model = _model(dropout=0.3)
     model.train()
     ids = torch.randint(0, 300, (2, 9))
     torch.manual_seed(5)
-    ref, _ = _run(model, ids)
+    ref, ref_grads = _run(model, ids)
     patch_lean_lora(model)
     torch.manual_seed(5)
-    out, _ = _run(model, ids)
+    out, grads = _run(model, ids)
     assert torch.allclose(out, ref, atol=1e-5)
+    for n, g in grads.items():
+        assert torch.allclose(g, ref_grads[n], atol=1e-6, rtol=1e-4), n
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # a bf16 GEMM beside float32 input and adapter
+        logits = model(input_ids=ids).logits
+    logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_with_dropout_the_lean_forward_keeps_bytes_of_mask_not_copies():
+    model = _model(dtype=torch.bfloat16, dropout=0.1)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(p.dtype == torch.float32)
+    ids = torch.randint(0, 300, (4, 64))
+    before = _saved_bytes(model, ids)
+    patch_lean_lora(model)
+    after = _saved_bytes(model, ids)
+    # peft keeps a dropped float32 copy (CPU) of each adapted input; lean keeps the inputs and a 1-byte mask each
+    tokens, hidden = ids.numel(), 64
+    assert before - after >= 2 * 6 * tokens * hidden * 3, (before, after)
 
 
 def test_peft_forward_runs_whenever_the_call_is_not_the_plain_case(monkeypatch):

@@ -29,8 +29,7 @@ full / freeze          20 h + 4 h_kv + 8 I
   lean layers          12 h + 4 h_kv + 6 I
 LoRA (all-linear)      16 h + 4 h_kv + 8 I (lean LoRA: each distinct input of the adapted layers once)
   lean layers          12 h + 4 h_kv + 6 I
-  lora_dropout > 0     CUDA: +14 h + I (a dropped bf16 copy and a 1-byte mask per adapted input, less the
-                       inputs themselves); CPU: +20 h + 2 I (the unfused dropout keeps a bf16 noise tensor)
+  lora_dropout > 0     +6 h + I (a 1-byte mask per adapted input element; backward recomputes the dropped input)
   --lean_lora false    +8 h + 0.5 h_kv (peft's bf16 copy of every adapted input); dropout then adds
                        CUDA +6 h + I, CPU +24 h + 4 I (peft drops a float32 copy of the input)
 padded batch           +3 h + 3.7 h_kv (the mask sends SDPA to repeat_kv)
@@ -64,9 +63,9 @@ ACT_COEF = {
     ("adapter", True): (12.0, 4.0, 6.0),
 }
 PEFT_FORWARD_COEF = (8.0, 0.5, 0.0)  # --lean_lora false: peft's forward keeps a copy of each adapted input
-# the dropout on the LoRA path, by (device, lean LoRA): CUDA's fused kernel saves a bool mask, the CPU kernel a
-# noise tensor in the input's dtype (float32 under peft's forward, which casts the input first)
-DROPOUT_COEF = {("cuda", True): (14.0, 0.0, 1.0), ("cpu", True): (20.0, 0.0, 2.0),
+# the dropout on the LoRA path, by (device, lean LoRA): lean LoRA keeps a bool mask; under peft's forward CUDA's
+# fused kernel keeps a bool mask and the CPU kernel a float32 noise tensor (peft casts the input first)
+DROPOUT_COEF = {("cuda", True): (6.0, 0.0, 1.0), ("cpu", True): (6.0, 0.0, 1.0),
                 ("cuda", False): (6.0, 0.0, 1.0), ("cpu", False): (24.0, 0.0, 4.0)}
 PADDED_COEF = (3.0, 3.7, 0.0)
 OUTSIDE_COEF = {"full": 8.5, "adapter": 0.0}

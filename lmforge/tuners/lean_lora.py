@@ -13,7 +13,8 @@ to ``lora_A`` as it is (the tensor the base layer already keeps, so nothing new 
 output is added by the second GEMM itself: ``torch.addmm(base_out, h, (scaling * B)^T)``. The float32 weights
 still receive float32 gradients through the casts, as with autocast. In float32 the result equals peft's up to
 the summation order; in bf16 it differs by bf16 rounding (one rounding less: the add happens in the GEMM's
-float32 accumulator).
+float32 accumulator). With LoRA dropout, peft keeps each adapter's dropped copy of the input for backward; here
+``_DroppedLoraA`` keeps the input and a 1-byte mask and recomputes the dropped input in backward.
 
 Only the plain case is replaced: one active adapter, not merged or disabled, no DoRA or other variant, no LoRA
 bias, no per-call ``adapter_names``, adapters as ``nn.Linear``, weights not partitioned by DeepSpeed ZeRO-3
@@ -46,13 +47,45 @@ def _plain_adapter(layer: Any) -> str | None:
     return name
 
 
+class _DroppedLoraA(torch.autograd.Function):
+    """``dropout(x) @ a.T`` keeping ``x`` (which the layer keeps anyway) and a 1-byte mask, not the dropped copy.
+
+    The mask comes from ``aten.native_dropout``, the kernel ``nn.Dropout`` runs, so the same seed draws the
+    same mask as peft's dropout; backward recomputes the dropped input (one element-wise pass)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, a: Tensor, p: float) -> Tensor:
+        dropped, mask = torch.ops.aten.native_dropout(x, p, True)
+        mask = mask.bool()   # the CPU kernel returns it in x's dtype
+        ctx.save_for_backward(x, a, mask)
+        ctx.scale = 1.0 / (1.0 - p)
+        return F.linear(dropped, a)
+
+    @staticmethod
+    def backward(ctx: Any, gh: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, a, mask = ctx.saved_tensors   # under autocast h (and gh) may be bf16 beside float32 x and a
+        gx = ga = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.where(mask, (gh @ a.to(gh.dtype)) * ctx.scale, 0).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dropped = torch.where(mask, x * ctx.scale, 0).to(gh.dtype)
+            ga = (gh.reshape(-1, gh.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])).to(a.dtype)
+        return gx, ga, None
+
+
+def _lora_a(dropout: Any, x: Tensor, a: Tensor) -> Tensor:
+    if isinstance(dropout, torch.nn.Dropout) and dropout.training and 0.0 < dropout.p < 1.0 and torch.is_grad_enabled():
+        return _DroppedLoraA.apply(x, a, dropout.p)
+    return F.linear(dropout(x), a)
+
+
 def _lean_lora_forward(self: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     name = None if (args or kwargs) else _plain_adapter(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     a = self.lora_A[name].weight                                    # [r, in]
-    h = F.linear(self.lora_dropout[name](x), a.to(x.dtype))         # [..., r]
+    h = _lora_a(self.lora_dropout[name], x, a.to(x.dtype))          # [..., r]
     b = self.lora_B[name].weight.to(result.dtype) * self.scaling[name]  # [out, r], scaled while it is small
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype), b.t())
     return out.view(result.shape)
