@@ -391,3 +391,45 @@ def test_deploy_puts_the_native_engine_in_its_own_process_on_a_gpu_by_default(mo
     assert not engine_process_default(DeployArguments(model="builtin:tiny", infer_backend="hf"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not engine_process_default(DeployArguments(model="builtin:tiny", infer_backend="native"))
+
+
+def test_a_front_that_fails_on_an_answer_ends_the_replicas_requests_and_keeps_reading(monkeypatch, caplog):
+    """An exception in the front's reader thread (a bug, an answer it cannot read) used to kill the thread, and every
+    stream and call of that replica then waited forever; now they end with an error and later requests are answered."""
+    import asyncio
+    import multiprocessing as mp
+    import time
+
+    from lmforge.infer import data_parallel as dp
+
+    front, replica_end = mp.Pipe()
+    replica_end.send((None, "ready", {}))
+    rep = dp._Replica(0, None, front)
+    rep.wait_ready()
+    broken = {"on": True}
+    real_deliver = dp._Replica._deliver
+
+    def deliver(self, items, stamps=None):   # runs on the reader thread
+        if broken["on"]:
+            raise ValueError("a bug in the front")
+        real_deliver(self, items, stamps)
+
+    monkeypatch.setattr(dp._Replica, "_deliver", deliver)
+
+    async def one_stream(msg_id: int):
+        q = rep.open_stream(msg_id, "hello")
+        pending = rep.send(msg_id + 100, "call", None)   # a plain call waiting on the same replica
+        assert [replica_end.recv()[0] for _ in range(2)] == [msg_id, msg_id + 100]
+        replica_end.send((None, "batch", ([(msg_id, "chunk", "tok")], time.monotonic(), time.monotonic())))
+        kind, value = await asyncio.wait_for(q.get(), timeout=10)
+        rep.close_stream(msg_id, cancel=False)
+        return kind, value, pending
+
+    kind, value, pending = asyncio.run(one_stream(1))
+    assert kind == "error" and "failed on an answer from replica 0" in value[1]
+    assert pending.get(timeout=10)[0] == "error"
+    assert "handing an answer on failed" in caplog.text
+    broken["on"] = False   # the reader is alive: the next stream gets its answer
+    kind, value, _ = asyncio.run(one_stream(2))
+    assert (kind, value) == ("chunk", "tok")
+    replica_end.close()

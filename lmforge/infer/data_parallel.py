@@ -335,18 +335,35 @@ class _Replica:
             try:
                 msg_id, kind, payload = self.conn.recv()
             except (EOFError, OSError, TypeError):  # TypeError: close() here set the handle to None mid-read
-                for q in list(self.pending.values()):  # the replica died: wake everyone waiting on it
-                    q.put(("error", ("RuntimeError", "the replica process exited", None)))
-                self._deliver([(i, "error", ("RuntimeError", "the replica process exited", None))
-                               for i in list(self.streams)])
+                self._fail_all("the replica process exited")
                 return
-            if kind == "batch":
-                items, t_put, t_write = payload
-                self._deliver(items, (t_put, t_write, time.monotonic()))
+            except Exception:  # noqa: BLE001 - an answer that cannot be unpickled is lost: see below
+                logger.exception("replica %d: an answer could not be read", self.rank)
+                self._fail_all(f"an answer from replica {self.rank} could not be read")
                 continue
-            q = self.pending.get(msg_id)
-            if q is not None:
-                q.put((kind, payload))
+            try:
+                if kind == "batch":
+                    items, t_put, t_write = payload
+                    self._deliver(items, (t_put, t_write, time.monotonic()))
+                    continue
+                q = self.pending.get(msg_id)
+                if q is not None:
+                    q.put((kind, payload))
+            except Exception:  # noqa: BLE001 - a dead reader would leave every stream of this replica waiting
+                logger.exception("replica %d: handing an answer on failed", self.rank)
+                self._fail_all(f"the server failed on an answer from replica {self.rank}")
+
+    def _fail_all(self, reason: str) -> None:
+        """End every request now waiting on this replica with ``reason``: an answer for some of them was lost, and
+        which is not known. Directly onto each queue, not through ``_deliver`` (which may be what failed)."""
+        error = ("error", ("RuntimeError", reason, None))
+        for q in list(self.pending.values()):
+            q.put(error)
+        for loop, q in list(self.streams.values()):
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, error)
+            except RuntimeError:  # that loop is closed: nobody waits there any more
+                pass
 
     def _deliver(self, items: list[tuple], stamps: tuple | None = None) -> None:
         """Reader thread: a batch of stream answers, one ``call_soon_threadsafe`` per event loop. ``stamps``: when
